@@ -1,0 +1,32 @@
+"""Errors meant for people.
+
+Every error batchlab raises on bad input is a `BatchlabError` whose message is one line that says
+what was wrong and how to mend it. The command line prints it as ``error: <message>`` and exits
+with status 2; the Python API lets it propagate.
+"""
+
+from __future__ import annotations
+
+
+class BatchlabError(Exception):
+    """Bad input or an impossible request; the message says what was wrong and how to mend it."""
+
+    def __init__(self, message: str):
+        # One line only: the CLI prints it verbatim after "error: ".
+        super().__init__(" ".join(str(message).split()))
+
+
+class ConfigError(BatchlabError):
+    """A configuration value is invalid (a flag, a TOML field, a TrainConfig argument)."""
+
+
+class DataError(BatchlabError):
+    """A dataset cannot be loaded or is malformed (unknown name, unreadable file, NaN features)."""
+
+
+class ModelError(BatchlabError):
+    """A model cannot be built for the dataset (unknown name, bad options, wrong input shape)."""
+
+
+class StoreError(BatchlabError):
+    """The run store cannot be opened or does not hold what was asked for."""

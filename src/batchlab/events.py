@@ -1,0 +1,153 @@
+"""Typed events the training loop emits, and the requests callbacks may return.
+
+Callbacks and the run store see training only through these frozen records. A callback never
+mutates the loop: it returns a request (`Stop`, `Save`, `RestoreWeights`) and the loop acts on it.
+The ``model`` field is the live module, for reading (evaluating, copying weights); a callback that
+changes it breaks the run's meaning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+if TYPE_CHECKING:
+    import torch
+
+    from .config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Clock:
+    """The step/epoch accounting of one run: every counter the loop keeps, in one place.
+
+    ``step`` counts parameter updates done; ``epoch`` is the 1-based epoch in progress (0 before
+    training); ``step_in_epoch`` counts updates done in that epoch.
+    """
+
+    n_train: int
+    batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int  # epochs started by the end of training (the last may be partial with max_steps)
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    samples_seen: int = 0
+
+    def describe(self) -> str:
+        """The accounting line printed at start: "4000 samples, batch 32 -> 125 steps/epoch, ..."."""
+        batch = "full batch" if self.batch_size == self.n_train else f"batch {self.batch_size}"
+        epochs = "epoch" if self.epochs == 1 else "epochs"
+        return (
+            f"{self.n_train} samples, {batch} -> {self.steps_per_epoch} steps/epoch, "
+            f"{self.epochs} {epochs} = {self.total_steps} steps"
+        )
+
+
+@dataclass(frozen=True)
+class RunStart:
+    config: "TrainConfig"
+    dataset: str
+    clock: Clock
+    model: "torch.nn.Module"
+    probes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StepEnd:
+    """After one update. ``row`` is the step table's row (batch/running values, lr, probes)."""
+
+    clock: Clock
+    row: Mapping[str, float]
+    model: "torch.nn.Module"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """After a full-pass evaluation (step 0, every ``eval_every`` steps, and every epoch end).
+
+    ``metrics`` holds ``train_loss``, ``train_acc``, ``val_*``, ``test_*`` as the dataset allows.
+    """
+
+    clock: Clock
+    metrics: Mapping[str, float]
+    seconds: float
+    model: "torch.nn.Module"
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """After the last step of an epoch and its evaluation.
+
+    ``row`` is the epoch table's row; ``steps`` and ``evals`` are the step-table and evaluation
+    rows produced during this epoch (what a store appends in one transaction).
+    """
+
+    clock: Clock
+    row: Mapping[str, float]
+    steps: tuple[Mapping[str, float], ...]
+    evals: tuple[Mapping[str, float], ...]
+    model: "torch.nn.Module"
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """Training is over. ``status`` is finished, stopped, diverged or interrupted.
+
+    ``steps`` and ``evals`` hold rows not yet delivered by an `EpochEnd` (a partial last epoch).
+    """
+
+    clock: Clock
+    status: str
+    message: str | None
+    summary: Mapping[str, Any]
+    steps: tuple[Mapping[str, float], ...] = ()
+    evals: tuple[Mapping[str, float], ...] = ()
+    model: "torch.nn.Module | None" = None
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Ask the loop to stop after the current step or epoch."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Save:
+    """Ask the loop to write a checkpoint (weights, optimizer, RNG and clock) to ``path``."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class RestoreWeights:
+    """Ask the loop to load these weights into the model (EarlyStopping's restore_best_weights)."""
+
+    state_dict: Mapping[str, Any] = field(repr=False)
+    reason: str = ""
+
+
+Request = Union[Stop, Save, RestoreWeights, None]
+
+
+class Callback:
+    """Receives the loop's events; each method may return a request. Override what you need."""
+
+    def on_run_start(self, event: RunStart) -> Request:
+        return None
+
+    def on_step_end(self, event: StepEnd) -> Request:
+        return None
+
+    def on_evaluation(self, event: Evaluation) -> Request:
+        return None
+
+    def on_epoch_end(self, event: EpochEnd) -> Request:
+        return None
+
+    def on_run_end(self, event: RunEnd) -> Request:
+        return None
