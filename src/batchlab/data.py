@@ -216,9 +216,9 @@ def _write_disk_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def _mnist1d_arrays() -> dict[str, np.ndarray]:
     """The MNIST-1D arrays, generated once per process (and cached on disk when possible)."""
     if "mnist1d" not in _MEMORY_CACHE:
-        import mnist1d
+        from importlib.metadata import version
 
-        path = _cache_dir() / f"mnist1d-{getattr(mnist1d, '__version__', 'x')}-seed42.npz"
+        path = _cache_dir() / f"mnist1d-{version('mnist1d')}-seed42.npz"  # a new generator, a new file
         arrays = _read_disk_cache(path)
         if arrays is None:
             arrays = _generate_mnist1d()
@@ -508,13 +508,13 @@ def _to_tensors(pair: Arrays | None, classification: bool, dtype: torch.dtype) -
     if pair is None:
         return None
     X, y = pair
-    X_t = torch.as_tensor(np.ascontiguousarray(X)).to(dtype)
+    X_t = torch.tensor(np.asarray(X)).to(dtype)
     if X_t.ndim == 1:
         X_t = X_t[:, None]  # (N,) -> (N, 1): one feature per sample
     if classification:
-        y_t = torch.as_tensor(np.ascontiguousarray(y)).to(torch.int64)  # (N,)
+        y_t = torch.tensor(np.asarray(y)).to(torch.int64)  # (N,)
     else:
-        y_t = torch.as_tensor(np.ascontiguousarray(y)).to(dtype)
+        y_t = torch.tensor(np.asarray(y)).to(dtype)
         if y_t.ndim == 1:
             y_t = y_t[:, None]  # (N,) -> (N, 1): the model's output shape, so MSE never broadcasts
     return X_t, y_t
