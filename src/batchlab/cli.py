@@ -58,8 +58,11 @@ def _json_safe(value: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; turn bad input into one line on stderr and exit status 2."""
+    command = typer.main.get_command(app)
+    for extra in EXTRA_COMMANDS:
+        command.add_command(extra)
     try:
-        app(args=argv, standalone_mode=False)
+        command.main(args=argv, prog_name="batchlab", standalone_mode=False)
     except BatchlabError as error:
         _fail(str(error))
     except click.exceptions.NoArgsIsHelpError as error:
@@ -79,3 +82,358 @@ def main(argv: list[str] | None = None) -> None:
 def _fail(message: str, status: int = 2) -> None:
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(status)
+
+
+# -- the run store: batchlab runs list / show / export ------------------------------------------
+
+KindOption = Annotated[Optional[str], typer.Option("--kind", help="Only runs of this kind (fit, explain, replica, study-trial).")]
+GroupOption = Annotated[Optional[int], typer.Option("--group", help="Only runs of this group (a study or ensemble).")]
+StatusOption = Annotated[Optional[str], typer.Option("--status", help="Only runs with this status.")]
+
+
+@runs_app.command("list")
+def runs_list(
+    store: StoreOption = None,
+    as_json: JsonOption = False,
+    kind: KindOption = None,
+    group: GroupOption = None,
+    status: StatusOption = None,
+) -> None:
+    """List the stored runs: status, data, model, batch size, lr, progress and final metrics."""
+    from .store import RunStore, json_ready
+
+    path = store_path(store)
+    with RunStore(path, create=False) as run_store:
+        runs = run_store.list_runs(kind=kind, group=group, status=status)
+    if as_json:
+        print_json(json_ready(runs.to_dict(orient="records")))
+        return
+    if runs.empty:
+        print(f"no runs in {path}")
+        return
+    table = _runs_table(f"runs in {path}")
+    headers = {"batch_size": "B", "group": "grp"}
+    shown = [c for c in runs.columns if c not in ("train_loss", "train_acc")]  # in --json
+    for column in shown:
+        table.add_column(headers.get(column, column), justify="right" if column in _RUNS_NUMERIC_COLUMNS else "left")
+    for record in runs.to_dict(orient="records"):
+        table.add_row(*(_runs_cell(column, record[column]) for column in shown))
+    _runs_console().print(table)
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: Annotated[int, typer.Argument(help="The run's id (see `batchlab runs list`).")],
+    store: StoreOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show one run: config, provenance, summary and its epoch table."""
+    from .store import RunStore, json_ready
+
+    with RunStore(store_path(store), create=False) as run_store:
+        run = run_store.load_run(run_id)
+    if as_json:
+        print_json(json_ready(run.to_dict()))
+        return
+    console = _runs_console()
+    name = f" {run.name!r}" if run.name else ""
+    group = f", group {run.group_id}" if run.group_id is not None else ""
+    console.print(f"[bold]run {run.id}{name}[/bold]: {run.kind}, {_runs_status(run.status)}{group}, "
+                  f"started {run.started_at}, ended {run.ended_at or '-'}")  # fmt: skip
+    if run.message:
+        console.print(f"message: {run.message}")
+    for title, values in (("spec", run.spec), ("config", run.config), ("provenance", run.provenance),
+                          ("summary", run.summary)):  # fmt: skip
+        if values:
+            table = _runs_table(title, show_header=False)
+            table.add_column("field")
+            table.add_column("value")
+            for key, value in values.items():
+                table.add_row(str(key), _runs_cell(key, value))
+            console.print(table)
+    console.print(f"{len(run.steps)} step rows, {len(run.evals)} evaluation rows, {len(run.epochs)} epoch rows")
+    if not run.epochs.empty:
+        table = _runs_table("epochs")
+        for column in run.epochs.columns:
+            table.add_column(column, justify="right")
+        for record in run.epochs.to_dict(orient="records"):
+            table.add_row(*(_runs_cell(column, value) for column, value in record.items()))
+        console.print(table)
+
+
+@runs_app.command("export")
+def runs_export(
+    run_id: Annotated[int, typer.Argument(help="The run's id (see `batchlab runs list`).")],
+    fmt: Annotated[str, typer.Option("--format", help="csv, parquet or tensorboard (a directory); json (one file).")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write: a directory, or a file for json.")],
+    store: StoreOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Export a run's step, evaluation and epoch tables (and its config and provenance)."""
+    from .errors import StoreError
+    from .store import EXPORT_FORMATS, RunStore, export_run
+
+    if fmt not in EXPORT_FORMATS:  # checked before the store is read
+        raise StoreError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    with RunStore(store_path(store), create=False) as run_store:
+        run = run_store.load_run(run_id)
+    written = export_run(run, out, fmt)
+    if as_json:
+        print_json({"run": run.id, "format": fmt, "files": [str(p) for p in written]})
+    else:
+        print(f"run {run.id} exported as {fmt}: " + ", ".join(str(p) for p in written))
+
+
+_RUNS_NUMERIC_COLUMNS = {"id", "group", "batch_size", "lr", "epochs", "steps", "train_loss", "train_acc",
+                         "val_loss", "val_acc", "duration"}  # fmt: skip
+_RUNS_STATUS_STYLES = {"running": "cyan", "finished": "green", "stopped": "yellow", "diverged": "red", "interrupted": "magenta"}
+
+
+def _runs_console() -> "rich.console.Console":  # noqa: F821
+    from rich.console import Console
+
+    # Piped output is not cut to 80 columns: tables keep every column readable.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def _runs_table(title: str, show_header: bool = True) -> "rich.table.Table":  # noqa: F821
+    from rich.table import Table
+
+    return Table(title=title, title_justify="left", show_header=show_header, header_style="bold")
+
+
+def _runs_status(status: str) -> str:
+    style = _RUNS_STATUS_STYLES.get(status)
+    return f"[{style}]{status}[/{style}]" if style else status
+
+
+def _runs_cell(column: str, value: Any) -> str:
+    """A value as shown in a table: floats to 4 significant digits, times and durations short."""
+    from rich.markup import escape
+
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    if column == "status":
+        return _runs_status(str(value))
+    if column == "started" and isinstance(value, str):
+        return value[:16].replace("T", " ")
+    if column == "duration":
+        minutes, seconds = divmod(float(value), 60)
+        return f"{int(minutes)}m {seconds:04.1f}s" if minutes else f"{seconds:.1f}s"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return escape(json.dumps(value, default=str))
+    return escape(str(value))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training from flags: `batchlab fit` (and the commands that train like it, e.g. `explain`).
+# The TrainConfig fields are the flags; they are generated from the model so they cannot drift.
+
+TRAIN_HELP = {
+    "batch_size": "Samples per update, or 'full' for batch gradient descent.",
+    "epochs": "Passes over the training set (default 10 when --max-steps is not given).",
+    "max_steps": "Stop after this many updates.",
+    "optimizer": "sgd, adam, adamw or rmsprop.",
+    "lr": "Base learning rate (before --lr-scaling and the schedule).",
+    "momentum": "SGD/RMSprop momentum.",
+    "nesterov": "Nesterov momentum (SGD).",
+    "weight_decay": "L2 weight decay (decoupled for adamw).",
+    "betas": "Adam's beta1 beta2.",
+    "schedule": "constant, step, cosine or sgdr (cosine with warm restarts).",
+    "step_epochs": "step schedule: epochs between decays.",
+    "gamma": "step schedule: decay factor.",
+    "sgdr_epochs": "sgdr: length of the first cycle in epochs.",
+    "sgdr_mult": "sgdr: cycle length multiplier after each restart.",
+    "min_lr": "cosine/sgdr: the lowest learning rate.",
+    "warmup_steps": "Linear warm-up over this many steps.",
+    "warmup_epochs": "Linear warm-up over this many epochs.",
+    "lr_scaling": "none, linear (lr*B/B_ref) or sqrt (lr*sqrt(B/B_ref)).",
+    "reference_batch_size": "B_ref for --lr-scaling.",
+    "shuffle": "Draw a fresh random order every epoch.",
+    "drop_last": "Drop the last partial batch of each epoch.",
+    "seed": "Seed of initialisation, data order and dropout.",
+    "device": "cpu, cuda or auto.",
+    "eval_every": "Full-pass evaluation every K steps, or 'epoch'.",
+    "eval_batch_size": "Batch size of full-pass evaluation.",
+    "eval_train": "Evaluate on the whole training set at each evaluation point.",
+    "probe_every": "Probes measure every K steps.",
+    "loss": "auto, cross_entropy or mse.",
+}
+
+
+def _train_options() -> list[click.Option]:
+    from .config import TrainConfig
+
+    options = []
+    for name, field in TrainConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = TRAIN_HELP.get(name, "") + f" [default: {field.default}]"
+        if field.annotation is bool:
+            options.append(click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=help_text))
+        elif name == "betas":
+            options.append(click.Option([flag, name], type=(float, float), default=None, help=help_text))
+        else:
+            # Values are validated (and converted) by TrainConfig itself, with one-line errors.
+            options.append(click.Option([flag, name], type=str, default=None, metavar="VALUE", help=help_text))
+    return options
+
+
+RUN_OPTIONS = [
+    click.Option(["--config", "config_file"], type=click.Path(path_type=Path), default=None,
+                 help="A TOML run file ([dataset], [train], model, probes); flags override it."),
+    click.Option(["--dataset"], default=None, help="Built-in dataset name or a .npz/.csv file (default mnist1d)."),
+    click.Option(["--target"], default=None, help="Label column of a CSV dataset."),
+    click.Option(["--val-fraction"], type=str, default=None, help="Hold out this fraction of train for validation."),
+    click.Option(["--split-seed"], type=str, default=None, help="Seed of the validation split."),
+    click.Option(["--standardize/--no-standardize"], default=None, help="Standardize with train statistics."),
+    click.Option(["--model"], default=None, help="NAME[:opt=val,...] (e.g. mlp:hidden=100x100,dropout=0.1) or package.module:function."),
+    click.Option(["--probes"], default=None, help="Comma-separated probes: grad_norm, noise_scale, dist_from_init, update_norm."),
+    click.Option(["--name"], default=None, help="A name for the run in the store."),
+    click.Option(["--threads"], type=int, default=1, show_default=True,
+                 help="Torch CPU threads (1 is fastest for small models on a shared machine)."),
+    click.Option(["--quiet", "-q"], is_flag=True, help="No progress bar or tables."),
+    click.Option(["--store"], type=click.Path(path_type=Path), default=None,
+                 help="Run store (SQLite). Default: $BATCHLAB_STORE or ./batchlab.db."),
+    click.Option(["--json", "as_json"], is_flag=True, help="Print a machine-readable summary on stdout."),
+]
+
+
+def spec_from_options(options: dict[str, Any]):
+    """A validated RunSpec from a --config file and the flags given (flags win)."""
+    from .config import TrainConfig, make_run_spec, read_toml
+
+    values: dict[str, Any] = read_toml(options["config_file"]) if options.get("config_file") else {}
+    if not isinstance(values.get("train", {}), dict) or not isinstance(values.get("dataset", {}), dict):
+        raise BatchlabError("in the config file, [train] and [dataset] must be tables")
+    train = dict(values.get("train", {}))
+    train.update({k: options[k] for k in TrainConfig.model_fields if options.get(k) is not None})
+    dataset = dict(values.get("dataset", {}))
+    for key in ("target", "val_fraction", "split_seed", "standardize"):
+        if options.get(key) is not None:
+            dataset[key] = options[key]
+    if options.get("dataset") is not None:
+        dataset["name"] = options["dataset"]
+    values.update(train=train, dataset=dataset)
+    if options.get("model") is not None:
+        values["model"] = options["model"]
+    if options.get("probes") is not None:
+        values["probes"] = [p.strip() for p in options["probes"].split(",") if p.strip()]
+    if options.get("name") is not None:
+        values["name"] = options["name"]
+    return make_run_spec(values)
+
+
+def prepare_run(spec):
+    """Load the data, build the model and validate the run — everything that can fail on bad input.
+
+    Nothing touches the store before this returns.
+    """
+    from .data import load_dataset
+    from .loop import check_model, plan_run, resolve_device
+    from .models import model_from_spec
+    from .probes import make_probe
+
+    device = resolve_device(spec.train.device)
+    d = spec.dataset
+    dataset = load_dataset(d.name, target=d.target, val_fraction=d.val_fraction, split_seed=d.split_seed,
+                           standardize=d.standardize, device=device)
+    clock = plan_run(dataset, spec.train)
+    model = model_from_spec(spec.model, dataset, seed=spec.train.seed)
+    check_model(model.to(device), dataset)
+    for probe in spec.probes:
+        make_probe(probe)
+    return dataset, model, clock
+
+
+def _say(message: str, quiet: bool, as_json: bool) -> None:
+    """Human-readable output: stdout normally, stderr when stdout carries JSON, nothing with --quiet."""
+    if not quiet:
+        click.echo(message, err=as_json)
+
+
+def epoch_table(epochs, title: str = "epochs"):
+    """The epoch table as a rich Table (the columns a person reads first)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    columns = [c for c in epochs.columns if c in ("epoch", "step", "seconds") or c.endswith(("_loss", "_acc"))]
+    for column in columns:
+        table.add_column(column, justify="right", no_wrap=True)
+    for row in epochs.to_dict("records"):
+        table.add_row(*(_cell(row[c]) for c in columns))
+    return table
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if value != value else (f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}")
+    return str(value)
+
+
+def print_rich(renderable, as_json: bool) -> None:
+    """Print a rich table; when the output is not a terminal, wide enough not to truncate columns."""
+    from rich.console import Console
+
+    stream = sys.stderr if as_json else sys.stdout
+    Console(file=stream, width=None if stream.isatty() else 200).print(renderable)
+
+
+def _fit_command(**options: Any) -> None:
+    """Train one model and store the run."""
+    import torch
+
+    from .loop import fit
+    from .store import recorder
+
+    torch.set_num_threads(max(1, options["threads"]))
+    quiet, as_json = options["quiet"], options["as_json"]
+    spec = spec_from_options(options)
+    dataset, model, clock = prepare_run(spec)
+    store = store_path(options["store"])
+    if not store.parent.exists():
+        raise BatchlabError(f"the store's folder {store.parent} does not exist; create it or pass another --store")
+    _say(f"{dataset.name}: {clock.describe()}", quiet, as_json)
+    rec = recorder(store, name=spec.name, kind="fit", spec=spec.model_dump(mode="json", exclude={"train"}))
+    run = fit(model, dataset, spec.train, probes=spec.probes, callbacks=[rec],
+              progress=not quiet and sys.stderr.isatty())
+    if not quiet:
+        print_rich(epoch_table(run.epochs, title=f"run {rec.run_id}: {dataset.name}, {spec.model}"), as_json)
+    _say(f"{run.status}: run {rec.run_id} stored in {store}" + (f" ({run.message})" if run.message else ""),
+         quiet, as_json)
+    if as_json:
+        print_json({"run_id": rec.run_id, "store": str(store), **run.summary})
+    if run.status == "diverged" and not as_json:
+        click.echo(f"warning: {run.message}", err=True)
+
+
+fit_command = click.Command(
+    "fit",
+    callback=_fit_command,
+    params=[*RUN_OPTIONS, *_train_options()],
+    help="Train one model by mini-batches, print the epoch table and store the run.",
+)
+EXTRA_COMMANDS: list[click.Command] = [fit_command]
+
+
+@app.command()
+def datasets(
+    store: StoreOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List the built-in datasets, their sizes and where they come from."""
+    from rich.table import Table
+
+    from .data import list_datasets
+
+    rows = list_datasets()
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title="built-in datasets (a .npz or .csv path works too)")
+    for column in rows[0]:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in rows[0]))
+    print_rich(table, False)
