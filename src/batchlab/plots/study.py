@@ -1,0 +1,284 @@
+"""Study figures: what batch size buys, from a study's summary table.
+
+Every function takes the summary as a DataFrame with one row per batch size. The columns read:
+
+=====================  ==========================================================================
+``batch_size``         samples per update: a number, or ``"full"`` (then pass ``n_train``)
+``best_lr``            the learning rate that reached the target in the fewest steps at this B
+``steps_to_target``    median over seeds (at ``best_lr``) of the first evaluation step meeting the
+                       target (Shallue et al. 2019); NaN where no trial reached it
+``steps_lo/steps_hi``  the spread of ``steps_to_target`` over seeds (e.g. min/max), optional
+``samples_to_target``  median samples seen at that step; ``samples_lo/samples_hi`` optional
+``seconds_to_target``  median training seconds at that step; ``seconds_lo/seconds_hi`` optional
+``gen_gap``            generalization gap, train accuracy − validation accuracy at the end of
+                       training (or at the target); ``gen_gap_lo/gen_gap_hi`` optional
+=====================  ==========================================================================
+
+The fitted parameters come from the steps/data trade-off of McCandlish et al. 2018
+(arXiv 1812.06162): S = S_min (1 + B_crit / B) and E = E_min (1 + B / B_crit), with
+E_min = S_min · B_crit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from ..errors import DataError
+from . import FULL_BATCH, batch_size_colors, batch_size_value, metric_label, new_figure, styled
+
+POINT_STYLE = {"color": "black", "marker": "o", "markersize": 5, "capsize": 3, "linestyle": "none", "zorder": 3}
+
+
+def _sizes(summary: pd.DataFrame, n_train: int | None) -> np.ndarray:
+    """The batch sizes as numbers; ``full`` needs ``n_train``."""
+    if "batch_size" not in summary:
+        raise DataError(f"the study summary has no 'batch_size' column; it has {', '.join(map(str, summary.columns))}")
+    sizes = np.array([batch_size_value(b, n_train) for b in summary["batch_size"]], dtype=float)
+    if not np.all(np.isfinite(sizes)):
+        raise DataError("the summary has batch size 'full' but no training-set size; pass n_train")
+    return sizes
+
+
+def _column(summary: pd.DataFrame, column: str) -> np.ndarray:
+    if column not in summary:
+        raise DataError(f"the study summary has no {column!r} column; it has {', '.join(map(str, summary.columns))}")
+    return summary[column].to_numpy(dtype=float)
+
+
+def _spread(summary: pd.DataFrame, prefix: str, centre: np.ndarray) -> np.ndarray | None:
+    """Error bars (2, n) from ``<prefix>_lo``/``<prefix>_hi``, or None when the summary has none."""
+    lo, hi = f"{prefix}_lo", f"{prefix}_hi"
+    if lo not in summary or hi not in summary:
+        return None
+    low, high = summary[lo].to_numpy(dtype=float), summary[hi].to_numpy(dtype=float)
+    return np.vstack([np.clip(centre - low, 0, None), np.clip(high - centre, 0, None)])
+
+
+def _batch_axis(ax: Axes, summary: pd.DataFrame, sizes: np.ndarray, n_train: int | None) -> None:
+    """Log2 x axis with a tick at every batch size of the study (``full`` written as such)."""
+    ax.set_xscale("log", base=2)
+    labels = [f"full\n({n_train})" if b == FULL_BATCH else f"{v:g}" for b, v in zip(summary["batch_size"], sizes)]
+    ax.set_xticks(sizes, labels)
+    ax.minorticks_off()
+    ax.set_xlabel(metric_label("batch_size"))
+
+
+def _span(sizes: np.ndarray) -> np.ndarray:
+    """A smooth grid over the batch sizes (for theory lines)."""
+    return np.geomspace(sizes.min(), sizes.max(), 200)
+
+
+def _points(ax: Axes, sizes: np.ndarray, values: np.ndarray, spread: np.ndarray | None, label: str) -> None:
+    """The measured points, coloured by batch size, with their spread as error bars."""
+    ax.errorbar(sizes, values, yerr=spread, label=label, **POINT_STYLE)
+    colors = batch_size_colors(list(sizes))
+    ax.scatter(sizes, values, c=[colors[s] for s in sizes], s=36, zorder=4)
+
+
+def _anchor(sizes: np.ndarray, values: np.ndarray) -> tuple[float, float] | None:
+    """The smallest batch size with a finite value, and that value: where scaling lines start."""
+    finite = np.flatnonzero(np.isfinite(values) & (values > 0))
+    if finite.size == 0:
+        return None
+    i = finite[np.argmin(sizes[finite])]
+    return float(sizes[i]), float(values[i])
+
+
+@styled
+def steps_to_target_figure(
+    summary: pd.DataFrame,
+    s_min: float | None = None,
+    b_crit: float | None = None,
+    *,
+    n_train: int | None = None,
+    target: str | None = None,
+) -> Figure:
+    """Steps to target vs batch size, log-log, against perfect scaling and the fitted curve.
+
+    Perfect scaling (doubling B halves the steps) is drawn through the smallest batch size's point;
+    the fit S = S_min (1 + B_crit / B) (McCandlish et al. 2018, eq. 2.11) when ``s_min`` and
+    ``b_crit`` are given, with B_crit marked (there training takes 2 S_min steps).
+
+    Args:
+        summary: the study summary (module docstring): ``batch_size``, ``steps_to_target`` and
+            optionally ``steps_lo``/``steps_hi``.
+        s_min, b_crit: the fitted minimum number of steps and critical batch size.
+        n_train: the training-set size, the value of batch size ``full``.
+        target: the target condition, for the title (``val_acc>=0.8``).
+
+    Returns:
+        A figure whose first line holds the measured points (x = batch sizes, y = steps_to_target).
+    """
+    sizes, steps = _sizes(summary, n_train), _column(summary, "steps_to_target")
+    fig, ax = new_figure()
+    _points(ax, sizes, steps, _spread(summary, "steps", steps), "measured (median, spread over seeds)")
+    grid = _span(sizes)
+    anchor = _anchor(sizes, steps)
+    if anchor is not None:
+        b0, s0 = anchor
+        ax.plot(grid, s0 * b0 / grid, color="0.5", linestyle="--", label="perfect scaling: S ∝ 1/B")
+    if s_min is not None and b_crit is not None and math.isfinite(s_min) and math.isfinite(b_crit):
+        ax.plot(grid, s_min * (1 + b_crit / grid), color="tab:red",
+                label=f"fit S = S_min(1 + B_crit/B): S_min={s_min:.3g}, B_crit={b_crit:.3g}")
+        ax.axhline(s_min, color="tab:red", linestyle=":", linewidth=1.0)
+        ax.axvline(b_crit, color="tab:red", linestyle=":", linewidth=1.0)
+    ax.set_yscale("log")
+    _batch_axis(ax, summary, sizes, n_train)
+    ax.set_ylabel("steps to target (parameter updates)")
+    ax.set_title("Steps to " + (target or "target") + " vs batch size")
+    ax.legend()
+    return fig
+
+
+@styled
+def samples_to_target_figure(
+    summary: pd.DataFrame,
+    e_min: float | None = None,
+    b_crit: float | None = None,
+    *,
+    n_train: int | None = None,
+    target: str | None = None,
+) -> Figure:
+    """Samples to target vs batch size, log-log, with the fit E = E_min (1 + B / B_crit).
+
+    Under perfect scaling the samples needed do not depend on B (a flat line through the smallest
+    batch size); past B_crit each doubling of B costs about twice the samples (McCandlish et al.
+    2018). ``e_min`` defaults to S_min · B_crit when you only have those (pass ``e_min=s_min*b_crit``).
+
+    Args:
+        summary: ``batch_size``, ``samples_to_target`` and optionally ``samples_lo``/``samples_hi``.
+        e_min, b_crit: the fitted minimum number of samples and critical batch size.
+
+    Returns:
+        A figure whose first line holds the measured points (y = samples_to_target).
+    """
+    sizes, samples = _sizes(summary, n_train), _column(summary, "samples_to_target")
+    fig, ax = new_figure()
+    _points(ax, sizes, samples, _spread(summary, "samples", samples), "measured (median, spread over seeds)")
+    grid = _span(sizes)
+    anchor = _anchor(sizes, samples)
+    if anchor is not None:
+        ax.plot(grid, np.full_like(grid, anchor[1]), color="0.5", linestyle="--",
+                label="perfect scaling: samples independent of B")
+    if e_min is not None and b_crit is not None and math.isfinite(e_min) and math.isfinite(b_crit):
+        ax.plot(grid, e_min * (1 + grid / b_crit), color="tab:red",
+                label=f"fit E = E_min(1 + B/B_crit): E_min={e_min:.3g}, B_crit={b_crit:.3g}")
+        ax.axvline(b_crit, color="tab:red", linestyle=":", linewidth=1.0)
+    ax.set_yscale("log")
+    _batch_axis(ax, summary, sizes, n_train)
+    ax.set_ylabel("samples to target (samples seen)")
+    ax.set_title("Samples to " + (target or "target") + " vs batch size")
+    ax.legend()
+    return fig
+
+
+@styled
+def seconds_to_target_figure(summary: pd.DataFrame, *, n_train: int | None = None, target: str | None = None) -> Figure:
+    """Training seconds to target vs batch size, log-log (wall-clock cost on this machine).
+
+    Args:
+        summary: ``batch_size``, ``seconds_to_target`` and optionally ``seconds_lo``/``seconds_hi``.
+
+    Returns:
+        A figure whose first line holds the measured points (y = seconds_to_target).
+    """
+    sizes, seconds = _sizes(summary, n_train), _column(summary, "seconds_to_target")
+    fig, ax = new_figure()
+    _points(ax, sizes, seconds, _spread(summary, "seconds", seconds), "measured (median, spread over seeds)")
+    ax.set_yscale("log")
+    _batch_axis(ax, summary, sizes, n_train)
+    ax.set_ylabel("training time to target (s)")
+    ax.set_title("Seconds to " + (target or "target") + " vs batch size")
+    ax.legend()
+    return fig
+
+
+@styled
+def best_lr_figure(summary: pd.DataFrame, *, n_train: int | None = None) -> Figure:
+    """The best learning rate per batch size against the linear and square-root scaling rules.
+
+    Both rules start from the smallest batch size's best lr: linear lr ∝ B (Goyal et al. 2017)
+    and square root lr ∝ √B (Hoffer et al. 2017).
+
+    Args:
+        summary: ``batch_size`` and ``best_lr``.
+
+    Returns:
+        A figure whose lines are: the measured points, the linear rule, the square-root rule.
+    """
+    sizes, lrs = _sizes(summary, n_train), _column(summary, "best_lr")
+    fig, ax = new_figure()
+    _points(ax, sizes, lrs, None, "best lr (fewest steps to target)")
+    grid = _span(sizes)
+    anchor = _anchor(sizes, lrs)
+    if anchor is not None:
+        b0, lr0 = anchor
+        ax.plot(grid, lr0 * grid / b0, color="tab:blue", linestyle="--", label="linear rule: lr ∝ B")
+        ax.plot(grid, lr0 * np.sqrt(grid / b0), color="tab:orange", linestyle="-.", label="square-root rule: lr ∝ √B")
+    ax.set_yscale("log")
+    _batch_axis(ax, summary, sizes, n_train)
+    ax.set_ylabel(metric_label("lr"))
+    ax.set_title("Best learning rate vs batch size")
+    ax.legend()
+    return fig
+
+
+@styled
+def generalization_gap_figure(summary: pd.DataFrame, *, n_train: int | None = None) -> Figure:
+    """The generalization gap (train − validation accuracy) per batch size (Keskar et al. 2017).
+
+    Args:
+        summary: ``batch_size``, ``gen_gap`` and optionally ``gen_gap_lo``/``gen_gap_hi``.
+
+    Returns:
+        A figure whose first line holds the measured points (y = gen_gap), with a line at zero.
+    """
+    sizes, gaps = _sizes(summary, n_train), _column(summary, "gen_gap")
+    fig, ax = new_figure()
+    _points(ax, sizes, gaps, _spread(summary, "gen_gap", gaps), "measured (median, spread over seeds)")
+    ax.axhline(0.0, color="0.5", linewidth=0.8)
+    _batch_axis(ax, summary, sizes, n_train)
+    ax.set_ylabel("generalization gap (train − val accuracy)")
+    ax.set_title("Generalization gap vs batch size")
+    ax.legend()
+    return fig
+
+
+def study_figures(
+    summary: pd.DataFrame,
+    *,
+    s_min: float | None = None,
+    b_crit: float | None = None,
+    e_min: float | None = None,
+    n_train: int | None = None,
+    target: str | None = None,
+    which: Sequence[str] | None = None,
+) -> dict[str, Figure]:
+    """Every study figure the summary has the columns for, by name.
+
+    Names: ``steps_to_target``, ``samples_to_target``, ``seconds_to_target``, ``best_lr``,
+    ``gen_gap``. ``e_min`` defaults to ``s_min * b_crit`` (B_crit = E_min / S_min).
+    """
+    if e_min is None and s_min is not None and b_crit is not None:
+        e_min = s_min * b_crit
+    makers = {
+        "steps_to_target": lambda: steps_to_target_figure(summary, s_min, b_crit, n_train=n_train, target=target),
+        "samples_to_target": lambda: samples_to_target_figure(summary, e_min, b_crit, n_train=n_train, target=target),
+        "seconds_to_target": lambda: seconds_to_target_figure(summary, n_train=n_train, target=target),
+        "best_lr": lambda: best_lr_figure(summary, n_train=n_train),
+        "gen_gap": lambda: generalization_gap_figure(summary, n_train=n_train),
+    }
+    needed = {"steps_to_target": "steps_to_target", "samples_to_target": "samples_to_target",
+              "seconds_to_target": "seconds_to_target", "best_lr": "best_lr", "gen_gap": "gen_gap"}  # fmt: skip
+    figures = {}
+    for name in which or makers:
+        column = needed[name]
+        if column in summary and summary[column].notna().any():
+            figures[name] = makers[name]()
+    return figures
