@@ -152,14 +152,17 @@ def learning_curves(
             xs, ys = curve(run, column, x, facts.steps_per_epoch)
         except DataError:
             continue
-        ax.plot(xs, ys, label=VIEW_NAMES.get(view, view), **VIEW_STYLES.get(view, {}))
+        style = dict(VIEW_STYLES.get(view, {}))
+        if view == "batch" and len(xs) > 300:  # thousands of noisy points: keep them a faint band
+            style.update(linewidth=0.4, alpha=0.35)
+        ax.plot(xs, ys, label=VIEW_NAMES.get(view, view), **style)
         drawn += 1
     if drawn == 0:
         wanted = ", ".join(f"{v}_{metric}" for v in views)
         raise DataError(f"the run has none of {wanted}; it has {', '.join(_plottable(run))}")
     ax.set_xlabel(metric_label(x))
     ax.set_ylabel(metric_label(metric))
-    ax.set_title(title if title is not None else f"{facts.name}: {facts.label}")
+    ax.set_title(title if title is not None else _run_title(facts))
     ax.legend()
     return fig
 
@@ -188,7 +191,7 @@ def views_overlay(run: Any, metric: str = "acc", x: str = "step", *, title: str 
             at = epoch if x == "epoch" else epoch * facts.steps_per_epoch
             ax.axvline(at, color="0.3", linestyle=":", linewidth=0.8, zorder=0)
     if title is None:
-        ax.set_title(f"Metric views of {facts.name} ({facts.label}); dotted: epoch boundaries")
+        ax.set_title(f"Metric views of {_run_title(facts)}; dotted: epoch boundaries")
     return fig
 
 
@@ -245,6 +248,13 @@ def compare_runs(
     return fig
 
 
+def _run_title(facts: RunFacts) -> str:
+    """``baseline (B=32, lr=0.05)``, or just ``B=32, lr=0.05`` when the name says no more."""
+    if facts.label.startswith(facts.name) or facts.name == "run":
+        return facts.label
+    return f"{facts.name} ({facts.label})"
+
+
 def _common_n_train(facts: Sequence[RunFacts]) -> int | None:
     sizes = {f.n_train for f in facts if f.n_train}
     return sizes.pop() if len(sizes) == 1 else None
@@ -295,7 +305,7 @@ def probe_traces(
         if column == "noise_scale" and np.all(ys[np.isfinite(ys)] > 0) and _spans_decades(ys):
             ax.set_yscale("log")
     axes[-1].set_xlabel(metric_label(x))
-    axes[0].set_title(title if title is not None else f"Probes of {facts.name} ({facts.label})")
+    axes[0].set_title(title if title is not None else f"Probes of {_run_title(facts)}")
     return fig
 
 

@@ -1,0 +1,410 @@
+"""HTML reports: one self-contained file for a run, a group of runs, or a study.
+
+A report holds the config and provenance, the summary tables, the figures (inline PNG, base64)
+and, where there is one, the recommendation of a study or the ``explain`` paragraph of a run. It
+has no scripts and no links to anything outside itself, so it opens from disk with no network.
+All text that came from a user or a store (run names, dataset paths, config values, messages) is
+escaped with `html.escape` before it enters the page.
+
+Example::
+
+    with RunStore("batchlab.db") as store:
+        path = write_report(build_report(store, "3"), "run-3.html")
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from . import __version__
+from . import plots
+from .errors import BatchlabError, ConfigError
+from .store import RunStore, StoredRun
+
+MAX_TABLE_ROWS = 200  # longer tables are cut, with a note, to keep the file small
+EXPLAIN_KEYS = ("explain", "explanation")  # where an `explain` run keeps its paragraph in its summary
+
+
+@dataclass(frozen=True)
+class Report:
+    """A rendered report: the page and the name it is saved under by default (``run-3``)."""
+
+    title: str
+    html: str
+    stem: str
+
+
+# -- building blocks ---------------------------------------------------------------------------
+
+
+def escape(value: Any) -> str:
+    """Any value as escaped HTML text; floats to 4 significant digits, NaN as an empty cell."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        return html.escape(f"{value:.4g}")
+    return html.escape(str(value), quote=True)
+
+
+def figure_html(fig: Figure, caption: str) -> str:
+    """A figure as an inline PNG (base64) with its caption, displayed at 96 dpi-equivalent size."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=plots.PNG_DPI)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    width, height = (round(v * 96) for v in fig.get_size_inches())
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" width="{width}" height="{height}" '
+        f'alt="{escape(caption)}"><figcaption>{escape(caption)}</figcaption></figure>'
+    )
+
+
+def mapping_table(values: Mapping[str, Any], caption: str | None = None) -> str:
+    """A two-column key/value table; nested mappings and lists are written inline."""
+    rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(_plain(v))}</td></tr>" for k, v in values.items())
+    head = f"<caption>{escape(caption)}</caption>" if caption else ""
+    return f'<table class="kv">{head}{rows}</table>'
+
+
+def frame_table(frame: pd.DataFrame, caption: str | None = None, max_rows: int = MAX_TABLE_ROWS) -> str:
+    """A DataFrame as an escaped HTML table (first ``max_rows`` rows, with a note when cut)."""
+    shown = frame.head(max_rows)
+    head = "".join(f"<th>{escape(c)}</th>" for c in shown.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{escape(_plain(v))}</td>" for v in row) + "</tr>"
+        for row in shown.itertuples(index=False)
+    )
+    note = f"<p class='note'>first {max_rows} of {len(frame)} rows</p>" if len(frame) > max_rows else ""
+    title = f"<caption>{escape(caption)}</caption>" if caption else ""
+    return f"<div class='scroll'><table>{title}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{note}"
+
+
+def _plain(value: Any) -> Any:
+    """Numpy scalars as Python numbers; containers as compact text."""
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={_plain(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(_plain(v)) for v in value)
+    if isinstance(value, float) and not math.isnan(value) and value == int(value) and abs(value) < 1e15:
+        return int(value)
+    return value
+
+
+def section(title: str, *parts: str) -> str:
+    """A titled section of already-escaped HTML parts."""
+    return f"<section><h2>{escape(title)}</h2>{''.join(parts)}</section>"
+
+
+def paragraph(text: str, css_class: str | None = None) -> str:
+    """User text as paragraphs (blank lines separate them), escaped."""
+    attr = f' class="{css_class}"' if css_class else ""
+    blocks = [b.strip() for b in str(text).split("\n\n") if b.strip()]
+    return "".join(f"<p{attr}>{escape(b)}</p>" for b in blocks)
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1000px; margin: 2em auto;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.25em; border-bottom: 1px solid #ddd; margin-top: 2em; }
+.meta { color: #666; font-size: 0.9em; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
+th, td { border: 1px solid #ddd; padding: 2px 8px; text-align: right; font-variant-numeric: tabular-nums; }
+table.kv th, table.kv td { text-align: left; } thead th { background: #f4f4f4; }
+caption { text-align: left; font-weight: bold; padding: 4px 0; }
+.scroll { overflow-x: auto; }
+figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; }
+figcaption { color: #555; font-size: 0.9em; }
+.recommendation, .explain { background: #f3f8ee; border-left: 4px solid #5a9a2a; padding: 0.6em 1em; }
+.status-diverged, .status-interrupted { color: #b00; } .note { color: #666; font-size: 0.85em; }
+"""
+
+
+def page(title: str, subtitle: str, sections: Sequence[str]) -> str:
+    """The whole document: inline CSS, no scripts, nothing fetched from elsewhere."""
+    made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{escape(title)}</h1><p class='meta'>{escape(subtitle)} · batchlab {escape(__version__)} · {made}</p>"
+        + "".join(sections)
+        + "</body></html>\n"
+    )
+
+
+def _figures(makers: Sequence[tuple[str, Callable[[], Figure]]]) -> list[str]:
+    """The figures that can be drawn from what the run has; a missing column leaves its figure out."""
+    out = []
+    for caption, make in makers:
+        try:
+            out.append(figure_html(make(), caption))
+        except BatchlabError:
+            continue
+    return out
+
+
+# -- a run -------------------------------------------------------------------------------------
+
+
+def run_report(run: StoredRun, *, explain: str | None = None) -> Report:
+    """The report of one stored run.
+
+    Args:
+        run: from `RunStore.load_run`.
+        explain: the ``explain`` paragraph; by default the run's summary entry ``explain`` (or
+            ``explanation``) when it has one.
+
+    Returns:
+        The `Report`: status, the explain paragraph, headline numbers, learning curves (accuracy
+        and loss, train vs validation), the metric-views overlay, probe traces, the epoch table,
+        then config, spec and provenance.
+    """
+    facts = plots.curves.run_facts(run)
+    title = f"Run {run.id}" + (f": {run.name}" if run.name else "")
+    explain = explain if explain is not None else next(
+        (run.summary[k] for k in EXPLAIN_KEYS if isinstance(run.summary.get(k), str)), None
+    )
+    metric = "acc" if "val_acc" in run.evals or "train_acc" in run.evals else "loss"
+    makers = [
+        (f"Learning curves ({metric}): train vs validation, full passes", lambda: plots.learning_curves(run, metric)),
+        ("Learning curves (loss): train vs validation", lambda: plots.learning_curves(run, "loss")),
+        ("Metric views: batch, running mean (Keras), full passes; dotted lines are epoch boundaries",
+         lambda: plots.views_overlay(run, metric, "step")),
+        ("Probe traces", lambda: plots.probe_traces(run, ("grad_norm", "noise_scale", "dist_from_init", "update_norm", "lr"))),
+    ]  # fmt: skip
+    if metric == "loss":
+        makers.pop(1)
+    status = f"<p>Status: <b class='status-{escape(run.status)}'>{escape(run.status)}</b>"
+    if isinstance(run.message, str) and run.message:
+        status += f" — {escape(run.message)}"
+    status += "</p>"
+    parts = [section("Outcome", status, mapping_table(_headline(run), "headline numbers"))]
+    if explain:
+        parts.append(section("Why the training accuracy jumps at epoch boundaries", paragraph(explain, "explain")))
+    parts.append(section("Figures", *_figures(makers)))
+    if not run.epochs.empty:
+        parts.append(section("Epochs", frame_table(run.epochs)))
+    parts.append(section("Configuration", mapping_table(run.config, "TrainConfig"), mapping_table(run.spec, "what it was given")))
+    parts.append(section("Provenance", mapping_table(_provenance(run), None)))
+    subtitle = f"{run.spec.get('dataset', '?')} · {facts.label} · {run.kind}"
+    return Report(title, page(title, subtitle, parts), f"run-{run.id}")
+
+
+def _headline(run: StoredRun) -> dict[str, Any]:
+    keep = {k: v for k, v in run.summary.items() if k not in EXPLAIN_KEYS and k != "message"}
+    return keep or {"steps": len(run.steps), "epochs": len(run.epochs)}
+
+
+def _provenance(run: StoredRun) -> dict[str, Any]:
+    return {"run id": run.id, "kind": run.kind, "group": run.group_id, "started": run.started_at,
+            "ended": run.ended_at, **run.provenance}  # fmt: skip
+
+
+# -- a group of runs, and a study --------------------------------------------------------------
+
+
+def runs_table(runs: Sequence[StoredRun]) -> pd.DataFrame:
+    """One row per run: id, name, batch size, lr, seed, status and the final full-pass metrics."""
+    rows = []
+    for run in runs:
+        last = run.evals.iloc[-1] if not run.evals.empty else pd.Series(dtype=float)
+        row = {"id": run.id, "name": run.name, "batch_size": run.config.get("batch_size"),
+               "lr": run.config.get("lr"), "seed": run.config.get("seed"), "status": run.status,
+               "steps": int(run.steps["step"].max()) if not run.steps.empty else 0}  # fmt: skip
+        for column in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            row[column] = float(last[column]) if column in last else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def group_report(group: Mapping[str, Any], runs: Sequence[StoredRun]) -> Report:
+    """The report of a group of runs (replicas, a sweep): every run on one axis, by batch size and lr.
+
+    Args:
+        group: from `RunStore.get_group`.
+        runs: the group's runs, from `RunStore.load_run`.
+    """
+    title = f"Group {group['id']}" + (f": {group['name']}" if group.get("name") else "")
+    parts = [section("Runs", frame_table(runs_table(runs)))]
+    if runs:
+        parts.append(section("Figures", *_figures(_comparison_makers(runs))))
+    parts.append(section("Configuration", mapping_table(group.get("config") or {}, f"{group['kind']} config")))
+    if group.get("summary"):
+        parts.append(section("Summary", mapping_table(group["summary"])))
+    parts.append(section("Provenance", mapping_table(_group_provenance(group, runs))))
+    subtitle = f"{group['kind']} · {len(runs)} runs · {group['status']}"
+    return Report(title, page(title, subtitle, parts), f"group-{group['id']}")
+
+
+def _comparison_makers(runs: Sequence[StoredRun], metric: str | None = None):
+    has_acc = any("val_acc" in r.evals for r in runs)
+    metric = metric or ("val_acc" if has_acc else "val_loss")
+    makers = [
+        (f"{metric} of every run vs epochs, coloured by batch size", lambda: plots.compare_runs(runs, metric, "epoch")),
+        (f"{metric} vs steps (log scale): larger batches take fewer steps", lambda: plots.compare_runs(runs, metric, "step", logx=True)),
+        ("Training loss (full pass) vs samples seen", lambda: plots.compare_runs(runs, "train_loss", "samples_seen")),
+    ]  # fmt: skip
+    if any("dist_from_init" in r.steps for r in runs):
+        makers.append(("Distance from the initial weights vs samples seen",
+                       lambda: plots.compare_runs(runs, "dist_from_init", "samples_seen")))
+    return makers
+
+
+def _group_provenance(group: Mapping[str, Any], runs: Sequence[StoredRun]) -> dict[str, Any]:
+    first = runs[0].provenance if runs else {}
+    keep = ("batchlab", "torch", "python", "platform", "hostname", "device", "device_name", "argv")
+    return {"group id": group["id"], "kind": group["kind"], "created": group.get("created_at"),
+            "ended": group.get("ended_at"), **{k: first[k] for k in keep if k in first}}  # fmt: skip
+
+
+def study_report(
+    group: Mapping[str, Any],
+    runs: Sequence[StoredRun],
+    summary: pd.DataFrame,
+    *,
+    s_min: float | None = None,
+    b_crit: float | None = None,
+    e_min: float | None = None,
+    recommendation: str | None = None,
+    target: str | None = None,
+    n_train: int | None = None,
+) -> Report:
+    """The report of a batch-size study.
+
+    Args:
+        group: the study's group (`RunStore.get_group`): its config is shown as the study config.
+        runs: the study's trials.
+        summary: one row per batch size, with the columns of `batchlab.plots.study`.
+        s_min, b_crit, e_min: the fitted parameters of S = S_min(1 + B_crit/B) and E = E_min(1 + B/B_crit).
+        recommendation: the study's advice, shown first.
+        target: the target condition (``val_acc>=0.8``), for titles.
+        n_train: the training-set size, the value of batch size ``full``.
+    """
+    title = f"Study {group['id']}" + (f": {group['name']}" if group.get("name") else "")
+    fitted = {"S_min (steps)": s_min, "B_crit (samples)": b_crit, "E_min (samples)": e_min if e_min is not None
+              else (s_min * b_crit if s_min is not None and b_crit is not None else None)}  # fmt: skip
+    parts = []
+    if recommendation:
+        parts.append(section("Recommendation", paragraph(recommendation, "recommendation")))
+    parts.append(section("Summary by batch size", frame_table(summary),
+                         mapping_table({k: v for k, v in fitted.items() if v is not None}, "fitted trade-off")))
+    figures = plots.study_figures(summary, s_min=s_min, b_crit=b_crit, e_min=e_min, n_train=n_train, target=target)
+    captions = {
+        "steps_to_target": "Steps to target vs batch size (log-log), with perfect scaling and the fitted curve",
+        "samples_to_target": "Samples to target vs batch size, with E = E_min(1 + B/B_crit)",
+        "seconds_to_target": "Training seconds to target vs batch size",
+        "best_lr": "Best learning rate vs batch size, against the linear and square-root rules",
+        "gen_gap": "Generalization gap (train − val accuracy) vs batch size",
+    }
+    blocks = [figure_html(fig, captions[name]) for name, fig in figures.items()]
+    best = _best_runs(runs, summary)
+    if best:
+        metric = target.split(">")[0].split("<")[0].strip() if target else None
+        metric = metric if metric and any(metric in r.evals for r in best) else None
+        blocks += _figures(_comparison_makers(best, metric)[:2])
+    parts.append(section("Figures", *blocks))
+    parts.append(section("Trials", frame_table(runs_table(runs))))
+    parts.append(section("Configuration", mapping_table(group.get("config") or {}, "study config")))
+    parts.append(section("Provenance", mapping_table(_group_provenance(group, runs))))
+    subtitle = f"study · {len(summary)} batch sizes · {len(runs)} trials · {group['status']}"
+    return Report(title, page(title, subtitle, parts), f"study-{group['id']}")
+
+
+def _best_runs(runs: Sequence[StoredRun], summary: pd.DataFrame) -> list[StoredRun]:
+    """One trial per batch size at its best lr (the first seed): the learning curves to compare."""
+    if "best_lr" not in summary or "batch_size" not in summary:
+        return []
+    chosen = []
+    for batch_size, lr in zip(summary["batch_size"], summary["best_lr"]):
+        for run in runs:
+            same_b = str(run.config.get("batch_size")) == str(batch_size)
+            if same_b and run.config.get("lr") is not None and math.isclose(run.config["lr"], float(lr), rel_tol=1e-9):
+                chosen.append(run)
+                break
+    return chosen
+
+
+# -- from the store ----------------------------------------------------------------------------
+
+
+def parse_report_id(ident: str) -> tuple[str, int]:
+    """``3`` -> ("run", 3); ``group:3`` / ``study:3`` -> ("group", 3)."""
+    text = str(ident).strip()
+    kind, _, number = text.rpartition(":")
+    kind = kind or "run"
+    if kind not in ("run", "group", "study") or not number.isdigit():
+        raise ConfigError(f"cannot read report id {ident!r}; give a run id (3), or group:N / study:N for a group")
+    return ("run" if kind == "run" else "group"), int(number)
+
+
+def build_report(store: RunStore, ident: str | int) -> Report:
+    """The report of a run (``3``) or a group (``group:3``, ``study:3``) in the store.
+
+    A group of kind ``study`` gets a study report when its summary holds ``table`` (or
+    ``summary``): the per-batch-size records with the columns of `batchlab.plots.study`; and
+    optionally ``s_min``, ``b_crit``, ``e_min`` (top level or under ``fit``), ``recommendation``,
+    ``target`` and ``n_train`` (also read from the group's config). Any other group gets a group report.
+    """
+    kind, number = parse_report_id(str(ident))
+    if kind == "run":
+        return run_report(store.load_run(number))
+    group = store.get_group(number)
+    runs = [store.load_run(i) for i in store.group_runs(number)]
+    records = group["summary"].get("table") or group["summary"].get("summary")
+    if group["kind"] == "study" and isinstance(records, list) and records:
+        info = {**(group.get("config") or {}), **group["summary"], **(group["summary"].get("fit") or {})}
+        return study_report(
+            group, runs, pd.DataFrame.from_records(records),
+            s_min=_number(info.get("s_min")), b_crit=_number(info.get("b_crit")), e_min=_number(info.get("e_min")),
+            recommendation=info.get("recommendation") if isinstance(info.get("recommendation"), str) else None,
+            target=str(info["target"]) if info.get("target") else None, n_train=_n_train(info, runs),
+        )  # fmt: skip
+    return group_report(group, runs)
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _n_train(info: Mapping[str, Any], runs: Sequence[StoredRun]) -> int | None:
+    if info.get("n_train"):
+        return int(info["n_train"])
+    for run in runs:
+        n = (run.spec.get("clock") or {}).get("n_train")
+        if n:
+            return int(n)
+    return None
+
+
+def default_report_path(store_path: str | Path, report: Report) -> Path:
+    """Where a report goes by default: beside the store, ``<store stem>-<run-3>.html``."""
+    store_path = Path(store_path)
+    return store_path.with_name(f"{store_path.stem}-{report.stem}.html")
+
+
+def write_report(report: Report, path: str | Path) -> Path:
+    """Write the page (UTF-8); the directory must exist."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ConfigError(f"cannot write the report to {path}: directory {path.parent} does not exist")
+    try:
+        path.write_text(report.html, encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot write the report to {path}: {error.strerror or error}; pass another --out") from None
+    return path
