@@ -437,3 +437,25 @@ def datasets(
     for row in rows:
         table.add_row(*(str(row[c]) for c in rows[0]))
     print_rich(table, False)
+
+
+@app.command()
+def report(
+    ident: Annotated[str, typer.Argument(metavar="ID", help="A run id (3), or group:N / study:N for a group of runs.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="The HTML file to write. Default: beside the store, <store>-run-3.html.")] = None,
+    store: StoreOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a self-contained HTML report of a run, a group of replicas or a study."""
+    from .report import build_report, default_report_path, parse_report_id, write_report
+    from .store import RunStore
+
+    parse_report_id(ident)  # a malformed id fails before the store is opened
+    path = store_path(store)
+    with RunStore(path, create=False) as run_store:
+        page = build_report(run_store, ident)
+    written = write_report(page, out or default_report_path(path, page))
+    if as_json:
+        print_json({"report": str(written)})
+    else:
+        print(f"report written to {written}")
