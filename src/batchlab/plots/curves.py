@@ -143,6 +143,8 @@ def learning_curves(
     Returns:
         A figure with one line per view present, in the order given.
     """
+    if x not in X_AXES:  # checked first: a bad axis must not read as a missing view
+        raise DataError(f"unknown x axis {x!r}; choose one of {', '.join(X_AXES)}")
     facts = run_facts(run)
     fig, ax = new_figure()
     drawn = 0

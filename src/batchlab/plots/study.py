@@ -113,7 +113,7 @@ def steps_to_target_figure(
         target: the target condition, for the title (``val_acc>=0.8``).
 
     Returns:
-        A figure whose first line holds the measured points (x = batch sizes, y = steps_to_target).
+        A figure whose error bars (``ax.containers[0]``) hold the measured points (x = batch sizes, y = steps_to_target).
     """
     sizes, steps = _sizes(summary, n_train), _column(summary, "steps_to_target")
     fig, ax = new_figure()
@@ -156,7 +156,7 @@ def samples_to_target_figure(
         e_min, b_crit: the fitted minimum number of samples and critical batch size.
 
     Returns:
-        A figure whose first line holds the measured points (y = samples_to_target).
+        A figure whose error bars (``ax.containers[0]``) hold the measured points (y = samples_to_target).
     """
     sizes, samples = _sizes(summary, n_train), _column(summary, "samples_to_target")
     fig, ax = new_figure()
@@ -186,7 +186,7 @@ def seconds_to_target_figure(summary: pd.DataFrame, *, n_train: int | None = Non
         summary: ``batch_size``, ``seconds_to_target`` and optionally ``seconds_lo``/``seconds_hi``.
 
     Returns:
-        A figure whose first line holds the measured points (y = seconds_to_target).
+        A figure whose error bars (``ax.containers[0]``) hold the measured points (y = seconds_to_target).
     """
     sizes, seconds = _sizes(summary, n_train), _column(summary, "seconds_to_target")
     fig, ax = new_figure()
@@ -210,7 +210,7 @@ def best_lr_figure(summary: pd.DataFrame, *, n_train: int | None = None) -> Figu
         summary: ``batch_size`` and ``best_lr``.
 
     Returns:
-        A figure whose lines are: the measured points, the linear rule, the square-root rule.
+        A figure with the measured points (``ax.containers[0]``), the linear rule and the square-root rule.
     """
     sizes, lrs = _sizes(summary, n_train), _column(summary, "best_lr")
     fig, ax = new_figure()
@@ -237,7 +237,7 @@ def generalization_gap_figure(summary: pd.DataFrame, *, n_train: int | None = No
         summary: ``batch_size``, ``gen_gap`` and optionally ``gen_gap_lo``/``gen_gap_hi``.
 
     Returns:
-        A figure whose first line holds the measured points (y = gen_gap), with a line at zero.
+        A figure whose error bars (``ax.containers[0]``) hold the measured points (y = gen_gap), with a line at zero.
     """
     sizes, gaps = _sizes(summary, n_train), _column(summary, "gen_gap")
     fig, ax = new_figure()
