@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from . import data as data_lib
 from .config import TrainConfig
 from .errors import ConfigError, ModelError
 from .events import (
+    AddMetrics,
     Callback,
     Clock,
     EpochEnd,
@@ -35,7 +37,7 @@ from .events import (
     StepEnd,
     Stop,
 )
-from .metrics import RunningMean, correct_count, evaluate, loss_function
+from .metrics import RunningMean, correct_count, evaluate, loss_function, mean_loss_function
 from .optim import build_optimizer, lr_at, scaled_lr, set_lr
 
 
@@ -45,7 +47,8 @@ class Run:
 
     Attributes:
         steps: one row per update: ``step, epoch, samples_seen, batch_size, lr, batch_loss,
-            batch_acc, running_loss, running_acc, seconds`` and probe columns.
+            batch_acc, running_loss, running_acc, seconds``, probe columns, and the full-pass
+            metrics (``train_*, val_*, test_*``) at the steps where evaluation happened.
         evals: one row per full-pass evaluation (step 0 first): ``step, epoch, samples_seen,
             seconds, train_loss, train_acc, val_*, test_*``.
         epochs: one row per epoch: ``epoch, step, samples_seen, lr, running_loss, running_acc``
@@ -54,19 +57,34 @@ class Run:
         status: ``finished``, ``stopped`` (a callback asked), ``diverged`` (NaN/inf loss) or
             ``interrupted``.
         seconds: training time, full-pass evaluations excluded (they are in ``eval_seconds``).
+
+    The tables are built from the recorded rows (``step_rows``, ``eval_rows``, ``epoch_rows``) on
+    first access, so a run nobody inspects costs no pandas work.
     """
 
     config: TrainConfig
     dataset: str
     clock: Clock
-    steps: pd.DataFrame
-    evals: pd.DataFrame
-    epochs: pd.DataFrame
     status: str
     message: str | None
     model: torch.nn.Module = field(repr=False)
     seconds: float = 0.0
     eval_seconds: float = 0.0
+    step_rows: list[dict] = field(default_factory=list, repr=False)
+    eval_rows: list[dict] = field(default_factory=list, repr=False)
+    epoch_rows: list[dict] = field(default_factory=list, repr=False)
+
+    @cached_property
+    def steps(self) -> pd.DataFrame:
+        return step_table(self.step_rows, self.eval_rows)
+
+    @cached_property
+    def evals(self) -> pd.DataFrame:
+        return pd.DataFrame(self.eval_rows)
+
+    @cached_property
+    def epochs(self) -> pd.DataFrame:
+        return pd.DataFrame(self.epoch_rows)
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -83,24 +101,24 @@ class Run:
             "seconds": round(self.seconds, 4),
             "eval_seconds": round(self.eval_seconds, 4),
         }
-        out.update(summarize_evals(self.evals))
+        out.update(summarize_evals(self.eval_rows))
         return out
 
 
-def summarize_evals(evals: pd.DataFrame) -> dict[str, float]:
+def summarize_evals(evals: list[dict]) -> dict[str, float]:
     """Final value of each evaluated metric, and the best validation accuracy/loss with its step."""
     out: dict[str, float] = {}
-    if evals.empty:
+    if not evals:
         return out
-    last = evals.iloc[-1]
-    for column in evals.columns:
+    for column, value in evals[-1].items():
         if column.endswith(("_loss", "_acc")):
-            out[f"final_{column}"] = float(last[column])
-    for column, best in (("val_acc", "idxmax"), ("val_loss", "idxmin")):
-        if column in evals and evals[column].notna().any():
-            index = getattr(evals[column], best)()
-            out[f"best_{column}"] = float(evals.at[index, column])
-            out[f"best_{column}_step"] = int(evals.at[index, "step"])
+            out[f"final_{column}"] = float(value)
+    for column, better in (("val_acc", max), ("val_loss", min)):
+        rows = [r for r in evals if column in r and not math.isnan(r[column])]
+        if rows:
+            best = better(rows, key=lambda r: r[column])  # the first of equal values, as idxmax does
+            out[f"best_{column}"] = float(best[column])
+            out[f"best_{column}_step"] = int(best["step"])
     return out
 
 
@@ -177,7 +195,7 @@ class StepOutput:
     correct: torch.Tensor | None
 
 
-def train_step(model, optimizer, loss_fn, xb, yb, classification: bool, probes=None) -> StepOutput:
+def train_step(model, optimizer, loss_fn, mean_loss_fn, xb, yb, classification: bool, probes=None) -> StepOutput:
     """One update on one batch: forward in train mode, backward, optimizer step.
 
     ``loss`` and ``correct`` come from this forward pass, i.e. at the weights before the update
@@ -185,10 +203,12 @@ def train_step(model, optimizer, loss_fn, xb, yb, classification: bool, probes=N
     the live graph, the gradients and the new weights at their three points.
     """
     output = model(xb)  # (B, K)
-    losses = loss_fn(output, yb)  # (B,)
-    loss = losses.mean()
-    if probes is not None:
+    if probes is not None and probes.wants_losses:
+        losses = loss_fn(output, yb)  # (B,) with their graph, for probes that split the batch
+        loss = losses.mean()
         probes.after_forward(losses)
+    else:
+        loss = mean_loss_fn(output, yb)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if probes is not None:
@@ -284,7 +304,8 @@ class _LoopState:
     dataset: data_lib.Dataset
     config: TrainConfig
     clock: Clock
-    loss_fn: Any
+    loss_fn: Any  # per-sample losses (evaluation, probes)
+    mean_loss_fn: Any  # the batch's mean loss, fused (the update)
     optimizer: torch.optim.Optimizer
     generator: torch.Generator  # the data order, separate from the dropout RNG
     base_lr: float
@@ -306,6 +327,7 @@ class _LoopState:
             config=config,
             clock=clock,
             loss_fn=loss_fn,
+            mean_loss_fn=mean_loss_function(config.loss, dataset.task),
             optimizer=build_optimizer(model.parameters(), config, base_lr),
             generator=torch.Generator().manual_seed(config.seed),
             base_lr=base_lr,
@@ -377,7 +399,13 @@ def _run_evaluation(state: _LoopState, dispatch: _Dispatch) -> tuple[dict[str, f
            "seconds": state.seconds, **metrics}
     state.evals.append(row)
     requests = dispatch("on_evaluation", Evaluation(clock, metrics, state.seconds, state.model))
-    return metrics, requests
+    # Callbacks may add metrics measured at these weights (events.AddMetrics): they join the row
+    # before it is delivered to the store and the epoch row.
+    added = {k: v for r in requests if isinstance(r, AddMetrics) for k, v in r.values.items()}
+    if added:
+        row.update({k: v for k, v in added.items() if k not in row})
+        metrics = {**metrics, **{k: v for k, v in added.items() if k not in metrics}}
+    return metrics, [r for r in requests if not isinstance(r, AddMetrics)]
 
 
 def _metrics_of(row: dict) -> dict[str, float]:
@@ -385,86 +413,106 @@ def _metrics_of(row: dict) -> dict[str, float]:
 
 
 def _train(state: _LoopState, probes, dispatch: _Dispatch) -> Run:
-    config, dataset, model = state.config, state.dataset, state.model
-    X, y = dataset.train
-    classification = dataset.n_classes is not None
-    eval_every = None if config.eval_every == "epoch" else config.eval_every
     status, message = "finished", None
+    config, dataset, model = state.config, state.dataset, state.model
     requests = dispatch("on_run_start", RunStart(config, dataset.name, state.clock, model, probes.names))
     if not state.evals:
-        _, more = _run_evaluation(state, dispatch)
-        requests += more
+        requests += _run_evaluation(state, dispatch)[1]
     status, message = _handle(requests, state, status, message)
     model.train()
     try:
         while status == "finished" and state.clock.step < state.clock.total_steps:
-            clock = replace(state.clock, epoch=state.clock.epoch + 1, step_in_epoch=0)
+            state.clock = replace(state.clock, epoch=state.clock.epoch + 1, step_in_epoch=0)
             running = RunningMean()  # Keras resets its metrics when an epoch begins
-            order = data_lib.epoch_order(clock.n_train, state.generator, config.shuffle).to(X.device)
-            for index in data_lib.batch_indices(order, clock.batch_size, config.drop_last):
-                if clock.step >= clock.total_steps:
-                    break
-                lr = lr_at(clock.step, config, state.base_lr, clock.steps_per_epoch, clock.total_steps)
-                set_lr(state.optimizer, lr)
-                measuring = probes.active and clock.step % config.probe_every == 0
-                started = time.perf_counter()
-                out = train_step(model, state.optimizer, state.loss_fn, X[index], y[index], classification,
-                                 probes if measuring else None)
-                batch_loss = out.loss.item()
-                batch_correct = out.correct.item() if classification else 0
-                state.seconds += time.perf_counter() - started
-                b = index.numel()
-                running.update(batch_loss, batch_correct, b)
-                clock = replace(clock, step=clock.step + 1, step_in_epoch=clock.step_in_epoch + 1,
-                                samples_seen=clock.samples_seen + b)
-                state.clock = clock
-                row = {"step": clock.step, "epoch": clock.epoch, "samples_seen": clock.samples_seen,
-                       "batch_size": b, "lr": lr, "batch_loss": batch_loss}
-                if classification:
-                    row["batch_acc"] = batch_correct / b
-                row["running_loss"] = running.loss
-                if classification:
-                    row["running_acc"] = running.acc
-                row["seconds"] = state.seconds
-                if measuring:
-                    row.update(probes.collect())
-                state.steps.append(row)
-                requests = dispatch("on_step_end", StepEnd(clock, row, model)) if dispatch.per_step else []
-                if not math.isfinite(batch_loss):
-                    status = "diverged"
-                    message = (f"loss became {batch_loss} at step {clock.step} (epoch {clock.epoch}) with lr {lr:g}; "
-                               "lower the learning rate or check the data")
-                    break
-                if eval_every and clock.step % eval_every == 0 and clock.step_in_epoch < clock.steps_per_epoch:
-                    _, more = _run_evaluation(state, dispatch)
-                    requests += more
-                status, message = _handle(requests, state, status, message)
-                if status != "finished":
-                    break
+            status, message = _run_epoch(state, probes, dispatch, running)
             if status == "diverged":
                 break
-            if state.evals and state.evals[-1]["step"] == clock.step:  # evaluated at this step already
-                metrics, requests = _metrics_of(state.evals[-1]), []
-            else:
-                metrics, requests = _run_evaluation(state, dispatch)
-            epoch_row = {"epoch": clock.epoch, "step": clock.step, "samples_seen": clock.samples_seen,
-                         "lr": state.steps[-1]["lr"] if state.steps else float("nan"),
-                         "running_loss": running.loss}
-            if classification:
-                epoch_row["running_acc"] = running.acc
-            epoch_row.update(metrics)
-            epoch_row["seconds"] = state.seconds
-            state.epochs.append(epoch_row)
-            event = EpochEnd(clock, epoch_row, tuple(state.steps[state.delivered_steps:]),
-                             tuple(state.evals[state.delivered_evals:]), model)
-            state.delivered_steps, state.delivered_evals = len(state.steps), len(state.evals)
-            requests += dispatch("on_epoch_end", event)
-            status, message = _handle(requests, state, status, message)
+            status, message = _end_epoch(state, dispatch, running, status, message)
     except KeyboardInterrupt:
         status, message = "interrupted", f"interrupted at step {state.clock.step}"
-        _finish(state, probes, dispatch, status, message)
+        _finish(state, dispatch, status, message)
         raise
-    return _finish(state, probes, dispatch, status, message)
+    return _finish(state, dispatch, status, message)
+
+
+def _run_epoch(state: _LoopState, probes, dispatch: _Dispatch, running: RunningMean) -> tuple[str, str | None]:
+    """The steps of one epoch. The hot path: counters are plain ints, a `Clock` is made only for events."""
+    config, model, optimizer = state.config, state.model, state.optimizer
+    X, y = state.dataset.train
+    classification = state.dataset.n_classes is not None
+    eval_every = 0 if config.eval_every == "epoch" else config.eval_every
+    clock = state.clock
+    step, in_epoch, seen, total = clock.step, 0, clock.samples_seen, clock.total_steps
+    current_lr = None
+    order = data_lib.epoch_order(clock.n_train, state.generator, config.shuffle).to(X.device)
+    last = time.perf_counter()
+    for index in data_lib.batch_indices(order, clock.batch_size, config.drop_last):
+        if step >= total:
+            break
+        lr = lr_at(step, config, state.base_lr, clock.steps_per_epoch, total)
+        if lr != current_lr:
+            set_lr(optimizer, lr)
+            current_lr = lr
+        measuring = probes.active and step % config.probe_every == 0
+        out = train_step(model, optimizer, state.loss_fn, state.mean_loss_fn, X[index], y[index], classification,
+                         probes if measuring else None)
+        batch_loss = out.loss.item()
+        b = index.numel()
+        step, in_epoch, seen = step + 1, in_epoch + 1, seen + b
+        row = {"step": step, "epoch": clock.epoch, "samples_seen": seen, "batch_size": b, "lr": lr,
+               "batch_loss": batch_loss}
+        if classification:
+            batch_correct = out.correct.item()
+            running.update(batch_loss, batch_correct, b)
+            row.update(batch_acc=batch_correct / b, running_loss=running.loss, running_acc=running.acc)
+        else:
+            running.update(batch_loss, 0, b)
+            row["running_loss"] = running.loss
+        now = time.perf_counter()
+        state.seconds += now - last
+        last = now
+        row["seconds"] = state.seconds
+        if measuring:
+            row.update(probes.collect())
+        state.steps.append(row)
+        evaluating = eval_every and step % eval_every == 0 and in_epoch < clock.steps_per_epoch
+        finite = math.isfinite(batch_loss)
+        if not (dispatch.per_step or evaluating or not finite):
+            continue
+        state.clock = clock = replace(clock, step=step, step_in_epoch=in_epoch, samples_seen=seen)
+        requests = dispatch("on_step_end", StepEnd(clock, row, model)) if dispatch.per_step else []
+        if not finite:
+            return "diverged", (f"loss became {batch_loss} at step {step} (epoch {clock.epoch}) with lr {lr:g}; "
+                                "lower the learning rate or check the data")
+        if evaluating:
+            requests += _run_evaluation(state, dispatch)[1]
+            last = time.perf_counter()  # evaluation time is not training time
+        status, message = _handle(requests, state, "finished", None)
+        if status != "finished":
+            return status, message
+    state.clock = replace(clock, step=step, step_in_epoch=in_epoch, samples_seen=seen)
+    return "finished", None
+
+
+def _end_epoch(state: _LoopState, dispatch: _Dispatch, running: RunningMean, status: str, message: str | None):
+    """Evaluate at the epoch's end, add its row to the epoch table and deliver the `EpochEnd` event."""
+    clock = state.clock
+    if state.evals and state.evals[-1]["step"] == clock.step:  # evaluated at this step already
+        metrics, requests = _metrics_of(state.evals[-1]), []
+    else:
+        metrics, requests = _run_evaluation(state, dispatch)
+    row = {"epoch": clock.epoch, "step": clock.step, "samples_seen": clock.samples_seen,
+           "lr": state.steps[-1]["lr"] if state.steps else float("nan"), "running_loss": running.loss}
+    if state.dataset.n_classes is not None:
+        row["running_acc"] = running.acc
+    row.update(metrics)
+    row["seconds"] = state.seconds
+    state.epochs.append(row)
+    event = EpochEnd(clock, row, tuple(state.steps[state.delivered_steps:]),
+                     tuple(state.evals[state.delivered_evals:]), state.model)
+    state.delivered_steps, state.delivered_evals = len(state.steps), len(state.evals)
+    requests += dispatch("on_epoch_end", event)
+    return _handle(requests, state, status, message)
 
 
 def _handle(requests: list, state: _LoopState, status: str, message: str | None) -> tuple[str, str | None]:
@@ -488,19 +536,19 @@ def step_table(steps: list[dict], evals: list[dict]) -> pd.DataFrame:
     return table.merge(metrics[metrics["step"] > 0], on="step", how="left")
 
 
-def _finish(state: _LoopState, probes, dispatch: _Dispatch, status: str, message: str | None) -> Run:
+def _finish(state: _LoopState, dispatch: _Dispatch, status: str, message: str | None) -> Run:
     run = Run(
         config=state.config,
         dataset=state.dataset.name,
         clock=state.clock,
-        steps=step_table(state.steps, state.evals),
-        evals=pd.DataFrame(state.evals),
-        epochs=pd.DataFrame(state.epochs),
         status=status,
         message=message,
         model=state.model,
         seconds=state.seconds,
         eval_seconds=state.eval_seconds,
+        step_rows=state.steps,
+        eval_rows=state.evals,
+        epoch_rows=state.epochs,
     )
     event = RunEnd(state.clock, status, message, run.summary, tuple(state.steps[state.delivered_steps:]),
                    tuple(state.evals[state.delivered_evals:]), state.model)

@@ -31,6 +31,14 @@ def loss_function(name: str, task: str):
     return _squared_error
 
 
+def mean_loss_function(name: str, task: str):
+    """The batch's mean loss ``f(output, y) -> ()``, fused (cheaper than per-sample losses and a mean)."""
+    per_sample = loss_function(name, task)
+    if per_sample is _cross_entropy:
+        return F.cross_entropy
+    return lambda output, y: per_sample(output, y).mean()
+
+
 def _cross_entropy(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output, y, reduction="none")  # (N,)
 
