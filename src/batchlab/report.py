@@ -198,7 +198,7 @@ def run_report(run: StoredRun, *, explain: str | None = None) -> Report:
         parts.append(section("Epochs", frame_table(run.epochs)))
     parts.append(section("Configuration", mapping_table(run.config, "TrainConfig"), mapping_table(run.spec, "what it was given")))
     parts.append(section("Provenance", mapping_table(_provenance(run), None)))
-    subtitle = f"{run.spec.get('dataset', '?')} · {facts.label} · {run.kind}"
+    subtitle = f"{_spec_name(run.spec.get('dataset')) or '?'} · {facts.label} · {run.kind}"
     return Report(title, page(title, subtitle, parts), f"run-{run.id}")
 
 
@@ -216,17 +216,23 @@ def _provenance(run: StoredRun) -> dict[str, Any]:
 
 
 def runs_table(runs: Sequence[StoredRun]) -> pd.DataFrame:
-    """One row per run: id, name, batch size, lr, seed, status and the final full-pass metrics."""
+    """One row per run: id, name, dataset, batch size, lr, seed, status and the final full-pass metrics."""
     rows = []
     for run in runs:
         last = run.evals.iloc[-1] if not run.evals.empty else pd.Series(dtype=float)
-        row = {"id": run.id, "name": run.name, "batch_size": run.config.get("batch_size"),
+        row = {"id": run.id, "name": run.name, "dataset": _spec_name(run.spec.get("dataset")),
+               "batch_size": run.config.get("batch_size"),
                "lr": run.config.get("lr"), "seed": run.config.get("seed"), "status": run.status,
                "steps": int(run.steps["step"].max()) if not run.steps.empty else 0}  # fmt: skip
         for column in ("train_loss", "train_acc", "val_loss", "val_acc"):
             row[column] = float(last[column]) if column in last else math.nan
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _spec_name(value: Any) -> Any:
+    """A spec entry's name: specs hold a name, or a mapping with one (``{"name": "mlp", ...}``)."""
+    return value.get("name") if isinstance(value, Mapping) else value
 
 
 def group_report(group: Mapping[str, Any], runs: Sequence[StoredRun]) -> Report:

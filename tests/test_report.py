@@ -1,0 +1,197 @@
+"""HTML reports: self-contained, every figure displayed in a real browser, user text escaped."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import pytest
+import torch
+
+from batchlab.cli import main
+from batchlab.config import TrainConfig
+from batchlab.data import load_dataset
+from batchlab.errors import ConfigError
+from batchlab.loop import fit
+from batchlab.report import build_report, parse_report_id, write_report
+from batchlab.store import RunStore, recorder
+
+EVIL_NAME = "<script>alert(1)</script>"
+EVIL_PATH = 'data/a&b<c>"d.csv'
+EVIL_ARG = "<img src=x onerror=alert(2)>"
+
+
+def train_into(store, *, name, batch_size, lr=0.1, group_id=None, probes=("grad_norm", "dist_from_init")):
+    ds = load_dataset("blobs")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(), torch.nn.Linear(16, ds.n_classes))
+    rec = recorder(store, name=name, spec={"dataset": EVIL_PATH, "model": "mlp"}, group_id=group_id,
+                   provenance={"argv": ["batchlab", "fit", EVIL_ARG]})  # fmt: skip
+    fit(model, ds, TrainConfig(batch_size=batch_size, epochs=3, lr=lr), probes=list(probes), callbacks=[rec],
+        progress=False)  # fmt: skip
+    return rec.run_id
+
+
+@pytest.fixture(scope="module")
+def store_file(tmp_path_factory):
+    """A store with one run, a group of two replicas and a study of two batch sizes."""
+    torch.set_num_threads(1)
+    path = tmp_path_factory.mktemp("reports") / "lab.db"
+    with RunStore(path) as store:
+        train_into(store, name=EVIL_NAME, batch_size=50)
+        group = store.create_group("replica", EVIL_NAME, {"note": EVIL_ARG})
+        for seed_name in ("a", "b"):
+            train_into(store, name=seed_name, batch_size=25, group_id=group)
+        store.finish_group(group)
+        study = store.create_group("study", "bs study", {"target": "val_acc>=0.5", "dataset": EVIL_PATH})
+        for batch_size in (25, 100):
+            train_into(store, name=f"B={batch_size}", batch_size=batch_size, group_id=study)
+        table = [
+            {"batch_size": 25, "best_lr": 0.1, "steps_to_target": 40.0, "steps_lo": 30.0, "steps_hi": 50.0,
+             "samples_to_target": 1000.0, "seconds_to_target": 0.1, "gen_gap": 0.01},
+            {"batch_size": 100, "best_lr": 0.1, "steps_to_target": 12.0, "steps_lo": 10.0, "steps_hi": 15.0,
+             "samples_to_target": 1200.0, "seconds_to_target": 0.05, "gen_gap": 0.02},
+        ]  # fmt: skip
+        store.finish_group(study, summary={"table": table, "fit": {"s_min": 8.0, "b_crit": 30.0},
+                                           "recommendation": f"Use B=100 {EVIL_ARG} & lr 0.1."})  # fmt: skip
+    return path
+
+
+IDS = ["1", "group:1", "study:2"]  # groups are numbered apart from runs
+
+
+@pytest.fixture(scope="module")
+def reports(store_file):
+    with RunStore(store_file) as store:
+        return {ident: build_report(store, ident) for ident in IDS}
+
+
+def test_report_kinds_and_contents(reports):
+    run, group, study = (reports[i] for i in IDS)
+    assert run.stem == "run-1" and group.stem == "group-1" and study.stem == "study-2"
+    assert "Study 2" in study.title and "Recommendation" in study.html and "S_min" in study.html
+    for report, n_figures in ((run, 4), (group, 4), (study, 7)):
+        # run: acc, loss, views overlay, probes; group: 3 comparisons + dist_from_init;
+        # study: 5 study figures + 2 comparisons of the best runs
+        assert report.html.count("<img ") == n_figures, report.stem
+
+
+class TagCollector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_report_is_self_contained_and_script_free(reports):
+    for report in reports.values():
+        parser = TagCollector()
+        parser.feed(report.html)
+        names = {tag for tag, _ in parser.tags}
+        assert not names & {"script", "link", "iframe", "object", "embed"}, names
+        references = [value for _, attrs in parser.tags for key, value in attrs.items() if key in ("src", "href")]
+        assert references and all(value.startswith("data:image/png;base64,") for value in references)
+        assert not any(key.startswith("on") for _, attrs in parser.tags for key in attrs)
+
+
+def test_user_text_is_escaped(reports):
+    for report in reports.values():
+        assert "<script>alert" not in report.html
+        assert "<img src=x" not in report.html
+        assert 'a&b<c>"d.csv' not in report.html
+        assert html.escape(EVIL_PATH) in report.html  # shown, escaped
+    assert html.escape(EVIL_NAME) in reports["1"].html
+    assert html.escape(EVIL_NAME) in reports["group:1"].html
+    assert html.escape(EVIL_ARG) in reports["study:2"].html
+
+
+def test_report_ids():
+    assert parse_report_id("7") == ("run", 7)
+    assert parse_report_id("group:3") == ("group", 3) == parse_report_id("study:3")
+    for bad in ("x:1", "group:", "run:-1", ""):
+        with pytest.raises(ConfigError, match="report id"):
+            parse_report_id(bad)
+
+
+def test_report_command_writes_beside_the_store(store_file, capsys):
+    main(["report", "1", "--store", str(store_file), "--json"])
+    path = json.loads(capsys.readouterr().out)["report"]
+    assert path == str(store_file.with_name("lab-run-1.html"))
+    assert "Run 1" in open(path, encoding="utf-8").read()
+    out = store_file.with_name("chosen.html")
+    main(["report", "1", "--store", str(store_file), "--out", str(out)])
+    assert out.exists() and str(out) in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "9", "--store", str(store_file)])
+    assert exit_info.value.code == 2 and "no run 9" in capsys.readouterr().err
+
+
+# -- in a real browser -------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+# Test-only: injected into a copy of the report. Records every error event (script errors and
+# resources that fail to load) and, once the page has loaded, each image's decoded and displayed size.
+CHECK_SCRIPT = """<script>
+var batchlabErrors = [];
+window.addEventListener('error', function (e) {
+  batchlabErrors.push(String(e.message || (e.target && e.target.tagName) || 'error'));
+}, true);
+window.addEventListener('load', function () {
+  var images = Array.prototype.map.call(document.images, function (img) {
+    var box = img.getBoundingClientRect();
+    return [img.naturalWidth, img.naturalHeight, box.width, box.height];
+  });
+  var out = document.createElement('pre');
+  out.id = 'batchlab-check';
+  out.textContent = JSON.stringify({images: images, errors: batchlabErrors});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def render_in_chromium(page: str, tmp_path) -> dict:
+    copy = tmp_path / "checked.html"
+    copy.write_text(page.replace("<head>", "<head>" + CHECK_SCRIPT, 1), encoding="utf-8")
+    command = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--window-size=1200,900",
+        "--dump-dom", copy.as_uri(),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    found = re.search(r'<pre id="batchlab-check">(.*?)</pre>', done.stdout, re.S)
+    assert found, f"chromium gave no check result (exit {done.returncode}): {done.stderr[-2000:]}"
+    return json.loads(html.unescape(found.group(1)))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+@pytest.mark.parametrize("ident", IDS)
+def test_report_renders_in_headless_chromium(reports, ident, tmp_path):
+    page = reports[ident].html
+    result = render_in_chromium(page, tmp_path)
+    assert result["errors"] == []
+    assert len(result["images"]) == page.count("<img ") > 0
+    for natural_w, natural_h, shown_w, shown_h in result["images"]:
+        assert natural_w > 0 and natural_h > 0, "an image did not decode"
+        assert shown_w > 0 and shown_h > 0, "an image is not displayed"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_chromium_check_sees_a_broken_image(reports, tmp_path):
+    """The browser check can fail: a corrupt image is reported with zero natural size and an error."""
+    page = reports["1"].html.replace("data:image/png;base64,", "data:image/png;base64,AAAA", 1)
+    result = render_in_chromium(page, tmp_path)
+    assert result["images"][0][:2] == [0, 0]
+    assert result["errors"] == ["IMG"]
+
+
+def test_write_report_needs_an_existing_folder(reports, tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        write_report(reports["1"], tmp_path / "missing" / "r.html")
