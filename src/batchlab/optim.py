@@ -88,3 +88,145 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig, l
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+# --- functional updates of stacked replicas ------------------------------------------------------
+#
+# `batchlab.ensemble` keeps R replicas' weights stacked along dimension 0 and updates them with
+# these pure-tensor versions of torch.optim's single-tensor updates (what torch.optim runs on the
+# CPU), in the same order of operations. A hyperparameter that every replica shares is used as a
+# Python scalar, so the kernels are the very ones torch.optim calls (fused multiply-add included);
+# one that differs is an (R, 1, ..., 1) tensor, which changes only the rounding of a few products.
+
+import numpy as np  # noqa: E402  (kept with the block that needs it)
+
+RMSPROP_ALPHA, RMSPROP_EPS, ADAM_EPS = 0.99, 1e-8, 1e-8  # torch.optim's defaults, as build_optimizer uses them
+
+
+def init_stacked_state(kind: str, params: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """Zeroed optimizer state for stacked parameters (each (R, *shape)).
+
+    Returns:
+        ``sgd``: ``momentum_buffer``; ``adam``/``adamw``: ``exp_avg``, ``exp_avg_sq``;
+        ``rmsprop``: ``square_avg``, ``momentum_buffer``.
+    """
+    names = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"), "adamw": ("exp_avg", "exp_avg_sq"),
+             "rmsprop": ("square_avg", "momentum_buffer")}[kind]
+    return {name: [torch.zeros_like(p, memory_format=torch.contiguous_format).detach() for p in params] for name in names}
+
+
+class _PerReplica:
+    """Per-replica values (R,) as a scalar when all equal, else as (R, 1, ..., 1) tensors per rank."""
+
+    def __init__(self, values: np.ndarray, like: torch.Tensor):
+        self.values = np.asarray(values, dtype=np.float64)
+        first = float(self.values[0])
+        self.scalar = first if bool((self.values == first).all()) else None
+        self.like = like
+        self._by_rank: dict[int, torch.Tensor] = {}
+
+    def at(self, rank: int) -> float | torch.Tensor:
+        if self.scalar is not None:
+            return self.scalar
+        if rank not in self._by_rank:
+            tensor = torch.as_tensor(self.values, dtype=self.like.dtype, device=self.like.device)
+            self._by_rank[rank] = tensor.reshape(-1, *([1] * (rank - 1)))  # (R, 1, ..., 1)
+        return self._by_rank[rank]
+
+    def nonzero(self) -> bool:
+        return bool((self.values != 0).any())
+
+
+def _add_scaled(target: torch.Tensor, tensor: torch.Tensor, scale: float | torch.Tensor, inplace: bool) -> torch.Tensor:
+    """target + scale·tensor: torch's ``add(alpha=)`` for a shared scale, ``addcmul`` for per-replica ones."""
+    if isinstance(scale, float):
+        return target.add_(tensor, alpha=scale) if inplace else target.add(tensor, alpha=scale)
+    return target.addcmul_(tensor, scale) if inplace else target.addcmul(tensor, scale)
+
+
+def stacked_update(
+    kind: str,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    state: dict[str, list[torch.Tensor]],
+    *,
+    step: int,
+    lr: np.ndarray,
+    hyper: dict[str, np.ndarray],
+    nesterov: bool = False,
+) -> None:
+    """One in-place update of every replica's stacked parameters, as torch.optim's ``step`` would.
+
+    Args:
+        kind: ``sgd``, ``adam``, ``adamw`` or ``rmsprop``.
+        params: stacked parameters (R, *shape), updated in place (call under ``torch.no_grad``).
+        grads: their gradients, each replica's row the gradient of its own mean batch loss.
+        state: from `init_stacked_state`, updated in place.
+        step: 1 for the first update (SGD's momentum buffer starts as the first gradient; Adam's
+            bias corrections 1 − β^step, Kingma & Ba 2015, Alg. 1).
+        lr: (R,) the learning rate of each replica at this step (float64, from `lr_at`).
+        hyper: (R,) float64 arrays ``momentum``, ``weight_decay``, ``beta1``, ``beta2``.
+        nesterov: SGD with Nesterov momentum (Sutskever et al. 2013), shared by all replicas.
+    """
+    like = params[0]
+    neg_lr = _PerReplica(-np.asarray(lr, dtype=np.float64), like)
+    weight_decay = _PerReplica(hyper["weight_decay"], like)
+    decay = weight_decay.nonzero()
+    if kind == "sgd":
+        momentum = _PerReplica(hyper["momentum"], like)
+        for p, g, buf in zip(params, grads, state["momentum_buffer"]):
+            d_p = _add_scaled(g, p, weight_decay.at(p.ndim), inplace=False) if decay else g  # g + wd·p
+            if momentum.nonzero():
+                if step == 1:
+                    buf.copy_(d_p)  # torch.optim.SGD: the buffer starts as the first d_p
+                else:
+                    buf.mul_(momentum.at(p.ndim)).add_(d_p)  # buf = momentum·buf + d_p
+                d_p = _add_scaled(d_p, buf, momentum.at(p.ndim), inplace=False) if nesterov else buf
+            _add_scaled(p, d_p, neg_lr.at(p.ndim), inplace=True)  # p -= lr·d_p
+    elif kind in ("adam", "adamw"):
+        beta1, beta2 = hyper["beta1"], hyper["beta2"]
+        bias1 = np.array([1 - float(b) ** step for b in beta1])  # python pow, as torch.optim.Adam
+        bias2_sqrt = np.array([(1 - float(b) ** step) ** 0.5 for b in beta2])
+        neg_step_size = _PerReplica(-np.asarray(lr, dtype=np.float64) / bias1, like)
+        bias2_sqrt = _PerReplica(bias2_sqrt, like)
+        one_minus_beta1 = _PerReplica(1 - beta1, like)
+        beta2_, one_minus_beta2 = _PerReplica(beta2, like), _PerReplica(1 - beta2, like)
+        shrink = _PerReplica(1 - np.asarray(lr, dtype=np.float64) * hyper["weight_decay"], like)
+        for p, g, exp_avg, exp_avg_sq in zip(params, grads, state["exp_avg"], state["exp_avg_sq"]):
+            rank = p.ndim
+            if decay and kind == "adamw":
+                p.mul_(shrink.at(rank))  # decoupled weight decay (Loshchilov & Hutter 2019)
+            elif decay:
+                g = _add_scaled(g, p, weight_decay.at(rank), inplace=False)
+            exp_avg.lerp_(g, one_minus_beta1.at(rank))  # m = β1·m + (1−β1)·g
+            c = one_minus_beta2.at(rank)
+            exp_avg_sq.mul_(beta2_.at(rank))
+            if isinstance(c, float):
+                exp_avg_sq.addcmul_(g, g, value=c)  # v = β2·v + (1−β2)·g²
+            else:
+                exp_avg_sq.addcmul_(c * g, g)
+            denom = (exp_avg_sq.sqrt() / bias2_sqrt.at(rank)).add_(ADAM_EPS)
+            s = neg_step_size.at(rank)
+            if isinstance(s, float):
+                p.addcdiv_(exp_avg, denom, value=s)
+            else:
+                p.addcdiv_(s * exp_avg, denom)
+    elif kind == "rmsprop":
+        momentum = _PerReplica(hyper["momentum"], like)
+        for p, g, square_avg, buf in zip(params, grads, state["square_avg"], state["momentum_buffer"]):
+            rank = p.ndim
+            if decay:
+                g = _add_scaled(g, p, weight_decay.at(rank), inplace=False)
+            square_avg.mul_(RMSPROP_ALPHA).addcmul_(g, g, value=1 - RMSPROP_ALPHA)
+            avg = square_avg.sqrt().add_(RMSPROP_EPS)
+            if momentum.nonzero():
+                buf.mul_(momentum.at(rank)).addcdiv_(g, avg)
+                _add_scaled(p, buf, neg_lr.at(rank), inplace=True)
+            else:
+                s = neg_lr.at(rank)
+                if isinstance(s, float):
+                    p.addcdiv_(g, avg, value=s)
+                else:
+                    p.addcdiv_(s * g, avg)
+    else:
+        raise AssertionError(f"unvalidated optimizer {kind!r}")
