@@ -131,7 +131,21 @@ class RestoreWeights:
     reason: str = ""
 
 
-Request = Union[Stop, Save, RestoreWeights, None]
+@dataclass(frozen=True)
+class AddMetrics:
+    """Ask the loop to add these metrics to the evaluation's row (only from ``on_evaluation``).
+
+    The loop merges ``values`` into the evaluation row (and so into the stored evals table, the
+    step table and the epoch row) before the row is delivered in an `EpochEnd`. This is how a
+    callback measures something at the evaluation's weights and keeps it with the run, e.g.
+    ``explain``'s train-mode full pass (``train_mode_loss``, ``train_mode_acc``). A name the row
+    already has is ignored: a callback cannot overwrite what the loop measured.
+    """
+
+    values: Mapping[str, float]
+
+
+Request = Union[Stop, Save, RestoreWeights, AddMetrics, None]
 
 
 class Callback:
