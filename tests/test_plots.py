@@ -221,3 +221,24 @@ def test_figures_from_a_real_fit():
     np.testing.assert_array_equal(fig.axes[0].get_lines()[1].get_xdata(), [0, 1, 2, 3])
     assert len(plots.probe_traces(run).axes) == 3  # grad_norm, dist_from_init, lr
     assert len(plots.compare_runs([run], "dist_from_init", "samples_seen").axes[0].get_lines()) == 1
+
+
+def test_gradnorm_figure_series_per_point_and_theory_line():
+    sizes = np.array([1, 4, 16, 64])
+    table = pd.concat([
+        pd.DataFrame({"point": point, "batch_size": sizes, "sq_norm_mean": g + t / sizes,
+                      "sq_norm_lo": 0.9 * (g + t / sizes), "sq_norm_hi": 1.1 * (g + t / sizes),
+                      "grad_norm_mean": np.sqrt(g + t / sizes)})
+        for point, g, t in (("epoch 2", 1.0, 8.0), ("epoch 30", 0.1, 2.0))
+    ])  # fmt: skip
+    fig = plots.gradnorm_figure(table, theory={"epoch 2": (1.0, 8.0)})
+    sq, norm = fig.axes
+    assert len(sq.containers) == 2 and len(norm.containers) == 2
+    np.testing.assert_allclose(sq.containers[1].lines[0].get_ydata(), 0.1 + 2.0 / sizes)
+    np.testing.assert_allclose(norm.containers[0].lines[0].get_ydata(), np.sqrt(1 + 8.0 / sizes))
+    theory = next(l for l in sq.get_lines() if "tr(Σ)" in l.get_label())
+    np.testing.assert_allclose(theory.get_ydata(), 1.0 + 8.0 / theory.get_xdata())
+    assert theory.get_color() == sq.containers[0].lines[0].get_color()
+    assert labelled(sq) and labelled(norm)
+    with pytest.raises(DataError, match="sq_norm_mean"):
+        plots.gradnorm_figure(table.drop(columns=["sq_norm_mean"]))

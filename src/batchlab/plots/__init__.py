@@ -153,6 +153,7 @@ def save_figure(fig: Figure, path_without_suffix: str | Path, formats: Sequence[
     return written
 
 
+from .gradnorm import gradnorm_figure  # noqa: E402
 from .curves import compare_runs, learning_curves, probe_traces, views_overlay  # noqa: E402
 from .study import (  # noqa: E402
     best_lr_figure,
@@ -171,6 +172,7 @@ __all__ = [
     "best_lr_figure",
     "compare_runs",
     "generalization_gap_figure",
+    "gradnorm_figure",
     "learning_curves",
     "metric_label",
     "new_figure",
