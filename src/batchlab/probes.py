@@ -8,12 +8,20 @@ table. Each probe measures at one point of the step:
 - ``"forward"``: the batch's per-sample losses with their graph alive, before the backward pass;
 - ``"backward"``: the gradients of the batch's mean loss are in ``p.grad``, weights not yet updated;
 - ``"update"``: the optimizer has stepped; weights are θ_t.
+
+A probe that needs two points of the same step (``noise_scale`` needs the live graph *and* the
+full-batch gradient) declares ``points`` (in step order) instead of ``point``; its ``measure`` is
+then called at each of them with the keyword ``point=``. Values stay tensors until `ProbeSet.collect`
+turns them into floats, so a probe never forces a device synchronisation by itself.
+
+The loop calls the probes only every ``config.probe_every`` steps; stateful estimates (the noise
+scale's moving averages) advance once per measured step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal, Protocol
 
 import torch
@@ -21,6 +29,7 @@ import torch
 from .errors import ConfigError
 
 Point = Literal["forward", "backward", "update"]
+POINTS: tuple[Point, ...] = ("forward", "backward", "update")
 
 
 @dataclass(frozen=True)
@@ -43,14 +52,39 @@ class Probe(Protocol):
     def measure(self, state: Any, ctx: ProbeContext, losses: torch.Tensor | None) -> tuple[Any, dict[str, Any]]: ...
 
 
-def global_norm(tensors) -> torch.Tensor:
+# --- norms over lists of tensors ------------------------------------------------------------------
+
+
+def squared_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_t ‖t‖₂² over all elements of all tensors, as a 0-d float64 tensor (not synchronised).
+
+    The per-tensor norms come from one fused ``torch._foreach_norm`` call; accumulating their
+    squares in float64 keeps differences of nearly equal squared norms (the noise-scale
+    estimators subtract them) meaningful.
+    """
+    norms = torch._foreach_norm(list(tensors))
+    return torch.stack(norms).double().square().sum()
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """‖(t_1, ..., t_n)‖₂ over all elements of all tensors (a 0-d tensor, not synchronised)."""
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors))))
+
+
+def _grads(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+# --- grad_norm, dist_from_init, update_norm ---------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class GradNorm:
-    """``grad_norm``: ‖g_B‖₂, the L2 norm of the gradient of the batch's mean loss over all parameters."""
+    """``grad_norm``: ‖g_B‖₂, the L2 norm of the gradient of the batch's mean loss over all parameters.
+
+    Measured at the ``backward`` point from ``p.grad`` (parameters without a gradient count as 0),
+    before any clipping or weight decay the optimizer applies.
+    """
 
     name: str = "grad_norm"
     point: Point = "backward"
@@ -65,7 +99,11 @@ class GradNorm:
 
 @dataclass(frozen=True)
 class DistFromInit:
-    """``dist_from_init``: ‖θ_t − θ_0‖₂ over all parameters, θ_0 the weights when training began."""
+    """``dist_from_init``: ‖θ_t − θ_0‖₂ over all parameters, θ_0 the weights when training began.
+
+    θ_t are the weights after the step's update (the same weights as the step's ``train_*``
+    evaluation). The state is θ_0, a copy taken by ``init``.
+    """
 
     name: str = "dist_from_init"
     point: Point = "update"
@@ -74,32 +112,271 @@ class DistFromInit:
         return tuple(p.detach().clone() for p in ctx.params)
 
     def measure(self, state, ctx, losses):
-        return state, {"dist_from_init": global_norm([p.detach() - p0 for p, p0 in zip(ctx.params, state)])}
+        differences = torch._foreach_sub([p.detach() for p in ctx.params], list(state))
+        return state, {"dist_from_init": global_norm(differences)}
 
 
 @dataclass(frozen=True)
 class UpdateNorm:
     """``update_norm``: ‖θ_t − θ_{t−1}‖₂, the size of the step just taken.
 
-    Its state is θ_{t−1}, refreshed at every step; the measurement is exact only when the probe
-    measures every step (``probe_every=1``); otherwise it spans the steps since the last one.
+    Exact at every measured step, also with ``probe_every > 1``: the probe copies θ_{t−1} at the
+    ``backward`` point (weights not yet updated) into its buffers and measures the difference at
+    the ``update`` point. For plain SGD without momentum or weight decay it equals lr·``grad_norm``.
     """
 
     name: str = "update_norm"
-    point: Point = "update"
+    points: tuple[Point, ...] = ("backward", "update")
 
     def init(self, ctx: ProbeContext) -> tuple[torch.Tensor, ...]:
         return tuple(p.detach().clone() for p in ctx.params)
 
-    def measure(self, state, ctx, losses):
-        norm = global_norm([p.detach() - q for p, q in zip(ctx.params, state)])
-        return tuple(p.detach().clone() for p in ctx.params), {"update_norm": norm}
+    def measure(self, state, ctx, losses, point: Point = "update"):
+        params = [p.detach() for p in ctx.params]
+        if point == "backward":
+            torch._foreach_copy_(list(state), params)  # the buffers now hold θ_{t−1}
+            return state, {}
+        return state, {"update_norm": global_norm(torch._foreach_sub(params, list(state)))}
+
+
+# --- the gradient noise scale --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NoiseState:
+    """Moving averages of the noise-scale ingredients (McCandlish et al. 2018, App. A.1).
+
+    ``grad_sq_avg``/``trace_cov_avg`` are exponential moving averages started at 0; dividing by
+    ``1 − β^count`` removes their bias towards 0 (as gpt-neox does). ``pending`` carries what the
+    ``forward`` point computed to the ``backward`` point of the same step.
+    """
+
+    grad_sq_avg: torch.Tensor
+    trace_cov_avg: torch.Tensor
+    count: int = 0
+    pending: Any = None
+
+
+def _start_noise_state(ctx: ProbeContext) -> NoiseState:
+    zero = torch.zeros((), dtype=torch.float64, device=ctx.params[0].device if ctx.params else "cpu")
+    return NoiseState(zero, zero.clone())
+
+
+def _n_train(ctx: ProbeContext) -> float:
+    """N of the finite-population correction; infinite (no correction) when the data is unknown."""
+    n = getattr(ctx.dataset, "n_train", None)
+    return float(n) if n else float("inf")
+
+
+def _advance(state: NoiseState, grad_sq: torch.Tensor, trace_cov: torch.Tensor, beta: float, suffix: str) -> tuple[NoiseState, dict[str, Any]]:
+    """Fold one step's raw estimates into the moving averages; the step-table values."""
+    grad_sq_avg = beta * state.grad_sq_avg + (1 - beta) * grad_sq
+    trace_cov_avg = beta * state.trace_cov_avg + (1 - beta) * trace_cov
+    count = state.count + 1
+    correction = 1 - beta**count  # bias correction of an average started at 0
+    smoothed_grad_sq = grad_sq_avg / correction
+    smoothed_trace = trace_cov_avg / correction
+    # A ratio with a non-positive ‖G‖² estimate means nothing (early, noisy steps): NaN, not a sign flip.
+    noise = torch.where(smoothed_grad_sq > 0, smoothed_trace / smoothed_grad_sq, torch.full_like(smoothed_trace, float("nan")))
+    values = {
+        f"grad_sq{suffix}": smoothed_grad_sq,
+        f"trace_cov{suffix}": smoothed_trace,
+        f"noise_scale{suffix}": noise,
+        f"grad_sq{suffix}_raw": grad_sq,
+        f"trace_cov{suffix}_raw": trace_cov,
+    }
+    return NoiseState(grad_sq_avg, trace_cov_avg, count), values
+
+
+def _unmeasured(suffix: str) -> dict[str, torch.Tensor]:
+    """NaN for every noise-scale column, for a batch that cannot give an estimate."""
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    names = ("grad_sq", "trace_cov", "noise_scale", "grad_sq_raw", "trace_cov_raw")
+    return {name.replace("_raw", f"{suffix}_raw") if name.endswith("_raw") else f"{name}{suffix}": nan for name in names}
+
+
+def part_sizes(batch_size: int, parts: int) -> list[int]:
+    """Split B samples into ``parts`` consecutive parts whose sizes differ by at most one."""
+    base, extra = divmod(batch_size, parts)
+    return [base + (1 if k < extra else 0) for k in range(parts)]
+
+
+def two_batch_estimates(
+    small_sq: Sequence[torch.Tensor], small_sizes: Sequence[int], big_sq: torch.Tensor, big_size: int, n_train: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unbiased ‖G‖² and tr(Σ) from squared gradient norms at two batch sizes (McCandlish et al. 2018, A.1).
+
+    With b < B, the paper's estimators are
+
+        tr(Σ) ≈ (‖g_b‖² − ‖g_B‖²) / (1/b − 1/B),   ‖G‖² ≈ (B‖g_B‖² − b‖g_b‖²) / (B − b).
+
+    For batches drawn without replacement from N samples, E‖g_b‖² = ‖G‖² + tr(Σ)(1/b − 1/N)
+    with Σ = (1/(N−1)) Σ_i (g_i − G)(g_i − G)ᵀ, so the first is unbiased for that tr(Σ) and the
+    second has mean ‖G‖² − tr(Σ)/N; we add the tr(Σ) estimate divided by N to remove that bias
+    (it vanishes as N → ∞, the paper's i.i.d. setting). Each small part gives one estimate; the
+    parts' estimates are averaged.
+
+    Args:
+        small_sq: ‖g_b‖² of each part of the batch (gradients of the part's mean loss).
+        small_sizes: each part's size b.
+        big_sq: ‖g_B‖² of the whole batch's mean loss.
+        big_size: B.
+        n_train: N, the training-set size (``inf`` for no finite-population correction).
+
+    Returns:
+        ``(grad_sq, trace_cov)`` as 0-d tensors.
+    """
+    traces, grad_sqs = [], []
+    for sq, b in zip(small_sq, small_sizes):
+        traces.append((sq - big_sq) / (1.0 / b - 1.0 / big_size))
+        grad_sqs.append((big_size * big_sq - b * sq) / (big_size - b))
+    trace_cov = torch.stack(traces).mean()
+    grad_sq = torch.stack(grad_sqs).mean() + trace_cov / n_train
+    return grad_sq, trace_cov
+
+
+@dataclass(frozen=True)
+class NoiseScale:
+    """``noise_scale``: B_simple = tr(Σ)/‖G‖², the simple gradient noise scale (McCandlish et al. 2018).
+
+    "An Empirical Model of Large-Batch Training" (arXiv 1812.06162), §2.2 and App. A.1. G is the
+    gradient of the mean loss over the N training samples and Σ the covariance of the per-sample
+    gradients, normalised by 1/(N−1) (see `two_batch_estimates` for why that normalisation makes
+    the estimators exact for batches drawn without replacement).
+
+    The estimate uses two batch sizes from one step with no extra forward pass: at the
+    ``forward`` point the batch's per-sample losses still hold their graph, and the gradients of
+    the first ``parts − 1`` parts' mean losses come from ``torch.autograd.grad(...,
+    retain_graph=True)``; at the ``backward`` point the loop's full-batch gradient g_B is in
+    ``p.grad`` and the last part's gradient follows from it, since g_B = Σ_k (b_k/B) g_k. Each raw
+    estimate is folded into an exponential moving average (β, with bias correction, as gpt-neox
+    does) and the ratio is taken of the averages.
+
+    Step-table columns: ``grad_sq``, ``trace_cov``, ``noise_scale`` (smoothed) and
+    ``grad_sq_raw``, ``trace_cov_raw`` (this step's unbiased estimates). Batches of one sample
+    give NaN. The estimate is unbiased when each part of a batch is a uniformly random subset of
+    the training set (``shuffle=True``). Cost: ``parts − 1`` extra backward passes per measured step.
+
+    Args:
+        beta: the moving averages' decay.
+        parts: how many parts the batch is split into (≥ 2); the small batch size is B/parts.
+    """
+
+    name: str = "noise_scale"
+    points: tuple[Point, ...] = ("forward", "backward")
+    beta: float = 0.99
+    parts: int = 2
+
+    def __post_init__(self) -> None:
+        if self.parts < 2:
+            raise ConfigError(f"noise_scale needs parts >= 2 to have two batch sizes, got {self.parts}")
+        if not 0.0 <= self.beta < 1.0:
+            raise ConfigError(f"noise_scale beta must be in [0, 1), got {self.beta}")
+
+    def init(self, ctx: ProbeContext) -> NoiseState:
+        return _start_noise_state(ctx)
+
+    def measure(self, state: NoiseState, ctx: ProbeContext, losses, point: Point = "backward"):
+        if point == "forward":
+            return replace(state, pending=self._part_gradients(ctx, losses)), {}
+        pending, state = state.pending, replace(state, pending=None)
+        if pending is None:  # a batch too small to split
+            return state, _unmeasured("")
+        sizes, small_sq, weighted_sum = pending
+        batch = sum(sizes)
+        full = _grads(ctx.params)  # g_B, the gradient of the batch's mean loss
+        big_sq = squared_norm(full)
+        # The last part's gradient: g_K = (B g_B − Σ_{k<K} b_k g_k) / b_K.
+        last = torch._foreach_mul(full, float(batch))
+        torch._foreach_sub_(last, weighted_sum)
+        small_sq = [*small_sq, squared_norm(last) / float(sizes[-1]) ** 2]
+        grad_sq, trace_cov = two_batch_estimates(small_sq, sizes, big_sq, batch, _n_train(ctx))
+        return _advance(state, grad_sq, trace_cov, self.beta, "")
+
+    def _part_gradients(self, ctx: ProbeContext, losses: torch.Tensor):
+        """‖g_k‖² of the first parts and Σ_k b_k g_k, from the live graph (retained for the loop)."""
+        batch = losses.numel()
+        if batch < self.parts:
+            return None
+        sizes = part_sizes(batch, self.parts)
+        small_sq, weighted_sum, start = [], None, 0
+        for size in sizes[:-1]:
+            # Gradient of the part's summed loss: b_k g_k. Its norm gives ‖g_k‖² after dividing by b_k².
+            part_sum = torch.autograd.grad(losses[start:start + size].sum(), ctx.params, retain_graph=True, allow_unused=True)
+            part_sum = [g.detach() if g is not None else torch.zeros_like(p) for g, p in zip(part_sum, ctx.params)]
+            small_sq.append(squared_norm(part_sum) / float(size) ** 2)
+            weighted_sum = part_sum if weighted_sum is None else torch._foreach_add(weighted_sum, part_sum)
+            start += size
+        return sizes, small_sq, weighted_sum
+
+
+def per_sample_gradients_from_losses(losses: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
+    """The (B, P) matrix of per-sample gradients ∇θ loss_i, from per-sample losses with a live graph.
+
+    One vectorised backward (``is_grads_batched``, i.e. ``torch.func.vmap`` over the rows of the
+    identity) through the graph the loop built, so samples keep their dropout masks; the graph is
+    retained for the loop's own backward pass. Falls back to a loop over samples when an operation
+    has no batching rule.
+    """
+    batch = losses.numel()
+    eye = torch.eye(batch, dtype=losses.dtype, device=losses.device)  # (B, B): row i selects loss_i
+    try:
+        rows = torch.autograd.grad(losses, params, grad_outputs=eye, retain_graph=True,
+                                   is_grads_batched=True, allow_unused=True)
+    except RuntimeError:
+        rows = [torch.stack(g) for g in zip(*(
+            torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True) for i in range(batch)))]
+    rows = [r if r is not None else torch.zeros(batch, *p.shape, device=p.device) for r, p in zip(rows, params)]
+    return torch.cat([r.detach().reshape(batch, -1) for r in rows], dim=1)  # (B, P)
+
+
+def per_sample_estimates(per_sample: torch.Tensor, n_train: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unbiased ‖G‖² and tr(Σ) from a batch's per-sample gradients (B, P), drawn without replacement.
+
+    tr(Σ) ≈ Σ_i ‖g_i − ḡ‖²/(B−1) (the sample variance, unbiased for Σ normalised by 1/(N−1)
+    under sampling without replacement), and ‖G‖² ≈ ‖ḡ‖² − tr(Σ)(1/B − 1/N), since
+    E‖ḡ‖² = ‖G‖² + tr(Σ)(1/B − 1/N).
+    """
+    per_sample = per_sample.double()
+    batch = per_sample.shape[0]
+    mean = per_sample.mean(dim=0)  # (P,)
+    trace_cov = (per_sample - mean).square().sum() / (batch - 1)
+    grad_sq = mean.square().sum() - trace_cov * (1.0 / batch - 1.0 / n_train)
+    return grad_sq, trace_cov
+
+
+@dataclass(frozen=True)
+class NoiseScaleExact:
+    """``noise_scale_exact``: B_simple = tr(Σ)/‖G‖² from the batch's per-sample gradients.
+
+    The same quantity as `NoiseScale` (McCandlish et al. 2018), estimated from every sample's
+    gradient in the batch (`per_sample_estimates`) instead of two batch sizes: lower variance,
+    at the cost of a (B, P) matrix and a vectorised backward per measured step, so meant for
+    small models. Smoothed the same way (β, bias-corrected); columns ``grad_sq_exact``,
+    ``trace_cov_exact``, ``noise_scale_exact`` and their ``*_raw`` per-step values.
+    """
+
+    name: str = "noise_scale_exact"
+    point: Point = "forward"
+    beta: float = 0.99
+
+    def init(self, ctx: ProbeContext) -> NoiseState:
+        return _start_noise_state(ctx)
+
+    def measure(self, state: NoiseState, ctx: ProbeContext, losses):
+        if losses.numel() < 2:  # one sample has no spread
+            return state, _unmeasured("_exact")
+        per_sample = per_sample_gradients_from_losses(losses, ctx.params)  # (B, P)
+        grad_sq, trace_cov = per_sample_estimates(per_sample, _n_train(ctx))
+        return _advance(state, grad_sq, trace_cov, self.beta, "_exact")
 
 
 PROBES: dict[str, Callable[[], Probe]] = {
     "grad_norm": GradNorm,
     "dist_from_init": DistFromInit,
     "update_norm": UpdateNorm,
+    "noise_scale": NoiseScale,
+    "noise_scale_exact": NoiseScaleExact,
 }
 
 
@@ -112,16 +389,37 @@ def make_probe(spec: str | Probe) -> Probe:
     return PROBES[spec]()
 
 
+def probe_points(probe: Probe) -> tuple[tuple[Point, ...], bool]:
+    """Where a probe measures, and whether it takes the ``point=`` keyword (it declares ``points``)."""
+    points = getattr(probe, "points", None)
+    if points is not None:
+        return tuple(points), True
+    return (probe.point,), False
+
+
 class ProbeSet:
     """The probes of one run, with their states, called by `train_step` at their points."""
 
     def __init__(self, probes: Sequence[Probe], ctx: ProbeContext):
         self.probes = list(probes)
+        names = [p.name for p in self.probes]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"probes {names} name one probe twice; give each probe once")
         self.ctx = ctx
         self.states = [p.init(ctx) for p in self.probes]
         self.pending: dict[str, Any] = {}
-        self.names = tuple(p.name for p in self.probes)
+        self.names = tuple(names)
         self.active = bool(self.probes)
+        # Per point, the probes measuring there: (index, probe, takes point=), precomputed for the hot path.
+        self._at: dict[Point, list[tuple[int, Probe, bool]]] = {point: [] for point in POINTS}
+        for i, probe in enumerate(self.probes):
+            points, keyword = probe_points(probe)
+            for point in points:
+                if point not in self._at:
+                    raise ConfigError(f"probe {probe.name!r} measures at {point!r}; points are {', '.join(POINTS)}")
+                self._at[point].append((i, probe, keyword))
+        # Only probes measuring at "forward" need per-sample losses; otherwise the loop uses the fused mean.
+        self.wants_losses = bool(self._at["forward"])
 
     @classmethod
     def create(cls, specs, model, dataset, config, loss_fn, state=None) -> "ProbeSet":
@@ -130,10 +428,12 @@ class ProbeSet:
         return cls(probes, ctx)
 
     def _measure(self, point: Point, losses: torch.Tensor | None = None) -> None:
-        for i, probe in enumerate(self.probes):
-            if probe.point == point:
+        for i, probe, keyword in self._at[point]:
+            if keyword:
+                self.states[i], values = probe.measure(self.states[i], self.ctx, losses, point=point)
+            else:
                 self.states[i], values = probe.measure(self.states[i], self.ctx, losses)
-                self.pending.update(values)
+            self.pending.update(values)
 
     def after_forward(self, losses: torch.Tensor) -> None:
         self._measure("forward", losses)
