@@ -66,6 +66,9 @@ def gradnorm_figure(table: pd.DataFrame, theory: Mapping[str, tuple[float, float
                         label=f"{point}: ‖G‖² + tr(Σ)/B")  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        sizes = np.unique(table["batch_size"].to_numpy(float))
+        ax.set_xticks(sizes, [f"{b:g}" for b in sizes])  # the measured sizes, written plainly
+        ax.minorticks_off()
         ax.set_xlabel(metric_label("batch_size"))
         ax.set_ylabel(ylabel)
         ax.legend(title="point of training")
