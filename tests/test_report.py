@@ -195,3 +195,20 @@ def test_chromium_check_sees_a_broken_image(reports, tmp_path):
 def test_write_report_needs_an_existing_folder(reports, tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         write_report(reports["1"], tmp_path / "missing" / "r.html")
+
+
+def test_explain_paragraph_and_figure_for_a_densely_evaluated_run(tmp_path, reports):
+    from batchlab.explain import explain_config, explain_run
+
+    ds = load_dataset("blobs")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(), torch.nn.Linear(16, ds.n_classes))
+    with RunStore(tmp_path / "explain.db") as store:
+        rec = recorder(store, name="why", kind="explain")
+        fit(model, ds, explain_config(TrainConfig(batch_size=50, epochs=3, lr=0.1), ds.n_train), callbacks=[rec],
+            progress=False)  # fmt: skip
+        run = store.load_run(rec.run_id)
+        page = build_report(store, str(rec.run_id)).html
+    assert html.escape(explain_run(run).paragraph) in page
+    assert "epoch-boundary jump" in page and page.count("<img ") == 5
+    assert "Why the training" not in reports["1"].html  # evaluated only at epoch ends: nothing to explain

@@ -177,7 +177,16 @@ def run_report(run: StoredRun, *, explain: str | None = None) -> Report:
         (run.summary[k] for k in EXPLAIN_KEYS if isinstance(run.summary.get(k), str)), None
     )
     metric = "acc" if "val_acc" in run.evals or "train_acc" in run.evals else "loss"
-    makers = [
+    explanation = _explanation(run, metric)
+    if explain is None and explanation is not None:
+        explain = explanation.paragraph
+    makers = []
+    if explanation is not None:
+        from .plots.explain import explain_figure
+
+        makers.append(("The epoch-boundary jump: every metric view, dense full passes, epoch boundaries dotted",
+                       lambda: explain_figure(run.steps, run.evals, explanation)))  # fmt: skip
+    makers += [
         (f"Learning curves ({metric}): train vs validation, full passes", lambda: plots.learning_curves(run, metric)),
         ("Learning curves (loss): train vs validation", lambda: plots.learning_curves(run, "loss")),
         ("Metric views: batch, running mean (Keras), full passes; dotted lines are epoch boundaries",
@@ -185,7 +194,7 @@ def run_report(run: StoredRun, *, explain: str | None = None) -> Report:
         ("Probe traces", lambda: plots.probe_traces(run, ("grad_norm", "noise_scale", "dist_from_init", "update_norm", "lr"))),
     ]  # fmt: skip
     if metric == "loss":
-        makers.pop(1)
+        makers = [m for m in makers if not m[0].startswith("Learning curves (loss)")]
     status = f"<p>Status: <b class='status-{escape(run.status)}'>{escape(run.status)}</b>"
     if isinstance(run.message, str) and run.message:
         status += f" — {escape(run.message)}"
@@ -200,6 +209,16 @@ def run_report(run: StoredRun, *, explain: str | None = None) -> Report:
     parts.append(section("Provenance", mapping_table(_provenance(run), None)))
     subtitle = f"{_spec_name(run.spec.get('dataset')) or '?'} · {facts.label} · {run.kind}"
     return Report(title, page(title, subtitle, parts), f"run-{run.id}")
+
+
+def _explanation(run: StoredRun, metric: str):
+    """`batchlab.explain.explain_run` of the run when its tables hold what it needs (dense evaluations)."""
+    from .explain import explain_run
+
+    try:
+        return explain_run(run, metric)
+    except BatchlabError:  # an ordinary run, evaluated only at epoch ends: nothing to explain
+        return None
 
 
 def _headline(run: StoredRun) -> dict[str, Any]:
