@@ -242,3 +242,12 @@ def test_gradnorm_figure_series_per_point_and_theory_line():
     assert labelled(sq) and labelled(norm)
     with pytest.raises(DataError, match="sq_norm_mean"):
         plots.gradnorm_figure(table.drop(columns=["sq_norm_mean"]))
+
+
+def test_gradnorm_figure_draws_theory_columns_of_the_table():
+    sizes = np.array([2.0, 8.0, 32.0])
+    table = pd.DataFrame({"point": "end", "batch_size": sizes, "sq_norm_mean": 1 + 4 / sizes,
+                          "theory_sq_norm": 1.1 + 4 / sizes})  # fmt: skip
+    (ax,) = plots.gradnorm_figure(table).axes
+    theory = next(l for l in ax.get_lines() if l.get_label() == "end: theory")
+    np.testing.assert_allclose(theory.get_ydata(), 1.1 + 4 / sizes)
