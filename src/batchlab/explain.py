@@ -189,7 +189,7 @@ class Boundary:
         train_mode_part: ``true_end - train_mode_end``: the lag due to dropout/batch norm.
         averaging_part: ``train_mode_end - train_mode_epoch_mean``: the lag due to averaging an
             epoch during which the model improved.
-        sampling_part: ``train_mode_epoch_mean - running_end``: the rest, the batches being a finite
+        remainder_part: ``train_mode_epoch_mean - running_end``: the rest, the batches being a finite
             sample; the three parts add up to ``lag`` exactly.
         batch_noise: the spread of one batch value around the trend in the new epoch,
             std(successive differences) / sqrt(2): the noise in ``running_start``.
@@ -211,7 +211,7 @@ class Boundary:
     train_mode_epoch_mean: float
     train_mode_part: float
     averaging_part: float
-    sampling_part: float
+    remainder_part: float
     batch_noise: float
 
 
@@ -367,7 +367,8 @@ def _boundaries(steps: pd.DataFrame, evals: pd.DataFrame, metric: str, steps_per
             true_end=true_end,
             true_start=true_start,
             true_change=true_start - true_end,
-            typical_change=_typical_change(eval_steps, true, steps, (epoch, following)),
+            typical_change=(_typical_change(eval_steps, true, steps, (epoch, following)) if steps_per_epoch > 1
+                            else math.nan),  # batch gradient descent: no step inside an epoch
             lag=true_end - running_end,
             true_epoch_mean=true_mean,
             running_minus_true_mean=running_end - true_mean,
@@ -375,7 +376,7 @@ def _boundaries(steps: pd.DataFrame, evals: pd.DataFrame, metric: str, steps_per
             train_mode_epoch_mean=mode_mean,
             train_mode_part=true_end - mode_end,
             averaging_part=mode_end - mode_mean,
-            sampling_part=mode_mean - running_end,
+            remainder_part=mode_mean - running_end,
             batch_noise=float(np.std(np.diff(new_batches)) / math.sqrt(2)) if len(new_batches) > 2 else math.nan,
         ))  # fmt: skip
     return out
@@ -422,7 +423,7 @@ def explanation_paragraph(result: Explanation) -> str:
     sentences.append(_model_sentence(first, noun, result))
     sentences.append(_lag_sentence(first, noun, result))
     if result.has_train_mode:
-        sentences.append(_parts_sentence(first, noun))
+        sentences.append(_parts_sentence(first, result.steps_per_epoch))
     noise = first.batch_noise
     if math.isfinite(noise) and abs(first.running_jump) < 2 * noise:
         sentences.append(
@@ -450,14 +451,17 @@ def explanation_paragraph(result: Explanation) -> str:
 
 def _model_sentence(b: Boundary, noun: str, result: Explanation) -> str:
     f = _fmt
-    text = (f"The model did not change at the boundary: the true training {noun} (a full pass over the training "
-            f"set in eval mode) went from {f(b.true_end)} to {f(b.true_start)} over that step "
-            f"({f(b.true_change, sign=True)})")  # fmt: skip
+    text = (f"The model changed no more at the boundary than between any two steps: the true training {noun} "
+            f"(a full pass over the training set in eval mode) went from {f(b.true_end)} to {f(b.true_start)} "
+            f"over that step ({f(b.true_change, sign=True)})")  # fmt: skip
     if math.isfinite(b.typical_change):
-        text += f", as it does inside an epoch ({f(b.typical_change, sign=True)} per step, typically)"
-    small = abs(b.true_change) < max(abs(b.running_jump) / 10, 1e-12)
-    if not small:
-        text += "; here the true change is not small next to the jump, so part of it is real learning"
+        text += f", while inside an epoch it changes by {f(b.typical_change, sign=True)} per step (median)"
+    if abs(b.running_jump) > 3 * abs(b.true_change):
+        ratio = abs(b.running_jump) / abs(b.true_change) if b.true_change else math.inf
+        text += (f"; the running mean's jump is {ratio:.0f} times that" if math.isfinite(ratio)
+                 else "; the running mean's jump is all of the difference")  # fmt: skip
+    else:
+        text += "; here the running mean's jump is itself no larger than the model's change over one step"
     return text + "."
 
 
@@ -477,20 +481,28 @@ def _lag_sentence(b: Boundary, noun: str, result: Explanation) -> str:
     return text
 
 
-def _parts_sentence(b: Boundary, noun: str) -> str:
+def _parts_sentence(b: Boundary, steps_per_epoch: int) -> str:
     f = _fmt
     lag = abs(b.lag) if b.lag != 0 else math.nan
     mode_share, avg_share = abs(b.train_mode_part) / lag, abs(b.averaging_part) / lag
     text = (f"Of that gap of {f(b.lag, sign=True)}, {f(b.train_mode_part, sign=True)} is train mode (the batch "
             f"values are taken with dropout on and batch norm on batch statistics) and "
-            f"{f(b.averaging_part, sign=True)} is averaging over an epoch in which the model improved; the "
-            f"remaining {f(b.sampling_part, sign=True)} is the sampling noise of the epoch's batches.")  # fmt: skip
+            f"{f(b.averaging_part, sign=True)} is averaging over an epoch in which the model improved.")  # fmt: skip
     if mode_share < 0.1:
-        text += " Train mode plays almost no part here (the model has no dropout or batch-norm effect to speak of)."
+        text += " Train mode plays almost no part here: dropout or batch norm, if any, barely moves this metric."
     elif mode_share > avg_share:
-        text += " Train mode is the larger part: even a perfect average would sit below the eval-mode curve."
+        text += (" Train mode is the larger part: batches scored in train mode would sit "
+                 + ("below" if b.lag > 0 else "above") + " the eval-mode curve even without averaging.")  # fmt: skip
     else:
         text += " Averaging is the larger part."
+    noise = b.batch_noise / math.sqrt(steps_per_epoch) if math.isfinite(b.batch_noise) else math.nan
+    if not math.isfinite(noise) or abs(b.remainder_part) <= 2 * noise:
+        text += (f" The remaining {f(b.remainder_part, sign=True)} is within the sampling noise of an epoch's "
+                 f"batches (±{f(noise)}).")  # fmt: skip
+    else:
+        text += (f" The remaining {f(b.remainder_part, sign=True)} is more than the sampling noise of an epoch's "
+                 f"batches (±{f(noise)}): each batch is scored just before the model trains on it, while a full "
+                 f"pass also scores the samples it has just been trained on.")  # fmt: skip
     return text
 
 

@@ -61,7 +61,7 @@ def explain_figure(
         if explanation is not None and metric == explanation.metric:
             _mark_first_boundary(ax, explanation)
     axes[-1].set_xlabel(metric_label("step") + "; dotted: epoch boundaries")
-    axes[0].legend(loc="best", fontsize=8)
+    fig.legend(handles=axes[0].get_legend_handles_labels()[0], loc="outside lower center", ncols=2, fontsize=8)
     if title is None:
         batch = int(steps["batch_size"].iloc[0])
         spe = int(steps.groupby("epoch")["step"].count().max())
