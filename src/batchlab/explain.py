@@ -13,8 +13,8 @@ at the boundary except a new shuffle. This module shows that with numbers from a
   running mean is close to the true curve's mean over the epoch;
 - the lag split into a *train-mode part* (dropout on, batch norm on batch statistics: eval-mode
   full pass minus train-mode full pass), an *averaging part* (train-mode curve at the epoch end
-  minus its mean over the epoch) and the rest, the *sampling part* (the epoch's batches are a
-  finite sample of the train-mode curve).
+  minus its mean over the epoch) and the *remainder* (the epoch's batches are a finite sample of
+  the train-mode curve, each scored just before the model trains on it).
 
 The train-mode full pass is measured by `TrainModePass`, a callback that evaluates the training set
 in train mode at every evaluation point without disturbing the run. Everything else is a pure
@@ -189,8 +189,10 @@ class Boundary:
         train_mode_part: ``true_end - train_mode_end``: the lag due to dropout/batch norm.
         averaging_part: ``train_mode_end - train_mode_epoch_mean``: the lag due to averaging an
             epoch during which the model improved.
-        remainder_part: ``train_mode_epoch_mean - running_end``: the rest, the batches being a finite
-            sample; the three parts add up to ``lag`` exactly.
+        remainder_part: ``train_mode_epoch_mean - running_end``: the rest; the three parts add up to
+            ``lag`` exactly. It holds the sampling noise of the epoch's batches, and a systematic
+            part: each batch is scored just before the model trains on it (on samples last seen
+            about an epoch ago), while a full pass also scores samples trained on moments ago.
         batch_noise: the spread of one batch value around the trend in the new epoch,
             std(successive differences) / sqrt(2): the noise in ``running_start``.
     """
@@ -432,9 +434,13 @@ def explanation_paragraph(result: Explanation) -> str:
             f"behind the true curve is the systematic part."
         )
     elif math.isfinite(noise):
+        jumps = [b.running_jump for b in bounds]
+        spread = (f"; here the jumps range from {f(min(jumps), sign=True)} to {f(max(jumps), sign=True)}"
+                  if len(bounds) > 1 else "")  # fmt: skip
         sentences.append(
             f"The new epoch's first value is a single batch of {result.batch_size} samples, noisy by about "
-            f"±{f(noise)}, so the jump's size varies from one boundary to the next; its direction is the lag's."
+            f"±{f(noise)}, so one jump can be much larger or smaller than another{spread}; on average they "
+            f"follow the lag."
         )
     if len(bounds) > 1:
         jumps = np.array([b.running_jump for b in bounds])
@@ -444,7 +450,7 @@ def explanation_paragraph(result: Explanation) -> str:
             f"Over all {len(bounds)} boundaries the running mean jumped by {f(jumps.mean(), sign=True)} on "
             f"average while the true {noun} changed by {f(changes.mean(), sign=True)}; the lag at the epoch "
             f"ends {_trend(lags)} from {f(lags[0], sign=True)} to {f(lags[-1], sign=True)}"
-            + (" as the model learns more slowly." if abs(lags[-1]) < abs(lags[0]) else ".")
+            + (", as the model learns more slowly." if _trend(lags) == "shrank" else ".")
         )
     return " ".join(sentences)
 
@@ -486,7 +492,7 @@ def _parts_sentence(b: Boundary, steps_per_epoch: int) -> str:
     lag = abs(b.lag) if b.lag != 0 else math.nan
     mode_share, avg_share = abs(b.train_mode_part) / lag, abs(b.averaging_part) / lag
     text = (f"Of that gap of {f(b.lag, sign=True)}, {f(b.train_mode_part, sign=True)} is train mode (the batch "
-            f"values are taken with dropout on and batch norm on batch statistics) and "
+            f"values are taken in train mode: dropout on, batch norm on batch statistics) and "
             f"{f(b.averaging_part, sign=True)} is averaging over an epoch in which the model improved.")  # fmt: skip
     if mode_share < 0.1:
         text += " Train mode plays almost no part here: dropout or batch norm, if any, barely moves this metric."
@@ -528,7 +534,7 @@ def _trend(values: np.ndarray) -> str:
         return "shrank"
     if last > 1.25 * first:
         return "grew"
-    return "stayed about the same,"
+    return "stayed about the same,"  # followed by "from a to b"
 
 
 def _fmt(value: float, sign: bool = False) -> str:

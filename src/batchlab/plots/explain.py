@@ -22,9 +22,11 @@ VIEW_STYLES = {
     "batch": {"color": "0.55", "linewidth": 0.6, "alpha": 0.35, "label": "batch value (train mode, before update)"},
     "running": {"color": "#d95f02", "linewidth": 1.8, "label": "running mean (what Keras shows)"},
     "train": {"color": "#1b4f9c", "linewidth": 1.8, "label": "train, full pass (eval mode): the true metric"},
-    "train_mode": {"color": "#1b4f9c", "linewidth": 1.4, "linestyle": "--", "label": "train, full pass in train mode"},
+    "train_mode": {"color": "#6a8fd0", "linewidth": 1.3, "linestyle": "--", "label": "train, full pass in train mode"},
     "val": {"color": "#1b9e77", "linewidth": 1.4, "label": "validation, full pass"},
 }
+
+_LABEL_BOX = {"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none", "alpha": 0.85}
 
 
 @styled
@@ -94,8 +96,8 @@ def _mark_first_boundary(ax, explanation: Any) -> None:
                 arrowprops={"arrowstyle": "->", "color": VIEW_STYLES["running"]["color"], "linewidth": 1.2})
     ax.annotate(f"jump {b.running_jump:+.3f}\ntrue change {b.true_change:+.3f}", xy=(b.step + 1, b.running_start),
                 xytext=(8, 0), textcoords="offset points", fontsize=8, va="center",
-                color=VIEW_STYLES["running"]["color"])
+                color=VIEW_STYLES["running"]["color"], bbox=_LABEL_BOX)
     ax.annotate("", xy=(b.step, b.true_end), xytext=(b.step, b.running_end),
                 arrowprops={"arrowstyle": "<->", "color": "0.3", "linewidth": 0.9, "shrinkA": 0, "shrinkB": 0})
     ax.annotate(f"lag {b.lag:+.3f}", xy=(b.step, (b.true_end + b.running_end) / 2), xytext=(-6, 0),
-                textcoords="offset points", fontsize=8, ha="right", va="center", color="0.3")
+                textcoords="offset points", fontsize=8, ha="right", va="center", color="0.3", bbox=_LABEL_BOX)
