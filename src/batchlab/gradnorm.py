@@ -382,7 +382,8 @@ def distance_experiment(
             # The end point exactly, whether or not the probe measured the last step.
             distance = math.sqrt(sum(float((p.detach() - p0).double().square().sum()) for p, p0 in zip(model.parameters(), initial)))
             measured = run.steps.dropna(subset=["dist_from_init"])
-            curve = measured[["step", "epoch", "samples_seen", "dist_from_init"]].copy()
+            start = pd.DataFrame([{"step": 0, "epoch": 0, "samples_seen": 0, "dist_from_init": 0.0}])  # θ_0 itself
+            curve = pd.concat([start, measured[["step", "epoch", "samples_seen", "dist_from_init"]]], ignore_index=True)
             if not len(curve) or int(curve["step"].iloc[-1]) != run.clock.step:
                 end = {"step": run.clock.step, "epoch": run.clock.epoch, "samples_seen": run.clock.samples_seen, "dist_from_init": distance}
                 curve = pd.concat([curve, pd.DataFrame([end])], ignore_index=True)

@@ -122,9 +122,9 @@ def loss_conventions_figure(table: pd.DataFrame) -> Figure:
                         color=color, label=f"{point}: measured")  # fmt: skip
         sum_ax.plot(sizes, sizes * theory, color=color, linestyle="--", label=f"{point}: B·√(‖G‖² + tr(Σ)(1/B − 1/N))")
     mean_ax.set_title("mean loss: ‖g_B‖ falls as B grows")
-    mean_ax.set_ylabel("‖∇ (1/B) Σ_{i∈B} ℓ_i‖₂")
-    sum_ax.set_title("summed loss: ‖Σ_{i∈B} ∇ℓ_i‖ grows with B")
-    sum_ax.set_ylabel("‖∇ Σ_{i∈B} ℓ_i‖₂")
+    mean_ax.set_ylabel("‖g_B‖₂, gradient of the mean loss")
+    sum_ax.set_title("summed loss: ‖B·g_B‖ grows with B")
+    sum_ax.set_ylabel("‖B·g_B‖₂, gradient of the summed loss")
     trials = int(table["trials"].iloc[0]) if "trials" in table else None
     for ax in (mean_ax, sum_ax):
         ax.set_xscale("log", base=2)
