@@ -218,3 +218,193 @@ def load_run_spec(path: str | Path) -> RunSpec:
 def to_toml(config: BaseModel) -> str:
     """The config as TOML text (None values are left out, as TOML has no null)."""
     return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
+
+
+# --- the batch-size study ------------------------------------------------------------------------
+
+TARGET_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
+TARGET_OPERATORS = (">=", "<=", ">", "<")
+# Fields of a trial's TrainConfig that the study decides; the `train` table must leave them alone.
+STUDY_OWNED_TRAIN_FIELDS = ("batch_size", "lr", "seed", "epochs", "max_steps", "eval_every", "lr_scaling")
+
+
+class Target(_Frozen):
+    """A condition on a full-pass metric, such as ``val_acc>=0.8``: the study's finish line.
+
+    Steps-to-target is the first evaluated step at which the condition holds (Shallue et al. 2019).
+    """
+
+    metric: str
+    operator: Literal[">=", "<=", ">", "<"]
+    value: float
+
+    def met(self, metrics: dict[str, float]) -> bool:
+        """Whether the condition holds for these metrics (NaN or a missing metric: never)."""
+        value = metrics.get(self.metric)
+        if value is None or not math.isfinite(value):
+            return False
+        return {">=": value >= self.value, "<=": value <= self.value,
+                ">": value > self.value, "<": value < self.value}[self.operator]  # fmt: skip
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.operator}{self.value:g}"
+
+
+def parse_target(text: str) -> Target:
+    """``"val_acc>=0.8"`` -> Target(val_acc, >=, 0.8).
+
+    Raises:
+        ValueError: with one line naming what is wrong (pydantic turns it into a ConfigError line).
+    """
+    spec = str(text).replace(" ", "")
+    hint = ("write METRIC>=VALUE or METRIC<=VALUE, e.g. val_acc>=0.8 or train_loss<=0.05, with METRIC one of "
+            + ", ".join(TARGET_METRICS))
+    for operator in TARGET_OPERATORS:  # two-character operators first
+        metric, found, number = spec.partition(operator)
+        if found:
+            break
+    else:
+        raise ValueError(f"{text!r} has no comparison; {hint}")
+    if metric not in TARGET_METRICS:
+        raise ValueError(f"{text!r}: unknown metric {metric!r}; {hint}")
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"{text!r}: {number!r} is not a number; {hint}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r}: the value must be finite; {hint}")
+    return Target(metric=metric, operator=operator, value=value)
+
+
+class StudyConfig(_Frozen):
+    """A batch-size study: batch sizes × learning rates × seeds, each trained to a target.
+
+    Every trial is one `TrainConfig`: the ``train`` table (optimizer, momentum, schedule, ...) with
+    the study's batch size, learning rate, seed and budget filled in.
+
+    Args:
+        name: a label for the study in the store (not part of its identity).
+        dataset: a built-in name or a file, or a `DatasetSpec` table.
+        model: a model spec, ``NAME[:key=value,...]`` (``mlp:hidden=50,init=keras``).
+        batch_sizes: the batch sizes (whole numbers and ``"full"``); default: powers of two from 1
+            up to the training-set size, and ``full``.
+        lrs: ``"auto"`` (a log-spaced grid around ``lr_rule`` applied to ``reference_lr`` at
+            ``reference_batch_size``, extended when the best lr lies at its edge) or a list of
+            learning rates tried at every batch size.
+        lr_rule: how the auto grid's centre moves with B: ``linear`` (Goyal et al. 2017), ``sqrt``
+            (Hoffer et al. 2017) or ``none``.
+        lr_grid_size: learning rates per batch size in the auto grid.
+        lr_grid_factor: ratio of neighbouring learning rates in the auto grid.
+        lr_extensions: how many times the auto grid of one batch size may be extended.
+        seeds: how many seeds (0, 1, ...) or which seeds.
+        target: the finish line, ``METRIC>=VALUE`` or ``METRIC<=VALUE`` (``val_acc>=0.8``).
+        epochs, max_steps: the budget of every trial (whichever ends first).
+        stop_at_target: end a trial when it reaches the target (its final metrics are then those at
+            the target); ``false`` trains every trial for the whole budget.
+        resolution: steps-to-target is measured to within this fraction of its value.
+        noise_scale: measure the gradient noise scale B_simple (McCandlish et al. 2018) while
+            training, at every batch size.
+        train: the rest of the training config; the study sets its batch size, lr, seed and budget.
+    """
+
+    name: str | None = None
+    dataset: DatasetSpec = DatasetSpec(name="blobs")
+    model: str = "mlp"
+    batch_sizes: tuple[BatchSize, ...] | None = None
+    lrs: Union[Literal["auto"], tuple[float, ...]] = "auto"
+    lr_rule: LrScaling = "sqrt"
+    reference_lr: float = Field(default=0.1, gt=0.0)
+    reference_batch_size: int = Field(default=32, ge=1)
+    lr_grid_size: int = Field(default=5, ge=1, le=50)
+    lr_grid_factor: float = Field(default=2.0, gt=1.0)
+    lr_extensions: int = Field(default=2, ge=0)
+    seeds: Union[int, tuple[int, ...]] = 3
+    target: str = "val_acc>=0.8"
+    epochs: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=1000, ge=1)
+    stop_at_target: bool = True
+    resolution: float = Field(default=0.05, gt=0.0, lt=1.0)
+    noise_scale: bool = True
+    train: TrainConfig = TrainConfig(momentum=0.9)
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _dataset(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, (str, Path)) else value
+
+    @field_validator("batch_sizes", mode="before")
+    @classmethod
+    def _batch_sizes(cls, value: Any) -> Any:
+        if value is None or value == "auto":
+            return None
+        if isinstance(value, (str, int)):
+            value = [value]
+        sizes = []
+        for item in value:
+            sizes.append(TrainConfig._batch_size(item))
+        if not sizes:
+            raise ValueError("give at least one batch size, or leave it out for powers of two up to the data size")
+        return tuple(sizes)
+
+    @field_validator("lrs", mode="before")
+    @classmethod
+    def _lrs(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if isinstance(value, str) and value != "auto":
+            raise ValueError(f"must be 'auto' or a list of learning rates, got {value!r}")
+        if not isinstance(value, str):
+            value = tuple(value)
+            if not value or not all(isinstance(v, (int, float)) and v > 0 and math.isfinite(v) for v in value):
+                raise ValueError("must be 'auto' or a non-empty list of finite learning rates > 0")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"must be a number of seeds >= 1 or a list of seeds, got {value}")
+        if isinstance(value, tuple) and (not value or len(set(value)) != len(value) or min(value) < 0):
+            raise ValueError("a list of seeds must be non-empty, distinct and >= 0")
+        return value
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, value: str) -> str:
+        return str(parse_target(value))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StudyConfig":
+        owned = sorted(set(STUDY_OWNED_TRAIN_FIELDS) & self.train.model_fields_set)
+        if owned:
+            raise ValueError(f"train.{owned[0]} is set by the study (batch_sizes, lrs, seeds, epochs, max_steps); "
+                             "remove it from the train table")
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("give a budget: epochs or max_steps (or both; whichever ends first)")
+        return self
+
+    @property
+    def parsed_target(self) -> Target:
+        return parse_target(self.target)
+
+    @property
+    def seed_list(self) -> tuple[int, ...]:
+        return tuple(range(self.seeds)) if isinstance(self.seeds, int) else tuple(self.seeds)
+
+    def replace(self, **changes: Any) -> "StudyConfig":
+        """A copy with some fields changed, validated again."""
+        return make_study_config({**self.model_dump(exclude_unset=True), **changes})
+
+
+def make_study_config(values: dict[str, Any]) -> StudyConfig:
+    """Build a StudyConfig from plain values (TOML, flags), turning validation errors into one line."""
+    try:
+        return StudyConfig(**values)
+    except ValidationError as error:
+        # A whole-config check has no field to name: say "invalid study config: ..." once.
+        raise ConfigError(_one_line(error, "study config").replace("study config: study config: ", "study config: ")) from None
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+    """Read a study described in TOML (keys of `StudyConfig`; tables ``[dataset]`` and ``[train]``)."""
+    return make_study_config(read_toml(path))

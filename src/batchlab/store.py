@@ -270,6 +270,62 @@ class RunStore:
         """The ids of a group's runs, in the order they began."""
         return [r[0] for r in self._query("SELECT id FROM runs WHERE group_id = ? ORDER BY id", (group_id,))]
 
+    def find_groups(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Every group (of one ``kind`` if given) as `get_group` describes it, oldest first."""
+        sql = "SELECT id FROM groups" + (" WHERE kind = ?" if kind is not None else "") + " ORDER BY id"
+        return [self.get_group(r[0]) for r in self._query(sql, (kind,) if kind is not None else ())]
+
+    def group_run_summaries(self, group_id: int, kind: str | None = None) -> list[dict[str, Any]]:
+        """A group's runs without their tables: id, name, kind, status, config, spec, summary, message.
+
+        Cheap where `load_run` is not: no step, evaluation or epoch row is read.
+        """
+        sql = ("SELECT id, name, kind, status, config, spec, summary, message FROM runs WHERE group_id = ?"
+               + (" AND kind = ?" if kind is not None else "") + " ORDER BY id")
+        params = (group_id, kind) if kind is not None else (group_id,)
+        return [{"id": rid, "name": name, "kind": kind_, "status": status, "config": _loads(config) or {},
+                 "spec": _loads(spec) or {}, "summary": _loads(summary) or {}, "message": message}
+                for rid, name, kind_, status, config, spec, summary, message in self._query(sql, params)]  # fmt: skip
+
+    def record_runs(self, group_id: int | None, runs: Iterable[Mapping[str, Any]]) -> list[int]:
+        """Store several finished runs with all their rows in ONE transaction: all of them or none.
+
+        For work whose unit is a set of runs (a study's group of replicas): a process killed at any
+        moment leaves either the whole set or nothing of it. Each run maps ``name``, ``kind``,
+        ``config``, ``spec``, ``provenance``, ``status`` (an end status), ``summary``, ``message``,
+        ``started_at``, ``ended_at`` and the row lists ``steps``, ``evals``, ``epochs``.
+
+        Returns:
+            The new runs' ids, in order.
+        """
+        prepared = []
+        for run in runs:
+            _check_status(run["status"])
+            tables = {}
+            for table in ROW_KEYS:
+                try:
+                    tables[table] = [_encode_row(row, ROW_KEYS[table]) for row in run.get(table, ())]
+                except _BadRow as error:
+                    raise StoreError(f"cannot store a row of {table}: {error}") from None
+            prepared.append((run, tables))
+        ids = []
+        with self._transaction() as db:
+            for run, tables in prepared:
+                cursor = db.execute(
+                    "INSERT INTO runs (name, kind, group_id, status, config, spec, provenance, summary, message, "
+                    "host, pid, pid_started, started_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (run.get("name"), run["kind"], group_id, run["status"], _dumps(run.get("config", {})),
+                     _dumps(run.get("spec", {})), _dumps(run.get("provenance", {})), _dumps(run.get("summary", {})),
+                     run.get("message"), socket.gethostname(), os.getpid(), _process_started(os.getpid()),
+                     run.get("started_at") or _now(), run.get("ended_at") or _now()),
+                )  # fmt: skip
+                run_id = int(cursor.lastrowid)
+                for table, rows in tables.items():
+                    if rows:
+                        db.executemany(f"INSERT INTO {table} VALUES (?, ?, ?)", [(run_id, *row) for row in rows])
+                ids.append(run_id)
+        return ids
+
     # -- writing runs --------------------------------------------------------------------------
 
     def begin_run(
