@@ -732,9 +732,11 @@ def mark_regimes(summary: pd.DataFrame, fit: ScalingFit) -> pd.DataFrame:
 class Recommendation:
     """A batch size and learning rate to use, the numbers behind them, and the sentence that says so.
 
-    The choice balances steps against samples: the batch size (that reached the target) with the
-    smallest product (S/S_min)·(E/E_min) of its steps and samples relative to the fewest any batch
-    size needed — on McCandlish et al.'s curve this is B_crit, where both are 2× their minimum.
+    The choice balances steps against samples: among the batch sizes that reached the target, the
+    one with the smallest product (S/S_min)·(E/E_min) on the fitted curve, i.e. the one nearest
+    B_crit, where both are 2× their minimum (McCandlish et al. 2018); without a fit, the smallest
+    product of the measured steps and samples relative to the fewest any batch size needed. The
+    ratios quoted are measured ones.
     """
 
     text: str
@@ -765,7 +767,11 @@ def recommend(summary: pd.DataFrame, fit: ScalingFit, target: str) -> Recommenda
         return Recommendation(f"no batch size reached {target} within the budget; raise the budget "
                               "(epochs, max_steps), widen the learning rates or ease the target")
     s_min, e_min = reached["steps_to_target"].min(), reached["samples_to_target"].min()
-    cost = (reached["steps_to_target"] / s_min) * (reached["samples_to_target"] / e_min)
+    if fit.ok:  # the fitted trade-off is smoother than single measurements: pick the B nearest B_crit
+        b = reached["batch_size_value"].astype(float)
+        cost = (1 + fit.b_crit / b) * (1 + b / fit.b_crit)
+    else:
+        cost = (reached["steps_to_target"] / s_min) * (reached["samples_to_target"] / e_min)
     best = reached.loc[cost.idxmin()]
     steps = reached["steps_to_target"].to_numpy(float)
     no_gain = None
@@ -1011,3 +1017,100 @@ def representative_runs(store, study: Study) -> list:
         if wanted[key] is not None:
             out.append(store.load_run(wanted[key]))
     return out
+
+
+# ================================================================================================
+# presets and outputs
+# ================================================================================================
+
+# Brownlee, "How to Control the Stability of Training Neural Networks With the Batch Size" (2020):
+# final (train, test) accuracy after 200 epochs of SGD lr 0.01 momentum 0.9 on blobs; his test
+# set is the last 500 samples, which is blobs' validation split here.
+BROWNLEE_ACCURACY = {"full": (0.816, 0.830), 1: (0.612, 0.606), 32: (0.832, 0.812)}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "blobs-batch-size": {
+        "name": "blobs-batch-size (Brownlee 2020)",
+        "dataset": "blobs", "model": "mlp:hidden=50,init=keras", "batch_sizes": ["full", 1, 32], "lrs": [0.01],
+        "seeds": 3, "target": "val_acc>=0.8", "epochs": 200, "max_steps": None, "stop_at_target": False,
+        "train": {"optimizer": "sgd", "momentum": 0.9},
+    },
+    "mnist1d": {
+        "name": "mnist1d steps-to-target",
+        "dataset": "mnist1d", "model": "mlp", "batch_sizes": [8, 16, 32, 64, 128, 256, 512, 1024, "full"],
+        "lrs": "auto", "reference_lr": 0.05, "reference_batch_size": 32, "lr_grid_size": 4, "seeds": 3,
+        "target": "val_acc>=0.5", "max_steps": 3000, "train": {"optimizer": "sgd", "momentum": 0.9},
+    },
+}  # fmt: skip
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    """A preset's StudyConfig values (flags and a config file may override them)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return json.loads(json.dumps(PRESETS[name]))  # a deep copy
+
+
+def brownlee_comparison(study: Study) -> pd.DataFrame:
+    """Our final train/val accuracy (median over seeds) beside Brownlee's published numbers."""
+    trials = study.trials[study.trials["kind"] == LR_GROUP]
+    rows = []
+    for batch_size, (train, test) in BROWNLEE_ACCURACY.items():
+        ours = trials[trials["batch_size"].astype(str) == str(batch_size)]
+        if ours.empty:
+            continue
+        rows.append({"batch_size": batch_size, "train_acc": float(ours["final_train_acc"].median()),
+                     "val_acc": float(ours["final_val_acc"].median()),
+                     "brownlee_train_acc": train, "brownlee_test_acc": test})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def write_study_outputs(study: Study, folder: str | Path, *, report: bool = True) -> list[Path]:
+    """The study's figures (PNG + SVG), the summary and trials as CSV, and the HTML report if available.
+
+    Figures: steps-, samples- and seconds-to-target, best lr and generalization gap vs batch size
+    (`batchlab.plots.study`), and the learning curves (train and val metric of the target) of
+    every batch size at its best lr.
+    """
+    from . import plots
+    from .store import RunStore
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    study.summary.to_csv(folder / "summary.csv", index=False)
+    study.trials.to_csv(folder / "trials.csv", index=False)
+    written += [folder / "summary.csv", folder / "trials.csv"]
+    fit, n_train, target = study.fit, study.plan.n_train, str(study.plan.target)
+    figures = plots.study_figures(study.summary, s_min=fit.s_min if fit.ok else None,
+                                  b_crit=fit.b_crit if fit.ok else None, n_train=n_train, target=target)
+    for name, figure in figures.items():
+        written += plots.save_figure(figure, folder / name)
+    if study.store is None:
+        return written
+    with RunStore(study.store, create=False) as store:
+        curves = representative_runs(store, study)
+        if curves:
+            metric = study.plan.target.metric.split("_", 1)[1]
+            figure = plots.compare_runs(curves, metric=(f"train_{metric}", f"val_{metric}"), x="samples_seen",
+                                        logx=True, title=f"Learning curves at each batch size's best lr (seed {study.plan.config.seed_list[0]})")
+            written += plots.save_figure(figure, folder / "learning_curves")
+        if report:
+            written += _write_report(store, study, folder)
+    return written
+
+
+def _write_report(store, study: Study, folder: Path) -> list[Path]:
+    try:
+        from .report import study_report
+    except ImportError:
+        return []
+    runs = [store.load_run(run_id) for run_id in store.group_runs(study.group_id)]
+    fit = study.fit
+    page = study_report(store.get_group(study.group_id), runs, study.summary,
+                        s_min=fit.s_min if fit.ok else None, b_crit=fit.b_crit if fit.ok else None,
+                        e_min=fit.e_min if fit.ok else None, recommendation=study.recommendation.text,
+                        target=str(study.plan.target), n_train=study.plan.n_train)
+    path = folder / "report.html"
+    path.write_text(page.html, encoding="utf-8")
+    return [path]
