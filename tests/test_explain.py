@@ -264,7 +264,8 @@ def test_command_prints_the_paragraph_writes_the_figure_and_reads_it_back(tmp_pa
     assert run.kind == "explain" and run.config["eval_every"] == 1
     expected = explain_run(run).to_dict()
     assert stored["paragraph"] == expected["paragraph"]
-    assert stored["boundaries"]["acc"][0]["running_jump"] == pytest.approx(expected["boundaries"]["acc"][0]["running_jump"])
+    first = expected["boundaries"]["acc"][0]
+    assert stored["boundaries"]["acc"][0]["running_jump"] == pytest.approx(first["running_jump"])
 
 
 @pytest.mark.parametrize(("args", "expected"), [

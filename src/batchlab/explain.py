@@ -309,7 +309,8 @@ def _check_tables(steps: pd.DataFrame, evals: pd.DataFrame, metric: str) -> tupl
         missing = sorted(needed - set(steps.columns)) if steps is not None else sorted(needed)
         if metric == "acc" and missing == ["batch_acc", "running_acc"]:
             raise ConfigError("this run has no accuracy (a regression task); use --metric loss")
-        raise DataError(f"the run's step table lacks {', '.join(missing) or 'rows'}; explain needs a run of batchlab's loop")
+        raise DataError(f"the run's step table lacks {', '.join(missing) or 'rows'}; "
+                        "explain needs a run of batchlab's loop")
     if evals is None or evals.empty or f"train_{metric}" not in evals or evals[f"train_{metric}"].isna().all():
         raise DataError("the run has no full-pass training metric; train it with eval_train on (batchlab explain does)")
     evals = evals[evals[f"train_{metric}"].notna()].sort_values("step").drop_duplicates("step", keep="last")
