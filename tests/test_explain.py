@@ -21,6 +21,15 @@ from batchlab.loop import fit
 from batchlab.store import RunStore, recorder
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, above all on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def toy(n=160, n_val=60, seed=0) -> Dataset:
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n + n_val, 6, generator=g)
