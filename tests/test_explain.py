@@ -262,6 +262,8 @@ def test_command_prints_the_paragraph_writes_the_figure_and_reads_it_back(tmp_pa
     assert "At the end of epoch 1 (step 10)" in out and "every 1 steps" in out
     for suffix in ("png", "svg"):
         assert (tmp_path / f"batchlab-explain-1.{suffix}").stat().st_size > 1000
+    report = tmp_path / "runs-run-1.html"  # the HTML report, beside the store by default
+    assert f"report: {report}" in out and "At the end of epoch 1" in report.read_text()
     status, out, err = run_cli([*args[:1], "--run", "1", "--store", str(store), "--json", "--out",
                                 str(tmp_path / "figs")], capsys)
     assert status == 0, err

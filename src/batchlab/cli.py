@@ -496,8 +496,21 @@ def _explain_command(**options: Any) -> None:
         print_rich(_boundary_table(explanation, f"run {run_id}: epoch boundaries ({metric})"), as_json)
     _say(textwrap.fill(explanation.paragraph, width=100), quiet, as_json)
     _say("figure: " + ", ".join(files), quiet, as_json)
+    report = write_default_report(store, run_id)
+    _say(f"report: {report}", quiet, as_json)
     if as_json:
-        print_json({"run_id": run_id, "store": str(store), "figures": files, **explanation.to_dict()})
+        print_json({"run_id": run_id, "store": str(store), "figures": files, "report": str(report),
+                    **explanation.to_dict()})
+
+
+def write_default_report(store: Path, ident: str | int) -> Path:
+    """Write the HTML report of a stored run or group beside the store; return its path."""
+    from .report import build_report, default_report_path, write_report
+    from .store import RunStore
+
+    with RunStore(store, create=False) as run_store:
+        page = build_report(run_store, ident)
+    return write_report(page, default_report_path(store, page))
 
 
 def _explain_stored(options: dict[str, Any], store: Path):
