@@ -112,7 +112,9 @@ def init_stacked_state(kind: str, params: list[torch.Tensor]) -> dict[str, list[
     """
     names = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"), "adamw": ("exp_avg", "exp_avg_sq"),
              "rmsprop": ("square_avg", "momentum_buffer")}[kind]
-    return {name: [torch.zeros_like(p, memory_format=torch.contiguous_format).detach() for p in params] for name in names}
+    # zeros_like keeps each parameter's memory layout: state, weights and gradients then share
+    # strides and every elementwise update runs as one vectorized pass.
+    return {name: [torch.zeros_like(p).detach() for p in params] for name in names}
 
 
 class _PerReplica:
