@@ -114,13 +114,13 @@ def loss_conventions_figure(table: pd.DataFrame) -> Figure:
         color = f"C{i}"
         mean_ax.errorbar(sizes, rows["grad_norm_mean"], yerr=rows["grad_norm_std"], marker="o", capsize=3,
                          color=color, label=f"{point}: measured")  # fmt: skip
-        mean_ax.plot(sizes, theory, color=color, linestyle="--", label=f"{point}: √(‖G‖² + tr(Σ)(1/B − 1/N))")
+        mean_ax.plot(sizes, theory, color=color, linestyle="--", label=f"{point}: theory √E‖g_B‖² = √(‖G‖² + tr(Σ)(1/B − 1/N))")
         if "theory_sq_norm_iid" in rows:
             mean_ax.plot(sizes, np.sqrt(rows["theory_sq_norm_iid"].to_numpy(float)), color=color, linestyle=":",
                          label=f"{point}: √(‖G‖² + tr(Σ)/B), i.i.d.")  # fmt: skip
         sum_ax.errorbar(sizes, rows["sum_norm_mean"], yerr=rows["sum_norm_std"], marker="s", capsize=3,
                         color=color, label=f"{point}: measured")  # fmt: skip
-        sum_ax.plot(sizes, sizes * theory, color=color, linestyle="--", label=f"{point}: B·√(‖G‖² + tr(Σ)(1/B − 1/N))")
+        sum_ax.plot(sizes, sizes * theory, color=color, linestyle="--", label=f"{point}: theory B·√E‖g_B‖²")
     mean_ax.set_title("mean loss: ‖g_B‖ falls as B grows")
     mean_ax.set_ylabel("‖g_B‖₂, gradient of the mean loss")
     sum_ax.set_title("summed loss: ‖B·g_B‖ grows with B")
