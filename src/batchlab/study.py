@@ -296,13 +296,15 @@ class GroupEvaluator:
 
     The replicas of a vectorized pass reach each step together; the first to ask for step t's
     metrics gets every registered model evaluated in one ``vmap``, the others read the cache.
+    ``splits`` limits the passes to what is needed (the target's split: a full pass over the
+    training set at every check would cost more than the training itself).
     """
 
-    def __init__(self, dataset: Dataset, config: TrainConfig):
+    def __init__(self, dataset: Dataset, config: TrainConfig, splits: Sequence[str] = ("train", "val", "test")):
         from .metrics import loss_function
 
-        self.splits = {name: split for name, split in (("train", dataset.train if config.eval_train else None),
-                                                        ("val", dataset.val), ("test", dataset.test)) if split is not None}
+        every = {"train": dataset.train if config.eval_train else None, "val": dataset.val, "test": dataset.test}
+        self.splits = {name: every[name] for name in splits if every.get(name) is not None}
         self.loss_fn = loss_function(config.loss, dataset.task)
         self.classification = dataset.n_classes is not None
         self.eval_batch_size = config.eval_batch_size
@@ -463,7 +465,9 @@ def train_group(plan: StudyPlan, group: GroupPlan, dataset: Dataset, *, vectoriz
     schedule = evaluation_steps(plan.total_steps(group.batch_size), plan.config.resolution)
     target, stop = plan.target, plan.config.stop_at_target
     wants_noise = plan.config.noise_scale and "noise_scale" in PROBES
-    evaluator = GroupEvaluator(dataset, configs[0])
+    # Target checks need the target's split only; the loop's own evaluations (step 0, epoch ends,
+    # the step a trial stops at) are full, so the gap at the target is measured there.
+    evaluator = GroupEvaluator(dataset, configs[0], splits=(target.metric.split("_")[0],))
     watchers = [TargetWatcher(target, schedule, evaluator, i, stop) for i in range(len(configs))]
     started = _now()
     if vectorized and group.kind == LR_GROUP and len(configs) > 1:
@@ -530,7 +534,7 @@ def trial_summary(plan: StudyPlan, group: GroupPlan, config: TrainConfig, loop_s
         "target_metric_at_end": last.get(plan.target.metric, math.nan),
         f"best_{val}": best_val,
         "gen_gap": _gap(last),
-        "gen_gap_at_target": _gap(reached) if reached else math.nan,
+        "gen_gap_at_target": _gap(next(e for e in evals if e["step"] == reached["step"])) if reached else math.nan,
         "noise_scale": _last_measured(step_rows, "noise_scale", noise_at),
     }
     for metric in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
