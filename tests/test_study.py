@@ -302,3 +302,39 @@ def test_record_runs_stores_all_or_nothing(tmp_path):
         assert [g["config"]["study_id"] for g in store.find_groups("study")] == ["abc"]
         assert store.find_groups("replica") == []
         assert [r["name"] for r in store.group_run_summaries(group, "study-trial")] == ["r", "s"]
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def _cli(argv, capsys):
+    from batchlab.cli import main
+
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_bad_target_is_one_line_and_stores_nothing(tmp_path, capsys):
+    code, out, err = _cli(["study", "--target", "val_acc=0.8", "--store", str(tmp_path / "s.db")], capsys)
+    assert code == 2 and err.startswith("error: invalid study config: target:") and err.count("\n") == 1
+    assert not (tmp_path / "s.db").exists()
+
+
+def test_cli_study_json_prints_summary_and_recommendation(tmp_path, capsys):
+    argv = ["study", "--dataset", "blobs", "--model", "mlp:hidden=16", "--batch-sizes", "8,full", "--lrs", "0.2",
+            "--seeds", "1", "--max-steps", "100", "--target", "val_acc>=0.7", "--no-noise-scale",
+            "--store", str(tmp_path / "s.db"), "--json", "--quiet"]
+    code, out, err = _cli(argv, capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert [row["batch_size"] for row in result["summary"]] == [8, "full"]
+    assert result["recommendation"]["text"].startswith("B = ") and result["groups_run"] == 2
+    assert any(f.endswith("steps_to_target.png") for f in result["files"])
+    code, out, _ = _cli(argv, capsys)  # the same command again: everything resumed, nothing trained
+    again = json.loads(out)
+    assert again["groups_run"] == 0 and again["groups_resumed"] == 2 and again["summary"] == result["summary"]
