@@ -20,6 +20,7 @@ scale's moving averages) advance once per measured step.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -113,7 +114,8 @@ class DistFromInit:
         return tuple(p.detach().clone() for p in ctx.params)
 
     def measure(self, state, ctx, losses):
-        differences = torch._foreach_sub([p.detach() for p in ctx.params], list(state))
+        with torch.no_grad():  # one fused subtraction, no per-parameter detach
+            differences = torch._foreach_sub(list(ctx.params), list(state))
         return state, {"dist_from_init": global_norm(differences)}
 
 
@@ -133,11 +135,12 @@ class UpdateNorm:
         return tuple(p.detach().clone() for p in ctx.params)
 
     def measure(self, state, ctx, losses, point: Point = "update"):
-        params = [p.detach() for p in ctx.params]
-        if point == "backward":
-            torch._foreach_copy_(list(state), params)  # the buffers now hold θ_{t−1}
-            return state, {}
-        return state, {"update_norm": global_norm(torch._foreach_sub(params, list(state)))}
+        with torch.no_grad():
+            if point == "backward":
+                torch._foreach_copy_(list(state), list(ctx.params))  # the buffers now hold θ_{t−1}
+                return state, {}
+            differences = torch._foreach_sub(list(ctx.params), list(state))
+        return state, {"update_norm": global_norm(differences)}
 
 
 # --- the gradient noise scale --------------------------------------------------------------------
@@ -300,12 +303,19 @@ class NoiseScale:
         sizes = part_sizes(batch, self.parts)
         parts, start = [], 0
         for size in sizes[:-1]:
-            selector = torch.zeros_like(losses)  # (B,): 1 on the part's samples
-            selector[start:start + size] = 1.0
+            selector = _part_selector(batch, start, size, losses.dtype, losses.device)  # (B,): 1 on the part
             grads = torch.autograd.grad(losses, ctx.params, grad_outputs=selector, retain_graph=True, allow_unused=True)
             parts.append([g if g is not None else torch.zeros_like(p) for g, p in zip(grads, ctx.params)])
             start += size
         return sizes, parts
+
+
+@functools.lru_cache(maxsize=64)
+def _part_selector(batch: int, start: int, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(B,) with 1 on samples start..start+size−1: the part's summed loss as a backward seed (cached)."""
+    selector = torch.zeros(batch, dtype=dtype, device=device)
+    selector[start:start + size] = 1.0
+    return selector
 
 
 def per_sample_gradients_from_losses(losses: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
