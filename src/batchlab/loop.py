@@ -222,11 +222,23 @@ def train_step(model, optimizer, loss_fn, mean_loss_fn, xb, yb, classification: 
 
 @contextmanager
 def _seeded(seed: int, device: torch.device):
-    """Seed torch's global RNG (dropout masks) for the run without disturbing the caller's RNG."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    """Seed torch's global RNG (dropout masks) for the run without disturbing the caller's RNG.
+
+    Seeds only the generators the run uses: ``torch.manual_seed`` also visits every accelerator
+    backend, which costs ~0.2 ms, a visible share of a short run.
+    """
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    torch.default_generator.manual_seed(seed)
+    if cuda_state is not None:
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+    try:
         yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 class _Dispatch:
