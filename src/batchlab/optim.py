@@ -7,7 +7,7 @@ the analysis all agree on the learning rate of every update without sharing a sc
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -138,6 +138,18 @@ class _PerReplica:
     def nonzero(self) -> bool:
         return bool((self.values != 0).any())
 
+    def each(self, tensors: Sequence[torch.Tensor]) -> float | list[torch.Tensor]:
+        """The scalar, or one (R, 1, ..., 1) tensor per tensor of ``tensors`` (for ``_foreach_*``)."""
+        return self.scalar if self.scalar is not None else [self.at(t.ndim) for t in tensors]
+
+
+def _foreach_add_scaled_(targets: list[torch.Tensor], tensors: list[torch.Tensor], scale: _PerReplica) -> None:
+    """targets += scale·tensors in place, as `_add_scaled` does for each pair."""
+    if scale.scalar is not None:
+        torch._foreach_add_(targets, tensors, alpha=scale.scalar)
+    else:
+        torch._foreach_addcmul_(targets, tensors, scale.each(targets))
+
 
 def _add_scaled(target: torch.Tensor, tensor: torch.Tensor, scale: float | torch.Tensor, inplace: bool) -> torch.Tensor:
     """target + scale·tensor: torch's ``add(alpha=)`` for a shared scale, ``addcmul`` for per-replica ones."""
@@ -175,16 +187,21 @@ def stacked_update(
     weight_decay = _PerReplica(hyper["weight_decay"], like)
     decay = weight_decay.nonzero()
     if kind == "sgd":
+        # The same kernels as the single-tensor loop, each applied to every tensor by one
+        # ``torch._foreach_*`` call (one dispatch per operation instead of one per tensor).
         momentum = _PerReplica(hyper["momentum"], like)
-        for p, g, buf in zip(params, grads, state["momentum_buffer"]):
-            d_p = _add_scaled(g, p, weight_decay.at(p.ndim), inplace=False) if decay else g  # g + wd·p
-            if momentum.nonzero():
-                if step == 1:
-                    buf.copy_(d_p)  # torch.optim.SGD: the buffer starts as the first d_p
-                else:
-                    buf.mul_(momentum.at(p.ndim)).add_(d_p)  # buf = momentum·buf + d_p
-                d_p = _add_scaled(d_p, buf, momentum.at(p.ndim), inplace=False) if nesterov else buf
-            _add_scaled(p, d_p, neg_lr.at(p.ndim), inplace=True)  # p -= lr·d_p
+        bufs = state["momentum_buffer"]
+        d_ps = [_add_scaled(g, p, weight_decay.at(p.ndim), inplace=False) for p, g in zip(params, grads)] \
+            if decay else list(grads)  # g + wd·p
+        if momentum.nonzero():
+            if step == 1:
+                torch._foreach_copy_(bufs, d_ps)  # torch.optim.SGD: the buffer starts as the first d_p
+            else:
+                torch._foreach_mul_(bufs, momentum.each(params))  # buf = momentum·buf + d_p
+                torch._foreach_add_(bufs, d_ps)
+            d_ps = [_add_scaled(d, b, momentum.at(d.ndim), inplace=False) for d, b in zip(d_ps, bufs)] \
+                if nesterov else bufs
+        _foreach_add_scaled_(params, d_ps, neg_lr)  # p -= lr·d_p
     elif kind in ("adam", "adamw"):
         beta1, beta2 = hyper["beta1"], hyper["beta2"]
         bias1 = np.array([1 - float(b) ** step for b in beta1])  # python pow, as torch.optim.Adam
