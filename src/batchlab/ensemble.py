@@ -590,7 +590,9 @@ class _Pass:
         X, y = self.dataset.train
         stack = self.stack
         b = index.shape[1]
-        xb, yb = X[index], y[index]  # (R, b, *shape), (R, b)
+        flat = index.reshape(-1)  # (R·b,); index_select is a plain row copy, cheaper than X[index]
+        xb = X.index_select(0, flat).reshape(*index.shape, *X.shape[1:])  # (R, b, *shape)
+        yb = y.index_select(0, flat).reshape(*index.shape, *y.shape[1:])  # (R, b)
         masks = draw_masks(self.sites, [r.dropout_generator for r in self.active], b, self.device)
         tensors = (*stack.params, *stack.buffers, *(masks[site.key] for site in self.sites))
         losses, correct = self._train_losses(tensors, xb, yb)  # (R,), (R,)

@@ -7,7 +7,7 @@ the analysis all agree on the learning rate of every update without sharing a sc
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 
@@ -98,7 +98,9 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # Python scalar, so the kernels are the very ones torch.optim calls (fused multiply-add included);
 # one that differs is an (R, 1, ..., 1) tensor, which changes only the rounding of a few products.
 
-import numpy as np  # noqa: E402  (kept with the block that needs it)
+from collections.abc import Sequence  # noqa: E402  (kept with the block that needs it)
+
+import numpy as np  # noqa: E402
 
 RMSPROP_ALPHA, RMSPROP_EPS, ADAM_EPS = 0.99, 1e-8, 1e-8  # torch.optim's defaults, as build_optimizer uses them
 
