@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal, Protocol
 
 import torch
@@ -36,13 +36,29 @@ POINTS: tuple[Point, ...] = ("forward", "backward", "update")
 
 @dataclass(frozen=True)
 class ProbeContext:
-    """What a probe may look at: the live model and its parameters, the data, the config."""
+    """What a probe may look at: the live model and its parameters, the data, the config.
+
+    ``param_views`` are flat views of the parameters, made once: they
+    follow the optimizer's in-place updates, so ``torch.cat(ctx.param_views)`` is θ_t as one
+    vector in one operation (a probe's state keeps plain tensors, never these views, so that it
+    survives a checkpoint). ``scratch`` holds per-run objects that are not state (forward hooks).
+    """
 
     model: torch.nn.Module
     params: tuple[torch.nn.Parameter, ...]
     dataset: Any
     config: Any
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    scratch: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @functools.cached_property
+    def param_views(self) -> tuple[torch.Tensor, ...]:
+        """Each parameter's flat view (`flat_view`), made on first use."""
+        return tuple(flat_view(p) for p in self.params)
+
+    def flat_params(self) -> torch.Tensor:
+        """θ_t, all parameters as one (P,) vector (a copy, not synchronised)."""
+        return torch.cat(self.param_views)  # (P,)
 
 
 class Probe(Protocol):
@@ -52,6 +68,25 @@ class Probe(Protocol):
     def init(self, ctx: ProbeContext) -> Any: ...
 
     def measure(self, state: Any, ctx: ProbeContext, losses: torch.Tensor | None) -> tuple[Any, dict[str, Any]]: ...
+
+
+def flat_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A (numel,) view of a tensor's elements (in memory order), sharing its storage.
+
+    Dense tensors in any memory layout (contiguous, channels-last) have one; the view follows
+    in-place updates of the tensor, which a ``reshape`` copy would not.
+    """
+    tensor = tensor.detach()
+    if tensor.is_contiguous():
+        return tensor.view(-1)
+    dims = sorted(range(tensor.dim()), key=lambda d: tensor.stride(d))
+    expected = 1
+    for d in dims:  # dense and non-overlapping: strides are the running products of the sizes
+        if tensor.size(d) > 1 and tensor.stride(d) != expected:
+            raise ConfigError(f"probes need dense parameters; one has shape {tuple(tensor.shape)} and strides "
+                              f"{tensor.stride()}; make it contiguous with p.data = p.data.contiguous()")
+        expected *= tensor.size(d)
+    return tensor.as_strided((tensor.numel(),), (1,), tensor.storage_offset())
 
 
 # --- norms over lists of tensors ------------------------------------------------------------------
@@ -95,8 +130,9 @@ class GradNorm:
         return None
 
     def measure(self, state, ctx, losses):
-        grads = [p.grad for p in ctx.params if p.grad is not None]
-        return state, {"grad_norm": global_norm(grads)}
+        # One concatenation and one norm: on the CPU, fewer operations than a norm per tensor.
+        flat = torch.cat([p.grad.reshape(-1) for p in ctx.params if p.grad is not None])  # (P,)
+        return state, {"grad_norm": torch.linalg.vector_norm(flat)}
 
 
 @dataclass(frozen=True)
@@ -104,19 +140,18 @@ class DistFromInit:
     """``dist_from_init``: ‖θ_t − θ_0‖₂ over all parameters, θ_0 the weights when training began.
 
     θ_t are the weights after the step's update (the same weights as the step's ``train_*``
-    evaluation). The state is θ_0, a copy taken by ``init``.
+    evaluation). The state is θ_0 as one flat (P,) vector taken by ``init``; a measurement is
+    two operations, the concatenation of the parameters' flat views and ``torch.dist``.
     """
 
     name: str = "dist_from_init"
     point: Point = "update"
 
-    def init(self, ctx: ProbeContext) -> tuple[torch.Tensor, ...]:
-        return tuple(p.detach().clone() for p in ctx.params)
+    def init(self, ctx: ProbeContext) -> torch.Tensor:
+        return ctx.flat_params()  # θ_0, (P,)
 
     def measure(self, state, ctx, losses):
-        with torch.no_grad():  # one fused subtraction, no per-parameter detach
-            differences = torch._foreach_sub(list(ctx.params), list(state))
-        return state, {"dist_from_init": global_norm(differences)}
+        return state, {"dist_from_init": torch.dist(ctx.flat_params(), state)}
 
 
 @dataclass(frozen=True)
@@ -124,23 +159,22 @@ class UpdateNorm:
     """``update_norm``: ‖θ_t − θ_{t−1}‖₂, the size of the step just taken.
 
     Exact at every measured step, also with ``probe_every > 1``: the probe copies θ_{t−1} at the
-    ``backward`` point (weights not yet updated) into its buffers and measures the difference at
-    the ``update`` point. For plain SGD without momentum or weight decay it equals lr·``grad_norm``.
+    ``backward`` point (weights not yet updated) into its flat (P,) buffer, concatenating in
+    place, and measures the difference at the ``update`` point. For plain SGD without momentum
+    or weight decay it equals lr·``grad_norm``.
     """
 
     name: str = "update_norm"
     points: tuple[Point, ...] = ("backward", "update")
 
-    def init(self, ctx: ProbeContext) -> tuple[torch.Tensor, ...]:
-        return tuple(p.detach().clone() for p in ctx.params)
+    def init(self, ctx: ProbeContext) -> torch.Tensor:
+        return ctx.flat_params()  # the buffer for θ_{t−1}, (P,)
 
     def measure(self, state, ctx, losses, point: Point = "update"):
-        with torch.no_grad():
-            if point == "backward":
-                torch._foreach_copy_(list(state), list(ctx.params))  # the buffers now hold θ_{t−1}
-                return state, {}
-            differences = torch._foreach_sub(list(ctx.params), list(state))
-        return state, {"update_norm": global_norm(differences)}
+        if point == "backward":
+            torch.cat(ctx.param_views, out=state)  # the buffer now holds θ_{t−1}, no allocation
+            return state, {}
+        return state, {"update_norm": torch.dist(ctx.flat_params(), state)}
 
 
 # --- the gradient noise scale --------------------------------------------------------------------
