@@ -10,25 +10,15 @@ import sys
 import numpy as np
 import pytest
 
-from batchlab.cli import main
 from batchlab.store import RunStore
 
 
-def run_cli(args, capsys):
-    """Run the CLI in-process; return (exit status, stdout, stderr)."""
-    try:
-        main(args)
-        status = 0
-    except SystemExit as exit_:
-        status = exit_.code or 0
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
-def test_fit_stores_the_run_and_prints_json(tmp_path, capsys):
+def test_fit_stores_the_run_and_prints_json(tmp_path, cli):
     store = tmp_path / "runs.db"
-    status, out, err = run_cli(["fit", "--dataset", "blobs", "--model", "mlp:hidden=16", "--epochs", "2",
-                                "--batch-size", "50", "--lr", "0.1", "--store", str(store), "--json"], capsys)
+    status, out, err = cli(["fit", "--dataset", "blobs", "--model", "mlp:hidden=16", "--epochs", "2",
+                                "--batch-size", "50", "--lr", "0.1", "--store", str(store), "--json"])
     assert status == 0, err
     summary = json.loads(out)
     assert summary["status"] == "finished" and summary["steps"] == 20 and summary["steps_per_epoch"] == 10
@@ -41,12 +31,12 @@ def test_fit_stores_the_run_and_prints_json(tmp_path, capsys):
     assert stored.epochs["val_acc"].iloc[-1] == pytest.approx(summary["final_val_acc"])
 
 
-def test_fit_from_toml_with_flag_override(tmp_path, capsys):
+def test_fit_from_toml_with_flag_override(tmp_path, cli):
     config = tmp_path / "run.toml"
     config.write_text('model = "logreg"\nname = "from-toml"\n[dataset]\nname = "moons"\n'
                       '[train]\nbatch_size = 70\nepochs = 3\nlr = 0.5\n')
     store = tmp_path / "runs.db"
-    status, out, err = run_cli(["fit", "--config", str(config), "--epochs", "1", "--store", str(store), "--json"], capsys)
+    status, out, err = cli(["fit", "--config", str(config), "--epochs", "1", "--store", str(store), "--json"])
     assert status == 0, err
     summary = json.loads(out)
     assert summary["epochs"] == 1 and summary["batch_size"] == 70 and summary["dataset"] == "moons"
@@ -54,11 +44,11 @@ def test_fit_from_toml_with_flag_override(tmp_path, capsys):
         assert runs.load_run(summary["run_id"]).name == "from-toml"
 
 
-def test_same_seed_same_numbers_across_processes(tmp_path, capsys):
+def test_same_seed_same_numbers_across_processes(tmp_path, cli):
     args = ["fit", "--dataset", "blobs", "--epochs", "2", "--batch-size", "16", "--model", "mlp:hidden=8,dropout=0.2",
             "--store", str(tmp_path / "a.db"), "--json", "--quiet"]
-    first = json.loads(run_cli(args, capsys)[1])
-    second = json.loads(run_cli(args, capsys)[1])
+    first = json.loads(cli(args)[1])
+    second = json.loads(cli(args)[1])
     assert first["final_train_loss"] == second["final_train_loss"]
 
 
@@ -89,16 +79,16 @@ def _bad_files(tmp_path):
     (["--dataset", "missing.csv", "--target", "y"], "missing.csv"),
     (["--frobnicate"], "frobnicate"),
 ])
-def test_bad_input_is_one_line_and_stores_nothing(tmp_path, capsys, args, expected):
+def test_bad_input_is_one_line_and_stores_nothing(tmp_path, cli, args, expected):
     store = tmp_path / "runs.db"
-    status, out, err = run_cli(["fit", "--store", str(store), "--quiet", *args], capsys)
+    status, out, err = cli(["fit", "--store", str(store), "--quiet", *args])
     assert status == 2
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert expected in err
     assert not store.exists()
 
 
-def test_bad_files_are_one_line_errors(tmp_path, capsys):
+def test_bad_files_are_one_line_errors(tmp_path, cli):
     labels, nan, toml, unknown_field = _bad_files(tmp_path)
     store = tmp_path / "runs.db"
     for args, expected in [
@@ -108,7 +98,7 @@ def test_bad_files_are_one_line_errors(tmp_path, capsys):
         (["--config", str(unknown_field)], "batch_sise"),
         (["--config", str(tmp_path / "absent.toml")], "cannot read config file"),
     ]:
-        status, _, err = run_cli(["fit", "--store", str(store), "--quiet", *args], capsys)
+        status, _, err = cli(["fit", "--store", str(store), "--quiet", *args])
         assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, (args, err)
         assert expected in err, (args, err)
     assert not store.exists()
@@ -122,10 +112,10 @@ def test_subprocess_exit_status_and_no_traceback(tmp_path):
     assert result.stderr.count("\n") == 1
 
 
-def test_diverged_run_is_stored_as_diverged(tmp_path, capsys):
+def test_diverged_run_is_stored_as_diverged(tmp_path, cli):
     store = tmp_path / "runs.db"
-    status, out, err = run_cli(["fit", "--dataset", "blobs", "--lr", "1e8", "--momentum", "0.9", "--batch-size", "4",
-                                "--epochs", "3", "--store", str(store), "--json"], capsys)
+    status, out, err = cli(["fit", "--dataset", "blobs", "--lr", "1e8", "--momentum", "0.9", "--batch-size", "4",
+                                "--epochs", "3", "--store", str(store), "--json"])
     assert status == 0
     summary = json.loads(out)
     assert summary["status"] == "diverged"
@@ -133,8 +123,8 @@ def test_diverged_run_is_stored_as_diverged(tmp_path, capsys):
         assert db.execute("select status from runs").fetchall() == [("diverged",)]
 
 
-def test_datasets_lists_the_builtins(capsys):
-    status, out, err = run_cli(["datasets", "--json"], capsys)
+def test_datasets_lists_the_builtins(cli):
+    status, out, err = cli(["datasets", "--json"])
     assert status == 0
     rows = {row["name"]: row for row in json.loads(out)}
     assert {"blobs", "moons", "circles", "digits", "mnist1d"} <= set(rows)

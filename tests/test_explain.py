@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import torch
 
-from batchlab.cli import main
 from batchlab.config import TrainConfig
 from batchlab.data import Dataset
 from batchlab.errors import ConfigError, DataError
@@ -243,29 +242,21 @@ def test_stored_run_gives_the_same_numbers_as_the_run_in_memory(tmp_path):
         assert explain_run(stored, metric).to_dict() == explain_run(in_memory, metric).to_dict()
 
 
-def run_cli(args, capsys):
-    try:
-        main(args)
-        status = 0
-    except SystemExit as exit_:
-        status = exit_.code or 0
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
-def test_command_prints_the_paragraph_writes_the_figure_and_reads_it_back(tmp_path, capsys):
+def test_command_prints_the_paragraph_writes_the_figure_and_reads_it_back(tmp_path, cli):
     store = tmp_path / "runs.db"
     args = ["explain", "--dataset", "blobs", "--model", "mlp:hidden=16,dropout=0.2", "--epochs", "3",
             "--batch-size", "50", "--lr", "0.1", "--store", str(store)]
-    status, out, err = run_cli(args, capsys)
+    status, out, err = cli(args)
     assert status == 0, err
     assert "At the end of epoch 1 (step 10)" in out and "every 1 steps" in out
     for suffix in ("png", "svg"):
         assert (tmp_path / f"batchlab-explain-1.{suffix}").stat().st_size > 1000
     report = tmp_path / "runs-run-1.html"  # the HTML report, beside the store by default
     assert f"report: {report}" in out and "At the end of epoch 1" in report.read_text()
-    status, out, err = run_cli([*args[:1], "--run", "1", "--store", str(store), "--json", "--out",
-                                str(tmp_path / "figs")], capsys)
+    status, out, err = cli([*args[:1], "--run", "1", "--store", str(store), "--json", "--out",
+                                str(tmp_path / "figs")])
     assert status == 0, err
     stored = json.loads(out)
     assert stored["run_id"] == 1 and stored["figures"] == [str(tmp_path / "figs" / f"batchlab-explain-1.{s}")
@@ -285,10 +276,10 @@ def test_command_prints_the_paragraph_writes_the_figure_and_reads_it_back(tmp_pa
     (["--run", "1", "--epochs", "3"], "takes no training flags"),
     (["--metric", "f1"], "--metric"),
 ])
-def test_bad_input_is_one_line(tmp_path, capsys, args, expected):
+def test_bad_input_is_one_line(tmp_path, cli, args, expected):
     store = tmp_path / "runs.db"
     RunStore(store).close()
-    status, out, err = run_cli(["explain", "--store", str(store), *args], capsys)
+    status, out, err = cli(["explain", "--store", str(store), *args])
     assert status == 2
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert expected in err

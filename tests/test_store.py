@@ -18,7 +18,6 @@ import pandas as pd
 import pytest
 import torch
 
-from batchlab.cli import main
 from batchlab.config import TrainConfig
 from batchlab.errors import StoreError
 from batchlab.events import Clock, EpochEnd, RunEnd, RunStart
@@ -240,40 +239,32 @@ def stored(tmp_path):
         return path, store.load_run(run_id)
 
 
-def run_cli(args, capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def test_runs_list_and_show(stored, capsys):
+def test_runs_list_and_show(stored, cli):
     path, run = stored
-    code, out, _ = run_cli(["runs", "list", "--store", str(path), "--json"], capsys)
+    code, out, _ = cli(["runs", "list", "--store", str(path), "--json"])
     assert code == 0
     [listed] = json.loads(out)
     assert (listed["id"], listed["status"], listed["steps"], listed["epochs"], listed["val_acc"]) == (run.id, "finished", 10, 2, 0.9)
-    code, out, _ = run_cli(["runs", "list", "--store", str(path)], capsys)
+    code, out, _ = cli(["runs", "list", "--store", str(path)])
     assert code == 0 and "cli" in out and "finished" in out
-    code, out, _ = run_cli(["runs", "list", "--store", str(path), "--kind", "study-trial", "--json"], capsys)
+    code, out, _ = cli(["runs", "list", "--store", str(path), "--kind", "study-trial", "--json"])
     assert json.loads(out) == []
 
-    code, out, _ = run_cli(["runs", "show", str(run.id), "--store", str(path), "--json"], capsys)
+    code, out, _ = cli(["runs", "show", str(run.id), "--store", str(path), "--json"])
     shown = json.loads(out)
     assert code == 0 and shown["config"] == run.config and shown["summary"] == {"best_val_acc": 0.9}
     assert shown["evals"][0] == {"step": 0, "val_acc": 0.1, "val_loss": None} and len(shown["steps"]) == 10
-    code, out, _ = run_cli(["runs", "show", str(run.id), "--store", str(path)], capsys)
+    code, out, _ = cli(["runs", "show", str(run.id), "--store", str(path)])
     assert code == 0 and "running_acc" in out and "best_val_acc" in out
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
-def test_export_tables_read_back_equal(stored, tmp_path, fmt, capsys):
+def test_export_tables_read_back_equal(stored, tmp_path, fmt, cli):
     path, run = stored
     out = tmp_path / "export"
-    code, _, err = run_cli(["runs", "export", str(run.id), "--format", fmt, "--out", str(out), "--store", str(path)], capsys)
+    code, _, err = cli(["runs", "export", str(run.id), "--format", fmt, "--out", str(out), "--store", str(path)])
     assert code == 0, err
     read = pd.read_csv if fmt == "csv" else pd.read_parquet
     for table in ("steps", "evals", "epochs"):
@@ -281,10 +272,10 @@ def test_export_tables_read_back_equal(stored, tmp_path, fmt, capsys):
     assert json.loads((out / "run.json").read_text())["config"] == run.config
 
 
-def test_export_json_reads_back_equal(stored, tmp_path, capsys):
+def test_export_json_reads_back_equal(stored, tmp_path, cli):
     path, run = stored
     out = tmp_path / "run.json"
-    code, _, err = run_cli(["runs", "export", str(run.id), "--format", "json", "--out", str(out), "--store", str(path)], capsys)
+    code, _, err = cli(["runs", "export", str(run.id), "--format", "json", "--out", str(out), "--store", str(path)])
     assert code == 0, err
     document = json.loads(out.read_text())
     assert document["provenance"] == run.provenance and document["status"] == "finished"
