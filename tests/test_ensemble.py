@@ -205,3 +205,40 @@ def test_stacked_update_is_torch_optim_per_replica(kind):
     for r, (params, _) in enumerate(references):
         for i, p in enumerate(params):
             torch.testing.assert_close(stacked[i][r], p.detach(), rtol=1e-6, atol=1e-7)
+
+
+def tied_model_fn(seed: int) -> torch.nn.Module:
+    """An MLP whose two hidden 8x8 layers share one weight (a tied parameter, listed once)."""
+    torch.manual_seed(seed)
+    hidden = torch.nn.Linear(8, 8)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), hidden, torch.nn.ReLU(),
+                                torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    model[4].weight = hidden.weight
+    return model
+
+
+def test_tied_weights_train_as_in_fit(blobs):
+    """Shared weights take the functional_call path, which unties them per replica."""
+    configs = [TrainConfig(batch_size=32, epochs=3, lr=lr, momentum=0.9, seed=seed) for lr, seed in ((0.05, 0), (0.1, 1))]
+    runs = fit_replicas(tied_model_fn, blobs, configs, progress=False)
+    for run, single in zip(runs, singles(blobs, configs, tied_model_fn)):
+        assert_matches_fit(run, single)
+        assert run.model[4].weight is run.model[2].weight
+
+
+def test_the_skeleton_keeps_its_own_tensors_after_a_vectorized_step(blobs):
+    """The slots swap the stacked tensors in for a call and put the skeleton's own back."""
+    from batchlab.ensemble import _make_replica, _Pass
+    from batchlab.loop import plan_run
+
+    configs = [TrainConfig(batch_size=16, epochs=1, lr=0.05, seed=s) for s in range(2)]
+    clock = plan_run(blobs, configs[0])
+    make_model = model_fn(blobs, dropout=0.1)
+    replicas = [_make_replica(i, c, make_model(c.seed), [], clock) for i, c in enumerate(configs)]
+    state = _Pass(replicas, blobs, clock, [], torch.device("cpu"))
+    own = {name: tensor for name, tensor in [*state.skeleton.named_parameters(), *state.skeleton.named_buffers()]}
+    state.step(torch.arange(32).reshape(2, 16), clock, measuring=False)
+    after = dict([*state.skeleton.named_parameters(), *state.skeleton.named_buffers()])
+    assert after.keys() == own.keys()
+    assert all(after[name] is tensor for name, tensor in own.items())
+    assert all(isinstance(p, torch.nn.Parameter) for _, p in state.skeleton.named_parameters())
