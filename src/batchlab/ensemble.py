@@ -3,8 +3,8 @@
 A batch-size study trains the same small model many times (learning rates × seeds at each batch
 size); at small batch sizes each update is mostly per-step overhead. `fit_replicas` computes R
 trainings as one: the replicas' weights, buffers and optimizer states are stacked along a leading
-replica dimension, one ``torch.func.vmap`` of ``functional_call`` does every replica's forward
-pass on its own batch, autograd on the stacked weights gives every replica's own gradient, and a
+replica dimension, one ``torch.func.vmap`` of a call of the model's private copy with the stacked
+tensors in its slots (`_TensorSlots`) does every replica's forward pass on its own batch, autograd on the stacked weights gives every replica's own gradient, and a
 functional optimizer (`batchlab.optim.stacked_update`) updates them all with per-replica
 hyperparameters.
 
