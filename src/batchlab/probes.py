@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal, Protocol
@@ -266,6 +267,138 @@ def two_batch_estimates(
     return grad_sq, trace_cov
 
 
+# --- per-sample gradient norms of nn.Linear layers ------------------------------------------------
+
+# Modules that map each sample on its own (no parameters, no coupling across the batch). A model
+# made only of these and nn.Linear layers has per-sample gradients separable layer by layer.
+_PER_SAMPLE_MODULES: tuple[type[torch.nn.Module], ...] = (
+    torch.nn.Identity, torch.nn.Dropout, torch.nn.AlphaDropout,
+    torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.SELU, torch.nn.CELU, torch.nn.GELU,
+    torch.nn.SiLU, torch.nn.Mish, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.Softplus, torch.nn.Softsign,
+    torch.nn.Hardtanh, torch.nn.Hardsigmoid, torch.nn.Hardswish, torch.nn.Tanhshrink, torch.nn.LogSigmoid,
+)  # fmt: skip
+
+
+def _sequence(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The leaf modules an nn.Sequential tree runs, in order (the module itself if not Sequential)."""
+    if isinstance(module, torch.nn.Sequential):
+        return [leaf for child in module for leaf in _sequence(child)]
+    return [module]
+
+
+def per_sample_linear_layers(model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
+                             input_dims: int | None) -> list[tuple[torch.nn.Linear, bool, bool]] | None:
+    """The model's nn.Linear layers as ``(layer, weight trained, bias trained)`` when per-sample
+    gradient norms can be read from them; ``None`` when they cannot.
+
+    They can when the model is an nn.Sequential tree that runs each of its modules once, every
+    module is an nn.Linear or a per-sample map (activations and dropout, not in place;
+    ``Flatten``/``Unflatten`` away from the batch dimension), every linear layer gets a
+    (B, features) input (followed from ``input_dims``, the dimensions of a batch of inputs), and
+    every trained parameter is the weight or bias of one linear layer. Anything else
+    (convolutions, batch norm, custom modules, shared weights) returns ``None``.
+    """
+    if input_dims is None:
+        return None
+    leaves = _sequence(model)
+    if len({id(m) for m in leaves}) != len(leaves):
+        return None  # a module run twice
+    layers, dims = [], input_dims
+    for module in leaves:
+        if isinstance(module, torch.nn.Linear):
+            if dims != 2:
+                return None  # per-sample outer products need (B, features) inputs
+            layers.append(module)
+        elif isinstance(module, torch.nn.Flatten):
+            start, end = (d % dims for d in (module.start_dim, module.end_dim))
+            if start == 0:
+                return None
+            dims -= end - start
+        elif isinstance(module, torch.nn.Unflatten):
+            if module.dim % dims == 0:
+                return None
+            dims += len(module.unflattened_size) - 1
+        elif not isinstance(module, _PER_SAMPLE_MODULES) or getattr(module, "inplace", False):
+            return None
+    trained = {id(p) for p in params}
+    owned = [id(t) for layer in layers for t in (layer.weight, layer.bias) if t is not None]
+    if not layers or not trained <= set(owned):
+        return None
+    return [(layer, id(layer.weight) in trained, layer.bias is not None and id(layer.bias) in trained) for layer in layers]
+
+
+class LinearTaps:
+    """Forward hooks on a model's nn.Linear layers keeping, from the latest forward pass with a
+    graph, each layer's input a (B, in) and the gradient reaching its output z (B, out).
+
+    A per-sample gradient of a Linear layer is an outer product (Goodfellow 2015, "Efficient
+    per-example gradient computations", arXiv 1510.01799): for z_i = W a_i + b and loss ℓ_i,
+    ∇_W ℓ_i = δ_i a_iᵀ and ∇_b ℓ_i = δ_i with δ_i = ∂ℓ_i/∂z_i, so ‖∇_W ℓ_i‖² = ‖δ_i‖²‖a_i‖².
+    The rows of z's gradient in the loop's backward pass of the batch's mean loss are δ_i/B:
+    no extra backward pass. The hooks are removed when the taps are garbage (the run is over).
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[tuple[torch.nn.Linear, bool, bool]]):
+        count = len(layers)
+        self.inputs: list[Any] = [None] * count
+        self.outputs: list[Any] = [None] * count
+        # Every squared row norm by one product: (2L, Σout + Σin) @ (Σout + Σin, B) gives ‖δ_il‖²
+        # in row l and ‖a_il‖²·[weight trained] + [bias trained] in row L + l.
+        widths = [layer.out_features for layer, _, _ in layers] + [layer.in_features for layer, _, _ in layers]
+        device, dtype = layers[0][0].weight.device, layers[0][0].weight.dtype
+        self.sums = torch.zeros(2 * count, sum(widths), device=device, dtype=dtype)  # (2L, Σout + Σin)
+        trained = [1.0] * count + [float(w) for _, w, _ in layers]
+        column = 0
+        for row, width in enumerate(widths):
+            self.sums[row, column:column + width] = trained[row]
+            column += width
+        bias = [0.0] * count + [float(b) for _, _, b in layers]
+        self.bias_terms = torch.tensor(bias, device=device, dtype=dtype).unsqueeze(1)  # (2L, 1)
+        self.deltas: list[Any] = [None] * count
+        # Set by the ProbeSet when probes at the "forward" point run backward passes of their own
+        # through the step's graph: a retained z.grad would sum theirs with the loop's.
+        self.graph_shared = False
+        inputs, outputs, deltas, taps = self.inputs, self.outputs, self.deltas, weakref.ref(self)
+
+        def recorder(index: int):
+            def keep(grad):  # the last backward pass through z wins: the loop's, after any probe's
+                deltas[index] = grad
+
+            def record(module, args, output):
+                if output.requires_grad:  # a training forward pass, not an evaluation under no_grad
+                    inputs[index], outputs[index], deltas[index] = args[0], output, None
+                    live = taps()
+                    if live is not None and live.graph_shared:
+                        output.register_hook(keep)
+                    else:
+                        output.retain_grad()  # kept by autograd itself, cheaper than a Python hook
+            return record
+
+        handles = [layer.register_forward_hook(recorder(l)) for l, (layer, _, _) in enumerate(layers)]
+        weakref.finalize(self, _remove_hooks, handles)
+
+    @torch.no_grad()  # hidden layers' inputs carry the graph; nothing here is to be recorded
+    def per_sample_squares(self) -> torch.Tensor:
+        """Σ_i Σ_l ‖∇ ℓ_i‖²/B² over the batch's samples and the layers' trained parameters (0-d),
+        from the latest backward pass of the batch's mean loss; the taps are emptied."""
+        count = len(self.inputs)
+        batch = self.inputs[0].shape[0]
+        # A layer the loss does not reach gets no gradient: its per-sample gradients are 0.
+        deltas = [d if d is not None else z.grad if z.grad is not None else z.new_zeros(z.shape)
+                  for d, z in zip(self.deltas, self.outputs)]
+        rows = torch.cat(deltas + self.inputs, dim=1)  # (B, Σout + Σin): δ_i/B and a_i, layer after layer
+        for l in range(count):
+            self.inputs[l] = self.outputs[l] = self.deltas[l] = None  # drop the batch's tensors
+        squares = torch.addmm(self.bias_terms, self.sums, rows.mul_(rows).T)  # (2L, B)
+        # Σ_i Σ_l ‖δ_il‖²/B² · (‖a_il‖² + 1): the first L rows against the last L, contiguous halves.
+        return torch.vdot(squares[:count].view(-1), squares[count:].view(-1))
+
+
+def _remove_hooks(handles) -> None:
+    for handle in handles:
+        handle.remove()
+
+
 @dataclass(frozen=True)
 class NoiseScale:
     """``noise_scale``: B_simple = tr(Σ)/‖G‖², the simple gradient noise scale (McCandlish et al. 2018).
@@ -275,42 +408,76 @@ class NoiseScale:
     gradients, normalised by 1/(N−1) (see `two_batch_estimates` for why that normalisation makes
     the estimators exact for batches drawn without replacement).
 
-    The estimate uses two batch sizes from one step with no extra forward pass: at the
-    ``forward`` point the batch's per-sample losses still hold their graph, and the gradients of
-    the first ``parts − 1`` parts' mean losses come from ``torch.autograd.grad(...,
-    retain_graph=True)``; at the ``backward`` point the loop's full-batch gradient g_B is in
-    ``p.grad`` and the last part's gradient follows from it, since g_B = Σ_k (b_k/B) g_k. Each raw
-    estimate is folded into an exponential moving average (β, with bias correction, as gpt-neox
-    does) and the ratio is taken of the averages.
+    The estimate uses two batch sizes from one step with no extra forward pass, by one of two
+    methods, both unbiased for the same ‖G‖² and tr(Σ):
+
+    - ``"per_sample"`` (b = 1), for models made of nn.Linear layers and per-sample maps
+      (`per_sample_linear_layers`): Σ_i ‖∇θ ℓ_i‖² over the batch comes from the layers' inputs
+      and output gradients of the loop's own backward pass (`LinearTaps`, Goodfellow 2015), with
+      no extra backward pass; with the B samples as B parts of size 1, `two_batch_estimates` is
+      then exactly the per-sample estimator of `per_sample_estimates` (the sample variance).
+    - ``"parts"`` (b = B/parts), for any model: at the ``forward`` point the batch's per-sample
+      losses still hold their graph, and the gradients of the first ``parts − 1`` parts' mean
+      losses come from ``torch.autograd.grad(..., retain_graph=True)``; at the ``backward``
+      point the loop's full-batch gradient g_B is in ``p.grad`` and the last part's gradient
+      follows from it, since g_B = Σ_k (b_k/B) g_k. Cost: ``parts − 1`` extra backward passes.
+
+    ``method="auto"`` (the default) takes ``"per_sample"`` where the model allows it and
+    ``"parts"`` otherwise (convolutions, batch norm, custom modules; also any step where a linear
+    layer did not run exactly once on a (B, features) input). Each raw estimate is folded into
+    an exponential moving average (β, with bias correction, as gpt-neox does) and the ratio is
+    taken of the averages.
 
     Step-table columns: ``grad_sq``, ``trace_cov``, ``noise_scale`` (smoothed) and
     ``grad_sq_raw``, ``trace_cov_raw`` (this step's unbiased estimates). Batches of one sample
     give NaN. The estimate is unbiased when each part of a batch is a uniformly random subset of
-    the training set (``shuffle=True``). Cost: ``parts − 1`` extra backward passes per measured step.
+    the training set (``shuffle=True``).
 
     Args:
         beta: the moving averages' decay.
-        parts: how many parts the batch is split into (≥ 2); the small batch size is B/parts.
+        parts: how many parts the batch is split into (≥ 2) by the ``"parts"`` method; the small
+            batch size is B/parts.
+        method: ``"auto"`` or ``"parts"`` (always the general method).
     """
 
     name: str = "noise_scale"
     points: tuple[Point, ...] = ("forward", "backward")
     beta: float = 0.99
     parts: int = 2
+    method: Literal["auto", "parts"] = "auto"
 
     def __post_init__(self) -> None:
+        if self.method not in ("auto", "parts"):
+            raise ConfigError(f"noise_scale method must be 'auto' or 'parts', got {self.method!r}")
         if self.parts < 2:
             raise ConfigError(f"noise_scale needs parts >= 2 to have two batch sizes, got {self.parts}")
         if not 0.0 <= self.beta < 1.0:
             raise ConfigError(f"noise_scale beta must be in [0, 1), got {self.beta}")
 
     def init(self, ctx: ProbeContext) -> NoiseState:
+        key = f"linear_taps:{self.name}"
+        if self.method == "auto" and key not in ctx.scratch:
+            train = getattr(ctx.dataset, "train", None)
+            dims = train[0].dim() if train is not None else None
+            layers = per_sample_linear_layers(ctx.model, ctx.params, dims)
+            # Hooks are per run (the context), never state: a checkpoint holds only the averages.
+            ctx.scratch[key] = LinearTaps(ctx.model, layers) if layers is not None else None
         return NoiseState()
+
+    def points_for(self, ctx: ProbeContext) -> tuple[Point, ...]:
+        """Where this run measures: only after backward when the taps read per-sample norms
+        (the loop then keeps its fused mean loss), else at the live graph too."""
+        if self._taps(ctx) is not None:
+            return ("backward",)
+        return self.points
 
     def measure(self, state: NoiseState, ctx: ProbeContext, losses, point: Point = "backward"):
         if point == "forward":
-            return replace(state, pending=self._part_gradients(ctx, losses)), {}
-        pending, state = state.pending, replace(state, pending=None)
+            return NoiseState(state.grad_sq_avg, state.trace_cov_avg, state.count, self._part_gradients(ctx, losses)), {}
+        taps = self._taps(ctx)
+        if taps is not None:
+            return self._per_sample(state, ctx, taps)
+        pending, state = state.pending, NoiseState(state.grad_sq_avg, state.trace_cov_avg, state.count)
         if pending is None:  # a batch too small to split
             return state, _unmeasured("")
         sizes, parts = pending  # parts: the first K−1 parts' gradients of their summed losses, b_k g_k
@@ -327,6 +494,25 @@ class NoiseScale:
         big_sq = squares[0]
         small_sq = [sq / size**2 for sq, size in zip(squares[1:], sizes)]
         grad_sq, trace_cov = two_batch_estimates(small_sq, sizes, big_sq, batch, _n_train(ctx))
+        return _advance(state, grad_sq, trace_cov, self.beta, "")
+
+    def _taps(self, ctx: ProbeContext) -> LinearTaps | None:
+        return ctx.scratch.get(f"linear_taps:{self.name}") if self.method == "auto" else None
+
+    def _per_sample(self, state: NoiseState, ctx: ProbeContext, taps: LinearTaps):
+        """The estimates from Σ_i ‖g_i‖² (the taps) and ‖g_B‖² (``p.grad``): B parts of one sample."""
+        first = taps.inputs[0]
+        if first is None or first.shape[0] < 2:  # no training forward pass tapped; one sample has no spread
+            taps.inputs[:] = taps.outputs[:] = taps.deltas[:] = [None] * len(taps.inputs)
+            return state, _unmeasured("")
+        batch = first.shape[0]
+        per_sample_sq = taps.per_sample_squares()  # Σ_i ‖g_i‖² / B², 0-d
+        norms = torch._foreach_norm([p.grad for p in ctx.params if p.grad is not None])  # ‖g_B‖ per tensor
+        values = torch.stack([per_sample_sq, *norms]).tolist()  # one read; float32 sums, float64 from here
+        sum_sq = values[0] * batch * batch
+        big_sq = math.fsum(v * v for v in values[1:])
+        # The mean of the B one-sample estimates is the estimate from the mean ‖g_i‖² (they are linear in it).
+        grad_sq, trace_cov = two_batch_estimates([sum_sq / batch], [1], big_sq, batch, _n_train(ctx))
         return _advance(state, grad_sq, trace_cov, self.beta, "")
 
     def _part_gradients(self, ctx: ProbeContext, losses: torch.Tensor):
@@ -427,8 +613,15 @@ def make_probe(spec: str | Probe) -> Probe:
     return PROBES[spec]()
 
 
-def probe_points(probe: Probe) -> tuple[tuple[Point, ...], bool]:
-    """Where a probe measures, and whether it takes the ``point=`` keyword (it declares ``points``)."""
+def probe_points(probe: Probe, ctx: ProbeContext | None = None) -> tuple[tuple[Point, ...], bool]:
+    """Where a probe measures, and whether it takes the ``point=`` keyword (it declares ``points``).
+
+    A probe with ``points`` may narrow them for a run by a ``points_for(ctx)`` method, called
+    after its ``init`` (``noise_scale`` needs the live graph only for models it cannot tap).
+    """
+    points_for = getattr(probe, "points_for", None)
+    if points_for is not None and ctx is not None:
+        return tuple(points_for(ctx)), True
     points = getattr(probe, "points", None)
     if points is not None:
         return tuple(points), True
@@ -451,13 +644,16 @@ class ProbeSet:
         # Per point, the probes measuring there: (index, probe, takes point=), precomputed for the hot path.
         self._at: dict[Point, list[tuple[int, Probe, bool]]] = {point: [] for point in POINTS}
         for i, probe in enumerate(self.probes):
-            points, keyword = probe_points(probe)
+            points, keyword = probe_points(probe, ctx)
             for point in points:
                 if point not in self._at:
                     raise ConfigError(f"probe {probe.name!r} measures at {point!r}; points are {', '.join(POINTS)}")
                 self._at[point].append((i, probe, keyword))
         # Only probes measuring at "forward" need per-sample losses; otherwise the loop uses the fused mean.
         self.wants_losses = bool(self._at["forward"])
+        for taps in ctx.scratch.values():
+            if isinstance(taps, LinearTaps):
+                taps.graph_shared = self.wants_losses
 
     @classmethod
     def create(cls, specs, model, dataset, config, loss_fn, state=None) -> "ProbeSet":
