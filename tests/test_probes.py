@@ -182,3 +182,130 @@ def test_per_sample_estimates_on_the_whole_population_are_exact():
     est_grad_sq, est_trace = per_sample_estimates(per_sample, n_train=N)
     assert float(est_trace) == pytest.approx(trace, rel=1e-9)
     assert float(est_grad_sq) == pytest.approx(grad_sq, rel=1e-9)
+
+
+# --- the per-sample path of noise_scale and its fallback ------------------------------------------
+
+
+def test_noise_scale_per_sample_path_equals_the_per_sample_estimator():
+    # For a model of linear layers, noise_scale reads Σ_i ‖g_i‖² from the loop's own backward pass;
+    # its raw estimates must equal noise_scale_exact's (B backward passes, one per sample) on the
+    # same batch. Both probes together also check that the exact probe's backward passes through
+    # the step's graph do not leak into the taps.
+    dataset, model = toy_dataset(), toy_model()
+    rows = probe_on_random_batches(["noise_scale", "noise_scale_exact"], model, dataset, batch_size=24, trials=5)
+    for row in rows:
+        assert row["grad_sq_raw"] == pytest.approx(row["grad_sq_exact_raw"], rel=1e-4)
+        assert row["trace_cov_raw"] == pytest.approx(row["trace_cov_exact_raw"], rel=1e-4)
+
+
+def test_noise_scale_per_sample_path_with_dropout_and_a_frozen_bias():
+    # Dropout masks differ per sample and one bias is not trained: still the per-sample estimator.
+    dataset = toy_dataset()
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(FEATURES, 8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, CLASSES))
+    model[0].bias.requires_grad_(False)
+    probes = ProbeSet.create(["noise_scale", "noise_scale_exact"], model, dataset, TrainConfig(), loss_function("auto", "classification"))
+    assert probes.ctx.scratch["linear_taps:noise_scale"] is not None
+    X, y = dataset.train
+    losses = probes.ctx.loss_fn(model(X[:20]), y[:20])
+    probes.after_forward(losses)
+    model.zero_grad(set_to_none=True)
+    losses.mean().backward()
+    probes.after_backward()
+    row = probes.collect()
+    assert row["trace_cov_raw"] == pytest.approx(row["trace_cov_exact_raw"], rel=1e-4)
+    assert row["grad_sq_raw"] == pytest.approx(row["grad_sq_exact_raw"], rel=1e-4)
+
+
+def test_noise_scale_measures_only_after_backward_on_linear_models():
+    # No per-sample losses needed: the loop keeps its fused mean loss.
+    dataset, model = toy_dataset(), toy_model()
+    loss_fn = loss_function("auto", "classification")
+    assert not ProbeSet.create(["noise_scale"], model, dataset, TrainConfig(), loss_fn).wants_losses
+    assert ProbeSet.create([NoiseScale(method="parts")], toy_model(), dataset, TrainConfig(), loss_fn).wants_losses
+
+
+def test_per_sample_linear_layers_accepts_only_per_sample_models():
+    from batchlab.probes import per_sample_linear_layers
+
+    def layers(model, dims=2):
+        return per_sample_linear_layers(model, [p for p in model.parameters() if p.requires_grad], dims)
+
+    assert len(layers(nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.GELU(), nn.Linear(3, 2)), dims=3)) == 2
+    assert layers(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))) is None  # couples samples
+    assert layers(nn.Sequential(nn.Linear(4, 3), nn.ReLU(inplace=True), nn.Linear(3, 2))) is None  # overwrites z
+    assert layers(nn.Sequential(nn.Linear(4, 3)), dims=3) is None  # (B, T, F) inputs: sums over T
+    shared = nn.Linear(3, 3)
+    assert layers(nn.Sequential(shared, nn.Tanh(), shared)) is None  # one layer run twice
+    conv = nn.Sequential(nn.Unflatten(1, (1, 4)), nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(4, 2))
+    assert layers(conv) is None
+
+
+def conv_dataset(seed: int = 0) -> Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, 8, generator=generator)
+    y = (X[:, :4].sum(1) + 0.8 * torch.randn(N, generator=generator) > 0).long() + (X[:, 5] > 1).long()
+    return Dataset("toy-conv", (X, y), n_classes=CLASSES)
+
+
+def brute_force_gradients_of(model: nn.Module, dataset: Dataset) -> torch.Tensor:
+    """(N, P) per-sample gradients of a model in eval-free form (no batch coupling), float64."""
+    X, y = dataset.train
+    rows = []
+    for i in range(X.shape[0]):
+        loss = nn.functional.cross_entropy(model(X[i:i + 1]), y[i:i + 1])
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+        rows.append(torch.cat([g.reshape(-1) for g in grads]).double())
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("kind", ["conv", "parts"])
+def test_noise_scale_fallback_averages_to_the_exact_value(kind):
+    # A convolutional model cannot be tapped: noise_scale falls back to the half-batch method,
+    # whose estimates must still average to the exact ‖G‖² and tr(Σ) (oracle as above).
+    if kind == "conv":
+        dataset = conv_dataset()
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Unflatten(1, (1, 8)), nn.Conv1d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(18, CLASSES))
+        probe = "noise_scale"
+    else:
+        dataset, model, probe = toy_dataset(), toy_model(), NoiseScale(method="parts")
+    grad_sq, trace = exact_ingredients(brute_force_gradients_of(model, dataset))
+    loss_fn = loss_function("auto", "classification")
+    probes = ProbeSet.create([probe], model, dataset, TrainConfig(), loss_fn)
+    assert probes.wants_losses  # the half-batch method needs the live graph
+    rows = probe_on_random_batches([probe], model, dataset, batch_size=24, trials=2000)
+    mean_grad_sq = sum(r["grad_sq_raw"] for r in rows) / len(rows)
+    mean_trace = sum(r["trace_cov_raw"] for r in rows) / len(rows)
+    assert mean_trace == pytest.approx(trace, rel=0.10)
+    assert mean_grad_sq == pytest.approx(grad_sq, rel=0.10)
+
+
+def test_noise_scale_taps_leave_the_model_when_the_run_ends():
+    dataset, model = toy_dataset(), toy_model()
+    fit(model, dataset, TrainConfig(batch_size=10, max_steps=3, eval_train=False), probes=["noise_scale"], progress=False)
+    import gc
+
+    gc.collect()
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_dist_from_init_follows_in_place_updates_and_checkpoints(tmp_path):
+    # The flat views follow the optimizer's in-place updates; a resumed run gives the same distances.
+    from batchlab.callbacks import Checkpoint
+    from batchlab.events import Callback, Stop
+
+    class StopAfterEpoch2(Callback):
+        def on_epoch_end(self, event):
+            return Stop("killed") if event.clock.epoch == 2 else None
+
+    dataset, probes = toy_dataset(), ["dist_from_init", "update_norm", "noise_scale"]
+    config = TrainConfig(batch_size=10, epochs=4, lr=0.3, eval_train=False)
+    full = fit(toy_model(), dataset, config, probes=probes, progress=False)
+    path = tmp_path / "ck.pt"
+    fit(toy_model(), dataset, config, probes=probes, callbacks=[Checkpoint(path), StopAfterEpoch2()], progress=False)
+    resumed = fit(toy_model(seed=5), dataset, config, probes=probes, resume_from=path, progress=False)
+    # θ_0 comes from the checkpoint, not from the resumed model's (different) initial weights.
+    for column in ("dist_from_init", "update_norm", "noise_scale"):
+        assert resumed.steps[column].to_numpy() == pytest.approx(full.steps[column].to_numpy(), rel=1e-6)

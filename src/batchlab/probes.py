@@ -509,10 +509,12 @@ class NoiseScale:
         per_sample_sq = taps.per_sample_squares()  # Σ_i ‖g_i‖² / B², 0-d
         norms = torch._foreach_norm([p.grad for p in ctx.params if p.grad is not None])  # ‖g_B‖ per tensor
         values = torch.stack([per_sample_sq, *norms]).tolist()  # one read; float32 sums, float64 from here
-        sum_sq = values[0] * batch * batch
-        big_sq = math.fsum(v * v for v in values[1:])
-        # The mean of the B one-sample estimates is the estimate from the mean ‖g_i‖² (they are linear in it).
-        grad_sq, trace_cov = two_batch_estimates([sum_sq / batch], [1], big_sq, batch, _n_train(ctx))
+        mean_sq = values[0] * batch  # the mean of ‖g_i‖² over the batch
+        big_sq = math.fsum(v * v for v in values[1:])  # ‖g_B‖²
+        # two_batch_estimates with b = 1, its B one-sample estimates averaged (they are linear in ‖g_i‖²):
+        # tr(Σ) = (mean ‖g_i‖² − ‖g_B‖²)/(1 − 1/B), ‖G‖² = (B‖g_B‖² − mean ‖g_i‖²)/(B − 1) + tr(Σ)/N.
+        trace_cov = (mean_sq - big_sq) / (1.0 - 1.0 / batch)
+        grad_sq = (batch * big_sq - mean_sq) / (batch - 1) + trace_cov / _n_train(ctx)
         return _advance(state, grad_sq, trace_cov, self.beta, "")
 
     def _part_gradients(self, ctx: ProbeContext, losses: torch.Tensor):
