@@ -309,3 +309,17 @@ def test_dist_from_init_follows_in_place_updates_and_checkpoints(tmp_path):
     # θ_0 comes from the checkpoint, not from the resumed model's (different) initial weights.
     for column in ("dist_from_init", "update_norm", "noise_scale"):
         assert resumed.steps[column].to_numpy() == pytest.approx(full.steps[column].to_numpy(), rel=1e-6)
+
+
+def test_noise_scale_with_probe_every_matches_every_step_at_the_measured_steps():
+    # With probe_every > 1 the taps keep output gradients only on measured steps (armed after the
+    # forward pass); the raw estimates there equal those of a run measuring every step.
+    dataset = toy_dataset()
+    config = TrainConfig(batch_size=10, max_steps=12, lr=0.2, eval_train=False)
+    every = fit(toy_model(), dataset, config, probes=["noise_scale"], progress=False).steps
+    third = fit(toy_model(), dataset, config.replace(probe_every=3), probes=["noise_scale"], progress=False).steps
+    measured = third.dropna(subset=["trace_cov_raw"])
+    assert list(measured["step"]) == [1, 4, 7, 10]
+    expected = every.set_index("step").loc[measured["step"]]
+    assert measured["trace_cov_raw"].to_numpy() == pytest.approx(expected["trace_cov_raw"].to_numpy(), rel=1e-5)
+    assert measured["grad_sq_raw"].to_numpy() == pytest.approx(expected["grad_sq_raw"].to_numpy(), rel=1e-5)

@@ -355,10 +355,14 @@ class LinearTaps:
         bias = [0.0] * count + [float(b) for _, _, b in layers]
         self.bias_terms = torch.tensor(bias, device=device, dtype=dtype).unsqueeze(1)  # (2L, 1)
         self.deltas: list[Any] = [None] * count
-        # Set by the ProbeSet when probes at the "forward" point run backward passes of their own
-        # through the step's graph: a retained z.grad would sum theirs with the loop's.
+        # Whether every forward pass keeps its output gradients (when every step is measured), or
+        # only those `arm` is called for; and whether probes at the "forward" point run backward
+        # passes of their own through the step's graph (a retained z.grad would sum theirs with
+        # the loop's). Both set by the ProbeSet.
+        self.every_step = True
         self.graph_shared = False
         inputs, outputs, deltas, taps = self.inputs, self.outputs, self.deltas, weakref.ref(self)
+        self._keepers = []
 
         def recorder(index: int):
             def keep(grad):  # the last backward pass through z wins: the loop's, after any probe's
@@ -368,14 +372,23 @@ class LinearTaps:
                 if output.requires_grad:  # a training forward pass, not an evaluation under no_grad
                     inputs[index], outputs[index], deltas[index] = args[0], output, None
                     live = taps()
-                    if live is not None and live.graph_shared:
+                    if live is None or not live.every_step:
+                        return
+                    if live.graph_shared:
                         output.register_hook(keep)
                     else:
                         output.retain_grad()  # kept by autograd itself, cheaper than a Python hook
+            self._keepers.append(keep)
             return record
 
         handles = [layer.register_forward_hook(recorder(l)) for l, (layer, _, _) in enumerate(layers)]
         weakref.finalize(self, _remove_hooks, handles)
+
+    def arm(self) -> None:
+        """After a forward pass the hooks only recorded: keep its output gradients."""
+        for z, keep in zip(self.outputs, self._keepers):
+            if z is not None:
+                z.register_hook(keep)
 
     @torch.no_grad()  # hidden layers' inputs carry the graph; nothing here is to be recorded
     def per_sample_squares(self) -> torch.Tensor:
@@ -465,16 +478,24 @@ class NoiseScale:
         return NoiseState()
 
     def points_for(self, ctx: ProbeContext) -> tuple[Point, ...]:
-        """Where this run measures: only after backward when the taps read per-sample norms
-        (the loop then keeps its fused mean loss), else at the live graph too."""
-        if self._taps(ctx) is not None:
+        """Where this run measures. With the taps and every step measured: only after backward
+        (the loop then keeps its fused mean loss, and the hooks keep every step's output
+        gradients); with the taps and ``probe_every > 1``: after forward too, to keep the output
+        gradients of measured steps only; without the taps: at the live graph, for its parts."""
+        taps = self._taps(ctx)
+        if taps is not None and getattr(ctx.config, "probe_every", 1) == 1:
             return ("backward",)
+        if taps is not None:
+            taps.every_step = False
         return self.points
 
     def measure(self, state: NoiseState, ctx: ProbeContext, losses, point: Point = "backward"):
-        if point == "forward":
-            return NoiseState(state.grad_sq_avg, state.trace_cov_avg, state.count, self._part_gradients(ctx, losses)), {}
         taps = self._taps(ctx)
+        if point == "forward":
+            if taps is not None:
+                taps.arm()
+                return state, {}
+            return NoiseState(state.grad_sq_avg, state.trace_cov_avg, state.count, self._part_gradients(ctx, losses)), {}
         if taps is not None:
             return self._per_sample(state, ctx, taps)
         pending, state = state.pending, NoiseState(state.grad_sq_avg, state.trace_cov_avg, state.count)
