@@ -9,9 +9,10 @@ table. Each probe measures at one point of the step:
 - ``"backward"``: the gradients of the batch's mean loss are in ``p.grad``, weights not yet updated;
 - ``"update"``: the optimizer has stepped; weights are θ_t.
 
-A probe that needs two points of the same step (``noise_scale`` needs the live graph *and* the
-full-batch gradient) declares ``points`` (in step order) instead of ``point``; its ``measure`` is
-then called at each of them with the keyword ``point=``. Values stay tensors until `ProbeSet.collect`
+A probe that needs two points of the same step (``noise_scale``'s half-batch method needs the
+live graph *and* the full-batch gradient) declares ``points`` (in step order) instead of
+``point``; its ``measure`` is then called at each of them with the keyword ``point=``, and it may
+narrow them for a run by a ``points_for(ctx)`` method. Values stay tensors until `ProbeSet.collect`
 turns them into floats, so a probe never forces a device synchronisation by itself.
 
 The loop calls the probes only every ``config.probe_every`` steps; stateful estimates (the noise
