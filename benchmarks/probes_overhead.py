@@ -78,8 +78,8 @@ def main() -> None:
     # Ratios pair each run with the run without probes of the same repeat (seconds apart), which
     # cancels most of a shared machine's drift; the CPU-time ratio (whole fit call, this thread)
     # does not count time the process waited for a core.
-    print(f"| probes | seconds | ms/step | ratio to none | CPU-time ratio | target |")
-    print(f"|---|---:|---:|---:|---:|---:|")
+    print("| probes | seconds | ms/step | ratio to none | CPU-time ratio | target |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, values in seconds.items():
         median = statistics.median(values)
         ratio = statistics.median(v / b for v, b in zip(values, seconds["none"]))

@@ -25,7 +25,7 @@ import functools
 import math
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Protocol
 
 import torch
@@ -396,7 +396,6 @@ class LinearTaps:
         """Σ_i Σ_l ‖∇ ℓ_i‖²/B² over the batch's samples and the layers' trained parameters (0-d),
         from the latest backward pass of the batch's mean loss; the taps are emptied."""
         count = len(self.inputs)
-        batch = self.inputs[0].shape[0]
         # A layer the loss does not reach gets no gradient: its per-sample gradients are 0.
         deltas = [d if d is not None else z.grad if z.grad is not None else z.new_zeros(z.shape)
                   for d, z in zip(self.deltas, self.outputs)]
