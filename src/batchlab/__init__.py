@@ -40,11 +40,12 @@ _EXPORTS = {
     "Checkpoint": "callbacks",
     "RunStore": "store",
     "recorder": "store",
-    "fit_replicas": "ensemble",
+    "fit_replicas": "replicas",
+    "track": "tracking",
     "run_study": "study",
 }
 _SUBMODULES = {"plots", "probes", "metrics", "optim", "data", "models", "loop", "store", "report", "explain",
-               "gradnorm", "ensemble", "study", "events", "callbacks", "config"}
+               "gradnorm", "ensemble", "replicas", "record", "tracking", "study", "events", "callbacks", "config"}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

@@ -157,8 +157,10 @@ def divergence_message(batch_loss: float, step: int, epoch: int, lr: float) -> s
 
 def evaluation_due(clock: Clock, eval_every: int | None) -> bool:
     """Whether a run evaluates after the step ``clock`` has just counted: every ``eval_every`` steps,
-    except at an epoch's last step (the epoch's end evaluates there)."""
-    return eval_every is not None and clock.step % eval_every == 0 and clock.step_in_epoch < clock.steps_per_epoch
+    except at an epoch's last step (the epoch's end evaluates there). Where the epoch's length is not
+    known yet (``steps_per_epoch`` 0: a tracked loop's first epoch), every multiple is due."""
+    return (eval_every is not None and clock.step % eval_every == 0
+            and (clock.steps_per_epoch == 0 or clock.step_in_epoch < clock.steps_per_epoch))
 
 
 def overrides_step_end(callback: Callback) -> bool:
