@@ -178,6 +178,7 @@ class Tracker:
         self.noise: MicroBatchNoise | None = None
         self._hooks: list[Any] = []
         self._started = False
+        self._begun = False
         self._finished: Run | None = None
         self._classification: bool | None = None
         self._in_epoch = False
@@ -185,6 +186,7 @@ class Tracker:
         self._micro: list[tuple[float, int | None, int]] = []  # this step's micro-batches: loss, correct, size
         self._pending: dict[str, Any] | None = None  # a step waiting for optimizer.step()
         self._mark = 0.0
+        self.defer_completion = False  # framework callbacks: the step completes at `batch_end`, not at the update
 
     # -- the context -----------------------------------------------------------------------------
 
@@ -196,25 +198,35 @@ class Tracker:
         if kind is KeyboardInterrupt:
             self.finish("interrupted", f"interrupted at step {self.recorder.clock.step}")
         elif kind is not None:
-            self.finish("failed", f"{kind.__name__}: {error}".splitlines()[0])
+            # The store knows finished, stopped, diverged and interrupted: an error interrupted the run.
+            self.finish("interrupted", f"{kind.__name__}: {error}".splitlines()[0])
         else:
             self.finish()
 
     def _start(self) -> None:
+        """Install the hooks; the run itself begins at the first training forward pass or step."""
         if self._started:
             return
         self._started = True
         wanted = [p.name for p in self.probe_specs]
-        self._probe_set_pending = bool(self.probe_specs)
         if "noise_scale" in wanted and self.accumulate > 1:
             self.noise = MicroBatchNoise(n_train=float(self.n_train) if self.n_train else math.inf)
             self.probe_specs = [p for p in self.probe_specs if p.name != "noise_scale"]
-            self._probe_set_pending = bool(self.probe_specs)
-        # The probe set needs one batch's shape (per-sample norms of linear layers): made at the first
-        # forward pass, before it runs, so that its hooks see that pass.
+        self._probe_set_pending = bool(self.probe_specs)
         self._hooks.append(self.model.register_forward_pre_hook(self._first_forward))
         self._hooks.append(self.optimizer.register_step_post_hook(self._after_update))
+
+    def _begin(self, batch_size: int | None) -> None:
+        """The run begins: `RunStart` (with the nominal batch size, now known) and the step-0 evaluation,
+        at the initial weights (the first update has not happened yet)."""
+        self._start()
+        if self._begun:
+            return
+        self._begun = True
         rec = self.recorder
+        if batch_size:
+            rec.config = replace(rec.config, batch_size=batch_size)
+            rec.clock = replace(rec.clock, batch_size=batch_size)
         rec.start_run()
         if self.eval_data:
             self._evaluate_data()
@@ -222,7 +234,13 @@ class Tracker:
         self._mark = time.perf_counter()
 
     def _first_forward(self, module, args) -> None:
-        if not self._probe_set_pending or not args or not isinstance(args[0], torch.Tensor) or not module.training:
+        """Before the first training forward pass: begin the run, and make the probe set, which needs
+        one batch's shape (per-sample norms of linear layers) and hooks that see this very pass."""
+        if not module.training or not args or not isinstance(args[0], torch.Tensor) or torch.is_inference_mode_enabled():
+            return
+        if not self._begun:
+            self._begin(int(args[0].shape[0]) * self.accumulate if args[0].dim() > 0 else None)
+        if not self._probe_set_pending:
             return
         self._probe_set_pending = False
         example = args[0].detach()[:2]
@@ -254,7 +272,8 @@ class Tracker:
             targets: the batch's targets (class indices for accuracy).
             batch_size: samples in the batch; default ``len(targets)`` or ``len(outputs)``.
         """
-        self._start()
+        size = _batch_size(batch_size, outputs, targets)
+        self._begin(size * self.accumulate)
         if self._pending is not None:
             self._complete()  # optimizer.step() did not run for the previous step (an AMP skip)
         if not self.recorder.going:
@@ -262,14 +281,10 @@ class Tracker:
         if not self._in_epoch:
             self.recorder.start_epoch()
             self._in_epoch = True
-        size = _batch_size(batch_size, outputs, targets)
         batch_loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         correct = None
         if outputs is not None and targets is not None and self._is_classification(outputs, targets):
             correct = int((outputs.detach().argmax(dim=1) == targets).sum())
-        elif self._classification is None:
-            self._classification = False
-            self.recorder.classification = False
         self._micro.append((batch_loss, correct, size))
         scale = self._grad_scale()
         if self.noise is not None and self._measuring():
@@ -296,25 +311,41 @@ class Tracker:
         size = sum(sizes)
         # The step's batch loss: the sample-weighted mean of its micro-batches' mean losses.
         batch_loss = losses[0] if len(losses) == 1 else math.fsum(l * b for l, b in zip(losses, sizes)) / size
-        correct = None if any(c is None for c in corrects) else sum(corrects)
-        self._pending = {"size": size, "lr": _lr(self.optimizer), "loss": batch_loss, "correct": correct,
-                         "values": values, "measuring": measuring}
+        self._pending = {"size": size, "lr": _lr(self.optimizer), "loss": batch_loss, "corrects": list(corrects),
+                         "values": values, "measuring": measuring, "updated": False}
 
     def _after_update(self, optimizer, args, kwargs) -> None:
-        if self._pending is not None:
+        if self._pending is not None and not self._pending["updated"]:
+            self._pending["updated"] = True
             if self._pending["measuring"] and self.recorder.probes is not None:
                 self.recorder.probes.after_update()
-            self._complete()
+            if not self.defer_completion:
+                self._complete()
+
+    def batch_end(self, correct: int | None) -> None:
+        """For framework callbacks, whose batch outputs arrive after the update: the latest
+        micro-batch's correct count; a step waiting for it is completed."""
+        if self._micro:
+            loss, _, size = self._micro[-1]
+            self._micro[-1] = (loss, correct, size)
+        elif self._pending is not None:
+            self._pending["corrects"][-1] = correct
+            if self._pending["updated"]:
+                self._complete()
 
     def _complete(self) -> None:
         """Hand the pending step to the core, then evaluate if due and act on the callbacks' requests."""
         pending, self._pending = self._pending, None
         rec = self.recorder
         values = pending["values"]
+        corrects = pending["corrects"]
+        correct = None if any(c is None for c in corrects) else sum(corrects)
+        if correct is None and rec.classification and not rec.steps:
+            rec.classification = self._classification = False  # no accuracy given: a loss-only run
         if pending["measuring"] and rec.probes is not None:
             values.update(rec.probes.collect())
         now = time.perf_counter()
-        rec.record_step(pending["size"], pending["lr"], pending["loss"], pending["correct"], now - self._mark,
+        rec.record_step(pending["size"], pending["lr"], pending["loss"], correct, now - self._mark,
                         values or None)
         if rec.status != "diverged" and rec.evaluation_due() and self.eval_data:
             self._evaluate_data()
@@ -344,7 +375,7 @@ class Tracker:
     def end_epoch(self, **splits: Mapping[str, float]) -> None:
         """End the epoch: evaluate ``eval_data`` (unless done at this step), add the metrics given
         (``val={"loss": vl, "acc": va}``, ``train=...``, ``test=...``), and write the epoch row."""
-        self._start()
+        self._begin(None)
         if self._pending is not None:
             self._complete()
         if self._micro:
@@ -393,6 +424,7 @@ class Tracker:
         """End the run (the context manager does this): the last step and epoch, `RunEnd`, hooks removed."""
         if self._finished is not None:
             return self._finished
+        self._begin(None)
         try:
             if self._pending is not None:
                 self._complete()
@@ -404,8 +436,6 @@ class Tracker:
             sizes = [row["batch_size"] for row in rec.steps]
             rec.clock = replace(clock, total_steps=clock.step, epochs=clock.epoch, steps_per_epoch=steps_per_epoch,
                                 batch_size=max(sizes) if sizes else 0, n_train=clock.n_train or clock.samples_seen)
-            if sizes:
-                rec.config = replace(rec.config, batch_size=max(sizes))
         finally:
             for hook in self._hooks:
                 hook.remove()
