@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     import torch
 
 SCHEMA_VERSION = 1
-RUN_STATUSES = ("running", "finished", "stopped", "diverged", "interrupted")
+RUN_STATUSES = ("running", "finished", "stopped", "diverged", "interrupted", "failed")
 END_STATUSES = RUN_STATUSES[1:]
 EXPORT_FORMATS = ("csv", "parquet", "json", "tensorboard")
 
