@@ -27,6 +27,7 @@ global batch's statistics).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -54,7 +55,7 @@ DEFAULT_TIMEOUT = 300.0  # seconds any collective may wait before the run fails
 FAILURE_KEY = "batchlab/failure/{rank}"  # where a failing rank leaves its message for rank 0
 HOST_BYTES = 256  # hostnames travel as fixed-size byte tensors (no pickling between ranks)
 
-__all__ = ["Ranks", "RankFailure", "fit", "launched", "launch", "start", "rank_part", "plan_global"]
+__all__ = ["Ranks", "RankFailure", "fit", "launch", "launched", "plan_global", "rank_part", "rank_probe", "start", "stop"]
 
 
 class RankFailure(BatchlabError):
@@ -116,6 +117,12 @@ def start(device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> Ranks:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
     return current()  # type: ignore[return-value]
+
+
+def stop() -> None:
+    """Leave the process group (a process that exits inside one is aborted by its threads)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_part(index: torch.Tensor, ranks: Ranks) -> torch.Tensor:
@@ -193,7 +200,7 @@ def fit(
         state = _DistributedState.start(model, dataset, global_config, clock, ranks)
         ctx = ProbeContext(model, tuple(p for p in model.parameters() if p.requires_grad), dataset, global_config,
                            state.loss_fn, scratch={"rank_gradients": state.rank_gradients})
-        probe_set = ProbeSet([_rank_probe(p) for p in probes], ctx)
+        probe_set = ProbeSet([rank_probe(p) for p in probes], ctx)
         state.recorder = Recorder(
             clock, model=model, classification=dataset.n_classes is not None, callbacks=callbacks,
             config=global_config, dataset=dataset.name, probes=probe_set, probe_every=config.probe_every,
@@ -210,7 +217,7 @@ def fit(
             raise RankFailure(message) from error
 
 
-def _rank_probe(spec: Any) -> Any:
+def rank_probe(spec: Any) -> Any:
     """The probe a data-parallel run measures for ``spec``: the noise scale comes from the ranks."""
     if spec == "noise_scale":
         return RankNoiseScale()
@@ -510,6 +517,8 @@ def launch(arguments: Sequence[str], nproc: int) -> int:
     args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--monitor-interval", "0.1",
                                           "-m", "batchlab", *arguments])
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # The ranks report their own errors; the launcher's log lines would repeat them as tracebacks.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         run(args)
     except ChildFailedError:

@@ -74,6 +74,8 @@ RUN_OPTIONS = [
     click.Option(["--model"], default=None, help="NAME[:opt=val,...] (e.g. mlp:hidden=100x100,dropout=0.1) or package.module:function."),
     click.Option(["--probes"], default=None, help="Comma-separated probes: grad_norm, noise_scale, dist_from_init, update_norm."),
     click.Option(["--name"], default=None, help="A name for the run in the store."),
+    click.Option(["--nproc"], type=int, default=None,
+                 help="Train data-parallel over N processes on this machine (as torchrun); --batch-size is per process."),
     click.Option(["--threads"], type=int, default=1, show_default=True,
                  help="Torch CPU threads (1 is fastest for small models on a shared machine)."),
     click.Option(["--quiet", "-q"], is_flag=True, help="No progress bar or tables."),
@@ -144,23 +146,43 @@ def epoch_table(epochs, title: str = "epochs"):
 
 
 def _fit_command(**options: Any) -> None:
-    """Train one model and store the run."""
+    """Train one model and store the run (data-parallel under torchrun, or launched with --nproc)."""
     import torch
 
+    from .. import distributed
     from ..loop import fit
     from ..store import recorder
 
+    if options.get("nproc") is not None and not distributed.launched():
+        if options["nproc"] < 1:
+            raise BatchlabError(f"--nproc must be at least 1, got {options['nproc']}")
+        spec = spec_from_options(options)
+        dataset, _, _ = prepare_run(spec)
+        distributed.plan_global(dataset, spec.train, options["nproc"])  # bad input fails here, once
+        for probe in spec.probes:
+            distributed.rank_probe(probe)
+        sys.exit(distributed.launch(["fit", *_flags(options, skip=("nproc",))], options["nproc"]))
     torch.set_num_threads(max(1, options["threads"]))
     quiet, as_json = options["quiet"], options["as_json"]
     spec = spec_from_options(options)
     dataset, model, clock = prepare_run(spec)
+    ranks = distributed.start(spec.train.device) if distributed.launched() else None
+    if ranks is not None:  # only rank 0 prints and records
+        clock = distributed.plan_global(dataset, spec.train, ranks.world_size)[1]
+        quiet, as_json = quiet or not ranks.is_main, as_json and ranks.is_main
     store = store_path(options["store"])
     if not store.parent.exists():
         raise BatchlabError(f"the store's folder {store.parent} does not exist; create it or pass another --store")
-    _say(f"{dataset.name}: {clock.describe()}", quiet, as_json)
+    ranks_note = f" over {ranks.world_size} ranks ({ranks.backend})" if ranks is not None else ""
+    _say(f"{dataset.name}: {clock.describe()}{ranks_note}", quiet, as_json)
     rec = recorder(store, name=spec.name, kind="fit", spec=spec.model_dump(mode="json", exclude={"train"}))
-    run = fit(model, dataset, spec.train, probes=spec.probes, callbacks=[rec],
-              progress=not quiet and sys.stderr.isatty())
+    callbacks = [rec] if ranks is None or ranks.is_main else []
+    try:
+        run = (distributed.fit if ranks is not None else fit)(
+            model, dataset, spec.train, probes=spec.probes, callbacks=callbacks,
+            progress=not quiet and sys.stderr.isatty())
+    finally:
+        distributed.stop()
     if not quiet:
         print_rich(epoch_table(run.epochs, title=f"run {rec.run_id}: {dataset.name}, {spec.model}"), as_json)
     _say(f"{run.status}: run {rec.run_id} stored in {store}" + (f" ({run.message})" if run.message else ""),
@@ -169,6 +191,24 @@ def _fit_command(**options: Any) -> None:
         print_json({"run_id": rec.run_id, "store": str(store), **run.summary})
     if run.status == "diverged" and not as_json:
         click.echo(f"warning: {run.message}", err=True)
+
+
+def _flags(options: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
+    """The command-line flags that give ``options`` again (for the ranks that --nproc launches)."""
+    flags: list[str] = []
+    for param in fit_command.params:
+        value = options.get(param.name)
+        if param.name in skip or value is None or not isinstance(param, click.Option):
+            continue
+        if param.is_flag and not param.secondary_opts:
+            flags += [param.opts[0]] if value else []
+        elif param.is_bool_flag or isinstance(value, bool):
+            flags.append(param.opts[0] if value else param.secondary_opts[0])
+        elif isinstance(value, tuple):
+            flags += [param.opts[0], *map(str, value)]
+        else:
+            flags += [param.opts[0], str(value)]
+    return flags
 
 
 fit_command = click.Command(
