@@ -1,6 +1,6 @@
 """What each rank runs in tests/test_distributed.py (started by torchrun, 2 gloo ranks, one thread each).
 
-Usage: ``torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py SCENARIO OUT_DIR``.
+Usage: ``torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py SCENARIO[,SCENARIO] OUT_DIR``.
 Rank 0 writes its runs' step tables as JSON into OUT_DIR and records into OUT_DIR/runs.db.
 """
 
@@ -74,7 +74,8 @@ if __name__ == "__main__":
     scenario, folder = sys.argv[1], Path(sys.argv[2])
     distributed.start("cpu", timeout=30)
     try:
-        {"equivalence": equivalence, "failure": failure}[scenario](folder)
+        for name in scenario.split(","):  # a failure breaks the process group: it comes last
+            {"equivalence": equivalence, "failure": failure}[name](folder)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
