@@ -58,6 +58,35 @@ def equivalence(out: Path) -> None:
         (out / f"{name}-rank{dist.get_rank()}.json").write_text(run.steps.to_json(orient="records"))
 
 
+TRACK_BATCH = 25  # per rank; 2 ranks × 25 divide blobs' 500 training samples
+TRACK_CONFIG = dict(optimizer="sgd", lr=0.05, momentum=0.9, epochs=1, seed=5)
+
+
+def track(out: Path) -> None:
+    """A user's own DDP loop: each global batch of the seeded permutation split in two, measured by bl.track."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ds = dataset()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    net = model(ds, TRACK_CONFIG["seed"])
+    ddp = DistributedDataParallel(net)
+    optimizer = torch.optim.SGD(net.parameters(), lr=TRACK_CONFIG["lr"], momentum=TRACK_CONFIG["momentum"])
+    X, y = ds.train
+    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(TRACK_CONFIG["seed"]))
+    with bl.track(ddp, optimizer, store=out / "runs.db", name="track", probes=["noise_scale", "grad_norm"],
+                  n_train=len(X)) as run:
+        for start in range(0, len(X), TRACK_BATCH * world):
+            local = order[start + rank * TRACK_BATCH:start + (rank + 1) * TRACK_BATCH]
+            outputs = ddp(X[local])
+            loss = torch.nn.functional.cross_entropy(outputs, y[local])
+            optimizer.zero_grad()
+            loss.backward()
+            run.step(loss, outputs=outputs, targets=y[local])
+            optimizer.step()
+        run.end_epoch()
+    (out / f"track-rank{rank}.json").write_text(run.steps.to_json(orient="records"))
+
+
 def failure(out: Path) -> None:
     ds = dataset()
     config = bl.TrainConfig(batch_size=PER_RANK_BATCH, epochs=1, seed=0)
@@ -75,7 +104,7 @@ if __name__ == "__main__":
     distributed.start("cpu", timeout=30)
     try:
         for name in scenario.split(","):  # a failure breaks the process group: it comes last
-            {"equivalence": equivalence, "failure": failure}[name](folder)
+            {"equivalence": equivalence, "track": track, "failure": failure}[name](folder)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -88,7 +88,7 @@ class OracleNoise:
 def launched(tmp_path_factory):
     """The ranks' outputs and, computed meanwhile in this process, the single-process references."""
     out = tmp_path_factory.mktemp("ddp")
-    process = _launch("equivalence,failure", out)
+    process = _launch("equivalence,track,failure", out)
     torch.set_num_threads(1)
     ds = worker.dataset()
     references = {}
@@ -98,6 +98,9 @@ def launched(tmp_path_factory):
         if "noise_scale" in worker.PROBES[name]:
             probes.append(OracleNoise())
         references[name] = bl.fit(worker.model(ds, options["seed"]), ds, config, probes=probes, progress=False)
+    config = bl.TrainConfig(batch_size=worker.TRACK_BATCH * WORLD, **worker.TRACK_CONFIG)
+    references["track"] = bl.fit(worker.model(ds, config.seed), ds, config, probes=["grad_norm", OracleNoise()],
+                                 progress=False)
     status, output = _wait(process)
     return out, references, status, output
 
@@ -139,11 +142,27 @@ def test_noise_scale_equals_two_batch_formula_from_the_ranks_gradients(launched)
     np.testing.assert_allclose(table["noise_scale"], expected, rtol=1e-6)
 
 
+def test_track_in_a_users_ddp_loop_records_the_global_batch(launched):
+    out, references, _, _ = launched
+    reference = references["track"].steps
+    for rank in range(WORLD):
+        table = _table(out, "track", rank)
+        for column in ("step", "batch_size", "batch_loss", "batch_acc", "running_loss", "running_acc", "grad_norm"):
+            np.testing.assert_allclose(table[column], reference[column], rtol=1e-5, err_msg=column)
+        np.testing.assert_allclose(table["trace_cov_raw"], reference["oracle_trace_cov"], rtol=1e-6)
+        np.testing.assert_allclose(table["grad_sq_raw"], reference["oracle_grad_sq"], rtol=1e-6, atol=1e-10)
+    with RunStore(out / "runs.db") as store:
+        runs = store.list_runs()
+        tracked = store.load_run(int(runs[runs["name"] == "track"]["id"].iloc[0]))
+    assert tracked.provenance["distributed"]["world_size"] == WORLD
+    assert len(tracked.steps) == len(reference)
+
+
 def test_rank0_alone_records_with_provenance(launched):
     out, _, _, _ = launched
     with RunStore(out / "runs.db") as store:
         runs = store.list_runs()
-        assert list(runs["name"]) == ["sgd", "adam", "fails"]  # one run per training, not one per rank
+        assert list(runs["name"]) == ["sgd", "adam", "track", "fails"]  # one run per training, not one per rank
         stored = store.load_run(int(runs["id"].iloc[0]))
     assert stored.provenance["distributed"] == {
         "world_size": WORLD, "backend": "gloo", "per_rank_batch": worker.PER_RANK_BATCH,

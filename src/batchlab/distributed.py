@@ -48,14 +48,14 @@ from .events import Callback, Clock, RestoreWeights
 from .loop import check_model, plan_run, resolve_device
 from .metrics import correct_count, evaluation_splits, loss_function, pass_totals
 from .optim import build_optimizer, lr_at, scaled_lr, set_lr
-from .probes import NoiseScale, NoiseScaleExact, ProbeContext, ProbeSet, RankGradients, RankNoiseScale, make_probe, part_sizes
+from .probes import NoiseScale, NoiseScaleExact, ProbeSet, RankGradients, RankNoiseScale, make_probe, part_sizes
 from .record import Recorder, Run
 
 DEFAULT_TIMEOUT = 300.0  # seconds any collective may wait before the run fails
 FAILURE_KEY = "batchlab/failure/{rank}"  # where a failing rank leaves its message for rank 0
 HOST_BYTES = 256  # hostnames travel as fixed-size byte tensors (no pickling between ranks)
 
-__all__ = ["Ranks", "RankFailure", "fit", "launch", "launched", "plan_global", "rank_part", "rank_probe", "start", "stop"]
+__all__ = ["Ranks", "RankFailure", "TrackedRanks", "fit", "launch", "launched", "plan_global", "rank_part", "rank_probe", "start", "stop"]
 
 
 class RankFailure(BatchlabError):
@@ -198,9 +198,8 @@ def fit(
     _add_provenance(callbacks, _provenance(ranks, config, clock))
     with _seeded(config.seed + 1_000_003 * ranks.rank, device), _failure_signals(ranks):
         state = _DistributedState.start(model, dataset, global_config, clock, ranks)
-        ctx = ProbeContext(model, tuple(p for p in model.parameters() if p.requires_grad), dataset, global_config,
-                           state.loss_fn, scratch={"rank_gradients": state.rank_gradients})
-        probe_set = ProbeSet([rank_probe(p) for p in probes], ctx)
+        probe_set = ProbeSet.create([rank_probe(p, state.rank_gradients) for p in probes], model, dataset,
+                                    global_config, state.loss_fn)
         state.recorder = Recorder(
             clock, model=model, classification=dataset.n_classes is not None, callbacks=callbacks,
             config=global_config, dataset=dataset.name, probes=probe_set, probe_every=config.probe_every,
@@ -217,10 +216,11 @@ def fit(
             raise RankFailure(message) from error
 
 
-def rank_probe(spec: Any) -> Any:
-    """The probe a data-parallel run measures for ``spec``: the noise scale comes from the ranks."""
+def rank_probe(spec: Any, gradients: RankGradients | None = None) -> Any:
+    """The probe a data-parallel run measures for ``spec``: the noise scale comes from the ranks
+    (``gradients``, the run's `RankGradients`)."""
     if spec == "noise_scale":
-        return RankNoiseScale()
+        return RankNoiseScale(gradients=gradients)
     probe = make_probe(spec)
     if isinstance(probe, (NoiseScale, NoiseScaleExact)):
         raise ConfigError(f"probe {probe.name!r} needs the whole batch in one process; in a data-parallel run "
@@ -403,11 +403,74 @@ def _seeded(seed: int, device: torch.device):
         torch.set_rng_state(cpu_state)
 
 
+# --- bl.track in a process group -------------------------------------------------------------------
+
+
+class TrackedRanks:
+    """What `batchlab.track` does in a process group of several ranks: step numbers of the global
+    batch (loss, correct count and size summed over ranks), and ``noise_scale`` from the ranks.
+
+    Made by `TrackedRanks.create`; the tracker records on rank 0 only.
+    """
+
+    def __init__(self, ranks: Ranks, gradients: RankGradients | None, device: torch.device):
+        self.ranks, self.gradients, self.device = ranks, gradients, device
+        self.provenance = provenance(ranks)  # a collective: every rank gathers the hosts
+
+    @property
+    def is_main(self) -> bool:
+        return self.ranks.is_main
+
+    @classmethod
+    def create(cls, model: torch.nn.Module, probes: list[Any], accumulate: int) -> tuple["TrackedRanks | None", list[Any]]:
+        """The ranks of a tracked DDP loop (None outside a process group of 2+ ranks), and its probes,
+        ``noise_scale`` measured from the ranks (its communication hook registered on ``model``)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        ranks = current()
+        if ranks is None or ranks.world_size < 2:
+            return None, probes
+        gradients = None
+        if accumulate == 1 and any(p.name == "noise_scale" for p in probes):
+            if not isinstance(model, DistributedDataParallel):
+                raise ConfigError("noise_scale in a data-parallel loop is measured from DDP's all-reduce: pass the "
+                                  "DistributedDataParallel model to bl.track")
+            gradients = RankGradients()
+            model.register_comm_hook(gradients, RankGradients.hook)
+            probes = [RankNoiseScale(gradients=gradients) if p.name == "noise_scale" else p for p in probes]
+        device = next(model.parameters()).device
+        return cls(ranks, gradients, device), probes
+
+    def before_forward(self, inputs: torch.Tensor, measuring: bool) -> None:
+        """A training forward pass of ``inputs`` (b, ...): arm the gradients' hook when the step is measured.
+        The ranks' batches are taken as equal (DistributedSampler's are), so the global batch is b×N."""
+        if self.gradients is not None and measuring:
+            batch = int(inputs.shape[0])
+            self.gradients.arm(batch, batch * self.ranks.world_size)
+
+    def reduce_step(self, size: int, loss: float, correct: int | None) -> tuple[int, float, int | None]:
+        """The global batch's size, mean loss and correct count from every rank's (one all-reduce)."""
+        totals = torch.tensor([loss * size, float(correct or 0), float(size), float(correct is None)],
+                              dtype=torch.float64, device=self.device)
+        dist.all_reduce(totals)
+        loss_sum, correct_sum, total, missing = totals.tolist()
+        return int(total), loss_sum / total, None if missing else int(correct_sum)
+
+
 # --- provenance -----------------------------------------------------------------------------------
 
 
 def _provenance(ranks: Ranks, config: TrainConfig, clock: Clock) -> dict[str, Any]:
-    """World size, backend, per-rank batch and every rank's host (gathered as bytes, never pickled)."""
+    """World size, backend, per-rank batch, global batch and every rank's host."""
+    per_rank = config.batch_size if config.batch_size != "full" else part_sizes(clock.batch_size, ranks.world_size)[0]
+    entries = provenance(ranks)
+    entries["distributed"].update(per_rank_batch=per_rank, global_batch=clock.batch_size)
+    return entries
+
+
+def provenance(ranks: Ranks) -> dict[str, Any]:
+    """``{"distributed": {world_size, backend, hosts}}``; every rank must call it (the hosts are
+    gathered as bytes, never pickled)."""
     name = socket.gethostname().encode()[:HOST_BYTES]
     mine = torch.zeros(HOST_BYTES, dtype=torch.uint8)
     mine[:len(name)] = torch.tensor(list(name), dtype=torch.uint8)
@@ -415,9 +478,7 @@ def _provenance(ranks: Ranks, config: TrainConfig, clock: Clock) -> dict[str, An
     gathered = [torch.zeros(HOST_BYTES, dtype=torch.uint8, device=device) for _ in range(ranks.world_size)]
     dist.all_gather(gathered, mine.to(device))
     hosts = [bytes(t.cpu().tolist()).rstrip(b"\0").decode(errors="replace") for t in gathered]
-    per_rank = config.batch_size if config.batch_size != "full" else part_sizes(clock.batch_size, ranks.world_size)[0]
-    return {"distributed": {"world_size": ranks.world_size, "backend": ranks.backend, "per_rank_batch": per_rank,
-                            "global_batch": clock.batch_size, "hosts": hosts}}
+    return {"distributed": {"world_size": ranks.world_size, "backend": ranks.backend, "hosts": hosts}}
 
 
 def _add_provenance(callbacks: Sequence[Callback], entries: dict[str, Any]) -> None:

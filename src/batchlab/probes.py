@@ -676,21 +676,23 @@ class RankNoiseScale:
 
     Args:
         beta: the moving averages' decay.
+        gradients: the `RankGradients` whose hook is registered on the run's DDP model.
     """
 
     name: str = "noise_scale"
     point: Point = "backward"
     beta: float = 0.99
+    gradients: RankGradients | None = field(default=None, compare=False, repr=False)
 
     def init(self, ctx: ProbeContext) -> NoiseState:
-        if not isinstance(ctx.scratch.get("rank_gradients"), RankGradients):
-            raise ConfigError("the noise scale from ranks needs a data-parallel run (batchlab.distributed.fit)")
+        if self.gradients is None:
+            raise ConfigError("the noise scale from ranks needs a data-parallel run (batchlab.distributed)")
         return NoiseState()
 
     def measure(self, state: NoiseState, ctx: ProbeContext, losses):
         import torch.distributed as dist
 
-        ranks: RankGradients = ctx.scratch["rank_gradients"]
+        ranks = self.gradients
         b, big, world = ranks.local_size, ranks.global_size, dist.get_world_size(ranks.group)
         local_sq = ranks.take()
         big_sq = squared_norm(_grads(ctx.params))  # ‖g_B‖², the same on every rank
