@@ -214,3 +214,35 @@ def test_fit_outside_a_launch_says_how_to_launch(monkeypatch):
     ds = bl.load_dataset("blobs")
     with pytest.raises(ConfigError, match="torchrun"):
         distributed.fit(bl.build_model("mlp", ds), ds, bl.TrainConfig(batch_size=8))
+
+
+@pytest.mark.slow
+def test_cli_nproc_trains_what_one_process_trains_at_the_global_batch(tmp_path, cli):
+    """`batchlab fit --nproc 2 --batch-size 25` stores the run `batchlab fit --batch-size 50` stores."""
+    flags = ["--dataset", "blobs", "--model", "mlp:hidden=16", "--epochs", "1", "--optimizer", "adam", "--lr", "0.01",
+             "--probes", "grad_norm", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(bl.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([sys.executable, "-m", "batchlab", "fit", "--nproc", "2", "--batch-size", "25",
+                                "--store", str(tmp_path / "ddp.db"), *flags], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    status, _, err = cli(["fit", "--batch-size", "50", "--store", str(tmp_path / "one.db"), *flags])
+    assert status == 0, err
+    code, output = _wait(process)
+    assert code == 0, output[-2000:]
+    with RunStore(tmp_path / "ddp.db") as ddp_store, RunStore(tmp_path / "one.db") as one_store:
+        assert len(ddp_store.list_runs()) == 1
+        ddp, one = ddp_store.load_run(1), one_store.load_run(1)
+    assert ddp.provenance["distributed"]["per_rank_batch"] == 25 and ddp.config["batch_size"] == 50
+    for column in ("batch_loss", "running_acc", "grad_norm"):  # float32 here: summation order differs
+        np.testing.assert_allclose(ddp.steps[column], one.steps[column], rtol=1e-4, atol=1e-6, err_msg=column)
+    np.testing.assert_allclose(ddp.evals["val_loss"], one.evals["val_loss"], rtol=1e-4)
+
+
+def test_cli_nproc_refuses_bad_input_before_launching(tmp_path, cli):
+    status, _, err = cli(["fit", "--nproc", "2", "--dataset", "blobs", "--batch-size", "400",
+                          "--store", str(tmp_path / "x.db")])
+    assert status == 2 and err.strip().splitlines() == [
+        "error: batch_size 400 per rank × 2 ranks = 800 is larger than the training set (500 samples); "
+        "use a per-rank batch size <= 250"]
+    assert not (tmp_path / "x.db").exists()
