@@ -137,29 +137,6 @@ def test_runs_groups_list_finish_and_delete(tmp_path):
         assert store._query("SELECT count(*) FROM steps")[0][0] == 0
 
 
-def test_opening_bad_paths_fails_in_one_line(tmp_path):
-    with pytest.raises(StoreError, match="directory .* does not exist") as error:
-        RunStore(tmp_path / "missing" / "s.db")
-    assert "\n" not in str(error.value)
-    with pytest.raises(StoreError, match="no store at"):
-        RunStore(tmp_path / "absent.db", create=False)
-    assert not (tmp_path / "absent.db").exists()
-
-    (tmp_path / "text.db").write_text("not a database, just some text that is long enough" * 10)
-    with pytest.raises(StoreError, match="not a batchlab store"):
-        RunStore(tmp_path / "text.db")
-    other = sqlite3.connect(tmp_path / "other.db")
-    other.execute("CREATE TABLE t (x)")
-    other.close()
-    with pytest.raises(StoreError, match="SQLite database but not a batchlab store"):
-        RunStore(tmp_path / "other.db")
-
-    with RunStore(tmp_path / "s.db") as store:
-        assert store._query("PRAGMA journal_mode")[0][0] == "wal"
-    with RunStore(tmp_path / "s.db") as store:  # reopening keeps it
-        assert store.list_runs().empty
-
-
 # -- the recorder -----------------------------------------------------------------------------------
 
 

@@ -46,6 +46,7 @@ from .config import StudyConfig, Target, TrainConfig
 from .data import Dataset, steps_per_epoch
 from .errors import ConfigError
 from .events import Callback, Evaluation, RunEnd, RunStart, StepEnd, Stop
+from .store.codec import normalized, plain
 
 TRIAL_KIND = "study-trial"
 STUDY_KIND = "study"
@@ -801,17 +802,13 @@ def recommend(summary: pd.DataFrame, fit: ScalingFit, target: str) -> Recommenda
     if fastest is not None:
         text += f". Fastest here: B = {fastest['batch_size']} ({fastest['seconds_to_target']:.3g} s of training)"
     return Recommendation(
-        text=text + ".", batch_size=_plain(b), lr=float(best["best_lr"]), steps=float(best["steps_to_target"]),
+        text=text + ".", batch_size=plain(b), lr=float(best["best_lr"]), steps=float(best["steps_to_target"]),
         epochs=float(best["epochs_to_target"]), samples=float(best["samples_to_target"]),
         seconds=float(best["seconds_to_target"]), steps_ratio=float(best["steps_to_target"] / s_min),
-        samples_ratio=float(best["samples_to_target"] / e_min), no_gain_above=_plain(no_gain),
-        fastest_batch_size=_plain(fastest["batch_size"]) if fastest is not None else None,
+        samples_ratio=float(best["samples_to_target"] / e_min), no_gain_above=plain(no_gain),
+        fastest_batch_size=plain(fastest["batch_size"]) if fastest is not None else None,
         fastest_seconds=float(fastest["seconds_to_target"]) if fastest is not None else math.nan,
     )
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
 
 
 @dataclass(frozen=True)
@@ -886,13 +883,6 @@ class StudyProgress:
     trials_done: int
     group: GroupPlan | None
     elapsed: float
-
-
-def _normalized(summary: dict[str, Any]) -> dict[str, Any]:
-    """A summary as it comes back from the store (JSON round trip), so stored and fresh agree exactly."""
-    from .store import json_ready
-
-    return json.loads(json.dumps(json_ready(summary)))
 
 
 def _store_group(store, group_id: int, plan: StudyPlan, records: Sequence[TrialRecord]) -> None:
@@ -979,7 +969,7 @@ def run_study(
             for done_now, (group, group_records) in enumerate(executor.run(plan, pending, dataset), start=1):
                 if run_store is not None:
                     _store_group(run_store, group_id, plan, group_records)
-                summaries += [_normalized(r.summary) for r in group_records]
+                summaries += [normalized(r.summary) for r in group_records]  # as stored
                 records += group_records
                 groups_run += 1
                 if kill_after and groups_run >= kill_after:

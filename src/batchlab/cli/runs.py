@@ -26,13 +26,14 @@ def runs_list(
     status: StatusOption = None,
 ) -> None:
     """List the stored runs: status, data, model, batch size, lr, progress and final metrics."""
-    from ..store import RunStore, json_ready
+    from ..store import RunStore
+    from ..store.codec import records
 
     path = store_path(store)
     with RunStore(path, create=False) as run_store:
         runs = run_store.list_runs(kind=kind, group=group, status=status)
     if as_json:
-        print_json(json_ready(runs.to_dict(orient="records")))
+        print_json(records(runs))
         return
     if runs.empty:
         print(f"no runs in {path}")
@@ -42,7 +43,7 @@ def runs_list(
     shown = [c for c in runs.columns if c not in ("train_loss", "train_acc")]  # in --json
     for column in shown:
         table.add_column(headers.get(column, column), justify="right" if column in _RUNS_NUMERIC_COLUMNS else "left")
-    for record in runs.to_dict(orient="records"):
+    for record in records(runs):
         table.add_row(*(_runs_cell(column, record[column]) for column in shown))
     _runs_console().print(table)
 
@@ -54,12 +55,12 @@ def runs_show(
     as_json: JsonOption = False,
 ) -> None:
     """Show one run: config, provenance, summary and its epoch table."""
-    from ..store import RunStore, json_ready
+    from ..store import RunStore
 
     with RunStore(store_path(store), create=False) as run_store:
         run = run_store.load_run(run_id)
     if as_json:
-        print_json(json_ready(run.to_dict()))
+        print_json(run.to_dict())
         return
     console = _runs_console()
     name = f" {run.name!r}" if run.name else ""
