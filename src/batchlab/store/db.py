@@ -454,7 +454,7 @@ class RunStore:
             listed.append({
                 "id": run_id, "name": name, "kind": kind_, "group": group_id,
                 "status": "interrupted" if run_id in gone else status_,
-                "dataset": _spec_name(spec.get("dataset")), "model": _spec_name(spec.get("model")),
+                "dataset": spec_name(spec.get("dataset")), "model": spec_name(spec.get("model")),
                 "batch_size": config.get("batch_size"), "lr": config.get("lr"),
                 "epochs": n_epochs, "steps": last_step or 0,
                 **{m: _float(final.get(m)) for m in _FINAL_METRICS},
@@ -579,6 +579,11 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+def timestamp(iso: str) -> float:
+    """Seconds since the Unix epoch of a stored time (``started_at``, ``ended_at``)."""
+    return datetime.fromisoformat(iso).timestamp()
+
+
 def _duration(started: str | None, ended: str | None) -> float:
     if not started or not ended:
         return math.nan
@@ -620,7 +625,8 @@ def _process_alive(pid: int | None, started: str | None) -> bool:
 
 
 
-def _spec_name(value: Any) -> str | None:
+def spec_name(value: Any) -> str | None:
+    """The name in a run spec's ``dataset`` or ``model`` entry (a name, or a mapping with ``name``)."""
     if isinstance(value, Mapping):
         value = value.get("name")
     return None if value is None else str(value)
