@@ -92,7 +92,7 @@ def mlflow_params(run: StoredRun) -> dict[str, str]:
 
 
 def _log_run(client, experiment_id: str, run: StoredRun, source: str, artifacts) -> str:
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     _delete_earlier(client, experiment_id, run, source)
     tags = {"mlflow.runName": run.name or f"run-{run.id}", "batchlab.run_id": str(run.id), "batchlab.store": source,

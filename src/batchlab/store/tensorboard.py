@@ -91,7 +91,7 @@ def run_points(run: StoredRun) -> list[Point]:
     are its start time plus the training time up to each row.
     """
     started = timestamp(run.started_at)
-    points = []
+    points: list[Point] = []
     for table in ("steps", "evals"):
         for row in getattr(run, table).to_dict(orient="records"):
             seconds = row.get("seconds")
