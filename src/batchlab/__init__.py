@@ -40,6 +40,7 @@ _EXPORTS = {
     "Checkpoint": "callbacks",
     "RunStore": "store",
     "recorder": "store",
+    "TensorBoard": "store",
     "fit_replicas": "ensemble",
     "run_study": "study",
 }
