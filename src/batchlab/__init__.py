@@ -40,6 +40,7 @@ _EXPORTS = {
     "Checkpoint": "callbacks",
     "RunStore": "store",
     "recorder": "store",
+    "TensorBoard": "store",
     "fit_replicas": "replicas",
     "track": "tracking",
     "run_study": "study",
