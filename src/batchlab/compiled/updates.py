@@ -14,11 +14,14 @@ Python float when the replicas share it, or an (R,) tensor broadcast along the l
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from ..errors import BatchlabError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Scalar = float | torch.Tensor  # a shared value, or one per replica (R,)
 
@@ -101,7 +104,36 @@ def _scalar_dtype() -> torch.dtype:
 
 
 def _nonzero(value: Scalar) -> bool:
-    return bool((value != 0).any()) if isinstance(value, torch.Tensor) else value != 0
+    """Whether a hyperparameter is in use; decided while tracing, so never by reading a tensor.
+
+    A per-replica tensor is nonzero by construction: `stacked_hyper` turns values that are zero
+    for every replica into the float 0.0.
+    """
+    return True if isinstance(value, torch.Tensor) else value != 0
+
+
+def stacked_hyper(kind: str, nesterov: bool, values: dict[str, "np.ndarray"], device: torch.device) -> Hyper:
+    """The `Hyper` of R stacked replicas from their (R,) hyperparameter arrays.
+
+    A value shared by every replica stays a Python float (the graph is specialised on it, as on
+    the optimizer's kind); one that differs becomes an (R,) float64 tensor input, so replicas
+    differing in momentum or weight decay share one compiled graph.
+
+    Args:
+        kind: ``sgd``, ``adam``, ``adamw`` or ``rmsprop``.
+        nesterov: SGD with Nesterov momentum, shared by all replicas.
+        values: (R,) float64 arrays ``momentum``, ``weight_decay``, ``beta1``, ``beta2``.
+        device: where the per-replica tensors live.
+    """
+    def scalar_or_tensor(array) -> Scalar:
+        first = float(array[0])
+        if all(float(v) == first for v in array):
+            return first
+        return torch.as_tensor(array, dtype=torch.float64, device=device)  # (R,)
+
+    return Hyper(kind, momentum=scalar_or_tensor(values["momentum"]), nesterov=nesterov,
+                 weight_decay=scalar_or_tensor(values["weight_decay"]), beta1=scalar_or_tensor(values["beta1"]),
+                 beta2=scalar_or_tensor(values["beta2"]))
 
 
 def _at(value: Scalar, like: torch.Tensor, stacked: bool) -> Scalar:
