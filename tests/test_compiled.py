@@ -150,3 +150,15 @@ def test_unsupported_optimizer_option_is_named():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(CompileUnsupported, match="amsgrad"):
         CompiledStep(model, torch.optim.Adam(model.parameters(), amsgrad=True), F.cross_entropy, True)
+
+
+def test_should_compile_when_the_saving_covers_the_compile_time():
+    from batchlab.compiled.policy import COMPILE_SECONDS_PER_SHAPE, saving_per_step, should_compile
+
+    for batch_size in (1, 32, 1024):
+        break_even = COMPILE_SECONDS_PER_SHAPE / saving_per_step(batch_size)
+        assert not should_compile(math.floor(break_even * 0.99), batch_size)
+        assert should_compile(math.ceil(break_even * 1.01), batch_size)
+        assert not should_compile(math.ceil(break_even * 1.01), batch_size, shapes=2)  # a short last batch
+    assert should_compile(1, 32, compiled_before=True)
+    assert saving_per_step(1) < saving_per_step(8) < saving_per_step(32) < saving_per_step(256) < saving_per_step(1024)
