@@ -179,6 +179,48 @@ def print_compile_seconds(compile_s: dict[str, dict[int, float]]) -> None:
             print(f"compile time, {name}: {times}")
 
 
+def replicas_compiled(X, y, n_replicas: int, batch_size: int) -> tuple[float, float]:
+    """One epoch of ``n_replicas`` MLPs (own orders, lrs spread 0.01-0.1) by the compiled stacked step.
+
+    Returns:
+        (seconds per epoch, compile seconds of the first step).
+    """
+    import numpy as np
+
+    from batchlab.compiled import StackedStep, init_stacked_state, stacked_hyper
+
+    models = [mlp() for _ in range(n_replicas)]
+    names = [n for n, _ in models[0].named_parameters()]
+    params = [torch.stack([m.get_parameter(n).detach() for m in models]).requires_grad_() for n in names]
+    ones = np.ones(n_replicas)
+    hyper = stacked_hyper("sgd", False, {"momentum": 0 * ones, "weight_decay": 0 * ones, "beta1": 0.9 * ones,
+                                         "beta2": 0.999 * ones}, X.device)
+    state = init_stacked_state(hyper, params)
+    step = StackedStep(mlp(), names, hyper, lambda o, t: F.cross_entropy(o, t, reduction="none"), True)
+    lr = torch.linspace(0.01, 0.1, n_replicas, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    orders = torch.stack([torch.randperm(X.shape[0], generator=generator) for _ in range(n_replicas)])
+    started = time.perf_counter()
+    step(params, [], state, lr, X[orders[:, :batch_size]], y[orders[:, :batch_size]])
+    compile_s = time.perf_counter() - started
+    started = time.perf_counter()
+    total = torch.zeros(n_replicas)
+    for start in range(0, X.shape[0] - batch_size + 1, batch_size):  # full batches: one compiled shape
+        index = orders[:, start:start + batch_size]  # (R, B)
+        total += step(params, [], state, lr, X[index], y[index]).loss
+    total.sum().item()
+    return time.perf_counter() - started, compile_s
+
+
+def print_replica_rows(X, y, n_replicas: int, batch_size: int, repeats: int) -> None:
+    """R models one after another by ``plain`` vs all R at once by the compiled stacked step."""
+    plain_s = statistics.median(plain(X, y, batch_size, log=False) for _ in range(repeats)) * n_replicas
+    runs = [replicas_compiled(X, y, n_replicas, batch_size) for _ in range(repeats + 1)]
+    stacked_s = statistics.median(r[0] for r in runs[1:])
+    print(f"R={n_replicas} replicas, B={batch_size}: plain one after another {plain_s:.3f} s/epoch, "
+          f"compiled stacked {stacked_s:.3f} s/epoch ({plain_s / stacked_s:.1f}x faster; compile {runs[0][1]:.1f} s)")
+
+
 def batchlab_fit(dataset, batch_size: int) -> tuple[float, float]:
     config = bl.TrainConfig(batch_size=batch_size, epochs=1, lr=LR, eval_train=False)
     model = mlp()
@@ -229,6 +271,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-sizes", default="1,32,1024")
     parser.add_argument("--skip", default="", help="comma-separated contenders to skip")
+    parser.add_argument("--replicas", type=int, default=0, help="also time R replicas at B=32, compiled")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -272,6 +315,8 @@ def main() -> None:
             extra = f"{statistics.median(evals):7.3f}" if name == "batchlab" else ""
             print(f"{batch_size:>6} {name:>10} {median:9.4f} {median / base:8.2f} {extra}")
     print_compile_seconds(compile_s)
+    if args.replicas:
+        print_replica_rows(X, y, args.replicas, 32, args.repeats)
 
 
 if __name__ == "__main__":
