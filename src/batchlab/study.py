@@ -955,9 +955,11 @@ def run_study(
         ...                                     seeds=5, target="val_acc>=0.8"), store="batchlab.db")
         >>> print(study.recommendation.text)
     """
+    from .checks import check_argument
     from .executors import InProcessExecutor
     from .store import RunStore
 
+    check_argument("run_study", "config", config, StudyConfig)
     started = time.perf_counter()
     dataset = load_dataset_for(config)
     plan = plan_study(config, dataset, vectorized=vectorized)
