@@ -30,6 +30,9 @@ BatchSize = Union[int, Literal["full"]]
 
 # Whole numbers end up in torch (seeds, step counters, sizes): they must fit a signed 64-bit integer.
 INT64_LIMIT = 2**63
+# Learning rates and weight decay meet float32 weights: past ~3e38 (or less, after lr scaling by
+# B / reference) torch cannot even store them. No rate above this trains anything.
+LARGEST_RATE = 1e6
 
 
 class _Frozen(BaseModel):
@@ -118,14 +121,14 @@ class TrainConfig(_Frozen):
     lr: float = 0.01
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     nesterov: bool = False
-    weight_decay: float = Field(default=0.0, ge=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=LARGEST_RATE)
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: Schedule = "constant"
     step_epochs: int = Field(default=30, ge=1, lt=INT64_LIMIT)
     gamma: float = Field(default=0.1, gt=0.0, le=1.0)  # > 1 would overflow the lr
     sgdr_epochs: int = Field(default=10, ge=1, lt=INT64_LIMIT)
     sgdr_mult: int = Field(default=1, ge=1, le=1000)
-    min_lr: float = Field(default=0.0, ge=0.0)
+    min_lr: float = Field(default=0.0, ge=0.0, le=LARGEST_RATE)
     warmup_steps: int = Field(default=0, ge=0, lt=INT64_LIMIT)
     warmup_epochs: float = Field(default=0.0, ge=0.0, le=1e9)  # x steps/epoch must stay an int64
     lr_scaling: LrScaling = "none"
@@ -154,8 +157,8 @@ class TrainConfig(_Frozen):
     @field_validator("lr")
     @classmethod
     def _lr(cls, value: float) -> float:
-        if not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"must be a finite number > 0, got {value}")
+        if not 0 < value <= LARGEST_RATE:
+            raise ValueError(f"must be a number > 0 and <= {LARGEST_RATE:g}, got {value}")
         return value
 
     @field_validator("betas")
@@ -406,7 +409,7 @@ class StudyConfig(_Frozen):
     batch_sizes: tuple[BatchSize, ...] | None = None
     lrs: Union[Literal["auto"], tuple[float, ...]] = "auto"
     lr_rule: LrScaling = "sqrt"
-    reference_lr: float = Field(default=0.1, gt=0.0)
+    reference_lr: float = Field(default=0.1, gt=0.0, le=LARGEST_RATE)
     reference_batch_size: int = Field(default=32, ge=1, lt=INT64_LIMIT)
     lr_grid_size: int = Field(default=5, ge=1, le=50)
     lr_grid_factor: float = Field(default=2.0, gt=1.0, le=100.0)  # factor ** index must stay a float
@@ -452,8 +455,9 @@ class StudyConfig(_Frozen):
                 raise ValueError(f"must be 'auto' or a list of learning rates, got {value!r}")
             value = tuple(value)
             if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                    and 0 < v and math.isfinite(v) for v in value):
-                raise ValueError(f"must be 'auto' or a non-empty list of finite learning rates > 0, got {value!r}")
+                                    and 0 < v <= LARGEST_RATE for v in value):
+                raise ValueError(f"must be 'auto' or a non-empty list of learning rates > 0 and <= {LARGEST_RATE:g}, "
+                                 f"got {value!r}")
         return value
 
     @field_validator("seeds")
