@@ -139,6 +139,11 @@ def test_distance_experiment_same_samples_and_exact_end_distance():
     assert big[(4, 0.1)] > big[(4, 0.01)] and big[(32, 0.1)] > big[(32, 0.01)]
 
 
-def test_gradient_stats_noise_scale_is_the_ratio():
-    stats = GradientStats(n=10, grad_sq=0.5, trace_cov=4.0)
-    assert stats.noise_scale == 8.0
+def test_noise_scale_equals_numpys_covariance_over_the_squared_mean():
+    """B_simple = tr(S)/|G|^2 with S the 1/(N-1) sample covariance (numpy's np.cov), from per-sample gradients."""
+    dataset, model = toy_dataset(), toy_model()
+    per_sample = brute_force(model, *dataset.train).double().numpy()  # (N, P)
+    expected = np.trace(np.cov(per_sample, rowvar=False)) / np.sum(per_sample.mean(axis=0) ** 2)
+    stats = gradient_stats(torch.from_numpy(per_sample))
+    assert stats.noise_scale == pytest.approx(expected, rel=1e-10)
+    assert math.isnan(GradientStats(n=10, grad_sq=0.0, trace_cov=4.0).noise_scale)  # no signal: undefined

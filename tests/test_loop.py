@@ -100,6 +100,7 @@ def test_full_pass_metrics_equal_an_independent_evaluation():
     dataset = toy()
     model = mlp(dropout=0.3)
     run = train(TrainConfig(batch_size=16, epochs=2, lr=0.1), dataset, model)
+    assert model.training  # every evaluation switched to eval mode and back; training ends in train mode
     model.eval()
     with torch.no_grad():
         for split, prefix in ((dataset.train, "train"), (dataset.val, "val")):
@@ -108,7 +109,6 @@ def test_full_pass_metrics_equal_an_independent_evaluation():
             acc = (out.argmax(1) == split[1]).float().mean().item()
             assert run.epochs[f"{prefix}_loss"].iloc[-1] == pytest.approx(loss, rel=1e-5)
             assert run.epochs[f"{prefix}_acc"].iloc[-1] == pytest.approx(acc)
-    assert model.training is False  # we left it in eval; the loop's evaluate restores modes itself
 
 
 def test_evaluate_restores_mode_and_handles_chunks():

@@ -10,7 +10,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -89,14 +88,15 @@ def test_a_bad_row_writes_nothing(tmp_path):
             store.append_rows(99, steps=[step_row(1)])
 
 
-def test_many_rows_are_fast(tmp_path):
+def test_many_rows_round_trip(tmp_path):
+    """50,000 rows in one append come back complete and in order (speed is measured in benchmarks)."""
     rows = [step_row(s, steps_per_epoch=1000, grad_norm=0.1 * s) for s in range(1, 50_001)]
     with RunStore(tmp_path / "s.db") as store:
         run_id = new_run(store)
-        started = time.perf_counter()
         store.append_rows(run_id, steps=rows)
-        assert time.perf_counter() - started < 5.0
-        assert len(store.load_run(run_id).steps) == 50_000
+        steps = store.load_run(run_id).steps
+    assert steps["step"].tolist() == list(range(1, 50_001))
+    np.testing.assert_array_equal(steps["grad_norm"].to_numpy(), [row["grad_norm"] for row in rows])
 
 
 # -- runs, groups, opening ------------------------------------------------------------------------
