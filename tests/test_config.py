@@ -50,9 +50,9 @@ LIMITS = [
     {"seed": 2**63 - 1}, {"warmup_epochs": 1e9}, {"warmup_steps": 2**63 - 1}, {"epochs": 2**63 - 1},
     {"schedule": "sgdr", "sgdr_mult": 1000, "sgdr_epochs": 2**63 - 1}, {"schedule": "step", "gamma": 1.0, "step_epochs": 1},
     {"schedule": "step", "gamma": 1e-300, "step_epochs": 1}, {"eval_every": 2**63 - 1, "eval_batch_size": 2**63 - 1},
-    {"probe_every": 2**63 - 1}, {"lr": 1e6, "weight_decay": 1e6, "momentum": 0.999999},
-    {"schedule": "cosine", "lr": 1e-300, "min_lr": 1e6}, {"lr": 1e6, "lr_scaling": "linear", "reference_batch_size": 1},
-    {"optimizer": "adam", "lr": 1e6, "betas": (0.999999, 0.999999)}, {"reference_batch_size": 2**63 - 1, "lr_scaling": "sqrt"},
+    {"probe_every": 2**63 - 1}, {"lr": 1e12, "weight_decay": 1e12, "momentum": 0.999999},
+    {"schedule": "cosine", "lr": 1e-300, "min_lr": 1e12}, {"lr": 1e12, "lr_scaling": "linear", "reference_batch_size": 1},
+    {"optimizer": "adam", "lr": 1e12, "betas": (0.999999, 0.999999)}, {"reference_batch_size": 2**63 - 1, "lr_scaling": "sqrt"},
 ]
 
 

@@ -79,7 +79,7 @@ def test_mypy_sees_real_signatures_and_reports_wrong_calls(tmp_path):
     lines = result.stdout.splitlines()
     revealed = {int(line.split(":")[1]): line for line in lines if "Revealed type" in line}
     assert 'dataset: batchlab.data.Dataset, config: batchlab.config.TrainConfig | None' in revealed[7], revealed
-    assert "-> batchlab.study.Study" in revealed[8] and "config: batchlab.config.StudyConfig" in revealed[8]
+    assert "(config: batchlab.config.StudyConfig" in revealed[8] and revealed[8].endswith('Study"'), revealed[8]
     assert "batch_size: int | Literal['full']" in revealed[9]
     assert '"batchlab.loop.Run"' in revealed[10]
     errors = [line for line in lines if ": error:" in line]

@@ -32,7 +32,7 @@ BatchSize = Union[int, Literal["full"]]
 INT64_LIMIT = 2**63
 # Learning rates and weight decay meet float32 weights: past ~3e38 (or less, after lr scaling by
 # B / reference) torch cannot even store them. No rate above this trains anything.
-LARGEST_RATE = 1e6
+LARGEST_RATE = 1e12
 
 
 class _Frozen(BaseModel):
