@@ -16,7 +16,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from .step import StepNumbers, compiled_copy, log, one_line
-from .updates import Hyper, apply_update
+from .updates import Hyper, apply_update, init_stacked_state  # noqa: F401  (re-exported)
 
 
 def stacked_train_step(skeleton: torch.nn.Module, names: tuple[str, ...], params: list[torch.Tensor],
@@ -53,15 +53,6 @@ def stacked_train_step(skeleton: torch.nn.Module, names: tuple[str, ...], params
         apply_update(hyper, params, list(grads), state, lr, stacked=True)
     correct = (output.detach().argmax(dim=2) == yb).sum(dim=1) if classification else loss.detach()
     return StepNumbers(loss.detach(), correct)
-
-
-def init_stacked_state(hyper: Hyper, params: Sequence[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-    """Zeroed stacked optimizer state in the layout of `batchlab.compiled.updates.apply_update`."""
-    from .updates import STATE_NAMES, _nonzero
-
-    names = [n for n in STATE_NAMES[hyper.kind] if not (n == "momentum_buffer" and not _nonzero(hyper.momentum))]
-    return {name: [torch.zeros((), dtype=torch.float32, device=p.device) if name == "step" else torch.zeros_like(p)
-                   for p in params] for name in names}
 
 
 class StackedStep:

@@ -99,6 +99,17 @@ def optimizer_state(optimizer: torch.optim.Optimizer, hyper: Hyper) -> dict[str,
     return {name: [optimizer.state[p][name] for p in params] for name in names}
 
 
+def init_stacked_state(hyper: Hyper, params: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """Zeroed optimizer state for stacked parameters (each (R, *shape)), in `apply_update`'s layout.
+
+    The compiled counterpart of `batchlab.optim.init_stacked_state`, with ``step`` counters (a
+    tensor, so Adam's bias corrections do not recompile).
+    """
+    names = [n for n in STATE_NAMES[hyper.kind] if not (n == "momentum_buffer" and not _nonzero(hyper.momentum))]
+    return {name: [torch.zeros((), dtype=torch.float32, device=p.device) if name == "step" else torch.zeros_like(p)
+                   for p in params] for name in names}
+
+
 def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
