@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # the same names as _EXPORTS and _SUBMODULES; a test keeps th
     from .replicas import fit_replicas
     from .errors import ArgumentError, BatchlabError, ConfigError, DataError, ModelError, StoreError
     from .events import Callback
-    from .loop import Run, fit
+    from .loop import fit
+    from .record import Run
     from .models import build_model, list_models
     from .store import RunStore, TensorBoard, recorder
     from .study import run_study
@@ -54,7 +55,7 @@ _EXPORTS = {
     "build_model": "models",
     "list_models": "models",
     "fit": "loop",
-    "Run": "loop",
+    "Run": "record",
     "Callback": "events",
     "EarlyStopping": "callbacks",
     "Checkpoint": "callbacks",
