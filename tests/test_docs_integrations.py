@@ -16,6 +16,18 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "integrations.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_keras_session():
+    """Keras caches its global dtype policy at the first layer made; clear it afterwards, so that a
+    later ``set_floatx`` (the float64 equivalence tests) takes effect."""
+    yield
+    try:
+        import keras
+    except ImportError:
+        return
+    keras.utils.clear_session()
+
+
 def test_the_doc_has_the_three_examples():
     assert len(BLOCKS) == 3
     assert "bl.track(" in BLOCKS[0] and "integrations.lightning" in BLOCKS[1] and "integrations.keras" in BLOCKS[2]

@@ -26,6 +26,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_keras_session():
+    """Keras caches its global dtype policy at the first layer made; clear it afterwards, so that a
+    later ``set_floatx`` (the float64 equivalence tests) takes effect."""
+    yield
+    try:
+        import keras
+    except ImportError:
+        return
+    keras.utils.clear_session()
+
+
 @pytest.fixture(scope="module")
 def blobs():
     return load_dataset("blobs")

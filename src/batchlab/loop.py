@@ -182,63 +182,13 @@ def fit(
         >>> run = bl.fit(bl.build_model("mlp", ds, hidden=[50]), ds, bl.TrainConfig(batch_size=32, epochs=5))
         >>> run.epochs[["epoch", "running_acc", "train_acc", "val_acc"]]
     """
-    from .callbacks import ProgressBar  # the bar is a callback like any other
-    from .probes import ProbeSet
-
-    config = config or TrainConfig()
-    clock = plan_run(dataset, config)
-    device = resolve_device(config.device)
-    dataset = dataset.to(device)
-    model.to(device)
-    check_model(model, dataset)
-    loss_fn = loss_function(config.loss, dataset.task)
-    callbacks = list(callbacks)
-    if progress is None:
-        progress = ProgressBar.wanted()
-    if progress:
-        callbacks.append(ProgressBar())
-    with _seeded(config.seed, device):
-        state = _LoopState.start(model, dataset, config, clock, loss_fn)
-        state.probes = ProbeSet.create(probes, model, dataset, config, loss_fn)
-        if resume_from is not None:
-            state.restore(resume_from)
-        return _train(state, state.probes, _Dispatch(callbacks))
-
-
-def fit(
-    model: torch.nn.Module,
-    dataset: data_lib.Dataset,
-    config: TrainConfig | None = None,
-    *,
-    probes: Sequence[Any] = (),
-    callbacks: Sequence[Callback] = (),
-    progress: bool | None = None,
-    resume_from: str | Path | None = None,
-) -> Run:
-    """Train ``model`` on ``dataset`` by mini-batches and record every metric view.
-
-    Args:
-        model: any ``torch.nn.Module`` mapping a batch of inputs to logits (or regression outputs).
-        dataset: a `batchlab.data.Dataset`; its tensors are moved to the config's device.
-        config: a `TrainConfig` (defaults: batch 32, SGD lr 0.01, 10 epochs).
-        probes: names (``"grad_norm"``, ``"noise_scale"``, ...) or probe objects, measured every
-            ``config.probe_every`` steps into the step table.
-        callbacks: `batchlab.events.Callback` objects (EarlyStopping, Checkpoint, a store recorder).
-        progress: show a progress bar; default: when stderr is a terminal.
-        resume_from: a checkpoint written by `Checkpoint`; training continues from it and gives the
-            same numbers as an uninterrupted run.
-
-    Returns:
-        A `Run` with the ``steps``, ``evals`` and ``epochs`` tables.
-
-    Example:
-        >>> ds = bl.load_dataset("blobs")
-        >>> run = bl.fit(bl.build_model("mlp", ds, hidden=[50]), ds, bl.TrainConfig(batch_size=32, epochs=5))
-        >>> run.epochs[["epoch", "running_acc", "train_acc", "val_acc"]]
-    """
     from .callbacks import ProgressBar, progress_wanted  # the bar is a callback like any other
+    from .checks import check_arguments, check_items
     from .probes import ProbeSet
 
+    check_arguments("fit", model=(model, torch.nn.Module), dataset=(dataset, data_lib.Dataset),
+                    config=(config, (TrainConfig, type(None))))
+    check_items("fit", "callbacks", callbacks, Callback)
     config = config or TrainConfig()
     clock = plan_run(dataset, config)
     device = resolve_device(config.device)

@@ -129,10 +129,10 @@ def track(
     Returns:
         A `Tracker`; use it as ``with bl.track(...) as run:``.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise ConfigError(f"track needs a torch.nn.Module as model, got {type(model).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ConfigError(f"track needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    from .checks import check_arguments, check_items
+
+    check_arguments("track", model=(model, torch.nn.Module), optimizer=(optimizer, torch.optim.Optimizer))
+    check_items("track", "callbacks", callbacks, Callback)
     if not isinstance(accumulate, int) or accumulate < 1:
         raise ConfigError(f"accumulate must be an integer >= 1, got {accumulate!r}")
     if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):

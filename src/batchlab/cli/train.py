@@ -177,6 +177,10 @@ def _fit_command(**options: Any) -> None:
     _say(f"{dataset.name}: {clock.describe()}{ranks_note}", quiet, as_json)
     rec = recorder(store, name=spec.name, kind="fit", spec=spec.model_dump(mode="json", exclude={"train"}))
     callbacks = [rec] if ranks is None or ranks.is_main else []
+    if options["tensorboard"] is not None and callbacks:  # live TensorBoard files in DIR/run-<id>/
+        from ..store import TensorBoard
+
+        callbacks.append(TensorBoard(options["tensorboard"], run_name=lambda: f"run-{rec.run_id}"))
     try:
         run = (distributed.fit if ranks is not None else fit)(
             model, dataset, spec.train, probes=spec.probes, callbacks=callbacks,
@@ -214,7 +218,9 @@ def _flags(options: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
 fit_command = click.Command(
     "fit",
     callback=_fit_command,
-    params=[*RUN_OPTIONS, *_train_options()],
+    params=[*RUN_OPTIONS, *_train_options(),
+            click.Option(["--tensorboard"], type=click.Path(path_type=Path), default=None,
+                         help="Write TensorBoard files to this folder while training (DIR/run-<id>/).")],
     help="Train one model by mini-batches, print the epoch table and store the run.",
 )
 EXTRA_COMMANDS.append(fit_command)

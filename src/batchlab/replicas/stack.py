@@ -79,8 +79,11 @@ def _feed_dropout(skeleton: nn.Module, example_model: nn.Module, x: torch.Tensor
 
 
 def draw_masks(sites: Sequence[DropoutSite], generators: Sequence[torch.Generator], batch: int,
-               device: torch.device) -> dict[str, torch.Tensor]:
+               device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Each replica's dropout masks for one step, drawn from its own generator in forward order.
+
+    ``dtype`` is the activations' dtype: ``F.dropout`` draws and scales its mask in that dtype, so
+    a float32 mask would round 1/(1-p) differently from a float64 run's.
 
     Returns:
         ``{site.key: (R, batch, *site.shape)}`` scaled masks (0 or 1/(1-p)).
@@ -88,7 +91,7 @@ def draw_masks(sites: Sequence[DropoutSite], generators: Sequence[torch.Generato
     masks = {}
     for site in sites:
         keep = 1.0 - site.p
-        mask = torch.empty((len(generators), batch, *site.shape), device=device)  # (R, b, *shape)
+        mask = torch.empty((len(generators), batch, *site.shape), device=device, dtype=dtype)  # (R, b, *shape)
         if keep == 0.0:
             mask.zero_()
         else:

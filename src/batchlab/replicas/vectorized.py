@@ -54,7 +54,7 @@ class _Pass:
         stack, n = self.stack, len(self.active)
         X, y = self.dataset.train
         index = torch.arange(batch, device=X.device).expand(n, batch)  # (R, b)
-        masks = [torch.ones((n, batch, *s.shape), device=self.device) for s in self.sites]
+        masks = [torch.ones((n, batch, *s.shape), device=self.device, dtype=X.dtype) for s in self.sites]
         buffers = [b.clone() for b in stack.buffers]
         losses, _ = self._train_losses((*stack.params, *buffers, *masks), X[index], y[index])
         return torch.autograd.grad(losses.sum(), stack.params)
@@ -83,7 +83,7 @@ class _Pass:
         flat = index.reshape(-1)  # (R·b,); index_select is a plain row copy, cheaper than X[index]
         xb = X.index_select(0, flat).reshape(*index.shape, *X.shape[1:])  # (R, b, *shape)
         yb = y.index_select(0, flat).reshape(*index.shape, *y.shape[1:])  # (R, b)
-        masks = draw_masks(self.sites, [r.dropout_generator for r in self.active], b, self.device)
+        masks = draw_masks(self.sites, [r.dropout_generator for r in self.active], b, self.device, X.dtype)
         tensors = (*stack.params, *stack.buffers, *(masks[site.key] for site in self.sites))
         losses, correct = self._train_losses(tensors, xb, yb)  # (R,), (R,)
         grads = torch.autograd.grad(losses.sum(), stack.params)  # each replica: its own mean-loss gradient
