@@ -38,8 +38,7 @@ def _study_options() -> list[click.Option]:
     options = [
         click.Option(["--config", "config_file"], type=click.Path(path_type=Path, dir_okay=False), default=None,
                      help="A TOML study file (StudyConfig keys, tables [dataset] and [train]); flags given override it."),
-        click.Option(["--preset"], type=click.Choice(_preset_names()), default=None,
-                     help="A preset study (blobs-batch-size: Brownlee 2020)."),
+        click.Option(["--preset"], default=None, help="A preset study: blobs-batch-size (Brownlee 2020) or mnist1d."),
         click.Option(["--dataset"], default=default.dataset.name, help="Built-in dataset name or a .npz/.csv file."),
         click.Option(["--model"], default=default.model,
                      help="NAME[:opt=val,...], e.g. mlp:hidden=50,init=keras; package.module:function with --allow-import."),
@@ -71,12 +70,6 @@ def _shown_default(value: Any) -> str | None:
     if isinstance(value, tuple):
         return ",".join(str(v) for v in value)
     return None if value is None else str(value)
-
-
-def _preset_names() -> list[str]:
-    from ..study import PRESETS
-
-    return list(PRESETS)
 
 
 def _split_list(text: str) -> list[str]:
