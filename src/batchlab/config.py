@@ -95,8 +95,8 @@ class TrainConfig(_Frozen):
                 value = int(value)
             except ValueError:
                 raise ValueError("must be a whole number >= 1 or 'full'") from None
-        if isinstance(value, bool) or (isinstance(value, int) and value < 1):
-            raise ValueError(f"must be a whole number >= 1 or 'full', got {value!r}")
+        if isinstance(value, bool) or (isinstance(value, int) and not 1 <= value < 2**63):
+            raise ValueError(f"must be a whole number >= 1 (below 2**63) or 'full', got {value!r}")
         return value
 
     @field_validator("eval_every", mode="before")
@@ -107,8 +107,8 @@ class TrainConfig(_Frozen):
                 value = int(value)
             except ValueError:
                 raise ValueError("must be 'epoch' or a number of steps >= 1") from None
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"must be 'epoch' or a number of steps >= 1, got {value}")
+        if isinstance(value, int) and not 1 <= value < 2**63:
+            raise ValueError(f"must be 'epoch' or a number of steps >= 1 (below 2**63), got {value}")
         return value
 
     @field_validator("lr")

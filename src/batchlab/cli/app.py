@@ -68,16 +68,20 @@ class FiniteFloat(click.ParamType):
 
 
 class WholeNumber(click.ParamType):
-    """A whole number from ``minimum`` up to 2**63 - 1 (the largest SQLite, torch and numpy hold)."""
+    """A whole number from ``minimum`` up to 2**63 - 1 (the largest SQLite, torch and numpy hold);
+    with ``optional``, also ``none`` (no value, e.g. no step budget)."""
 
     name = "integer"
 
-    def __init__(self, minimum: int = 0):
-        self.minimum = minimum
+    def __init__(self, minimum: int = 0, optional: bool = False):
+        self.minimum, self.optional = minimum, optional
+        self.name = "integer|none" if optional else "integer"  # the metavar click shows
 
-    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> int:
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool):
             number = value
+        elif self.optional and (value is None or str(value).strip().lower() == "none"):
+            return None
         else:
             try:
                 number = int(str(value).strip())
@@ -88,9 +92,9 @@ class WholeNumber(click.ParamType):
         return number
 
 
-def whole(minimum: int = 0) -> WholeNumber:
-    """A whole number from ``minimum`` up to 2**63 - 1."""
-    return WholeNumber(minimum)
+def whole(minimum: int = 0, optional: bool = False) -> WholeNumber:
+    """A whole number from ``minimum`` up to 2**63 - 1 (or ``none`` when optional)."""
+    return WholeNumber(minimum, optional)
 
 
 def store_option() -> click.Option:
@@ -117,8 +121,10 @@ def allow_import_option() -> click.Option:
                         help="Allow a model given as package.module:function (imports and runs that module).")
 
 
-def out_option(text: str) -> click.Option:
-    return click.Option(["--out"], type=click.Path(path_type=Path), default=None, help=text)
+def out_option(text: str, *, folder: bool = True) -> click.Option:
+    """--out: a folder (created if missing) or, with ``folder=False``, a file."""
+    kind = click.Path(path_type=Path, file_okay=not folder, dir_okay=folder)
+    return click.Option(["--out"], type=kind, default=None, help=text)
 
 
 def store_path(store: Optional[Path]) -> Path:

@@ -92,8 +92,8 @@ def _gradnorm_training():
 
 
 @cli.command("gradnorm", params=[
-    click.Option(["--at"], default="2,30", help="Epochs after which to measure (0: the initial weights)."),
-    click.Option(["--batch-sizes"], default=None, help="Batch sizes to measure. Default: 1,2,4,... up to N."),
+    click.Option(["--at"], default="2,30", metavar="INTS", help="Epochs after which to measure (0: the initial weights)."),
+    click.Option(["--batch-sizes"], default=None, metavar="INTS", help="Batch sizes to measure. Default: 1,2,4,... up to N."),
     click.Option(["--trials"], type=whole(2), default=1000, help="Random batches per batch size."),
     *_experiment_options("gradnorm"),
     *train_options(_gradnorm_training(), only=("batch_size", "optimizer", "lr", "momentum", "seed")),
@@ -166,8 +166,8 @@ def _distance_training():
 
 
 @cli.command("distance", params=[
-    click.Option(["--batch-sizes"], default="16,64,256,1024", help="Batch sizes to train with."),
-    click.Option(["--lrs"], default="0.01,0.1", help="Learning rates to train with."),
+    click.Option(["--batch-sizes"], default="16,64,256,1024", metavar="INTS", help="Batch sizes to train with."),
+    click.Option(["--lrs"], default="0.01,0.1", metavar="NUMBERS", help="Learning rates to train with."),
     *_experiment_options("distance"),
     *train_options(_distance_training(), only=("epochs", "optimizer", "seed")),
 ])  # fmt: skip

@@ -159,7 +159,7 @@ def _runs_cell(column: str, value: Any) -> "str | rich.text.Text":  # noqa: F821
 
 @cli.command("report", params=[
     click.Argument(["ident"], metavar="ID"),
-    out_option("The HTML file to write. Default: beside the store, <store>-run-3.html."),
+    out_option("The HTML file to write. Default: beside the store, <store>-run-3.html.", folder=False),
     store_option(),
     json_option(),
 ])  # fmt: skip

@@ -11,7 +11,7 @@ import click
 
 from .app import (MAX_INT, allow_import_option, check_out_folder, check_store_folder, cli, json_option, out_option,
                   print_json, print_rich, quiet_option, say, shown, store_option, store_path, threads_option)  # fmt: skip
-from .train import check_import_allowed, given, train_options
+from .train import check_import_allowed, field_option, given, train_options
 
 
 STUDY_FLAGS = {  # StudyConfig field -> (flag, help)
@@ -44,8 +44,8 @@ def _study_options() -> list[click.Option]:
                      help="NAME[:opt=val,...], e.g. mlp:hidden=50,init=keras; package.module:function with --allow-import."),
         allow_import_option(),
         click.Option(["--name"], default=None, help="A name for the study in the store."),
-        *(click.Option([flag, field], type=str, default=_shown_default(getattr(default, field)), metavar="VALUE",
-                       help=text) for field, (flag, text) in STUDY_FLAGS.items()),
+        *(field_option(field, flag, StudyConfig.model_fields[field].annotation, _shown_default(getattr(default, field)),
+                       text) for field, (flag, text) in STUDY_FLAGS.items()),
         click.Option(["--stop-at-target/--no-stop-at-target"], default=default.stop_at_target,
                      help="End each trial at its target, or train the whole budget."),
         click.Option(["--noise-scale/--no-noise-scale"], default=default.noise_scale,
@@ -65,11 +65,11 @@ def _study_options() -> list[click.Option]:
     return options + train_options(default.train, exclude=owned)
 
 
-def _shown_default(value: Any) -> str | None:
-    """A StudyConfig default as its flag shows it: 'auto' for None batch sizes, lists comma-separated."""
+def _shown_default(value: Any) -> Any:
+    """A StudyConfig default as its flag shows it: lists comma-separated."""
     if isinstance(value, tuple):
         return ",".join(str(v) for v in value)
-    return None if value is None else str(value)
+    return value
 
 
 def _split_list(text: str) -> list[str]:
@@ -106,17 +106,18 @@ def study_config_from_options(options: dict[str, Any]):
         if options.get(key) is not None:
             values[key] = options[key]
     for field in STUDY_FLAGS:
-        text = options.get(field)
-        if text is None:
+        if field not in options:
             continue
+        text = options[field]
         if field == "batch_sizes":
             values[field] = None if text.strip() == "auto" else _split_list(text)
+        elif not isinstance(text, str):  # typed flags: already converted and checked
+            values[field] = text
         elif field == "lrs":
             values[field] = text if text.strip() == "auto" else _study_numbers(field, _split_list(text))
         elif field == "seeds":
-            values[field] = text if "," not in text else _study_numbers(field, _split_list(text), int)
-        elif field in ("epochs", "max_steps") and text.strip().lower() in ("none", ""):
-            values[field] = None
+            seeds = _study_numbers(field, _split_list(text), int)
+            values[field] = seeds if "," in text else seeds[0]
         else:
             values[field] = text
     return make_study_config(values)
@@ -128,9 +129,9 @@ def _study_numbers(field: str, items: list[str], kind=float) -> list:
     try:
         numbers = [kind(item) for item in items]
     except ValueError:
-        raise ConfigError(f"--{field.replace('_', '-')} takes comma-separated numbers, got {','.join(items)!r}") from None
-    if not all(math.isfinite(n) and abs(n) <= MAX_INT for n in numbers):
-        raise ConfigError(f"--{field.replace('_', '-')} takes finite numbers, got {','.join(items)!r}")
+        raise ConfigError(f"--{field.replace('_', '-')} takes one or more numbers separated by commas, got {','.join(items)!r}") from None
+    if not numbers or not all(math.isfinite(n) and abs(n) <= MAX_INT for n in numbers):
+        raise ConfigError(f"--{field.replace('_', '-')} takes one or more finite numbers separated by commas, got {','.join(items)!r}")
     return numbers
 
 

@@ -50,68 +50,6 @@ TRAIN_HELP = {  # TrainConfig field -> help text
 }
 
 
-def _train_options() -> list[click.Option]:
-    from ..config import TrainConfig
-
-    options = []
-    for name, field in TrainConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = TRAIN_HELP.get(name, "") + f" [default: {field.default}]"
-        if field.annotation is bool:
-            options.append(click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=help_text))
-        elif name == "betas":
-            options.append(click.Option([flag, name], type=(float, float), default=None, help=help_text))
-        else:
-            # Values are validated (and converted) by TrainConfig itself, with one-line errors.
-            options.append(click.Option([flag, name], type=str, default=None, metavar="VALUE", help=help_text))
-    return options
-
-
-RUN_OPTIONS = [
-    click.Option(["--config", "config_file"], type=click.Path(path_type=Path), default=None,
-                 help="A TOML run file ([dataset], [train], model, probes); flags override it."),
-    click.Option(["--dataset"], default=None, help="Built-in dataset name or a .npz/.csv file (default mnist1d)."),
-    click.Option(["--target"], default=None, help="Label column of a CSV dataset."),
-    click.Option(["--val-fraction"], type=str, default=None, help="Hold out this fraction of train for validation."),
-    click.Option(["--split-seed"], type=str, default=None, help="Seed of the validation split."),
-    click.Option(["--standardize/--no-standardize"], default=None, help="Standardize with train statistics."),
-    click.Option(["--model"], default=None, help="NAME[:opt=val,...] (e.g. mlp:hidden=100x100,dropout=0.1) or package.module:function."),
-    click.Option(["--probes"], default=None, help="Comma-separated probes: grad_norm, noise_scale, dist_from_init, update_norm."),
-    click.Option(["--name"], default=None, help="A name for the run in the store."),
-    click.Option(["--threads"], type=int, default=1, show_default=True,
-                 help="Torch CPU threads (1 is fastest for small models on a shared machine)."),
-    click.Option(["--quiet", "-q"], is_flag=True, help="No progress bar or tables."),
-    click.Option(["--store"], type=click.Path(path_type=Path), default=None,
-                 help="Run store (SQLite). Default: $BATCHLAB_STORE or ./batchlab.db."),
-    click.Option(["--json", "as_json"], is_flag=True, help="Print a machine-readable summary on stdout."),
-]
-
-
-def spec_from_options(options: dict[str, Any]):
-    """A validated RunSpec from a --config file and the flags given (flags win)."""
-    from ..config import TrainConfig, make_run_spec, read_toml
-
-    values: dict[str, Any] = read_toml(options["config_file"]) if options.get("config_file") else {}
-    if not isinstance(values.get("train", {}), dict) or not isinstance(values.get("dataset", {}), dict):
-        raise BatchlabError("in the config file, [train] and [dataset] must be tables")
-    train = dict(values.get("train", {}))
-    train.update({k: options[k] for k in TrainConfig.model_fields if options.get(k) is not None})
-    dataset = dict(values.get("dataset", {}))
-    for key in ("target", "val_fraction", "split_seed", "standardize"):
-        if options.get(key) is not None:
-            dataset[key] = options[key]
-    if options.get("dataset") is not None:
-        dataset["name"] = options["dataset"]
-    values.update(train=train, dataset=dataset)
-    if options.get("model") is not None:
-        values["model"] = options["model"]
-    if options.get("probes") is not None:
-        values["probes"] = [p.strip() for p in options["probes"].split(",") if p.strip()]
-    if options.get("name") is not None:
-        values["name"] = options["name"]
-    return make_run_spec(values)
-
-
 def train_options(base: Any = None, only: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> list[click.Option]:
     """One flag per TrainConfig field, typed from the model, its default shown from ``base``.
 
@@ -135,18 +73,22 @@ def train_options(base: Any = None, only: Iterable[str] | None = None, exclude: 
         default = getattr(base, name)
         if name == "epochs" and base.max_steps is None and "epochs" not in base.model_fields_set:
             default = None  # "10 when --max-steps is not given", as the help says
-        options.append(_field_option(name, flag, field.annotation, default, TRAIN_HELP.get(name, "")))
+        options.append(field_option(name, flag, field.annotation, default, TRAIN_HELP.get(name, "")))
     return options
 
 
-def _field_option(name: str, flag: str, annotation: Any, default: Any, help_text: str) -> click.Option:
-    """A click Option for one config field: a flag pair for bools, choices for literals, checked numbers."""
+def field_option(name: str, flag: str, annotation: Any, default: Any, help_text: str) -> click.Option:
+    """A click Option for one config field: a flag pair for bools, choices for literals, checked numbers.
+
+    Fields of other types (unions such as "a number or 'full'") are text, converted and validated by
+    the config model itself with one-line errors; `TEXT_METAVARS` says what they hold.
+    """
     if annotation is bool:
         return click.Option([f"{flag}/--no-{flag[2:]}", name], default=default, help=help_text)
     kwargs: dict[str, Any] = {"default": default, "help": help_text}
     args = typing.get_args(annotation)
-    if annotation is int or (set(args) == {int, type(None)}):
-        kwargs["type"] = whole(0)
+    if annotation is int or set(args) == {int, type(None)}:
+        kwargs["type"] = whole(0, optional=type(None) in args)
     elif annotation is float:
         kwargs["type"] = FiniteFloat()
     elif typing.get_origin(annotation) is typing.Literal:
@@ -154,14 +96,16 @@ def _field_option(name: str, flag: str, annotation: Any, default: Any, help_text
     elif name == "betas":
         kwargs["type"] = (FiniteFloat(), FiniteFloat())
     else:
-        # Unions such as "a number or 'full'": TrainConfig converts and validates them, in one line.
         kwargs["type"] = str
         kwargs["metavar"] = TEXT_METAVARS.get(name, "TEXT")
-        kwargs["default"] = None if default is None else str(default)
+        kwargs["default"] = default if default is None or isinstance(default, str) else str(default)
     return click.Option([flag, name], **kwargs)
 
 
-TEXT_METAVARS = {"batch_size": "B|full", "eval_every": "K|epoch"}
+# What a text flag holds; the corpus of bad inputs (tests/test_cli_corpus.py) reads numbers into those
+# that hold numbers. INTS: comma-separated whole numbers; NUMBERS: comma-separated numbers.
+TEXT_METAVARS = {"batch_size": "B|full", "eval_every": "K|epoch", "batch_sizes": "INTS|full", "lrs": "auto|NUMBERS",
+                 "seeds": "N|INTS", "target": "METRIC>=VALUE"}  # fmt: skip
 
 
 def given(ctx: click.Context) -> dict[str, Any]:
