@@ -119,3 +119,10 @@ def test_names_are_printed_as_text(tmp_path, cli):
     assert "'[/]'" in out
     status, out, _ = cli(["runs", "show", "2", "--store", store])
     assert "\\x1b[2J\\x1b]0;owned\\x07[red]x" in out
+
+
+def test_say_keeps_its_own_line_breaks_and_escapes_the_rest(capsys):
+    from batchlab.cli.app import say
+
+    say("first line\nsecond \x1b[2J line")
+    assert capsys.readouterr().out == "first line\nsecond \\x1b[2J line\n"

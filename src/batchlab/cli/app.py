@@ -209,10 +209,11 @@ def _json_safe(value: Any) -> Any:
 def say(message: str, quiet: bool = False, as_json: bool = False) -> None:
     """Human-readable output: stdout normally, stderr when stdout carries JSON, nothing with --quiet.
 
-    ``message`` is made safe with `shown`; build it from user strings freely.
+    ``message`` is made safe with `shown` line by line (its own line breaks stay); build it from user
+    strings freely.
     """
     if not quiet:
-        click.echo(shown(message), err=as_json)
+        click.echo("\n".join(shown(line) for line in str(message).split("\n")), err=as_json)
 
 
 def cell(value: Any) -> str:
