@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from matplotlib.figure import Figure
@@ -31,6 +31,11 @@ from . import __version__
 from . import plots
 from .errors import BatchlabError, ConfigError
 from .store import RunStore, StoredRun
+from .study.plan import LR_GROUP
+from .study.run import TRIAL_KIND
+
+if TYPE_CHECKING:
+    from .study import Study
 
 MAX_TABLE_ROWS = 200  # longer tables are cut, with a note, to keep the file small
 EXPLAIN_KEYS = ("explain", "explanation")  # where an `explain` run keeps its paragraph in its summary
@@ -435,3 +440,71 @@ def write_report(report: Report, path: str | Path) -> Path:
     except OSError as error:
         raise ConfigError(f"cannot write the report to {path}: {error.strerror or error}; pass another --out") from None
     return path
+
+
+# -- a study's output folder -------------------------------------------------------------------
+
+
+def representative_runs(store, study: Study) -> list:
+    """For learning curves: per batch size, the stored trial at its best lr with the first seed."""
+    if store is None or study.group_id is None:
+        return []
+    wanted = {}
+    first_seed = study.plan.config.seed_list[0]
+    for row in study.summary.itertuples():
+        if math.isfinite(row.best_lr):
+            wanted[(row.batch_size_value, float(row.best_lr))] = None
+    out = []
+    for run in store.group_run_summaries(study.group_id, TRIAL_KIND):
+        s = run["summary"]
+        key = (s.get("batch_size_value"), float(s.get("lr", math.nan)))
+        if s.get("kind") == LR_GROUP and key in wanted and s.get("seed") == first_seed and wanted[key] is None:
+            wanted[key] = run["id"]
+    for key in sorted(wanted):
+        if wanted[key] is not None:
+            out.append(store.load_run(wanted[key]))
+    return out
+
+
+def write_study_outputs(study: Study, folder: str | Path, *, report: bool = True) -> list[Path]:
+    """The study's figures (PNG + SVG), the summary and trials as CSV, and the HTML report.
+
+    Figures: steps-, samples- and seconds-to-target, best lr and generalization gap vs batch size
+    (`batchlab.plots.study`), and the learning curves (train and val metric of the target) of
+    every batch size at its best lr.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    study.summary.to_csv(folder / "summary.csv", index=False)
+    study.trials.to_csv(folder / "trials.csv", index=False)
+    written += [folder / "summary.csv", folder / "trials.csv"]
+    fit, n_train, target = study.fit, study.plan.n_train, str(study.plan.target)
+    figures = plots.study_figures(study.summary, s_min=fit.s_min if fit.ok else None,
+                                  b_crit=fit.b_crit if fit.ok else None, n_train=n_train, target=target)
+    for name, figure in figures.items():
+        written += plots.save_figure(figure, folder / name)
+    if study.store is None:
+        return written
+    with RunStore(study.store, create=False) as store:
+        curves = representative_runs(store, study)
+        if curves:
+            metric = study.plan.target.metric.split("_", 1)[1]
+            figure = plots.compare_runs(curves, metric=(f"train_{metric}", f"val_{metric}"), x="samples_seen",
+                                        logx=True, title=f"Learning curves at each batch size's best lr (seed {study.plan.config.seed_list[0]})")
+            written += plots.save_figure(figure, folder / "learning_curves")
+        if report:
+            written += _write_report(store, study, folder)
+    return written
+
+
+def _write_report(store, study: Study, folder: Path) -> list[Path]:
+    runs = [store.load_run(run_id) for run_id in store.group_runs(study.group_id)]
+    fit = study.fit
+    built = study_report(store.get_group(study.group_id), runs, study.summary,
+                        s_min=fit.s_min if fit.ok else None, b_crit=fit.b_crit if fit.ok else None,
+                        e_min=fit.e_min if fit.ok else None, recommendation=study.recommendation.text,
+                        target=str(study.plan.target), n_train=study.plan.n_train)
+    path = folder / "report.html"
+    path.write_text(built.html, encoding="utf-8")
+    return [path]

@@ -7,7 +7,6 @@ and output paths are checked before any work starts. Ctrl-C exits with status 13
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -143,17 +142,17 @@ def check_store_folder(store: Path) -> None:
         raise BatchlabError(f"the store's folder {shown(folder)} is not writable; pass another --store")
 
 
-def check_out_folder(out: Optional[Path]) -> None:
-    """An --out folder must be creatable and writable: checked before any work starts."""
+def check_out_folder(out: Optional[Path], flag: str = "--out") -> None:
+    """An output folder must be creatable and writable: checked before any work starts."""
     if out is None:
         return
     if out.exists() and not out.is_dir():
-        raise BatchlabError(f"--out {shown(out)} is a file; give a folder (it is created if missing)")
+        raise BatchlabError(f"{flag} {shown(out)} is a file; give a folder (it is created if missing)")
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
-        raise BatchlabError(f"--out {shown(out)} cannot be created: {shown(existing)} is a file")
+        raise BatchlabError(f"{flag} {shown(out)} cannot be created: {shown(existing)} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise BatchlabError(f"--out {shown(out)} is not writable ({shown(existing)}); pass another --out")
+        raise BatchlabError(f"{flag} {shown(out)} is not writable ({shown(existing)}); pass another {flag}")
 
 
 def check_out_file(out: Optional[Path]) -> None:
@@ -192,18 +191,10 @@ def console(stream=None) -> "rich.console.Console":  # noqa: F821
 
 
 def print_json(value: Any) -> None:
-    """Print a JSON document on stdout (NaN becomes null, as JSON has no NaN)."""
-    print(json.dumps(_json_safe(value), indent=2, default=str))
+    """Print a JSON document on stdout (NaN becomes null, ±inf "Infinity", as JSON has neither)."""
+    from ..store.codec import dumps
 
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+    print(dumps(value, indent=2))
 
 
 def say(message: str, quiet: bool = False, as_json: bool = False) -> None:

@@ -47,8 +47,8 @@ def _experiment_setup(dataset_name: str, model_spec: str, seed: int, threads: in
     check_import_allowed(model_spec, allow_import)
     torch.set_num_threads(threads)
     dataset = load_dataset(dataset_name)
-    model_from_spec(model_spec, dataset, seed=seed)  # fails here, on bad input, not later
-    return dataset, (lambda: model_from_spec(model_spec, dataset, seed=seed))
+    model_from_spec(model_spec, dataset, seed=seed, allow_import=allow_import)  # fails here, on bad input
+    return dataset, (lambda: model_from_spec(model_spec, dataset, seed=seed, allow_import=allow_import))
 
 
 def _out_dir(out: Path | None, store: Path, kind: str, group_id: int) -> Path:

@@ -26,13 +26,14 @@ def _run_id_argument() -> click.Argument:
 ])  # fmt: skip
 def runs_list(kind: str | None, group: int | None, status: str | None, store: Path | None, as_json: bool) -> None:
     """List the stored runs: status, data, model, batch size, lr, progress and final metrics."""
-    from ..store import RunStore, json_ready
+    from ..store import RunStore
+    from ..store.codec import records
 
     path = store_path(store)
     with RunStore(path, create=False) as run_store:
         runs = run_store.list_runs(kind=kind, group=group, status=status)
     if as_json:
-        print_json(json_ready(runs.to_dict(orient="records")))
+        print_json(records(runs))
         return
     if runs.empty:
         console().print(f"no runs in {shown(path)}")
@@ -43,7 +44,7 @@ def runs_list(kind: str | None, group: int | None, status: str | None, store: Pa
     for column in columns:
         table.add_column(shown(headers.get(column, column)),
                          justify="right" if column in _RUNS_NUMERIC_COLUMNS else "left")
-    for record in runs.to_dict(orient="records"):
+    for record in records(runs):
         table.add_row(*(_runs_cell(column, record[column]) for column in columns))
     console().print(table)
 
@@ -51,12 +52,12 @@ def runs_list(kind: str | None, group: int | None, status: str | None, store: Pa
 @runs_group.command("show", params=[_run_id_argument(), store_option(), json_option()])
 def runs_show(run_id: int, store: Path | None, as_json: bool) -> None:
     """Show one run (RUN_ID from `batchlab runs list`): config, provenance, summary and its epoch table."""
-    from ..store import RunStore, json_ready
+    from ..store import RunStore
 
     with RunStore(store_path(store), create=False) as run_store:
         run = run_store.load_run(run_id)
     if as_json:
-        print_json(json_ready(run.to_dict()))
+        print_json(run.to_dict())
         return
     from rich.text import Text
 
@@ -88,29 +89,49 @@ def runs_show(run_id: int, store: Path | None, as_json: bool) -> None:
 
 
 @runs_group.command("export", params=[
-    _run_id_argument(),
+    click.Argument(["ident"], metavar="ID"),
     click.Option(["--format", "fmt"], required=True,
-                 help="csv, parquet or tensorboard write a directory; json one file."),
-    click.Option(["--out"], type=click.Path(path_type=Path), required=True,
+                 help="csv, parquet or tensorboard write a directory; json one file; mlflow logs to --tracking-uri."),
+    click.Option(["--out"], type=click.Path(path_type=Path), default=None,
                  help="Where to write: a directory, or a file for json."),
+    click.Option(["--tracking-uri"], default=None,
+                 help="mlflow: the tracking server or folder (http://..., sqlite:///mlflow.db, file:./mlruns)."),
     store_option(),
     json_option(),
 ])  # fmt: skip
-def runs_export(run_id: int, fmt: str, out: Path, store: Path | None, as_json: bool) -> None:
-    """Export a run's step, evaluation and epoch tables (and its config and provenance)."""
-    from ..errors import StoreError
-    from ..store import EXPORT_FORMATS, RunStore, export_run
+def runs_export(ident: str, fmt: str, out: Path | None, tracking_uri: str | None, store: Path | None,
+                as_json: bool) -> None:
+    """Export runs' tables (and config and provenance) of ID: a run (3) or a group (group:N), or log them to MLflow."""
+    from ..errors import ConfigError
+    from ..report import parse_report_id
+    from ..store import RunStore, check_format, export_mlflow, export_runs
 
-    if fmt not in EXPORT_FORMATS:  # checked before the store is read
-        raise StoreError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    _check_export_out(out, fmt)
-    with RunStore(store_path(store), create=False) as run_store:
-        run = run_store.load_run(run_id)
-    written = export_run(run, out, fmt)
-    if as_json:
-        print_json({"run": run.id, "format": fmt, "files": [str(p) for p in written]})
+    check_format(fmt)  # checked before the store is read
+    kind, number = parse_report_id(ident)
+    if (fmt == "mlflow") != (tracking_uri is not None) or (fmt != "mlflow" and out is None):
+        raise ConfigError("give --out for a file export, or --format mlflow with --tracking-uri")
+    if out is not None:
+        _check_export_out(out, fmt)
+    path = store_path(store)
+    with RunStore(path, create=False) as run_store:
+        ids = [number] if kind == "run" else run_store.group_runs(run_store.get_group(number)["id"])
+        runs = [run_store.load_run(i) for i in ids]
+    if fmt == "mlflow":
+        written = export_mlflow(runs, tracking_uri, store_path=path, artifacts=_run_report)
     else:
-        click.echo(shown(f"run {run.id} exported as {fmt}: " + ", ".join(str(p) for p in written)))
+        written = export_runs(runs, out, fmt)
+    if as_json:
+        print_json({kind: number, "runs": ids, "format": fmt, "files": [str(p) for p in written]})
+    else:
+        what = f"run {number}" if kind == "run" else f"{len(ids)} runs of group {number}"
+        click.echo(shown(f"{what} exported as {fmt}: " + ", ".join(str(p) for p in written)))
+
+
+def _run_report(run, folder: Path) -> list[Path]:
+    """The run's HTML report, written into ``folder`` (attached to its MLflow run)."""
+    from ..report import run_report, write_report
+
+    return [write_report(run_report(run), folder / f"run-{run.id}.html")]
 
 
 def _check_export_out(out: Path, fmt: str) -> None:

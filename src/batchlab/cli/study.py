@@ -191,7 +191,7 @@ def _study_command(**options: Any) -> None:
     """Run (or resume) a batch-size study, print its summary and recommendation, write its figures."""
     import torch
 
-    from ..executors import make_executor
+    from ..study import make_executor
     from ..study import brownlee_comparison, run_study, write_study_outputs
 
     torch.set_num_threads(options["threads"])

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import click
 from click.core import ParameterSource
 
-from .app import (FiniteFloat, allow_import_option, cell, check_store_folder, cli, console, json_option,
+from .app import (FiniteFloat, allow_import_option, cell, check_out_folder, check_store_folder, cli, console, json_option,
                   print_json, print_rich, quiet_option, say, shown, store_option, store_path, threads_option,
                   whole)  # fmt: skip
 
@@ -194,7 +194,7 @@ def prepare_run(spec, allow_import: bool = False):
     dataset = load_dataset(d.name, target=d.target, val_fraction=d.val_fraction, split_seed=d.split_seed,
                            standardize=d.standardize, device=device)
     clock = plan_run(dataset, spec.train)
-    model = model_from_spec(spec.model, dataset, seed=spec.train.seed)
+    model = model_from_spec(spec.model, dataset, seed=spec.train.seed, allow_import=allow_import)
     check_model(model.to(device), dataset)
     for probe in spec.probes:
         make_probe(probe)
@@ -227,9 +227,15 @@ def _fit_command(**options: Any) -> None:
     dataset, model, clock = prepare_run(spec, options["allow_import"])
     store = store_path(options["store"])
     check_store_folder(store)
+    check_out_folder(options["tensorboard"], "--tensorboard")
     say(f"{dataset.name}: {clock.describe()}", quiet, as_json)
     rec = recorder(store, name=spec.name, kind="fit", spec=spec.model_dump(mode="json", exclude={"train"}))
-    run = fit(model, dataset, spec.train, probes=spec.probes, callbacks=[rec],
+    callbacks = [rec]
+    if options["tensorboard"] is not None:  # live TensorBoard files in DIR/run-<id>/
+        from ..store import TensorBoard
+
+        callbacks.append(TensorBoard(options["tensorboard"], run_name=lambda: f"run-{rec.run_id}"))
+    run = fit(model, dataset, spec.train, probes=spec.probes, callbacks=callbacks,
               progress=not quiet and sys.stderr.isatty())
     if not quiet:
         print_rich(epoch_table(run.epochs, title=f"run {rec.run_id}: {dataset.name}, {spec.model}"), as_json)
@@ -243,16 +249,17 @@ def _fit_command(**options: Any) -> None:
 
 def check_import_allowed(model: str, allow_import: bool) -> None:
     """Refuse a ``package.module:function`` model (importing it runs its code) unless --allow-import."""
-    from ..errors import ConfigError
+    from ..config import check_import_allowed as check
 
-    if "." in str(model).partition(":")[0] and not allow_import:
-        raise ConfigError(f"the model {model!r} would import and run Python code; pass --allow-import if you trust it")
+    check(model, allow_import, "the run (--model or its config file)")
 
 
 fit_command = click.Command(
     "fit",
     callback=_fit_command,
-    params=[*run_options(), *train_options()],
+    params=[*run_options(), *train_options(),
+            click.Option(["--tensorboard"], type=click.Path(path_type=Path, file_okay=False), default=None,
+                         help="Write TensorBoard files to this folder while training (DIR/run-<id>/).")],
     help="Train one model by mini-batches, print the epoch table and store the run.",
 )
 cli.add_command(fit_command)

@@ -1,0 +1,279 @@
+"""Trials: the execution of one group, its learning rates × seeds at one batch size.
+
+A group trains as vectorized replicas (`fit_replicas`) or one `fit` after another. A
+`TargetWatcher` on every trial evaluates at the study's evaluation points (`evaluation_steps`),
+notes the first step at which the target holds and stops the trial there. `train_group` returns
+one `TrialRecord` per trial: its summary (`trial_summary`, all the analysis reads) and its tables.
+What a group computes does not depend on where it runs.
+
+Steps-to-target is the first *evaluated* step at which the target holds. With ``stop_at_target``
+(the default) a trial ends at its target, so its "final" metrics and its generalization gap are
+those at the target; trials that never reach it report them at the end of their budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from ..config import Target, TrainConfig
+from ..data import Dataset
+from ..events import Callback, Evaluation, RunEnd, RunStart, StepEnd, Stop
+from .plan import LR_GROUP, NOISE_GROUP, GroupPlan, StudyPlan, evaluation_steps
+
+
+class GroupEvaluator:
+    """Full-pass metrics of several same-shaped models at once, cached per step.
+
+    The replicas of a vectorized pass reach each step together; the first to ask for step t's
+    metrics gets every registered model evaluated in one ``vmap``, the others read the cache.
+    ``splits`` limits the passes to what is needed (the target's split: a full pass over the
+    training set at every check would cost more than the training itself).
+    """
+
+    def __init__(self, dataset: Dataset, config: TrainConfig, splits: Sequence[str] = ("train", "val", "test")):
+        from ..metrics import loss_function
+
+        every = {"train": dataset.train if config.eval_train else None, "val": dataset.val, "test": dataset.test}
+        self.splits = {name: every[name] for name in splits if every.get(name) is not None}
+        self.loss_fn = loss_function(config.loss, dataset.task)
+        self.classification = dataset.n_classes is not None
+        self.eval_batch_size = config.eval_batch_size
+        self.models: dict[int, torch.nn.Module] = {}
+        self.cached_step: int | None = None
+        self.cache: dict[int, dict[str, float]] = {}
+
+    def register(self, key: int, model: torch.nn.Module) -> None:
+        self.models[key] = model
+        self.cached_step = None
+
+    def unregister(self, key: int) -> None:
+        self.models.pop(key, None)
+
+    def metrics(self, key: int, step: int) -> dict[str, float]:
+        if self.cached_step != step or key not in self.cache:
+            self.cache = self._evaluate_all()
+            self.cached_step = step
+        return self.cache[key]
+
+    def _evaluate_all(self) -> dict[int, dict[str, float]]:
+        from ..metrics import evaluate
+
+        keys, models = list(self.models), list(self.models.values())
+        if len(models) == 1:  # the loop's own evaluation, exactly
+            out = {}
+            for name, split in self.splits.items():
+                loss, acc = evaluate(models[0], split, self.loss_fn, self.classification, self.eval_batch_size)
+                out[f"{name}_loss"] = loss
+                if self.classification:
+                    out[f"{name}_acc"] = acc
+            return {keys[0]: out}
+        return dict(zip(keys, self._evaluate_stacked(models)))
+
+    def _evaluate_stacked(self, models: list[torch.nn.Module]) -> list[dict[str, float]]:
+        import copy
+
+        from torch.func import functional_call, stack_module_state, vmap
+
+        params, buffers = stack_module_state(models)  # each (R, *shape), copies
+        skeleton = copy.deepcopy(models[0]).eval()
+        forward = vmap(lambda p, b, x: functional_call(skeleton, (p, b), (x,)), in_dims=(0, 0, None))
+        results: list[dict[str, float]] = [{} for _ in models]
+        with torch.no_grad():
+            for name, (X, y) in self.splits.items():
+                loss_sum = torch.zeros(len(models), dtype=torch.float64)
+                correct = torch.zeros(len(models), dtype=torch.int64)
+                for start in range(0, X.shape[0], self.eval_batch_size):
+                    xb, yb = X[start:start + self.eval_batch_size], y[start:start + self.eval_batch_size]
+                    output = forward(params, buffers, xb)  # (R, n, K)
+                    n = xb.shape[0]
+                    losses = self.loss_fn(output.reshape(len(models) * n, *output.shape[2:]),
+                                          yb.repeat(len(models), *([1] * (yb.ndim - 1))))  # (R·n,)
+                    loss_sum += losses.reshape(len(models), n).sum(dim=1, dtype=torch.float64).cpu()
+                    if self.classification:
+                        correct += (output.argmax(dim=2) == yb).sum(dim=1).cpu()
+                for result, loss, right in zip(results, (loss_sum / X.shape[0]).tolist(), correct.tolist()):
+                    result[f"{name}_loss"] = loss
+                    if self.classification:
+                        result[f"{name}_acc"] = right / X.shape[0]
+        return results
+
+
+class TargetWatcher(Callback):
+    """Evaluates at the study's evaluation points, notes when the target first holds, and stops there.
+
+    The loop evaluates at step 0 and every epoch end; this callback adds the evaluations of
+    `evaluation_steps` in between, so steps-to-target has the study's resolution at any batch size.
+
+    Args:
+        target: the condition.
+        schedule: the steps at which to evaluate (`evaluation_steps`).
+        evaluator: the `GroupEvaluator` shared by the replicas of one pass.
+        key: this replica's key in the evaluator.
+        stop_at_target: ask the loop to stop when the target is reached.
+    """
+
+    def __init__(self, target: Target, schedule: Iterable[int], evaluator: GroupEvaluator, key: int,
+                 stop_at_target: bool = True):
+        self.target, self.schedule, self.evaluator, self.key = target, frozenset(schedule), evaluator, key
+        self.stop_at_target = stop_at_target
+        self.rows: list[dict[str, float]] = []  # this callback's own evaluations
+        self.reached: dict[str, float] | None = None
+        self.steps_per_epoch = 1
+
+    def on_run_start(self, event: RunStart):
+        self.steps_per_epoch = event.clock.steps_per_epoch
+        self.evaluator.register(self.key, event.model)
+        return None
+
+    def on_step_end(self, event: StepEnd):
+        clock = event.clock
+        # Epoch ends (and the last step, always an epoch end) are evaluated by the loop itself.
+        if clock.step not in self.schedule or clock.step_in_epoch == clock.steps_per_epoch or self.reached:
+            return None
+        if clock.step >= clock.total_steps:
+            return None
+        row = {"step": clock.step, "epoch": clock.epoch, "samples_seen": clock.samples_seen,
+               "seconds": event.row["seconds"], **self.evaluator.metrics(self.key, clock.step)}
+        self.rows.append(row)
+        return self._check(row)
+
+    def on_evaluation(self, event: Evaluation):
+        clock = event.clock
+        row = {"step": clock.step, "epoch": clock.epoch, "samples_seen": clock.samples_seen,
+               "seconds": event.seconds, **event.metrics}
+        return self._check(row)
+
+    def on_run_end(self, event: RunEnd):
+        self.evaluator.unregister(self.key)
+        return None
+
+    def _check(self, row: dict[str, float]):
+        if self.reached is None and self.target.met(row):
+            self.reached = row
+            if self.stop_at_target:
+                return Stop(f"target {self.target} reached at step {row['step']}")
+        return None
+
+
+@dataclass
+class TrialRecord:
+    """One trained trial as the store keeps it: its summary and its three tables as rows."""
+
+    group: GroupPlan
+    config: TrainConfig
+    summary: dict[str, Any]
+    status: str  # the loop's: finished, stopped, diverged
+    message: str | None
+    steps: list[dict] = field(repr=False)
+    evals: list[dict] = field(repr=False)
+    epochs: list[dict] = field(repr=False)
+    clock: dict[str, int] = field(default_factory=dict)
+    started_at: str = ""
+    ended_at: str = ""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def train_group(plan: StudyPlan, group: GroupPlan, dataset: Dataset, *, vectorized: bool | None = None) -> list[TrialRecord]:
+    """Train every trial of one group: its learning rates × seeds at its batch size.
+
+    With ``vectorized`` (default: the plan's choice) the lr search runs as one `fit_replicas` pass,
+    each replica stopping alone at its target; otherwise (and for the noise group, whose probe the
+    replicas lack) one `fit` after another.
+
+    Returns:
+        One `TrialRecord` per (lr, seed), lrs outer, seeds inner.
+    """
+    from ..loop import fit
+    from ..models import model_from_spec
+    from ..probes import PROBES
+
+    vectorized = plan.vectorized if vectorized is None else vectorized
+    configs = [plan.train_config(group.batch_size, lr, seed) for lr in group.lrs for seed in group.seeds]
+    schedule = evaluation_steps(plan.total_steps(group.batch_size), plan.config.resolution)
+    target, stop = plan.target, plan.config.stop_at_target
+    wants_noise = plan.config.noise_scale and "noise_scale" in PROBES
+    # Target checks need the target's split only; the loop's own evaluations (step 0, epoch ends,
+    # the step a trial stops at) are full, so the gap at the target is measured there.
+    evaluator = GroupEvaluator(dataset, configs[0], splits=(target.metric.split("_")[0],))
+    watchers = [TargetWatcher(target, schedule, evaluator, i, stop) for i in range(len(configs))]
+    started = _now()
+    if vectorized and group.kind == LR_GROUP and len(configs) > 1:
+        from ..ensemble import fit_replicas
+
+        runs = list(fit_replicas(lambda seed: model_from_spec(plan.config.model, dataset, seed=seed), dataset,
+                                 configs, callbacks=lambda i, config: [watchers[i]], progress=False))
+    else:
+        probes = ["noise_scale"] if wants_noise and (group.kind == NOISE_GROUP or not vectorized) else []
+        runs = [fit(model_from_spec(plan.config.model, dataset, seed=c.seed), dataset, c, probes=probes,
+                    callbacks=[w], progress=False) for c, w in zip(configs, watchers)]
+    ended = _now()
+    return [_record(plan, group, run, watcher, started, ended) for run, watcher in zip(runs, watchers)]
+
+
+def _record(plan: StudyPlan, group: GroupPlan, run, watcher: TargetWatcher, started: str, ended: str) -> TrialRecord:
+    loop_evals = {row["step"]: row for row in run.eval_rows}
+    extra = [row for row in watcher.rows if row["step"] not in loop_evals]
+    evals = sorted([*run.eval_rows, *extra], key=lambda row: row["step"])
+    clock = run.clock
+    summary = trial_summary(plan, group, run.config, run.status, evals, run.step_rows, watcher.reached,
+                            clock.steps_per_epoch, run.seconds)
+    return TrialRecord(group, run.config, summary, run.status, run.message, list(run.step_rows), evals,
+                       list(run.epoch_rows),
+                       {"n_train": clock.n_train, "batch_size": clock.batch_size, "steps_per_epoch": clock.steps_per_epoch,
+                        "total_steps": clock.total_steps, "epochs": clock.epochs}, started, ended)
+
+
+def _gap(row: dict[str, float]) -> float:
+    """Generalization gap: train − val accuracy (Keskar et al. 2017), or val − train loss for regression."""
+    if "train_acc" in row and "val_acc" in row:
+        return row["train_acc"] - row["val_acc"]
+    if "train_loss" in row and "val_loss" in row:
+        return row["val_loss"] - row["train_loss"]
+    return math.nan
+
+
+def _last_measured(step_rows: Sequence[dict], column: str, up_to: float) -> float:
+    for row in reversed(step_rows):
+        if row["step"] <= up_to and column in row and math.isfinite(row[column]):
+            return float(row[column])
+    return math.nan
+
+
+def trial_summary(plan: StudyPlan, group: GroupPlan, config: TrainConfig, loop_status: str, evals: list[dict],
+                  step_rows: Sequence[dict], reached: dict | None, steps_per_epoch: int, seconds: float) -> dict[str, Any]:
+    """The numbers of one trial the analysis reads (and nothing else): a flat dict of plain values."""
+    last = evals[-1] if evals else {}
+    status = "reached" if reached else "diverged" if loop_status == "diverged" else "not_reached"
+    steps_trained = int(step_rows[-1]["step"]) if step_rows else 0
+    val = "val_acc" if any("val_acc" in e for e in evals) else "val_loss"
+    values = [e[val] for e in evals if val in e and math.isfinite(e[val])]
+    best_val = (max(values) if val.endswith("acc") else min(values)) if values else math.nan
+    noise_at = reached["step"] if reached else steps_trained
+    out: dict[str, Any] = {
+        "group": group.key, "kind": group.kind, "round": group.round,
+        "batch_size": group.batch_size, "batch_size_value": group.batch_size_value,
+        "lr": config.lr, "seed": config.seed, "status": status, "loop_status": loop_status,
+        "steps_to_target": reached["step"] if reached else math.nan,
+        "epochs_to_target": reached["step"] / steps_per_epoch if reached else math.nan,
+        "samples_to_target": reached["samples_seen"] if reached else math.nan,
+        "seconds_to_target": reached["seconds"] if reached else math.nan,
+        "steps": steps_trained, "epochs": steps_trained / steps_per_epoch, "seconds": seconds,
+        "target_metric_at_end": last.get(plan.target.metric, math.nan),
+        f"best_{val}": best_val,
+        "gen_gap": _gap(last),
+        "gen_gap_at_target": _gap(next(e for e in evals if e["step"] == reached["step"])) if reached else math.nan,
+        "noise_scale": _last_measured(step_rows, "noise_scale", noise_at),
+    }
+    for metric in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"):
+        if metric in last:
+            out[f"final_{metric}"] = last[metric]
+    return out
