@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # the same names as _EXPORTS and _SUBMODULES; a test keeps th
     from .events import Callback
     from .loop import Run, fit
     from .models import build_model, list_models
-    from .store import RunStore, recorder
+    from .store import RunStore, TensorBoard, recorder
     from .study import run_study
 
 # public name -> module that defines it
@@ -69,7 +69,8 @@ _SUBMODULES = {"plots", "probes", "metrics", "optim", "data", "models", "loop", 
 # Written out (not computed) so that type checkers know the public names.
 __all__ = [
     "ArgumentError", "BatchlabError", "Callback", "Checkpoint", "ConfigError", "DataError", "Dataset", "DatasetSpec",
-    "EarlyStopping", "ModelError", "Run", "RunSpec", "RunStore", "StoreError", "StudyConfig", "TrainConfig",
+    "EarlyStopping", "ModelError", "Run", "RunSpec", "RunStore", "StoreError", "StudyConfig", "TensorBoard",
+    "TrainConfig",
     "build_model", "fit", "fit_replicas", "from_arrays", "list_datasets", "list_models", "load_dataset", "recorder",
     "run_study", "__version__",
 ]
