@@ -60,7 +60,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # The report side (figures, HTML) imports the study, so its writer is reached lazily.
-    if name in ("write_study_outputs", "representative_runs"):
+    if name in ("write_study_outputs", "best_lr_runs"):
         from .. import report
 
         return getattr(report, name)
