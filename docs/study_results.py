@@ -27,6 +27,7 @@ from pathlib import Path
 
 
 import batchlab as bl
+from batchlab.config import make_study_config
 from batchlab.study import Study, brownlee_comparison, preset_values, run_study
 
 DOC = Path(__file__).with_name("study.md")
@@ -93,7 +94,7 @@ def reseeding_section(store: str | Path) -> str:
 
 def blobs_section(store: str | Path) -> str:
     """Brownlee's preset with 5 seeds: our final accuracies (median and range) beside his."""
-    config = bl.make_study_config({**preset_values("blobs-batch-size"), "seeds": 5})
+    config = make_study_config({**preset_values("blobs-batch-size"), "seeds": 5})
     study = run_study(config, store=store)
     table = brownlee_comparison(study)
     lines = ["| B | train acc (median, range) | val acc (median, range) | Brownlee train | Brownlee test |",
@@ -107,7 +108,7 @@ def blobs_section(store: str | Path) -> str:
 
 def mnist1d_section(store: str | Path) -> str:
     """The MNIST-1D preset: B_crit with its interval beside the noise scale B_simple measured while training."""
-    study = run_study(bl.make_study_config(preset_values("mnist1d")), store=store)
+    study = run_study(make_study_config(preset_values("mnist1d")), store=store)
     fit = study.fit
     inside = fit.b_crit_lo <= fit.b_simple <= fit.b_crit_hi
     return "\n".join([summary_table(study), "", fit_line(study) + ".", "",
