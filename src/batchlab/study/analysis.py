@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..store.codec import plain
 from .plan import LR_GROUP, NOISE_GROUP
 from .ranking import best_lr, lr_table, median_steps
 from .scaling import (
@@ -276,18 +277,14 @@ def recommend(summary: pd.DataFrame, fit: ScalingFit, target: str) -> Recommenda
     if fastest is not None:
         text += f". Fastest here: B = {fastest['batch_size']} ({fastest['seconds_to_target']:.3g} s of training)"
     return Recommendation(
-        text=text + ".", batch_size=_plain(best["batch_size"]), lr=float(best["best_lr"]),
+        text=text + ".", batch_size=plain(best["batch_size"]), lr=float(best["best_lr"]),
         steps=float(best["steps_to_target"]), epochs=float(best["epochs_to_target"]),
         samples=float(best["samples_to_target"]), seconds=float(best["seconds_to_target"]),
         steps_ratio=float(best["steps_to_target"] / s_min), samples_ratio=float(best["samples_to_target"] / e_min),
-        no_gain_above=_plain(no_gain_from(reached)),
-        fastest_batch_size=_plain(fastest["batch_size"]) if fastest is not None else None,
+        no_gain_above=plain(no_gain_from(reached)),
+        fastest_batch_size=plain(fastest["batch_size"]) if fastest is not None else None,
         fastest_seconds=float(fastest["seconds_to_target"]) if fastest is not None else math.nan, supported=True,
     )
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
 
 
 @dataclass(frozen=True)

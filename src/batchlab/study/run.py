@@ -8,7 +8,6 @@ results of an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -20,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from ..config import StudyConfig
+from ..store.codec import normalized
 from .analysis import Recommendation, ScalingFit, analyse, trials_table
 from .plan import GroupPlan, StudyPlan, load_dataset_for, next_groups, plan_study
 from .trials import TrialRecord, train_group
@@ -79,13 +79,6 @@ class StudyProgress:
     elapsed: float
 
 
-def _normalized(summary: dict[str, Any]) -> dict[str, Any]:
-    """A summary as it comes back from the store (JSON round trip), so stored and fresh agree exactly."""
-    from ..store import json_ready
-
-    return json.loads(json.dumps(json_ready(summary)))
-
-
 def _store_group(store, group_id: int, plan: StudyPlan, records: Sequence[TrialRecord]) -> None:
     from ..store import collect_provenance
 
@@ -137,8 +130,11 @@ def run_study(
         ...                                     seeds=5, target="val_acc>=0.8"), store="batchlab.db")
         >>> print(study.recommendation.text)
     """
-    from .executors import InProcessExecutor
+    from ..checks import check_argument
     from ..store import RunStore
+    from .executors import InProcessExecutor
+
+    check_argument("run_study", "config", config, StudyConfig)
 
     started = time.perf_counter()
     dataset = load_dataset_for(config)
@@ -161,7 +157,7 @@ def run_study(
             for done_now, (group, group_records) in enumerate(executor.run(train_group, plan, pending, dataset), start=1):
                 if run_store is not None:
                     _store_group(run_store, group_id, plan, group_records)
-                summaries += [_normalized(r.summary) for r in group_records]
+                summaries += [normalized(r.summary) for r in group_records]  # as stored
                 records += group_records
                 groups_run += 1
                 if kill_after and groups_run >= kill_after:
