@@ -116,6 +116,7 @@ def run_study(
     store: Any = None,
     executor: Any = None,
     vectorized: bool = True,
+    prune: bool = True,
     on_progress: Callable[[StudyProgress], None] | None = None,
 ) -> Study:
     """Run a batch-size study: plan, train group by group (storing each), analyse.
@@ -127,6 +128,9 @@ def run_study(
             so a killed study resumes and ends with the results of an uninterrupted one.
         executor: where groups run (`batchlab.study.executors`); default in this process.
         vectorized: train a group's replicas in one `fit_replicas` pass (else one `fit` each).
+        prune: stop the trials of a learning rate that can no longer be the best at its batch size
+            (`batchlab.study.pruning`); the answer is the same, with less work. Off, or with
+            ``stop_at_target=False``, every trial trains to its target or its budget.
         on_progress: called after every group with a `StudyProgress`.
 
     Returns:
@@ -142,7 +146,7 @@ def run_study(
 
     started = time.perf_counter()
     dataset = load_dataset_for(config)
-    plan = plan_study(config, dataset, vectorized=vectorized)
+    plan = plan_study(config, dataset, vectorized=vectorized, prune=prune)
     executor = executor or InProcessExecutor()
     owns_store = store is not None and not isinstance(store, RunStore)
     run_store = RunStore(store) if owns_store else store
