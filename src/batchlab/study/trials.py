@@ -192,6 +192,7 @@ class TrialRecord:
     clock: dict[str, int] = field(default_factory=dict)
     started_at: str = ""
     ended_at: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)  # where it ran: host, pid, device (the worker's)
 
 
 def _now() -> str:
@@ -240,6 +241,8 @@ def train_group(plan: StudyPlan, group: GroupPlan, dataset: Dataset, *, vectoriz
 
 
 def _record(plan: StudyPlan, group: GroupPlan, run, watcher: TargetWatcher, started: str, ended: str) -> TrialRecord:
+    from ..store import collect_provenance
+
     loop_evals = {row["step"]: row for row in run.eval_rows}
     extra = [row for row in watcher.rows if row["step"] not in loop_evals]
     evals = sorted([*run.eval_rows, *extra], key=lambda row: row["step"])
@@ -249,7 +252,8 @@ def _record(plan: StudyPlan, group: GroupPlan, run, watcher: TargetWatcher, star
     return TrialRecord(group, run.config, summary, run.status, run.message, list(run.step_rows), evals,
                        list(run.epoch_rows),
                        {"n_train": clock.n_train, "batch_size": clock.batch_size, "steps_per_epoch": clock.steps_per_epoch,
-                        "total_steps": clock.total_steps, "epochs": clock.epochs}, started, ended)
+                        "total_steps": clock.total_steps, "epochs": clock.epochs}, started, ended,
+                       collect_provenance(run.config.model_dump(mode="json")))
 
 
 def _gap(row: dict[str, float]) -> float:
