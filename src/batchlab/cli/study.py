@@ -47,7 +47,16 @@ def _study_options() -> list[click.Option]:
         click.Option(["--noise-scale/--no-noise-scale"], default=None, help="Measure the gradient noise scale."),
         click.Option(["--replicas/--no-replicas"], default=True, show_default=True,
                      help="Train each group as vectorized replicas (else one fit after another)."),
-        click.Option(["--executor"], default="in-process", show_default=True, help="in-process or ray."),
+        click.Option(["--executor"], default="processes", show_default=True,
+                     help="processes (local, one per core), in-process, or ray."),
+        click.Option(["--workers"], default="auto", show_default=True, help="Processes for --executor processes; auto = cores."),
+        click.Option(["--prune/--no-prune"], default=True, show_default=True,
+                     help="Stop learning rates that can no longer be the best (same answer, less work)."),
+        click.Option(["--ray-address"], default=None, help="Ray cluster address (ray://host:10001, auto); default a local one."),
+        click.Option(["--cpus-per-group"], type=float, default=1.0, show_default=True, help="Ray: CPUs per group."),
+        click.Option(["--gpus-per-group"], type=float, default=0.0, show_default=True,
+                     help="Ray: GPUs per group; fractions let groups share a GPU."),
+        click.Option(["--max-failures"], type=int, default=3, show_default=True, help="Ray: retries of a crashed worker."),
         click.Option(["--out"], type=click.Path(path_type=Path), default=None,
                      help="Folder for figures and the report (default: beside the store)."),
         click.Option(["--threads"], type=int, default=1, show_default=True, help="Torch CPU threads."),
@@ -172,14 +181,16 @@ def _study_command(**options: Any) -> None:
     torch.set_num_threads(max(1, options["threads"]))
     quiet, as_json = options["quiet"], options["as_json"]
     config = study_config_from_options(options)
-    executor = make_executor(options["executor"])
+    executor = make_executor(options["executor"], **_executor_options(options))
     store = store_path(options["store"])
     if not store.parent.exists():
         raise BatchlabError(f"the store's folder {store.parent} does not exist; create it or pass another --store")
     display = _StudyDisplay() if not quiet and sys.stderr.isatty() else None
     try:
-        study = run_study(config, store=store, executor=executor, vectorized=options["replicas"], on_progress=display)
+        study = run_study(config, store=store, executor=executor, vectorized=options["replicas"],
+                          prune=options["prune"], on_progress=display)
     finally:
+        executor.close()
         if display is not None:
             display.close()
     folder = options["out"] or store.with_name(f"{store.stem}-study-{study.group_id}")
@@ -204,10 +215,21 @@ def _study_command(**options: Any) -> None:
               f"B_crit = {fit.b_crit:.4g} ± {fit.b_crit_err:.2g}, E_min = {fit.e_min:.4g} samples")
     elif fit.message:
         print(f"fit: {fit.message}")
+    for key, error in study.failed.items():
+        print(f"failed: {key}: {error} (rerun the command to retry it)")
     print(f"stored as group {study.group_id} in {store}")
     if not quiet:
         for file in files:
             print(f"wrote {file}")
+
+
+def _executor_options(options: dict[str, Any]) -> dict[str, Any]:
+    if options["executor"] == "processes":
+        return {"workers": options["workers"]}
+    if options["executor"] == "ray":
+        return {"address": options["ray_address"], "cpus_per_group": options["cpus_per_group"],
+                "gpus_per_group": options["gpus_per_group"], "max_failures": options["max_failures"]}
+    return {}
 
 
 def _brownlee_table(comparison):
