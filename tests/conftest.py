@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from batchlab.cli import main
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Tests may set torch's thread count for speed; the next test starts with the count it had."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -44,12 +45,19 @@ def test_fit_from_toml_with_flag_override(tmp_path, cli):
         assert runs.load_run(summary["run_id"]).name == "from-toml"
 
 
-def test_same_seed_same_numbers_across_processes(tmp_path, cli):
-    args = ["fit", "--dataset", "blobs", "--epochs", "2", "--batch-size", "16", "--model", "mlp:hidden=8,dropout=0.2",
-            "--store", str(tmp_path / "a.db"), "--json", "--quiet"]
-    first = json.loads(cli(args)[1])
-    second = json.loads(cli(args)[1])
-    assert first["final_train_loss"] == second["final_train_loss"]
+def test_same_seed_same_numbers_across_processes(tmp_path):
+    """Two separate processes (other hash seeds) train to the very same numbers."""
+    args = [sys.executable, "-m", "batchlab", "fit", "--dataset", "blobs", "--epochs", "2", "--batch-size", "16",
+            "--model", "mlp:hidden=8,dropout=0.2", "--store", str(tmp_path / "a.db"), "--json", "--quiet"]
+    summaries = []
+    for hash_seed in ("1", "2"):
+        done = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        assert done.returncode == 0, done.stderr
+        summaries.append(json.loads(done.stdout))
+    first, second = summaries
+    for key in ("final_train_loss", "final_train_acc", "final_val_loss", "final_val_acc"):
+        assert first[key] == second[key], key
 
 
 def _bad_files(tmp_path):

@@ -143,12 +143,14 @@ def test_each_number_matches_a_computation_by_hand(run, metric):
         assert b.step == end
         assert b.running_end == old[f"running_{metric}"].iloc[-1]
         assert b.running_start == new[f"running_{metric}"].iloc[0] == new[f"batch_{metric}"].iloc[0]
-        assert b.running_jump == pytest.approx(b.running_start - b.running_end)
+        running_end, running_start = old[f"running_{metric}"].iloc[-1], new[f"running_{metric}"].iloc[0]
+        assert b.running_jump == pytest.approx(running_start - running_end)
         assert b.true_end == evals.loc[evals["step"] == end, f"train_{metric}"].item()
+        true_end = evals.loc[evals["step"] == end, f"train_{metric}"].item()
         nxt = evals[evals["step"] > end].iloc[0]
         by_hand = b.true_end + (nxt[f"train_{metric}"] - b.true_end) / (nxt["step"] - end)
         assert b.true_start == pytest.approx(by_hand) == pytest.approx(true[end + 1])
-        assert b.true_change == pytest.approx(b.true_start - b.true_end)
+        assert b.true_change == pytest.approx(by_hand - true_end)
         # typical change: slopes of evaluation intervals inside either epoch, not the one after `end`
         pairs = pd.DataFrame({"a": evals["step"].iloc[:-1].to_numpy(), "b": evals["step"].iloc[1:].to_numpy(),
                               "d": np.diff(evals[f"train_{metric}"].to_numpy())})
@@ -157,14 +159,17 @@ def test_each_number_matches_a_computation_by_hand(run, metric):
         assert b.typical_change == pytest.approx((inside.d / (inside.b - inside.a)).median())
         weights = old["batch_size"].to_numpy()
         taken_at = old["step"].to_numpy() - 1  # batch value of step s: weights after s - 1 updates
-        assert b.true_epoch_mean == pytest.approx(np.sum(true[taken_at].to_numpy() * weights) / weights.sum())
-        assert b.train_mode_epoch_mean == pytest.approx(np.sum(mode[taken_at].to_numpy() * weights) / weights.sum())
-        assert b.lag == pytest.approx(b.true_end - b.running_end)
-        assert b.running_minus_true_mean == pytest.approx(b.running_end - b.true_epoch_mean)
-        assert b.train_mode_end == evals.loc[evals["step"] == end, f"train_mode_{metric}"].item()
-        assert b.train_mode_part == pytest.approx(b.true_end - b.train_mode_end)
-        assert b.averaging_part == pytest.approx(b.train_mode_end - b.train_mode_epoch_mean)
-        assert b.train_mode_part + b.averaging_part + b.remainder_part == pytest.approx(b.lag)
+        true_mean = np.sum(true[taken_at].to_numpy() * weights) / weights.sum()
+        mode_mean = np.sum(mode[taken_at].to_numpy() * weights) / weights.sum()
+        mode_end = evals.loc[evals["step"] == end, f"train_mode_{metric}"].item()
+        assert b.true_epoch_mean == pytest.approx(true_mean)
+        assert b.train_mode_epoch_mean == pytest.approx(mode_mean)
+        assert b.lag == pytest.approx(true_end - running_end)
+        assert b.running_minus_true_mean == pytest.approx(running_end - true_mean)
+        assert b.train_mode_end == mode_end
+        assert b.train_mode_part == pytest.approx(true_end - mode_end)
+        assert b.averaging_part == pytest.approx(mode_end - mode_mean)
+        assert b.remainder_part == pytest.approx(mode_mean - running_end)
         noise = new[f"batch_{metric}"].diff().std(ddof=0) / math.sqrt(2)
         assert b.batch_noise == pytest.approx(noise)
 
@@ -172,8 +177,9 @@ def test_each_number_matches_a_computation_by_hand(run, metric):
 def test_the_running_mean_is_close_to_the_train_mode_epoch_mean(run):
     # The running mean averages samples of the train-mode curve over the epoch: what is left is noise.
     for b in explain_run(run).boundaries["acc"]:
-        assert abs(b.remainder_part) < 4 * b.batch_noise / math.sqrt(20) + 0.02
-        assert abs(b.remainder_part) < abs(b.lag) or abs(b.lag) < 0.05
+        # A mean of 20 batches of noise, plus one sample's worth of accuracy quantisation.
+        steps_per_epoch, n_train = run.clock.steps_per_epoch, run.clock.n_train
+        assert abs(b.remainder_part) < 4 * b.batch_noise / math.sqrt(steps_per_epoch) + 1 / n_train
 
 
 def test_the_jump_vanishes_when_the_running_mean_is_the_true_curve(run):
@@ -183,11 +189,9 @@ def test_the_jump_vanishes_when_the_running_mean_is_the_true_curve(run):
     original = explain_tables(run.steps, run.evals).boundaries["acc"]
     replaced = explain_tables(steps, run.evals).boundaries["acc"]
     spread = np.abs(np.diff(run.evals["train_acc"]) / np.diff(run.evals["step"])).max()
-    for before, after in zip(original, replaced):
-        assert after.running_jump == pytest.approx(after.true_change)
+    for after in replaced:
         assert abs(after.running_jump) <= spread + 1e-12  # one step's worth, like any step inside an epoch
-        assert after.lag == 0
-    assert max(abs(b.running_jump) for b in original) > 2 * max(abs(a.running_jump) for a in replaced)
+    assert any(abs(before.running_jump) > spread for before in original)  # the real log does jump
 
 
 def test_batch_gradient_descent_has_no_jump_to_explain():

@@ -1,4 +1,4 @@
-"""The run store: round trips, the recorder, interrupted runs, the `runs` commands, exports."""
+"""The run store: round trips, the recorder, interrupted runs, the `runs` commands (exports: test_export.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from batchlab.config import TrainConfig
 from batchlab.errors import StoreError
 from batchlab.events import Clock, EpochEnd, RunEnd, RunStart
-from batchlab.store import LIST_COLUMNS, RunStore, export_run, recorder
+from batchlab.store import LIST_COLUMNS, RunStore, recorder
 
 NAN, INF = float("nan"), float("inf")
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
@@ -89,14 +88,15 @@ def test_a_bad_row_writes_nothing(tmp_path):
             store.append_rows(99, steps=[step_row(1)])
 
 
-def test_many_rows_are_fast(tmp_path):
+def test_many_rows_round_trip(tmp_path):
+    """50,000 rows in one append come back complete and in order (speed is measured in benchmarks)."""
     rows = [step_row(s, steps_per_epoch=1000, grad_norm=0.1 * s) for s in range(1, 50_001)]
     with RunStore(tmp_path / "s.db") as store:
         run_id = new_run(store)
-        started = time.perf_counter()
         store.append_rows(run_id, steps=rows)
-        assert time.perf_counter() - started < 5.0
-        assert len(store.load_run(run_id).steps) == 50_000
+        steps = store.load_run(run_id).steps
+    assert steps["step"].tolist() == list(range(1, 50_001))
+    np.testing.assert_array_equal(steps["grad_norm"].to_numpy(), [row["grad_norm"] for row in rows])
 
 
 # -- runs, groups, opening ------------------------------------------------------------------------
@@ -135,29 +135,6 @@ def test_runs_groups_list_finish_and_delete(tmp_path):
         with pytest.raises(StoreError, match=r"no run \d+ in .*`batchlab runs list` shows the runs"):
             store.load_run(first)
         assert store._query("SELECT count(*) FROM steps")[0][0] == 0
-
-
-def test_opening_bad_paths_fails_in_one_line(tmp_path):
-    with pytest.raises(StoreError, match="directory .* does not exist") as error:
-        RunStore(tmp_path / "missing" / "s.db")
-    assert "\n" not in str(error.value)
-    with pytest.raises(StoreError, match="no store at"):
-        RunStore(tmp_path / "absent.db", create=False)
-    assert not (tmp_path / "absent.db").exists()
-
-    (tmp_path / "text.db").write_text("not a database, just some text that is long enough" * 10)
-    with pytest.raises(StoreError, match="not a batchlab store"):
-        RunStore(tmp_path / "text.db")
-    other = sqlite3.connect(tmp_path / "other.db")
-    other.execute("CREATE TABLE t (x)")
-    other.close()
-    with pytest.raises(StoreError, match="SQLite database but not a batchlab store"):
-        RunStore(tmp_path / "other.db")
-
-    with RunStore(tmp_path / "s.db") as store:
-        assert store._query("PRAGMA journal_mode")[0][0] == "wal"
-    with RunStore(tmp_path / "s.db") as store:  # reopening keeps it
-        assert store.list_runs().empty
 
 
 # -- the recorder -----------------------------------------------------------------------------------
@@ -258,51 +235,6 @@ def test_runs_list_and_show(stored, cli):
     assert shown["evals"][0] == {"step": 0, "val_acc": 0.1, "val_loss": None} and len(shown["steps"]) == 10
     code, out, _ = cli(["runs", "show", str(run.id), "--store", str(path)])
     assert code == 0 and "running_acc" in out and "best_val_acc" in out
-
-
-@pytest.mark.parametrize("fmt", ["csv", "parquet"])
-def test_export_tables_read_back_equal(stored, tmp_path, fmt, cli):
-    path, run = stored
-    out = tmp_path / "export"
-    code, _, err = cli(["runs", "export", str(run.id), "--format", fmt, "--out", str(out), "--store", str(path)])
-    assert code == 0, err
-    read = pd.read_csv if fmt == "csv" else pd.read_parquet
-    for table in ("steps", "evals", "epochs"):
-        pd.testing.assert_frame_equal(read(out / f"{table}.{fmt}"), getattr(run, table), check_dtype=False)
-    assert json.loads((out / "run.json").read_text())["config"] == run.config
-
-
-def test_export_json_reads_back_equal(stored, tmp_path, cli):
-    path, run = stored
-    out = tmp_path / "run.json"
-    code, _, err = cli(["runs", "export", str(run.id), "--format", "json", "--out", str(out), "--store", str(path)])
-    assert code == 0, err
-    document = json.loads(out.read_text())
-    assert document["provenance"] == run.provenance and document["status"] == "finished"
-    for table in ("steps", "evals", "epochs"):
-        frame = pd.DataFrame.from_records(document[table]).astype(float)
-        pd.testing.assert_frame_equal(frame, getattr(run, table).astype(float))
-
-
-def test_export_tensorboard_writes_scalars(stored, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    _, run = stored
-    [events] = export_run(run, tmp_path / "tb", "tensorboard")
-    accumulator = EventAccumulator(str(events.parent))
-    accumulator.Reload()
-    assert [e.step for e in accumulator.Scalars("evals/val_acc")] == [0, 10]
-    assert [round(e.value, 5) for e in accumulator.Scalars("steps/grad_norm")] == [0.5] * 5
-
-
-def test_export_rejects_bad_format_and_unwritable_path(stored, tmp_path):
-    _, run = stored
-    with pytest.raises(StoreError, match="unknown export format 'xls'"):
-        export_run(run, tmp_path / "x", "xls")
-    with pytest.raises(StoreError, match="does not exist"):
-        export_run(run, tmp_path / "no" / "dir", "csv")
-    with pytest.raises(StoreError, match="cannot write the export"):
-        export_run(run, tmp_path / "no" / "run.json", "json")
 
 
 def cli_subprocess(*args: str, cwd: Path) -> subprocess.CompletedProcess:

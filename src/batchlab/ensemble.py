@@ -231,8 +231,11 @@ def _feed_dropout(skeleton: nn.Module, example_model: nn.Module, x: torch.Tensor
 
 
 def draw_masks(sites: Sequence[DropoutSite], generators: Sequence[torch.Generator], batch: int,
-               device: torch.device) -> dict[str, torch.Tensor]:
+               device: torch.device, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Each replica's dropout masks for one step, drawn from its own generator in forward order.
+
+    ``dtype`` is the activations' dtype: ``F.dropout`` draws and scales its mask in that dtype, so
+    a float32 mask would round 1/(1-p) differently from a float64 run's.
 
     Returns:
         ``{site.key: (R, batch, *site.shape)}`` scaled masks (0 or 1/(1-p)).
@@ -240,7 +243,7 @@ def draw_masks(sites: Sequence[DropoutSite], generators: Sequence[torch.Generato
     masks = {}
     for site in sites:
         keep = 1.0 - site.p
-        mask = torch.empty((len(generators), batch, *site.shape), device=device)  # (R, b, *shape)
+        mask = torch.empty((len(generators), batch, *site.shape), device=device, dtype=dtype)  # (R, b, *shape)
         if keep == 0.0:
             mask.zero_()
         else:
@@ -445,6 +448,10 @@ def fit_replicas(
         >>> runs = bl.fit_replicas(lambda seed: bl.build_model("mlp", ds, seed=seed), ds, configs)
         >>> [run.summary["final_val_acc"] for run in runs]
     """
+    from .checks import check_arguments, check_items
+
+    check_arguments("fit_replicas", model_fn=(model_fn, Callable), dataset=(dataset, data_lib.Dataset))
+    check_items("fit_replicas", "configs", configs, TrainConfig)
     started = time.perf_counter()
     configs = check_replica_configs(configs)
     unknown = [p for p in probes if not isinstance(p, str) or p not in REPLICA_PROBES]
@@ -564,7 +571,7 @@ class _Pass:
         stack, n = self.stack, len(self.active)
         X, y = self.dataset.train
         index = torch.arange(batch, device=X.device).expand(n, batch)  # (R, b)
-        masks = [torch.ones((n, batch, *s.shape), device=self.device) for s in self.sites]
+        masks = [torch.ones((n, batch, *s.shape), device=self.device, dtype=X.dtype) for s in self.sites]
         buffers = [b.clone() for b in stack.buffers]
         losses, _ = self._train_losses((*stack.params, *buffers, *masks), X[index], y[index])
         return torch.autograd.grad(losses.sum(), stack.params)
@@ -593,7 +600,7 @@ class _Pass:
         flat = index.reshape(-1)  # (R·b,); index_select is a plain row copy, cheaper than X[index]
         xb = X.index_select(0, flat).reshape(*index.shape, *X.shape[1:])  # (R, b, *shape)
         yb = y.index_select(0, flat).reshape(*index.shape, *y.shape[1:])  # (R, b)
-        masks = draw_masks(self.sites, [r.dropout_generator for r in self.active], b, self.device)
+        masks = draw_masks(self.sites, [r.dropout_generator for r in self.active], b, self.device, X.dtype)
         tensors = (*stack.params, *stack.buffers, *(masks[site.key] for site in self.sites))
         losses, correct = self._train_losses(tensors, xb, yb)  # (R,), (R,)
         grads = torch.autograd.grad(losses.sum(), stack.params)  # each replica: its own mean-loss gradient

@@ -6,7 +6,6 @@ Every command takes ``--store`` and ``--json``. Bad input exits with status 2 an
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -42,18 +41,10 @@ def store_path(store: Optional[Path]) -> Path:
 
 
 def print_json(value: Any) -> None:
-    """Print a JSON document on stdout (NaN becomes null, as JSON has no NaN)."""
-    print(json.dumps(_json_safe(value), indent=2, default=str))
+    """Print a JSON document on stdout (NaN becomes null, ±inf "Infinity", as JSON has neither)."""
+    from ..store.codec import dumps
 
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+    print(dumps(value, indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,13 +26,14 @@ def runs_list(
     status: StatusOption = None,
 ) -> None:
     """List the stored runs: status, data, model, batch size, lr, progress and final metrics."""
-    from ..store import RunStore, json_ready
+    from ..store import RunStore
+    from ..store.codec import records
 
     path = store_path(store)
     with RunStore(path, create=False) as run_store:
         runs = run_store.list_runs(kind=kind, group=group, status=status)
     if as_json:
-        print_json(json_ready(runs.to_dict(orient="records")))
+        print_json(records(runs))
         return
     if runs.empty:
         print(f"no runs in {path}")
@@ -42,7 +43,7 @@ def runs_list(
     shown = [c for c in runs.columns if c not in ("train_loss", "train_acc")]  # in --json
     for column in shown:
         table.add_column(headers.get(column, column), justify="right" if column in _RUNS_NUMERIC_COLUMNS else "left")
-    for record in runs.to_dict(orient="records"):
+    for record in records(runs):
         table.add_row(*(_runs_cell(column, record[column]) for column in shown))
     _runs_console().print(table)
 
@@ -54,12 +55,12 @@ def runs_show(
     as_json: JsonOption = False,
 ) -> None:
     """Show one run: config, provenance, summary and its epoch table."""
-    from ..store import RunStore, json_ready
+    from ..store import RunStore
 
     with RunStore(store_path(store), create=False) as run_store:
         run = run_store.load_run(run_id)
     if as_json:
-        print_json(json_ready(run.to_dict()))
+        print_json(run.to_dict())
         return
     console = _runs_console()
     name = f" {run.name!r}" if run.name else ""
@@ -89,25 +90,42 @@ def runs_show(
 
 @runs_app.command("export")
 def runs_export(
-    run_id: Annotated[int, typer.Argument(help="The run's id (see `batchlab runs list`).")],
-    fmt: Annotated[str, typer.Option("--format", help="csv, parquet or tensorboard (a directory); json (one file).")],
-    out: Annotated[Path, typer.Option("--out", help="Where to write: a directory, or a file for json.")],
+    ident: Annotated[str, typer.Argument(metavar="ID", help="A run id (3), or group:N / study:N for all runs of a group.")],
+    fmt: Annotated[str, typer.Option("--format", help="csv, parquet or tensorboard (a directory); json (one file); mlflow (--tracking-uri).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write: a directory, or a file for json.")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="mlflow: the tracking server or folder (http://..., sqlite:///mlflow.db, file:./mlruns).")] = None,
     store: StoreOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Export a run's step, evaluation and epoch tables (and its config and provenance)."""
-    from ..errors import StoreError
-    from ..store import EXPORT_FORMATS, RunStore, export_run
+    """Export runs' step, evaluation and epoch tables (and config and provenance), or log them to MLflow."""
+    from ..errors import ConfigError
+    from ..report import parse_report_id
+    from ..store import RunStore, check_format, export_mlflow, export_runs
 
-    if fmt not in EXPORT_FORMATS:  # checked before the store is read
-        raise StoreError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    with RunStore(store_path(store), create=False) as run_store:
-        run = run_store.load_run(run_id)
-    written = export_run(run, out, fmt)
-    if as_json:
-        print_json({"run": run.id, "format": fmt, "files": [str(p) for p in written]})
+    check_format(fmt)  # checked before the store is read
+    kind, number = parse_report_id(ident)
+    if (fmt == "mlflow") != (tracking_uri is not None) or (fmt != "mlflow" and out is None):
+        raise ConfigError("give --out for a file export, or --format mlflow with --tracking-uri")
+    path = store_path(store)
+    with RunStore(path, create=False) as run_store:
+        ids = [number] if kind == "run" else run_store.group_runs(run_store.get_group(number)["id"])
+        runs = [run_store.load_run(i) for i in ids]
+    if fmt == "mlflow":
+        written = export_mlflow(runs, tracking_uri, store_path=path, artifacts=_run_report)
     else:
-        print(f"run {run.id} exported as {fmt}: " + ", ".join(str(p) for p in written))
+        written = export_runs(runs, out, fmt)
+    if as_json:
+        print_json({kind: number, "runs": ids, "format": fmt, "files": [str(p) for p in written]})
+    else:
+        what = f"run {number}" if kind == "run" else f"{len(ids)} runs of group {number}"
+        print(f"{what} exported as {fmt}: " + ", ".join(str(p) for p in written))
+
+
+def _run_report(run, folder: Path) -> list[Path]:
+    """The run's HTML report, written into ``folder`` (attached to its MLflow run)."""
+    from ..report import run_report, write_report
+
+    return [write_report(run_report(run), folder / f"run-{run.id}.html")]
 
 
 _RUNS_NUMERIC_COLUMNS = {"id", "group", "batch_size", "lr", "epochs", "steps", "train_loss", "train_acc",

@@ -159,7 +159,12 @@ def _fit_command(**options: Any) -> None:
         raise BatchlabError(f"the store's folder {store.parent} does not exist; create it or pass another --store")
     _say(f"{dataset.name}: {clock.describe()}", quiet, as_json)
     rec = recorder(store, name=spec.name, kind="fit", spec=spec.model_dump(mode="json", exclude={"train"}))
-    run = fit(model, dataset, spec.train, probes=spec.probes, callbacks=[rec],
+    callbacks = [rec]
+    if options["tensorboard"] is not None:  # live TensorBoard files in DIR/run-<id>/
+        from ..store import TensorBoard
+
+        callbacks.append(TensorBoard(options["tensorboard"], run_name=lambda: f"run-{rec.run_id}"))
+    run = fit(model, dataset, spec.train, probes=spec.probes, callbacks=callbacks,
               progress=not quiet and sys.stderr.isatty())
     if not quiet:
         print_rich(epoch_table(run.epochs, title=f"run {rec.run_id}: {dataset.name}, {spec.model}"), as_json)
@@ -174,7 +179,9 @@ def _fit_command(**options: Any) -> None:
 fit_command = click.Command(
     "fit",
     callback=_fit_command,
-    params=[*RUN_OPTIONS, *_train_options()],
+    params=[*RUN_OPTIONS, *_train_options(),
+            click.Option(["--tensorboard"], type=click.Path(path_type=Path), default=None,
+                         help="Write TensorBoard files to this folder while training (DIR/run-<id>/).")],
     help="Train one model by mini-batches, print the epoch table and store the run.",
 )
 EXTRA_COMMANDS.append(fit_command)

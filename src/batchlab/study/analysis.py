@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..store.codec import plain
 from .plan import LR_GROUP, NOISE_GROUP
 from .ranking import best_lr, lr_table, median_steps
 
@@ -259,17 +260,13 @@ def recommend(summary: pd.DataFrame, fit: ScalingFit, target: str) -> Recommenda
     elif len(timed) < len(reached):
         text += ". Seconds were measured while groups shared the cores, so no batch size is called fastest"
     return Recommendation(
-        text=text + ".", batch_size=_plain(b), lr=float(best["best_lr"]), steps=float(best["steps_to_target"]),
+        text=text + ".", batch_size=plain(b), lr=float(best["best_lr"]), steps=float(best["steps_to_target"]),
         epochs=float(best["epochs_to_target"]), samples=float(best["samples_to_target"]),
         seconds=float(best["seconds_to_target"]), steps_ratio=float(best["steps_to_target"] / s_min),
-        samples_ratio=float(best["samples_to_target"] / e_min), no_gain_above=_plain(no_gain),
-        fastest_batch_size=_plain(fastest["batch_size"]) if fastest is not None else None,
+        samples_ratio=float(best["samples_to_target"] / e_min), no_gain_above=plain(no_gain),
+        fastest_batch_size=plain(fastest["batch_size"]) if fastest is not None else None,
         fastest_seconds=float(fastest["seconds_to_target"]) if fastest is not None else math.nan,
     )
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
 
 
 @dataclass(frozen=True)

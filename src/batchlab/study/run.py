@@ -8,7 +8,6 @@ results of an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -23,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from ..config import StudyConfig
+from ..store.codec import normalized
 from .analysis import Recommendation, ScalingFit, analyse, trials_table
 from .plan import GroupPlan, StudyPlan, load_dataset_for, next_groups, plan_study
 from .trials import TrialRecord, train_group
@@ -82,13 +82,6 @@ class StudyProgress:
     trials_done: int
     group: GroupPlan | None
     elapsed: float
-
-
-def _normalized(summary: dict[str, Any]) -> dict[str, Any]:
-    """A summary as it comes back from the store (JSON round trip), so stored and fresh agree exactly."""
-    from ..store import json_ready
-
-    return json.loads(json.dumps(json_ready(summary)))
 
 
 def _store_group(store, group_id: int, plan: StudyPlan, records: Sequence[TrialRecord]) -> None:
@@ -295,8 +288,11 @@ def run_study(
         ...                                     seeds=5, target="val_acc>=0.8"), store="batchlab.db")
         >>> print(study.recommendation.text)
     """
+    from ..checks import check_argument
     from ..store import RunStore
     from .executors import make_executor
+
+    check_argument("run_study", "config", config, StudyConfig)
 
     started = time.perf_counter()
     dataset = load_dataset_for(config)
@@ -374,7 +370,7 @@ class _Driver:
             _store_group(self.store, self.group_id, self.plan, records)
             self.claims.finish(group.key)
         else:
-            self.summaries += [_normalized(r.summary) for r in records]
+            self.summaries += [normalized(r.summary) for r in records]
         self.records += records
         self.groups_run += 1
         if self.kill_after and self.groups_run >= self.kill_after:

@@ -26,31 +26,25 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import socket
 import sqlite3
-import sys
+import tempfile
 import threading
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
-from .errors import StoreError
-from .events import Callback, EpochEnd, Request, RunEnd, RunStart
-
-if TYPE_CHECKING:
-    import torch
+from ..errors import StoreError
+from .codec import NotANumber, decode_row, dumps, encode_row, frame, loads, records
 
 SCHEMA_VERSION = 1
 RUN_STATUSES = ("running", "finished", "stopped", "diverged", "interrupted")
 END_STATUSES = RUN_STATUSES[1:]
-EXPORT_FORMATS = ("csv", "parquet", "json", "tensorboard")
 
 # The integer key of each row table.
 ROW_KEYS = {"steps": "step", "evals": "step", "epochs": "epoch"}
@@ -111,6 +105,7 @@ LIST_COLUMNS = [
     "steps", "train_loss", "train_acc", "val_loss", "val_acc", "started", "duration",
 ]  # fmt: skip
 _FINAL_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
+_WHOLE_NUMBER_COLUMNS = ("id", "group", "batch_size", "epochs", "steps")
 
 
 @dataclass(frozen=True)
@@ -145,7 +140,7 @@ class StoredRun:
 
     def to_dict(self) -> dict[str, Any]:
         """The run as one JSON-ready document: `meta` plus the tables as lists of records."""
-        tables = {name: _records(getattr(self, name)) for name in ROW_KEYS}
+        tables = {name: records(getattr(self, name)) for name in ROW_KEYS}
         return {**self.meta(), **tables}
 
 
@@ -164,34 +159,29 @@ class RunStore:
     def __init__(self, path: str | Path, *, create: bool = True):
         self.path = Path(path)
         self._lock = threading.RLock()
-        self._db = _connect(self.path, create=create)
+        if create and not self.path.exists():
+            _create(self.path)
+        self._db = _connect(self.path)
         try:
-            self._prepare()
+            self._check_schema()
         except BaseException:
             self._db.close()
             raise
 
     # -- opening -------------------------------------------------------------------------------
 
-    def _prepare(self) -> None:
+    def _check_schema(self) -> None:
+        """Refuse a SQLite file that is not a batchlab store, or one from a newer batchlab."""
         try:
             tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        except sqlite3.DatabaseError:
-            raise StoreError(f"{self.path} is not a batchlab store (not a SQLite database); pass another --store") from None
-        if not tables:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            with self._transaction() as db:
-                if db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-                    return  # another process made it meanwhile
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
-            return
-        if "schema_version" not in tables or "runs" not in tables:
+            version = None
+            if {"schema_version", "runs"} <= tables:
+                (version,) = self._db.execute("SELECT max(version) FROM schema_version").fetchone()
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"{self.path} is not a batchlab store ({error}); pass another --store") from None
+        if version is None:
             raise StoreError(f"{self.path} is a SQLite database but not a batchlab store; pass another --store")
-        (version,) = self._db.execute("SELECT max(version) FROM schema_version").fetchone()
-        if version is None or version > SCHEMA_VERSION:
+        if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} was written by a newer batchlab (store schema {version}, this one reads "
                 f"{SCHEMA_VERSION}); upgrade batchlab"
@@ -244,7 +234,7 @@ class RunStore:
         with self._transaction() as db:
             cursor = db.execute(
                 "INSERT INTO groups (kind, name, config, status, created_at) VALUES (?, ?, ?, 'running', ?)",
-                (kind, name, _dumps(config), _now()),
+                (kind, name, dumps(config), _now()),
             )
             return int(cursor.lastrowid)
 
@@ -254,7 +244,7 @@ class RunStore:
         with self._transaction() as db:
             cursor = db.execute(
                 "UPDATE groups SET status = ?, summary = ?, ended_at = ? WHERE id = ?",
-                (status, _dumps(summary or {}), _now(), group_id),
+                (status, dumps(summary or {}), _now(), group_id),
             )
             if cursor.rowcount == 0:
                 raise StoreError(f"no group {group_id} in {self.path}")
@@ -268,8 +258,8 @@ class RunStore:
         if not rows:
             raise StoreError(f"no group {group_id} in {self.path}")
         gid, kind, name, config, status, summary, created, ended = rows[0]
-        return {"id": gid, "kind": kind, "name": name, "config": _loads(config), "status": status,
-                "summary": _loads(summary) or {}, "created_at": created, "ended_at": ended}  # fmt: skip
+        return {"id": gid, "kind": kind, "name": name, "config": loads(config), "status": status,
+                "summary": loads(summary) or {}, "created_at": created, "ended_at": ended}  # fmt: skip
 
     def group_runs(self, group_id: int) -> list[int]:
         """The ids of a group's runs, in the order they began."""
@@ -288,8 +278,8 @@ class RunStore:
         sql = ("SELECT id, name, kind, status, config, spec, summary, message FROM runs WHERE group_id = ?"
                + (" AND kind = ?" if kind is not None else "") + " ORDER BY id")
         params = (group_id, kind) if kind is not None else (group_id,)
-        return [{"id": rid, "name": name, "kind": kind_, "status": status, "config": _loads(config) or {},
-                 "spec": _loads(spec) or {}, "summary": _loads(summary) or {}, "message": message}
+        return [{"id": rid, "name": name, "kind": kind_, "status": status, "config": loads(config) or {},
+                 "spec": loads(spec) or {}, "summary": loads(summary) or {}, "message": message}
                 for rid, name, kind_, status, config, spec, summary, message in self._query(sql, params)]  # fmt: skip
 
     def record_runs(self, group_id: int | None, runs: Iterable[Mapping[str, Any]]) -> list[int]:
@@ -309,8 +299,8 @@ class RunStore:
             tables = {}
             for table in ROW_KEYS:
                 try:
-                    tables[table] = [_encode_row(row, ROW_KEYS[table]) for row in run.get(table, ())]
-                except _BadRow as error:
+                    tables[table] = [encode_row(row, ROW_KEYS[table]) for row in run.get(table, ())]
+                except NotANumber as error:
                     raise StoreError(f"cannot store a row of {table}: {error}") from None
             prepared.append((run, tables))
         ids = []
@@ -319,8 +309,8 @@ class RunStore:
                 cursor = db.execute(
                     "INSERT INTO runs (name, kind, group_id, status, config, spec, provenance, summary, message, "
                     "host, pid, pid_started, started_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (run.get("name"), run["kind"], group_id, run["status"], _dumps(run.get("config", {})),
-                     _dumps(run.get("spec", {})), _dumps(run.get("provenance", {})), _dumps(run.get("summary", {})),
+                    (run.get("name"), run["kind"], group_id, run["status"], dumps(run.get("config", {})),
+                     dumps(run.get("spec", {})), dumps(run.get("provenance", {})), dumps(run.get("summary", {})),
                      run.get("message"), socket.gethostname(), os.getpid(), _process_started(os.getpid()),
                      run.get("started_at") or _now(), run.get("ended_at") or _now()),
                 )  # fmt: skip
@@ -352,7 +342,7 @@ class RunStore:
             cursor = db.execute(
                 "INSERT INTO runs (name, kind, group_id, status, config, spec, provenance, host, pid, "
                 "pid_started, started_at) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
-                (name, kind, group_id, _dumps(config), _dumps(spec), _dumps(provenance),
+                (name, kind, group_id, dumps(config), dumps(spec), dumps(provenance),
                  socket.gethostname(), os.getpid(), _process_started(os.getpid()), _now()),
             )  # fmt: skip
             return int(cursor.lastrowid)
@@ -374,8 +364,8 @@ class RunStore:
         batches = {}
         for table, rows in (("steps", steps), ("evals", evals), ("epochs", epochs)):
             try:
-                batches[table] = [(run_id, *_encode_row(row, ROW_KEYS[table])) for row in rows]
-            except _BadRow as error:
+                batches[table] = [(run_id, *encode_row(row, ROW_KEYS[table])) for row in rows]
+            except NotANumber as error:
                 raise StoreError(f"cannot store a row of {table}: {error}") from None
         with self._transaction() as db:
             self._check_run(db, run_id)
@@ -400,7 +390,7 @@ class RunStore:
             self._check_run(db, run_id)
             db.execute(
                 "UPDATE runs SET status = ?, summary = ?, message = ?, ended_at = ? WHERE id = ?",
-                (status, _dumps(summary or {}), message, _now(), run_id),
+                (status, dumps(summary or {}), message, _now(), run_id),
             )
 
     def delete_run(self, run_id: int) -> None:
@@ -461,21 +451,25 @@ class RunStore:
             "(SELECT data FROM epochs e WHERE e.run_id = r.id ORDER BY epoch DESC, rowid DESC LIMIT 1) "
             "FROM runs r" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY r.id"
         )
-        records = []
+        listed = []
         for (run_id, name, kind_, group_id, status_, config, spec, started, ended,
              last_step, n_epochs, last_eval, last_epoch) in self._query(sql, tuple(params)):  # fmt: skip
-            config, spec = _loads(config) or {}, _loads(spec) or {}
-            final = {**_loads_row(last_epoch), **_loads_row(last_eval)}
-            records.append({
+            config, spec = loads(config) or {}, loads(spec) or {}
+            final = {**decode_row(last_epoch), **decode_row(last_eval)}
+            listed.append({
                 "id": run_id, "name": name, "kind": kind_, "group": group_id,
                 "status": "interrupted" if run_id in gone else status_,
-                "dataset": _spec_name(spec.get("dataset")), "model": _spec_name(spec.get("model")),
+                "dataset": spec_name(spec.get("dataset")), "model": spec_name(spec.get("model")),
                 "batch_size": config.get("batch_size"), "lr": config.get("lr"),
                 "epochs": n_epochs, "steps": last_step or 0,
                 **{m: _float(final.get(m)) for m in _FINAL_METRICS},
                 "started": started, "duration": _duration(started, ended),
             })  # fmt: skip
-        return pd.DataFrame.from_records(records, columns=LIST_COLUMNS)
+        table = pd.DataFrame.from_records(listed, columns=LIST_COLUMNS)
+        for column in _WHOLE_NUMBER_COLUMNS:  # ints stay ints where some are missing (no group)
+            if pd.api.types.is_numeric_dtype(table[column]) and _whole(table[column]):
+                table[column] = table[column].astype("Int64")
+        return table
 
     def load_run(self, run_id: int) -> StoredRun:
         """A run with its tables; an unknown id is a `StoreError`."""
@@ -491,8 +485,8 @@ class RunStore:
         tables = {table: self._table(rid, table) for table in ROW_KEYS}
         return StoredRun(
             id=rid, name=name, kind=kind, group_id=group_id, status=status,
-            config=_loads(config) or {}, spec=_loads(spec) or {}, provenance=_loads(provenance) or {},
-            summary=_loads(summary) or {}, message=message, started_at=started, ended_at=ended, **tables,
+            config=loads(config) or {}, spec=loads(spec) or {}, provenance=loads(provenance) or {},
+            summary=loads(summary) or {}, message=message, started_at=started, ended_at=ended, **tables,
         )  # fmt: skip
 
     def _table(self, run_id: int, table: str) -> pd.DataFrame:
@@ -503,234 +497,79 @@ class RunStore:
             f"(SELECT data FROM {table} WHERE run_id = ? ORDER BY {key}, rowid)",
             (run_id,),
         )[0]
-        return _frame(json.loads(text), key)
+        return frame(json.loads(text), key)
 
-
-# -- recording a training run ------------------------------------------------------------------
-
-
-_CLOCK_FIELDS = ("n_train", "batch_size", "steps_per_epoch", "total_steps", "epochs")
-
-
-class RunRecorder(Callback):
-    """A callback that records a training run into a store, one transaction per epoch.
-
-    Made by `recorder`. ``run_id`` is set when the run starts. Rows the store cannot hold (a
-    missing key, a value that is not a number) are left out with a warning rather than stopping
-    training; errors of the store itself (disk full, locked) propagate as `StoreError`.
-    """
-
-    def __init__(
-        self,
-        store: RunStore | str | Path,
-        *,
-        name: str | None = None,
-        kind: str = "fit",
-        spec: Mapping[str, Any] | None = None,
-        group_id: int | None = None,
-        provenance: Mapping[str, Any] | None = None,
-    ):
-        self._owns_store = not isinstance(store, RunStore)
-        self._store_arg = store
-        self.store: RunStore | None = store if isinstance(store, RunStore) else None
-        self.name, self.kind, self.group_id = name, kind, group_id
-        self.spec = dict(spec or {})
-        self.extra_provenance = dict(provenance or {})
-        self.run_id: int | None = None
-
-    def on_run_start(self, event: RunStart) -> Request:
-        if self.store is None:
-            self.store = RunStore(self._store_arg)
-        config = event.config.model_dump(mode="json")
-        spec = {
-            "dataset": event.dataset,
-            "model": type(event.model).__name__,
-            "probes": list(event.probes),
-            "n_parameters": sum(p.numel() for p in event.model.parameters()),
-            "clock": {k: getattr(event.clock, k) for k in _CLOCK_FIELDS},
-            **self.spec,
-        }
-        provenance = {**collect_provenance(config, event.model), **self.extra_provenance}
-        self.run_id = self.store.begin_run(
-            name=self.name, kind=self.kind, config=config, spec=spec, provenance=provenance, group_id=self.group_id
-        )
-        return None
-
-    def on_epoch_end(self, event: EpochEnd) -> Request:
-        self._append(event.steps, event.evals, (event.row,))
-        return None
-
-    def on_run_end(self, event: RunEnd) -> Request:
-        if self.run_id is None or self.store is None:
-            return None
-        self._append(event.steps, event.evals, ())
-        self.store.finish_run(self.run_id, event.status, summary=dict(event.summary), message=event.message)
-        if self._owns_store:
-            self.store.close()
-            self.store = None
-        return None
-
-    def _append(self, steps, evals, epochs) -> None:
-        if self.run_id is None or self.store is None:
-            return
-        self.store.append_rows(
-            self.run_id,
-            steps=_usable_rows(steps, "step", "steps"),
-            evals=_usable_rows(evals, "step", "evals"),
-            epochs=_usable_rows(epochs, "epoch", "epochs"),
-        )
-
-
-def recorder(
-    store: RunStore | str | Path,
-    *,
-    name: str | None = None,
-    kind: str = "fit",
-    spec: Mapping[str, Any] | None = None,
-    group_id: int | None = None,
-    provenance: Mapping[str, Any] | None = None,
-) -> RunRecorder:
-    """A callback that records the run it watches into ``store``.
-
-    Args:
-        store: an open `RunStore`, or a path (opened at run start, closed at run end).
-        name: the run's name, shown by ``batchlab runs list``.
-        kind: ``fit``, ``explain``, ``replica``, ``study-trial``, ...
-        spec: what the run was given (dataset, model and its options, probes); it overrides the
-            dataset name, model class name and probes taken from the `RunStart` event.
-        group_id: the group (from `RunStore.create_group`) the run belongs to.
-        provenance: entries to add to the automatic provenance (`collect_provenance`).
-
-    Example::
-
-        rec = recorder(RunStore("batchlab.db"), name="baseline", spec={"model": "mlp"})
-        fit(model, ds, cfg, callbacks=[rec]); print(rec.run_id)
-    """
-    return RunRecorder(store, name=name, kind=kind, spec=spec, group_id=group_id, provenance=provenance)
-
-
-def collect_provenance(config: Mapping[str, Any] | None = None, model: "torch.nn.Module | None" = None) -> dict[str, Any]:
-    """Where and with what a run was made: versions, host, process, device, seed and command line."""
-    import torch
-
-    from . import __version__
-
-    device = (config or {}).get("device")
-    if model is not None:
-        first = next(iter(model.parameters()), None)
-        device = str(first.device) if first is not None else device
-    info = {
-        "batchlab": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "hostname": socket.gethostname(),
-        "pid": os.getpid(),
-        "argv": list(sys.argv),
-        "device": device,
-        "seed": (config or {}).get("seed"),
-    }
-    if device and str(device).startswith("cuda") and torch.cuda.is_available():
-        info["device_name"] = torch.cuda.get_device_name(torch.device(device))
-    return info
-
-
-# -- export ------------------------------------------------------------------------------------
-
-
-def export_run(run: StoredRun, path: str | Path, fmt: str) -> list[Path]:
-    """Write a run's tables and description; returns the files written.
-
-    Formats:
-        ``csv``, ``parquet``: ``path`` is a directory (made if its parent exists) that receives
-            ``steps.<ext>``, ``evals.<ext>``, ``epochs.<ext>`` and ``run.json`` (config,
-            provenance, summary, ...). CSV writes NaN as an empty field.
-        ``json``: ``path`` is one file, the document of `StoredRun.to_dict` (NaN as null, ±inf as
-            ``"Infinity"``/``"-Infinity"``).
-        ``tensorboard``: ``path`` is a log directory; every column of every table becomes a
-            scalar plotted against ``step`` (tags ``steps/…``, ``evals/…``, ``epochs/…``).
-    """
-    if fmt not in EXPORT_FORMATS:
-        raise StoreError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    path = Path(path)
-    try:
-        if fmt == "json":
-            path.write_text(_dumps(run.to_dict(), indent=2) + "\n", encoding="utf-8")
-            return [path]
-        _make_dir(path)
-        if fmt == "tensorboard":
-            return _export_tensorboard(run, path)
-        written = []
-        for table in ROW_KEYS:
-            frame, target = getattr(run, table), path / f"{table}.{fmt}"
-            if fmt == "csv":
-                frame.to_csv(target, index=False)
-            else:
-                _require("pyarrow", "parquet export")
-                frame.to_parquet(target, index=False)
-            written.append(target)
-        (path / "run.json").write_text(_dumps(run.meta(), indent=2) + "\n", encoding="utf-8")
-        return [*written, path / "run.json"]
-    except OSError as error:
-        raise StoreError(f"cannot write the export to {path}: {error.strerror or error}") from None
-
-
-def _make_dir(path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise StoreError(f"{path} is a file; the csv, parquet and tensorboard exports write a directory")
-    if not path.parent.is_dir():
-        raise StoreError(f"cannot write the export to {path}: directory {path.parent} does not exist")
-    path.mkdir(exist_ok=True)
-
-
-def _export_tensorboard(run: StoredRun, path: Path) -> list[Path]:
-    _require("tensorboard", "tensorboard export")
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(log_dir=str(path))
-    try:
-        writer.add_text("config", f"```\n{_dumps(run.config, indent=2)}\n```")
-        for table in ROW_KEYS:
-            frame = run.__getattribute__(table)
-            if frame.empty:
-                continue
-            x = frame["step"] if "step" in frame else frame[ROW_KEYS[table]]
-            for column in frame.columns:
-                if column in ("step", "epoch") and table != "epochs":
-                    continue
-                for at, value in zip(x, frame[column]):
-                    if pd.notna(value) and pd.notna(at):
-                        writer.add_scalar(f"{table}/{column}", float(value), int(at))
-    finally:
-        writer.close()
-    return sorted(p for p in path.iterdir() if p.name.startswith("events."))
-
-
-def _require(module: str, what: str) -> None:
-    try:
-        __import__(module)
-    except ImportError:
-        raise StoreError(f"{what} needs {module}; install it with `pip install 'batchlab[export]'`") from None
 
 
 # -- helpers -----------------------------------------------------------------------------------
 
+_SQLITE_HEADER = b"SQLite format 3\x00"
 
-def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
+
+def _create(path: Path) -> None:
+    """Make a new, empty store at ``path``, atomically: another process sees all of it or nothing.
+
+    The schema is written into a temporary file beside ``path`` which is then linked into place, so
+    an existing file is never written into (if one appears meanwhile, it is left to `_connect`).
+    """
+    if not path.parent.is_dir():
+        raise StoreError(
+            f"cannot create a store at {path}: directory {path.parent} does not exist; "
+            "create it or pass another --store"
+        )
+    try:
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".new")
+        os.close(handle)
+    except OSError as error:
+        raise StoreError(f"cannot create a store at {path}: {error.strerror or error}; pass another --store") from None
+    temporary = Path(name)
+    try:
+        db = sqlite3.connect(temporary, isolation_level=None)
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+            db.execute("PRAGMA journal_mode=WAL")  # kept in the file: every later connection uses WAL
+        finally:
+            db.close()
+        _link_new(temporary, path)
+    except (OSError, sqlite3.Error) as error:
+        raise StoreError(f"cannot create a store at {path}: {error}; pass another --store") from None
+    finally:
+        for leftover in (temporary, Path(f"{temporary}-wal"), Path(f"{temporary}-shm")):
+            leftover.unlink(missing_ok=True)
+
+
+def _link_new(source: Path, path: Path) -> None:
+    """Give ``source`` the name ``path`` unless ``path`` exists (then someone else made it)."""
+    try:
+        os.link(source, path)
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links: a plain rename, after a last check
+        if not path.exists():
+            os.rename(source, path)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Open an existing store file; anything that is not a SQLite database is refused unread by SQLite."""
     if not path.exists():
-        if not create:
-            raise StoreError(f"no store at {path}; train a run with `batchlab fit` first or pass --store")
-        if not path.parent.is_dir():
-            raise StoreError(
-                f"cannot create a store at {path}: directory {path.parent} does not exist; "
-                "create it or pass another --store"
-            )
-    elif path.is_dir():
+        raise StoreError(f"no store at {path}; train a run with `batchlab fit` first or pass --store")
+    if path.is_dir():
         raise StoreError(f"{path} is a directory, not a store; pass a file path to --store")
-    mode = "rwc" if create else "rw"
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(len(_SQLITE_HEADER))
+    except OSError as error:
+        raise StoreError(f"cannot read the store {path}: {error.strerror or error}") from None
+    if not header:
+        raise StoreError(f"{path} is an empty file, not a batchlab store; pass another --store")
+    if header != _SQLITE_HEADER:
+        raise StoreError(f"{path} is not a batchlab store (not a SQLite database); pass another --store")
     try:
         db = sqlite3.connect(
-            f"{path.resolve().as_uri()}?mode={mode}", uri=True, timeout=30.0,
+            f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=30.0,
             isolation_level=None, check_same_thread=False,
         )  # fmt: skip
         db.execute("PRAGMA foreign_keys = ON")
@@ -743,6 +582,11 @@ def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def timestamp(iso: str) -> float:
+    """Seconds since the Unix epoch of a stored time (``started_at``, ``ended_at``)."""
+    return datetime.fromisoformat(iso).timestamp()
 
 
 def _duration(started: str | None, ended: str | None) -> float:
@@ -785,131 +629,9 @@ def _process_alive(pid: int | None, started: str | None) -> bool:
     return started is None or now_started is None or now_started == started
 
 
-class _BadRow(ValueError):
-    pass
 
-
-def _number(name: str, value: Any) -> float | int:
-    if value is None:
-        return math.nan
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, (int, float)):
-        return value
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:  # numpy / torch scalars
-        return _number(name, value.item())
-    raise _BadRow(f"column {name!r} holds {type(value).__name__}, not a number")
-
-
-_ROW_ENCODER = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps(**kw) builds one per call
-_PLAIN_NUMBERS = (float, int)
-
-
-def _encode_row(row: Mapping[str, Any], key: str) -> tuple[int, str]:
-    """(key value, JSON text) of one row; NaN as null, ±inf as "Infinity"/"-Infinity"."""
-    if all(type(v) in _PLAIN_NUMBERS for v in row.values()):
-        values = row
-    else:
-        values = {name: _number(name, value) for name, value in row.items()}
-    at = values.get(key)
-    if at is None or not (math.isfinite(at) and at == int(at)):
-        raise _BadRow(f"it has no whole-number {key!r} column (got {at!r})")
-    text = _ROW_ENCODER.encode(values)
-    if "NaN" in text or "Infinity" in text:
-        text = json.dumps(json_ready(values), separators=(",", ":"), allow_nan=False)
-    return int(at), text
-
-
-def _usable_rows(rows: Iterable[Mapping[str, Any]], key: str, table: str) -> list[dict[str, Any]]:
-    """The rows the store can hold: bad values are dropped, rows without a key are skipped."""
-    usable = []
-    for row in rows:
-        clean = {}
-        for name, value in dict(row).items():
-            try:
-                clean[name] = _number(name, value)
-            except _BadRow as error:
-                warnings.warn(f"not recorded in {table}: {error}", RuntimeWarning, stacklevel=3)
-        try:
-            _encode_row(clean, key)
-        except (_BadRow, TypeError, ValueError) as error:
-            warnings.warn(f"a row of {table} was not recorded: {error}", RuntimeWarning, stacklevel=3)
-            continue
-        usable.append(clean)
-    return usable
-
-
-def json_ready(value: Any) -> Any:
-    """Plain JSON values: NaN -> None, ±inf -> "Infinity"/"-Infinity", numpy/torch scalars unwrapped."""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if math.isinf(value):
-            return "Infinity" if value > 0 else "-Infinity"
-        return value
-    if isinstance(value, (str, int, type(None))):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [json_ready(v) for v in value]
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
-        return json_ready(value.item())
-    if hasattr(value, "tolist"):  # arrays, tensors
-        return json_ready(value.tolist())
-    return str(value)
-
-
-def _dumps(value: Any, indent: int | None = None) -> str:
-    return json.dumps(json_ready(value), indent=indent, allow_nan=False)
-
-
-def _decode(value: Any) -> Any:
-    if value is None:
-        return math.nan
-    if value == "Infinity":
-        return math.inf
-    if value == "-Infinity":
-        return -math.inf
-    return value
-
-
-def _loads(text: str | None) -> Any:
-    """JSON text of a config, spec, provenance or summary back to values (NaN was stored as null)."""
-    return None if text is None else json.loads(text)
-
-
-def _loads_row(text: str | None) -> dict[str, Any]:
-    """JSON text of one row back to numbers: null is NaN, "Infinity" is inf."""
-    if text is None:
-        return {}
-    row = json.loads(text)
-    if "null" in text or "Infinity" in text:
-        row = {k: _decode(v) for k, v in row.items()}
-    return row
-
-
-def _frame(rows: list[dict[str, Any]], key: str) -> pd.DataFrame:
-    """Decoded rows as a table, key column first; null back to NaN and "Infinity" back to inf."""
-    if not rows:
-        return pd.DataFrame({key: pd.Series(dtype="int64")})
-    frame = pd.DataFrame.from_records(rows)
-    for column in frame.columns:
-        if not pd.api.types.is_numeric_dtype(frame[column]):  # held "Infinity", or only nulls
-            frame[column] = pd.to_numeric(frame[column].map(_decode), errors="coerce").astype(float)
-    columns = [key, *(c for c in frame.columns if c != key)]
-    return frame[columns].reset_index(drop=True)
-
-
-def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """Table rows as dicts of plain Python numbers (NaN kept; `_json_safe` turns it into null)."""
-    return [
-        {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-        for row in frame.to_dict(orient="records")
-    ]
-
-
-def _spec_name(value: Any) -> str | None:
+def spec_name(value: Any) -> str | None:
+    """The name in a run spec's ``dataset`` or ``model`` entry (a name, or a mapping with ``name``)."""
     if isinstance(value, Mapping):
         value = value.get("name")
     return None if value is None else str(value)
@@ -920,3 +642,9 @@ def _float(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
+
+
+def _whole(column: pd.Series) -> bool:
+    """Whether every present value of a numeric column is a whole number."""
+    present = column.dropna()
+    return bool(((present % 1) == 0).all())
