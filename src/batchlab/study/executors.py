@@ -89,6 +89,16 @@ def _init_worker(dataset: "Dataset", threads: int) -> None:
     torch.set_num_threads(threads)
     # Ctrl-C in a terminal reaches the whole process group: the driver reports it, workers leave quietly.
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """On Linux, a worker whose driver is killed (even by SIGKILL) is killed too, instead of lingering."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 _WORKER_DATASET: Any = None

@@ -185,7 +185,8 @@ class GroupClaims:
                 return True
             status, holder, heartbeat = row
             free = (status == "failed" and holder != self.holder
-                    or status == "running" and holder != self.holder and now - heartbeat > self.lease)
+                    or status == "running" and holder != self.holder
+                    and (now - heartbeat > self.lease or _holder_died(holder)))
             if free:
                 db.execute("UPDATE study_claims SET status = 'running', holder = ?, heartbeat = ?, "
                            "attempts = attempts + 1, error = NULL WHERE study_id = ? AND group_key = ?",
@@ -232,6 +233,21 @@ class GroupClaims:
         self._stop.set()
         if self._beating is not None:
             self._beating.join()
+
+
+def _holder_died(holder: str) -> bool:
+    """A holder on this host whose process is gone died (killed, crashed): no need to wait out its lease."""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _open_study_group(store, plan: StudyPlan, claims: GroupClaims) -> int:
