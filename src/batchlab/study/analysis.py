@@ -76,6 +76,8 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
             row[f"{quantity}_to_target"] = median if math.isfinite(median) else math.nan
             row[f"{quantity}_lo"] = float(column.min()) if column.notna().any() else math.nan
             row[f"{quantity}_hi"] = float(column.max()) if column.notna().any() else math.nan
+        shared = chosen["seconds_shared"] if "seconds_shared" in chosen else pd.Series(dtype=bool)
+        row["seconds_shared"] = bool(shared.fillna(False).astype(bool).any())  # timed while groups shared cores
         gaps = chosen["gen_gap"].dropna() if best is not None else pd.Series(dtype=float)
         row["gen_gap"] = float(gaps.median()) if len(gaps) else math.nan
         row["gen_gap_lo"] = float(gaps.min()) if len(gaps) else math.nan
@@ -263,7 +265,10 @@ def recommend(summary: pd.DataFrame, fit: ScalingFit, target: str) -> Recommenda
     s_min, e_min = reached["steps_to_target"].min(), reached["samples_to_target"].min()
     b = reached["batch_size_value"].astype(float)
     best = reached.loc[((1 + fit.b_crit / b) * (1 + b / fit.b_crit)).idxmin()]  # the B nearest B_crit
-    fastest = reached.loc[reached["seconds_to_target"].idxmin()] if reached["seconds_to_target"].notna().any() else None
+    # Seconds measured while groups shared the cores say more about the sharing than the batch size.
+    timed = reached[~reached["seconds_shared"].astype(bool)] if "seconds_shared" in reached else reached
+    comparable = len(timed) == len(reached) and timed["seconds_to_target"].notna().any()
+    fastest = timed.loc[timed["seconds_to_target"].idxmin()] if comparable else None
     text = (f"B = {best['batch_size']}, lr = {best['best_lr']:.3g}: reaches {target} in {_fmt(best['steps_to_target'])} "
             f"steps (95% CI {_fmt(best['steps_ci_lo'])}–{_fmt(best['steps_ci_hi'])}; "
             f"{best['epochs_to_target']:.3g} epochs, {_fmt(best['samples_to_target'])} samples), "
@@ -276,6 +281,8 @@ def recommend(summary: pd.DataFrame, fit: ScalingFit, target: str) -> Recommenda
         text += f"; noise scale B_simple ≈ {_fmt(fit.b_simple)} near the target"
     if fastest is not None:
         text += f". Fastest here: B = {fastest['batch_size']} ({fastest['seconds_to_target']:.3g} s of training)"
+    elif len(timed) < len(reached):
+        text += ". Seconds were measured while groups shared the cores, so no batch size is called fastest"
     return Recommendation(
         text=text + ".", batch_size=plain(best["batch_size"]), lr=float(best["best_lr"]),
         steps=float(best["steps_to_target"]), epochs=float(best["epochs_to_target"]),
