@@ -116,13 +116,19 @@ def lr_margin(table: pd.DataFrame, best: float | None) -> float:
     return float(neighbours.min() / ordered.loc[i, "median_steps"])
 
 
-def seed_cells(trials: pd.DataFrame, batch_size_values: Sequence[int]) -> list[np.ndarray]:
-    """Per batch size, its lr search's steps-to-target as an (L, K) array, lrs × seeds (NaN: not reached)."""
+def best_lr_cells(trials: pd.DataFrame, summary: pd.DataFrame) -> list[np.ndarray]:
+    """Per batch size, the steps-to-target of its best lr's seeds as a (1, K) array (NaN: not reached).
+
+    The bootstrap resamples the seeds at the chosen lr only. Re-choosing the lr in every replicate
+    would need every other lr's full results, which pruning rightly never computes (a pruned lr
+    cannot be the best on these seeds); how clearly the lr won is reported as ``lr_margin``.
+    """
     search = trials[trials["kind"] == LR_GROUP]
     cells = []
-    for value in batch_size_values:
-        at_b = search[search["batch_size_value"] == value]
-        cells.append(at_b.pivot(index="lr", columns="seed", values="steps_to_target").to_numpy(dtype=float))
+    for value, best in zip(summary["batch_size_value"], summary["best_lr"]):
+        at_best = search[(search["batch_size_value"] == value) & np.isclose(search["lr"].astype(float), float(best))]
+        row = at_best.sort_values("seed")["steps_to_target"].to_numpy(dtype=float) if math.isfinite(float(best)) else []
+        cells.append(np.asarray(row if len(row) else [np.nan], dtype=float)[None, :])  # (1, K)
     return cells
 
 
@@ -130,14 +136,14 @@ def with_intervals(summary: pd.DataFrame, trials: pd.DataFrame, fit: ScalingFit)
     """The bootstrap intervals: steps-to-target per batch size, B_crit and S_min, the fitted band.
 
     Adds ``steps_ci_lo``/``steps_ci_hi`` (95% percentile interval of the best lr's median over
-    seeds, the lr re-chosen in every replicate; inf when at least half the replicates miss the
+    seeds at the best lr, see `best_lr_cells`; inf when at least half the replicates miss the
     target), ``fit_residual`` (log S − log S_fit) and the fitted curve with its bootstrap band at
     each batch size (``steps_fit``, ``steps_fit_lo``, ``steps_fit_hi``).
     """
     summary = summary.copy()
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     values = summary["batch_size_value"].to_numpy(dtype=float)
-    replicates = bootstrap_steps(seed_cells(trials, summary["batch_size_value"]), rng)  # (R, n)
+    replicates = bootstrap_steps(best_lr_cells(trials, summary), rng)  # (R, n)
     summary["steps_ci_lo"], summary["steps_ci_hi"] = interval(replicates)
     fit, kept = bootstrap_fit(fit, values, replicates, rng)
     band = fitted_band(fit, kept, values, points=len(values)) if len(values) > 1 else {}
