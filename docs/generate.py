@@ -329,14 +329,18 @@ def diff(region: Region, generated: str) -> str:
     return "".join(lines)
 
 
-def selected(regions: list[Region], slow: bool, only: set[str] | None) -> list[Region]:
-    """The regions this invocation handles; raises GenerationError for a marker with no maker."""
+def selected(regions: list[Region], slow: bool, only: set[str] | None, checking: bool) -> list[Region]:
+    """The regions this invocation handles; raises GenerationError for a marker with no maker.
+
+    Checking a benchmark runs nothing, so a check covers the benchmarks even without `slow`.
+    """
     for region in regions:
         if region.name not in BLOCKS:
             raise GenerationError(f"{region.path.relative_to(ROOT)}: no generator for block {region.name!r}")
     if only is not None:
         return [r for r in regions if r.name in only]
-    return [r for r in regions if slow or not BLOCKS[r.name].slow]
+    cheap = [r for r in regions if not BLOCKS[r.name].slow or (checking and BLOCKS[r.name].benchmark is not None)]
+    return regions if slow else cheap
 
 
 def check(regions: list[Region]) -> list[str]:
@@ -376,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if only is not None and only - BLOCKS.keys():
             raise GenerationError(f"unknown block(s): {', '.join(sorted(only - BLOCKS.keys()))}")
-        regions = selected(all_regions(), args.slow, only)
+        regions = selected(all_regions(), args.slow, only, args.check)
         if args.check:
             problems = check(regions)
             print("".join(problems) or f"{len(regions)} generated block(s) match their commands")
