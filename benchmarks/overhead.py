@@ -10,7 +10,11 @@ trained by:
 - ``batchlab``: ``bl.fit`` with ``eval_train=False`` and no validation set, so only the training
   steps are timed (the full-pass evaluations it makes are counted separately in ``eval_s``);
 - ``lightning``: PyTorch Lightning's Trainer on a DataLoader (progress bar, logger, checkpointing off);
-- ``keras``: Keras 3 on its torch backend, ``model.fit(X, y, batch_size=B, epochs=1, verbose=0)``.
+- ``keras``: Keras 3 on its torch backend, ``model.fit(X, y, batch_size=B, epochs=1, verbose=0)``;
+- ``plain+compile``: ``plain`` with the step compiled (`batchlab.compiled.CompiledStep`: forward,
+  backward, update and the batch numbers as one graph); compile time reported separately;
+- ``jax``: the same MLP and SGD in JAX, ``jit`` of a ``lax.scan`` over the epoch's steps (the
+  anchor; needs ``pip install jax``, extra ``[bench]``); compile time reported separately.
 
 Every contender runs in this one process with one torch thread, alternating, ``--repeats`` times;
 the table shows the median seconds per epoch and the ratio to ``plain``.
@@ -64,6 +68,159 @@ def plain(X, y, batch_size: int, log: bool) -> float:
     return time.perf_counter() - started
 
 
+def plain_compiled(X, y, batch_size: int) -> float:
+    """``plain`` with the step compiled by `batchlab.compiled.CompiledStep` (graphs compiled beforehand)."""
+    from batchlab.compiled import CompiledStep
+
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    step = CompiledStep(model, optimizer, F.cross_entropy, classification=True)
+    generator = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    order = torch.randperm(X.shape[0], generator=generator)
+    total = torch.zeros(())
+    for start in range(0, X.shape[0], batch_size):
+        index = order[start:start + batch_size]
+        loss, _ = step(X[index], y[index])
+        total += loss
+    total.item()
+    return time.perf_counter() - started
+
+
+def compile_seconds(X, y, batch_size: int) -> float:
+    """Seconds to compile every shape of an epoch's steps (B, and N mod B when nonzero) in this process."""
+    from batchlab.compiled import CompiledStep
+
+    model = mlp()
+    step = CompiledStep(model, torch.optim.SGD(model.parameters(), lr=LR), F.cross_entropy, classification=True)
+    started = time.perf_counter()
+    for size in {batch_size, X.shape[0] % batch_size} - {0}:
+        step(X[:size], y[:size])
+    if step.fallback_reason:
+        raise SystemExit(f"the benchmark's step did not compile: {step.fallback_reason}")
+    return time.perf_counter() - started
+
+
+def jax_scan(X, y, batch_size: int) -> tuple[float, float] | None:
+    """JAX: the same MLP, SGD and epoch, one ``jit`` of a ``lax.scan`` over the epoch's full batches.
+
+    Returns (seconds per epoch, compile seconds); None when JAX is not installed (extra ``[bench]``).
+    The short last batch (N mod B) is left out: a scan needs equal batches (1-3% of an epoch's samples).
+    """
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return None
+    steps = X.shape[0] // batch_size
+    Xj, yj = jnp.asarray(X.numpy()), jnp.asarray(y.numpy())
+
+    def init(key):
+        sizes = [40, 100, 100, 10]
+        keys = jax.random.split(key, len(sizes) - 1)
+        return [(jax.random.uniform(k, (a, b), minval=-a ** -0.5, maxval=a ** -0.5), jnp.zeros(b))
+                for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
+
+    def loss_fn(params, xb, yb):
+        h = xb
+        for w, b in params[:-1]:
+            h = jax.nn.relu(h @ w + b)
+        logits = h @ params[-1][0] + params[-1][1]
+        loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), yb[:, None], axis=1))
+        return loss, jnp.sum(jnp.argmax(logits, axis=1) == yb)
+
+    @jax.jit
+    def epoch(params, order):
+        def step(params, index):
+            (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, Xj[index], yj[index])
+            return jax.tree_util.tree_map(lambda p, g: p - LR * g, params, grads), (loss, correct)
+        return jax.lax.scan(step, params, order[:steps * batch_size].reshape(steps, batch_size))
+
+    params = init(jax.random.PRNGKey(0))
+    order = jax.random.permutation(jax.random.PRNGKey(1), X.shape[0])
+    started = time.perf_counter()
+    compiled = epoch.lower(params, order).compile()
+    compile_s = time.perf_counter() - started
+    started = time.perf_counter()
+    _, numbers = compiled(params, order)
+    jax.block_until_ready(numbers)
+    return time.perf_counter() - started, compile_s
+
+
+def compiled_contenders(X, y) -> tuple[dict, dict[str, dict[int, float]]]:
+    """The compiled rows: ``plain+compile`` and ``jax`` (when installed), and their compile seconds.
+
+    Returns:
+        ``({name: call(batch_size) -> seconds}, {name: {batch_size: compile seconds}})``; the
+        compile seconds are filled by the first (warm-up) call of each batch size.
+    """
+    compile_s: dict[str, dict[int, float]] = {"plain+compile": {}, "jax": {}}
+
+    def torch_compiled(batch_size: int) -> float:
+        if batch_size not in compile_s["plain+compile"]:
+            compile_s["plain+compile"][batch_size] = compile_seconds(X, y, batch_size)
+        return plain_compiled(X, y, batch_size)
+
+    def jax_compiled(batch_size: int) -> float:
+        seconds, compile_s["jax"][batch_size] = jax_scan(X, y, batch_size)
+        return seconds
+
+    contenders = {"plain+compile": torch_compiled}
+    if jax_scan(X, y, 1024) is not None:
+        contenders["jax"] = jax_compiled
+    return contenders, compile_s
+
+
+def print_compile_seconds(compile_s: dict[str, dict[int, float]]) -> None:
+    """Compile time per contender and batch size (paid once per process; torch caches on disk too)."""
+    for name, by_batch in compile_s.items():
+        if by_batch:
+            times = ", ".join(f"B={b}: {s:.1f} s" for b, s in sorted(by_batch.items()))
+            print(f"compile time, {name}: {times}")
+
+
+def replicas_compiled(X, y, n_replicas: int, batch_size: int) -> tuple[float, float]:
+    """One epoch of ``n_replicas`` MLPs (own orders, lrs spread 0.01-0.1) by the compiled stacked step.
+
+    Returns:
+        (seconds per epoch, compile seconds of the first step).
+    """
+    import numpy as np
+
+    from batchlab.compiled import StackedStep, init_stacked_state, stacked_hyper
+
+    models = [mlp() for _ in range(n_replicas)]
+    names = [n for n, _ in models[0].named_parameters()]
+    params = [torch.stack([m.get_parameter(n).detach() for m in models]).requires_grad_() for n in names]
+    ones = np.ones(n_replicas)
+    hyper = stacked_hyper("sgd", False, {"momentum": 0 * ones, "weight_decay": 0 * ones, "beta1": 0.9 * ones,
+                                         "beta2": 0.999 * ones}, X.device)
+    state = init_stacked_state(hyper, params)
+    step = StackedStep(mlp(), names, hyper, lambda o, t: F.cross_entropy(o, t, reduction="none"), True)
+    lr = torch.linspace(0.01, 0.1, n_replicas, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    orders = torch.stack([torch.randperm(X.shape[0], generator=generator) for _ in range(n_replicas)])
+    started = time.perf_counter()
+    step(params, [], state, lr, X[orders[:, :batch_size]], y[orders[:, :batch_size]])
+    compile_s = time.perf_counter() - started
+    started = time.perf_counter()
+    total = torch.zeros(n_replicas)
+    for start in range(0, X.shape[0] - batch_size + 1, batch_size):  # full batches: one compiled shape
+        index = orders[:, start:start + batch_size]  # (R, B)
+        total += step(params, [], state, lr, X[index], y[index]).loss
+    total.sum().item()
+    return time.perf_counter() - started, compile_s
+
+
+def print_replica_rows(X, y, n_replicas: int, batch_size: int, repeats: int) -> None:
+    """R models one after another by ``plain`` vs all R at once by the compiled stacked step."""
+    plain_s = statistics.median(plain(X, y, batch_size, log=False) for _ in range(repeats)) * n_replicas
+    runs = [replicas_compiled(X, y, n_replicas, batch_size) for _ in range(repeats + 1)]
+    stacked_s = statistics.median(r[0] for r in runs[1:])
+    print(f"R={n_replicas} replicas, B={batch_size}: plain one after another {plain_s:.3f} s/epoch, "
+          f"compiled stacked {stacked_s:.3f} s/epoch ({plain_s / stacked_s:.1f}x faster; compile {runs[0][1]:.1f} s)")
+
+
 def batchlab_fit(dataset, batch_size: int) -> tuple[float, float]:
     config = bl.TrainConfig(batch_size=batch_size, epochs=1, lr=LR, eval_train=False)
     model = mlp()
@@ -114,6 +271,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-sizes", default="1,32,1024")
     parser.add_argument("--skip", default="", help="comma-separated contenders to skip")
+    parser.add_argument("--replicas", type=int, default=0, help="also time R replicas at B=32, compiled")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -133,6 +291,8 @@ def main() -> None:
         "lightning": lambda b: lightning(X, y, b),
         "keras": lambda b: keras_fit(X, y, b),
     }
+    compiled, compile_s = compiled_contenders(X, y)
+    contenders.update(compiled)
     contenders = {k: v for k, v in contenders.items() if k not in skip}
     print(f"torch {torch.__version__}, 1 thread, MLP 40-100-100-10, MNIST-1D 4000 samples, one epoch, "
           f"median of {args.repeats}")
@@ -154,6 +314,9 @@ def main() -> None:
             median = statistics.median(values)
             extra = f"{statistics.median(evals):7.3f}" if name == "batchlab" else ""
             print(f"{batch_size:>6} {name:>10} {median:9.4f} {median / base:8.2f} {extra}")
+    print_compile_seconds(compile_s)
+    if args.replicas:
+        print_replica_rows(X, y, args.replicas, 32, args.repeats)
 
 
 if __name__ == "__main__":

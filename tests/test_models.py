@@ -148,21 +148,50 @@ def test_custom_model_from_module(tmp_path, monkeypatch, datasets):
             return nn.Sequential(nn.Flatten(), nn.Linear(dataset.input_shape[0], width), nn.Linear(width, dataset.n_classes))
         def not_a_model(dataset):
             return 42
+        def broken(dataset):
+            raise KeyError("no such layer")
         value = 5
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     ds = datasets["blobs"]
-    a = model_from_spec("usermodels.nets:tiny", ds, seed=3)
-    b = model_from_spec("usermodels.nets:tiny", ds, seed=3)
+    a = model_from_spec("usermodels.nets:tiny", ds, seed=3, allow_import=True)
+    b = model_from_spec("usermodels.nets:tiny", ds, seed=3, allow_import=True)
     assert a(ds.train[0][:4]).shape == (4, 3)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
-    assert build_model("usermodels.nets:tiny", ds, width=9)[1].out_features == 9
-    _raises_one_line(lambda: model_from_spec("usermodels.nets:not_a_model", ds), "int", "nn.Module")
-    _raises_one_line(lambda: model_from_spec("usermodels.nets:missing", ds), "missing")
-    _raises_one_line(lambda: model_from_spec("usermodels.nets:value", ds), "value")
-    _raises_one_line(lambda: model_from_spec("usermodels.absent:tiny", ds), "usermodels.absent")
+    assert build_model("usermodels.nets:tiny", ds, width=9, allow_import=True)[1].out_features == 9
+    user = lambda name: model_from_spec(name, ds, allow_import=True)  # noqa: E731
+    _raises_one_line(lambda: user("usermodels.nets:not_a_model"), "int", "nn.Module")
+    _raises_one_line(lambda: user("usermodels.nets:broken"), "usermodels.nets:broken", "KeyError", "no such layer")
+    _raises_one_line(lambda: user("usermodels.nets:missing"), "missing")
+    _raises_one_line(lambda: user("usermodels.nets:value"), "value")
+    _raises_one_line(lambda: user("usermodels.absent:tiny"), "usermodels.absent")
     sys.modules.pop("usermodels.nets", None)
     sys.modules.pop("usermodels", None)
+
+
+def test_user_code_is_not_imported_without_opt_in(tmp_path, monkeypatch, datasets):
+    """Naming a module runs its code on import: without allow_import it is never imported."""
+    (tmp_path / "sideeffect.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\ndef net(dataset): pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for call in (lambda: build_model("sideeffect.x:net", datasets["blobs"]),
+                 lambda: model_from_spec("sideeffect.x:net", datasets["blobs"])):
+        message = _raises_one_line(call, "sideeffect.x:net", "allow_import=True", "--allow-import")
+        assert "import" in message
+    assert not (tmp_path / "ran").exists()
+    assert "sideeffect" not in sys.modules
+
+
+def test_impossible_sizes_are_refused_before_allocating(datasets):
+    """A layer whose weights alone exceed the machine's memory is one line, checked on the meta device."""
+    from batchlab.models import total_memory
+
+    memory = total_memory(torch.device("cpu"))
+    if not memory:
+        pytest.skip("the host's memory size is not known here")
+    width = memory // (4 * 2) + 1  # one hidden layer: 2 inputs x width float32 weights > memory / 2
+    message = _raises_one_line(lambda: build_model("mlp", datasets["blobs"], hidden=[width]), "GiB", "smaller layers")
+    assert "mlp" in message
+    _raises_one_line(lambda: build_model("cnn1d", datasets["mnist1d"], channels=10**12), "cnn1d", "smaller layers")
 
 
 def test_model_errors(datasets):

@@ -6,15 +6,33 @@
     run = bl.fit(model, ds, bl.TrainConfig(batch_size=32, epochs=20, lr=0.05, momentum=0.9))
     run.steps, run.epochs
 
-Names are imported on first use, so ``import batchlab`` stays fast and does not load matplotlib.
+Names are imported on first use, so ``import batchlab`` stays fast and does not load torch or
+matplotlib. Type checkers read the same names from the ``TYPE_CHECKING`` imports below, with their
+real signatures (the package ships ``py.typed``).
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # the same names as _EXPORTS and _SUBMODULES; a test keeps the three lists equal
+    from . import (
+        callbacks, config, data, ensemble, events, explain, gradnorm, loop, metrics, models, optim, plots, probes,
+        report, store, study,
+    )
+    from .callbacks import Checkpoint, EarlyStopping
+    from .config import DatasetSpec, RunSpec, StudyConfig, TrainConfig
+    from .data import Dataset, from_arrays, list_datasets, load_dataset
+    from .ensemble import fit_replicas
+    from .errors import ArgumentError, BatchlabError, ConfigError, DataError, ModelError, StoreError
+    from .events import Callback
+    from .loop import Run, fit
+    from .models import build_model, list_models
+    from .store import RunStore, TensorBoard, recorder
+    from .study import run_study
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -22,6 +40,7 @@ _EXPORTS = {
     "RunSpec": "config",
     "DatasetSpec": "config",
     "StudyConfig": "config",
+    "ArgumentError": "errors",
     "BatchlabError": "errors",
     "ConfigError": "errors",
     "DataError": "errors",
@@ -47,7 +66,14 @@ _EXPORTS = {
 _SUBMODULES = {"plots", "probes", "metrics", "optim", "data", "models", "loop", "store", "report", "explain",
                "gradnorm", "ensemble", "study", "events", "callbacks", "config"}
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+# Written out (not computed) so that type checkers know the public names.
+__all__ = [
+    "ArgumentError", "BatchlabError", "Callback", "Checkpoint", "ConfigError", "DataError", "Dataset", "DatasetSpec",
+    "EarlyStopping", "ModelError", "Run", "RunSpec", "RunStore", "StoreError", "StudyConfig", "TensorBoard",
+    "TrainConfig",
+    "build_model", "fit", "fit_replicas", "from_arrays", "list_datasets", "list_models", "load_dataset", "recorder",
+    "run_study", "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -176,7 +176,9 @@ class ProgressBar(Callback):
             row = event.row
             shown = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.endswith(("_loss", "_acc")))
             self.progress.console.print(f"epoch {event.clock.epoch}: {shown}")
-            self.progress.reset(self.epoch_task, total=event.clock.steps_per_epoch, epoch=event.clock.epoch + 1)
+            # reset(**fields) would replace every field (rich drops the others); set them by update.
+            self.progress.reset(self.epoch_task, total=event.clock.steps_per_epoch)
+            self.progress.update(self.epoch_task, epoch=event.clock.epoch + 1, values="")
         return None
 
     def on_run_end(self, event: RunEnd):

@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from .errors import BatchlabError, ConfigError
+from .files import read_text
 
 Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
 Schedule = Literal["constant", "step", "cosine", "sgdr"]
@@ -27,8 +28,63 @@ Loss = Literal["auto", "cross_entropy", "mse"]
 BatchSize = Union[int, Literal["full"]]
 
 
+# Whole numbers end up in torch (seeds, step counters, sizes): they must fit a signed 64-bit integer.
+INT64_LIMIT = 2**63
+# Learning rates and weight decay meet float32 weights: past ~3e38 (or less, after lr scaling by
+# B / reference) torch cannot even store them. No rate above this trains anything.
+LARGEST_RATE = 1e12
+
+
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    """A frozen, validated model whose construction fails with one `ConfigError` line.
+
+    ``allow_inf_nan=False``: every float field must be finite (an infinite weight decay or gamma
+    is a typo, never a setting).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
+    _what: ClassVar[str] = "config"  # how the one-line error names this kind of config
+
+    if not TYPE_CHECKING:  # type checkers keep pydantic's field-by-field signature
+
+        def __init__(self, **values: Any) -> None:
+            try:
+                super().__init__(**values)
+            except ValidationError as error:
+                raise ConfigError(one_line(error, self._what)) from None
+
+        # Marks this __init__ as pydantic's own, so that a nested config (RunSpec.train) is
+        # validated by pydantic directly and its errors keep their full path (train.gamma).
+        __init__.__pydantic_base_init__ = True
+
+
+def whole_number_or(value: Any, word: str, expected: str) -> Any:
+    """A count given as a number or text (``"32"``, ``32.0``), or the one word allowed instead.
+
+    Args:
+        value: what was given.
+        word: the one non-number accepted (``"full"``, ``"epoch"``).
+        expected: the accepted forms, in words, for the error.
+
+    Returns:
+        ``word`` or an int in [1, 2**63).
+
+    Raises:
+        ValueError: one line naming the accepted forms and what was given.
+    """
+    if value == word:
+        return value
+    number = value
+    if isinstance(value, str):
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number < INT64_LIMIT:
+        raise ValueError(f"must be {expected}, got {value!r}")
+    return number
 
 
 class TrainConfig(_Frozen):
@@ -59,63 +115,50 @@ class TrainConfig(_Frozen):
     """
 
     batch_size: BatchSize = 32
-    epochs: int | None = Field(default=None, ge=1)
-    max_steps: int | None = Field(default=None, ge=1)
+    epochs: int | None = Field(default=None, ge=1, lt=INT64_LIMIT)
+    max_steps: int | None = Field(default=None, ge=1, lt=INT64_LIMIT)
     optimizer: Optimizer = "sgd"
     lr: float = 0.01
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     nesterov: bool = False
-    weight_decay: float = Field(default=0.0, ge=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=LARGEST_RATE)
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: Schedule = "constant"
-    step_epochs: int = Field(default=30, ge=1)
-    gamma: float = Field(default=0.1, gt=0.0)
-    sgdr_epochs: int = Field(default=10, ge=1)
-    sgdr_mult: int = Field(default=1, ge=1)
-    min_lr: float = Field(default=0.0, ge=0.0)
-    warmup_steps: int = Field(default=0, ge=0)
-    warmup_epochs: float = Field(default=0.0, ge=0.0)
+    step_epochs: int = Field(default=30, ge=1, lt=INT64_LIMIT)
+    gamma: float = Field(default=0.1, gt=0.0, le=1.0)  # > 1 would overflow the lr
+    sgdr_epochs: int = Field(default=10, ge=1, lt=INT64_LIMIT)
+    sgdr_mult: int = Field(default=1, ge=1, le=1000)
+    min_lr: float = Field(default=0.0, ge=0.0, le=LARGEST_RATE)
+    warmup_steps: int = Field(default=0, ge=0, lt=INT64_LIMIT)
+    warmup_epochs: float = Field(default=0.0, ge=0.0, le=1e9)  # x steps/epoch must stay an int64
     lr_scaling: LrScaling = "none"
-    reference_batch_size: int = Field(default=32, ge=1)
+    reference_batch_size: int = Field(default=32, ge=1, lt=INT64_LIMIT)
     shuffle: bool = True
     drop_last: bool = False
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, lt=INT64_LIMIT)  # torch generators take 0 <= seed < 2**63
     device: Device = "cpu"
     eval_every: int | Literal["epoch"] = "epoch"
-    eval_batch_size: int = Field(default=8192, ge=1)
+    eval_batch_size: int = Field(default=8192, ge=1, lt=INT64_LIMIT)
     eval_train: bool = True
-    probe_every: int = Field(default=1, ge=1)
+    probe_every: int = Field(default=1, ge=1, lt=INT64_LIMIT)
     loss: Loss = "auto"
+    _what: ClassVar[str] = "training config"
 
     @field_validator("batch_size", mode="before")
     @classmethod
     def _batch_size(cls, value: Any) -> Any:
-        if isinstance(value, str) and value != "full":
-            try:
-                value = int(value)
-            except ValueError:
-                raise ValueError("must be a whole number >= 1 or 'full'") from None
-        if isinstance(value, bool) or (isinstance(value, int) and value < 1):
-            raise ValueError(f"must be a whole number >= 1 or 'full', got {value!r}")
-        return value
+        return whole_number_or(value, "full", "a whole number >= 1 or 'full'")
 
     @field_validator("eval_every", mode="before")
     @classmethod
     def _eval_every(cls, value: Any) -> Any:
-        if isinstance(value, str) and value != "epoch":
-            try:
-                value = int(value)
-            except ValueError:
-                raise ValueError("must be 'epoch' or a number of steps >= 1") from None
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"must be 'epoch' or a number of steps >= 1, got {value}")
-        return value
+        return whole_number_or(value, "epoch", "'epoch' or a number of steps >= 1")
 
     @field_validator("lr")
     @classmethod
     def _lr(cls, value: float) -> float:
-        if not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"must be a finite number > 0, got {value}")
+        if not 0 < value <= LARGEST_RATE:
+            raise ValueError(f"must be a number > 0 and <= {LARGEST_RATE:g}, got {value}")
         return value
 
     @field_validator("betas")
@@ -154,8 +197,9 @@ class DatasetSpec(_Frozen):
     name: str = "mnist1d"
     target: str | None = None
     val_fraction: float | None = Field(default=None, gt=0.0, lt=1.0)
-    split_seed: int = 0
+    split_seed: int = Field(default=0, ge=0, lt=INT64_LIMIT)
     standardize: bool = False
+    _what: ClassVar[str] = "dataset spec"
 
 
 class RunSpec(_Frozen):
@@ -166,53 +210,104 @@ class RunSpec(_Frozen):
     model: str = "mlp"
     probes: tuple[str, ...] = ()
     train: TrainConfig = TrainConfig()
+    _what: ClassVar[str] = "run config"
 
 
-def _one_line(error: ValidationError, what: str) -> str:
-    parts = []
+def _field_path(loc: tuple[Any, ...]) -> str:
+    """``("train", "batch_size", "int")`` -> ``"train.batch_size"``: pydantic adds union members to
+    the location (``int``, ``literal['full']``, ``tuple[float, ...]``); they are not fields."""
+    fields = [str(p) for p in loc if isinstance(p, int) or str(p).isidentifier() and str(p) not in _TYPE_TAGS]
+    return ".".join(fields)
+
+
+_TYPE_TAGS = {"int", "float", "str", "bool", "tuple", "list", "dict", "none"}
+
+
+def _message(item: Any) -> str:
+    """pydantic's sentence for one error, in this project's words (``must be ...``)."""
+    if item["type"] == "extra_forbidden":
+        return "unknown field; check its spelling"
+    message = item["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    message = message.replace(str(INT64_LIMIT), "2**63 (it must fit a 64-bit integer)")
+    if item["type"] not in ("value_error", "assertion_error") and "input" in item:
+        given = repr(item["input"])
+        message += f", got {given if len(given) <= 40 else given[:37] + '...'}"
+    return message
+
+
+def one_line(error: ValidationError, what: str) -> str:
+    """A pydantic ValidationError as one line: ``invalid <what>: field: must be ...; field2: ...``.
+
+    Errors of one field (several union members failing) are joined with ``or``.
+    """
+    by_field: dict[str, list[str]] = {}
     for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or what
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown field"
-        elif item["type"] == "literal_error":
-            message = message.replace("Input should be", "must be")
-        parts.append(f"{where}: {message}")
+        messages = by_field.setdefault(_field_path(item["loc"]), [])
+        if _message(item) not in messages:
+            messages.append(_message(item))
+    parts = [(f"{where}: " if where else "") + " or ".join(messages) for where, messages in by_field.items()]
     return f"invalid {what}: " + "; ".join(parts)
 
 
 def make_train_config(values: dict[str, Any]) -> TrainConfig:
-    """Build a TrainConfig from plain values, turning validation errors into one-line ConfigErrors."""
-    try:
-        return TrainConfig(**values)
-    except ValidationError as error:
-        raise ConfigError(_one_line(error, "training config")) from None
+    """Build a TrainConfig from plain values (flags, TOML); a bad value is one `ConfigError` line."""
+    return TrainConfig(**values)
 
 
 def make_run_spec(values: dict[str, Any]) -> RunSpec:
-    """Build a RunSpec from plain values (as read from TOML), with one-line errors."""
-    try:
-        return RunSpec(**values)
-    except ValidationError as error:
-        raise ConfigError(_one_line(error, "run config")) from None
+    """Build a RunSpec from plain values (as read from TOML); a bad value is one `ConfigError` line."""
+    return RunSpec(**values)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML file into plain values, with one-line errors for missing or malformed files."""
+    """Read a TOML file (UTF-8) into plain values, with one-line errors for unreadable or malformed files."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    text = read_text(path, "config file", ConfigError)
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"malformed TOML in {path}: {error}") from None
 
 
-def load_run_spec(path: str | Path) -> RunSpec:
-    """Read a run described in TOML (tables ``[dataset]`` and ``[train]``, keys ``model``, ``probes``)."""
-    return make_run_spec(read_toml(path))
+def check_import_allowed(model: str, allow_import: bool, source: str,
+                         error: type[BatchlabError] = ConfigError) -> None:
+    """Refuse a ``package.module:function`` model unless the caller opted in.
+
+    Importing a module runs its code, so a model named in a file someone sent must not be imported
+    by merely reading the file.
+
+    Args:
+        model: the model name or spec.
+        allow_import: the caller's opt-in.
+        source: where the name came from, for the error (``run.toml``, ``build_model``).
+        error: the kind of error to raise.
+
+    Raises:
+        error: the model is an import reference and ``allow_import`` is false.
+    """
+    if is_import_reference(model) and not allow_import:
+        raise error(f"{source} names the model {model!r}, which would import and run Python code; "
+                          "pass allow_import=True (on the command line --allow-import) if you trust it")
+
+
+def is_import_reference(model: str) -> bool:
+    """Whether a model spec names user code, ``package.module:function`` (a dot before any colon)."""
+    return "." in str(model).partition(":")[0]
+
+
+def load_run_spec(path: str | Path, *, allow_import: bool = False) -> RunSpec:
+    """Read a run described in TOML (tables ``[dataset]`` and ``[train]``, keys ``model``, ``probes``).
+
+    Args:
+        path: the TOML file.
+        allow_import: accept a ``package.module:function`` model (importing it runs its code).
+
+    Returns:
+        The `RunSpec`.
+    """
+    spec = make_run_spec(read_toml(path))
+    check_import_allowed(spec.model, allow_import, str(path))
+    return spec
 
 
 def to_toml(config: BaseModel) -> str:
@@ -237,6 +332,7 @@ class Target(_Frozen):
     metric: str
     operator: Literal[">=", "<=", ">", "<"]
     value: float
+    _what: ClassVar[str] = "target"
 
     def met(self, metrics: dict[str, float]) -> bool:
         """Whether the condition holds for these metrics (NaN or a missing metric: never)."""
@@ -313,19 +409,20 @@ class StudyConfig(_Frozen):
     batch_sizes: tuple[BatchSize, ...] | None = None
     lrs: Union[Literal["auto"], tuple[float, ...]] = "auto"
     lr_rule: LrScaling = "sqrt"
-    reference_lr: float = Field(default=0.1, gt=0.0)
-    reference_batch_size: int = Field(default=32, ge=1)
+    reference_lr: float = Field(default=0.1, gt=0.0, le=LARGEST_RATE)
+    reference_batch_size: int = Field(default=32, ge=1, lt=INT64_LIMIT)
     lr_grid_size: int = Field(default=5, ge=1, le=50)
-    lr_grid_factor: float = Field(default=2.0, gt=1.0)
-    lr_extensions: int = Field(default=2, ge=0)
+    lr_grid_factor: float = Field(default=2.0, gt=1.0, le=100.0)  # factor ** index must stay a float
+    lr_extensions: int = Field(default=2, ge=0, le=100)
     seeds: Union[int, tuple[int, ...]] = 3
     target: str = "val_acc>=0.8"
-    epochs: int | None = Field(default=None, ge=1)
-    max_steps: int | None = Field(default=1000, ge=1)
+    epochs: int | None = Field(default=None, ge=1, lt=INT64_LIMIT)
+    max_steps: int | None = Field(default=1000, ge=1, lt=INT64_LIMIT)
     stop_at_target: bool = True
-    resolution: float = Field(default=0.05, gt=0.0, lt=1.0)
+    resolution: float = Field(default=0.05, ge=0.001, lt=1.0)  # ~ln(steps)/resolution evaluations
     noise_scale: bool = True
     train: TrainConfig = TrainConfig(momentum=0.9)
+    _what: ClassVar[str] = "study config"
 
     @field_validator("dataset", mode="before")
     @classmethod
@@ -339,9 +436,9 @@ class StudyConfig(_Frozen):
             return None
         if isinstance(value, (str, int)):
             value = [value]
-        sizes = []
-        for item in value:
-            sizes.append(TrainConfig._batch_size(item))
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"must be a list of batch sizes (whole numbers >= 1 or 'full'), got {value!r}")
+        sizes = [whole_number_or(item, "full", "a whole number >= 1 or 'full'") for item in value]
         if not sizes:
             raise ValueError("give at least one batch size, or leave it out for powers of two up to the data size")
         return tuple(sizes)
@@ -354,18 +451,23 @@ class StudyConfig(_Frozen):
         if isinstance(value, str) and value != "auto":
             raise ValueError(f"must be 'auto' or a list of learning rates, got {value!r}")
         if not isinstance(value, str):
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"must be 'auto' or a list of learning rates, got {value!r}")
             value = tuple(value)
-            if not value or not all(isinstance(v, (int, float)) and v > 0 and math.isfinite(v) for v in value):
-                raise ValueError("must be 'auto' or a non-empty list of finite learning rates > 0")
+            if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                    and 0 < v <= LARGEST_RATE for v in value):
+                raise ValueError(f"must be 'auto' or a non-empty list of learning rates > 0 and <= {LARGEST_RATE:g}, "
+                                 f"got {value!r}")
         return value
 
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, value: Any) -> Any:
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"must be a number of seeds >= 1 or a list of seeds, got {value}")
-        if isinstance(value, tuple) and (not value or len(set(value)) != len(value) or min(value) < 0):
-            raise ValueError("a list of seeds must be non-empty, distinct and >= 0")
+        if isinstance(value, int) and not 1 <= value <= 10_000:
+            raise ValueError(f"must be a number of seeds in 1..10000 or a list of seeds, got {value}")
+        if isinstance(value, tuple) and (not value or len(set(value)) != len(value)
+                                         or min(value) < 0 or max(value) >= INT64_LIMIT):
+            raise ValueError("a list of seeds must be non-empty, distinct, >= 0 and < 2**63")
         return value
 
     @field_validator("target")
@@ -397,14 +499,20 @@ class StudyConfig(_Frozen):
 
 
 def make_study_config(values: dict[str, Any]) -> StudyConfig:
-    """Build a StudyConfig from plain values (TOML, flags), turning validation errors into one line."""
-    try:
-        return StudyConfig(**values)
-    except ValidationError as error:
-        # A whole-config check has no field to name: say "invalid study config: ..." once.
-        raise ConfigError(_one_line(error, "study config").replace("study config: study config: ", "study config: ")) from None
+    """Build a StudyConfig from plain values (TOML, flags); a bad value is one `ConfigError` line."""
+    return StudyConfig(**values)
 
 
-def load_study_config(path: str | Path) -> StudyConfig:
-    """Read a study described in TOML (keys of `StudyConfig`; tables ``[dataset]`` and ``[train]``)."""
-    return make_study_config(read_toml(path))
+def load_study_config(path: str | Path, *, allow_import: bool = False) -> StudyConfig:
+    """Read a study described in TOML (keys of `StudyConfig`; tables ``[dataset]`` and ``[train]``).
+
+    Args:
+        path: the TOML file.
+        allow_import: accept a ``package.module:function`` model (importing it runs its code).
+
+    Returns:
+        The `StudyConfig`.
+    """
+    config = make_study_config(read_toml(path))
+    check_import_allowed(config.model, allow_import, str(path))
+    return config

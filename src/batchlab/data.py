@@ -7,6 +7,7 @@ memory that is the fastest way, and it makes the epoch order explicit and reprod
 
 from __future__ import annotations
 
+import io
 import os
 import random
 from dataclasses import dataclass, replace
@@ -16,7 +17,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from batchlab.checks import check_arguments
 from batchlab.errors import DataError
+from batchlab.files import read_text
 
 Split = tuple[torch.Tensor, torch.Tensor]  # (X: (N, *features), y: (N,) int64 labels or (N, k) targets)
 
@@ -272,6 +275,8 @@ def load_dataset(
     Returns:
         A `Dataset`; X is float (N, *features), y int64 labels (N,) or float targets (N, k).
     """
+    _check_options("load_dataset", name_or_path=(name_or_path, (str, os.PathLike)), target=(target, (str, type(None))),
+                   split_seed=split_seed, standardize=standardize, dtype=dtype)
     path = _as_path(name_or_path)
     if path is not None:
         return _load_file(path, target=target, val_fraction=val_fraction, split_seed=split_seed,
@@ -326,6 +331,10 @@ def from_arrays(
         A `Dataset`. Classification labels must be integers 0..n_classes-1; regression targets
         of shape (N,) become (N, 1).
     """
+    _check_options("from_arrays", name=(name, str), task=(task, str), n_classes=(n_classes, (int, type(None))),
+                   origin=(origin, str), split_seed=split_seed, standardize=standardize, dtype=dtype)
+    if n_classes is not None and not 1 <= n_classes < 2**63:
+        raise DataError(f"n_classes={n_classes} must be a whole number >= 1")
     if task not in ("auto", "classification", "regression"):
         raise DataError(f"task={task!r} is not known; use auto, classification or regression")
     pairs = {"train": (X, y), "validation": (X_val, y_val), "test": (X_test, y_test)}
@@ -342,6 +351,14 @@ def from_arrays(
     return _assemble(name, train, splits["validation"], splits["test"], n_classes=n_classes,
                      origin=origin, val_fraction=val_fraction, split_seed=split_seed,
                      standardize=standardize, device=device, dtype=dtype)
+
+
+def _check_options(function: str, *, split_seed: Any, standardize: Any, dtype: Any, **named: Any) -> None:
+    """The argument checks `load_dataset` and `from_arrays` share, then theirs (``**named``)."""
+    check_arguments(function, split_seed=(split_seed, int), standardize=(standardize, bool),
+                    dtype=(dtype, torch.dtype), **named)
+    if not 0 <= split_seed < 2**63:
+        raise DataError(f"split_seed={split_seed} must be >= 0 and < 2**63 (it seeds a torch generator)")
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -391,8 +408,9 @@ def _load_npz(path: Path, **kwargs: Any) -> Dataset:
 def _load_csv(path: Path, target: str | None, **kwargs: Any) -> Dataset:
     import pandas as pd
 
+    text = read_text(path, "data file", DataError)
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(io.StringIO(text))
     except Exception as exc:
         raise DataError(f"cannot read {str(path)!r} as csv ({type(exc).__name__}: {exc}); check that it is a comma-separated file with a header row") from None
     columns = [str(c) for c in frame.columns]
@@ -420,10 +438,15 @@ def _load_csv(path: Path, target: str | None, **kwargs: Any) -> Dataset:
 # --- checks ----------------------------------------------------------------------------------------
 
 
-def _to_numpy(value: Any) -> np.ndarray:
+def _to_numpy(split: str, label: str, value: Any) -> np.ndarray:
+    """An array (or tensor, or nested lists) as a numpy array; ragged lists are one DataError."""
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()
-    return np.asarray(value)
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"the {split} split's {label} is not a rectangular array ({exc}); "
+                        "give every sample the same number of features") from None
 
 
 def _pair_to_numpy(split: str, X: Any, y: Any) -> Arrays | None:
@@ -433,7 +456,7 @@ def _pair_to_numpy(split: str, X: Any, y: Any) -> Arrays | None:
     if X is None or y is None:
         given, missing = ("X", "y") if y is None else ("y", "X")
         raise DataError(f"the {split} split has {given} but no {missing}; give both or neither")
-    X, y = _to_numpy(X), _to_numpy(y)
+    X, y = _to_numpy(split, "X", X), _to_numpy(split, "y", y)
     if X.ndim == 0 or y.ndim == 0:
         raise DataError(f"the {split} split's X and y must be arrays with one row per sample, got shapes {X.shape} and {y.shape}")
     if len(X) != len(y):
@@ -443,6 +466,11 @@ def _pair_to_numpy(split: str, X: Any, y: Any) -> Arrays | None:
     for label, array in (("X", X), ("y", y)):
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
             raise DataError(f"the {split} split's {label} has dtype {array.dtype}, not numbers; convert it to a numeric array")
+        if np.iscomplexobj(array):
+            raise DataError(f"the {split} split's {label} holds complex numbers ({array.dtype}); "
+                            "give real numbers, e.g. the real and imaginary parts as separate features")
+    if 0 in X.shape[1:]:
+        raise DataError(f"the {split} split's X has shape {X.shape}: no features per sample; give at least one feature")
     return X, y
 
 
@@ -474,6 +502,7 @@ def _check_labels(splits: dict[str, Arrays | None], n_classes: int | None) -> in
             raise DataError(f"the {split} split's labels include negative values ({_bad_values(negative)}); labels must be integers 0..K-1, so remap them")
     top = max(int(pair[1].max()) for pair in splits.values() if pair is not None)
     if n_classes is None:
+        _check_label_range(splits, top)
         return top + 1
     if top >= n_classes:
         bad = np.concatenate([p[1][p[1] >= n_classes] for p in splits.values() if p is not None])
@@ -481,12 +510,26 @@ def _check_labels(splits: dict[str, Arrays | None], n_classes: int | None) -> in
     return int(n_classes)
 
 
+# Inferred class counts above both the sample count and this are taken for a labelling mistake.
+_MAX_SPARE_CLASSES = 1000
+
+
+def _check_label_range(splits: dict[str, Arrays | None], top: int) -> None:
+    """Refuse labels that imply far more classes than samples (ids such as 1000000 used as labels):
+    the model would get an output per class, almost all of them for classes that never occur."""
+    n_samples = sum(len(pair[1]) for pair in splits.values() if pair is not None)
+    if top + 1 > max(n_samples, _MAX_SPARE_CLASSES):
+        raise DataError(f"labels go up to {top} but there are only {n_samples} samples, so most of the {top + 1} "
+                        "classes would have none; remap the labels to 0..K-1, or pass n_classes to confirm")
+
+
 def _check_finite(split: str, X: torch.Tensor, y: torch.Tensor) -> None:
     for label, t in (("features", X), ("targets", y)):
         if t.is_floating_point():
             bad = int((~torch.isfinite(t)).sum())
             if bad:
-                raise DataError(f"the {split} split's {label} hold {bad} NaN or inf values; fill or drop them before loading")
+                raise DataError(f"the {split} split's {label} hold {bad} NaN or inf values (or numbers too large "
+                                f"for {t.dtype}); fill or drop them before loading")
 
 
 # --- assembly ----------------------------------------------------------------------------------------

@@ -448,6 +448,10 @@ def fit_replicas(
         >>> runs = bl.fit_replicas(lambda seed: bl.build_model("mlp", ds, seed=seed), ds, configs)
         >>> [run.summary["final_val_acc"] for run in runs]
     """
+    from .checks import check_arguments, check_items
+
+    check_arguments("fit_replicas", model_fn=(model_fn, Callable), dataset=(dataset, data_lib.Dataset))
+    check_items("fit_replicas", "configs", configs, TrainConfig)
     started = time.perf_counter()
     configs = check_replica_configs(configs)
     unknown = [p for p in probes if not isinstance(p, str) or p not in REPLICA_PROBES]

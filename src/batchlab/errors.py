@@ -16,8 +16,16 @@ class BatchlabError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
-class ConfigError(BatchlabError):
-    """A configuration value is invalid (a flag, a TOML field, a TrainConfig argument)."""
+class ConfigError(BatchlabError, ValueError):
+    """A configuration value is invalid (a flag, a TOML field, a TrainConfig argument).
+
+    Also a ValueError, as pydantic's ValidationError (which it replaces) was.
+    """
+
+
+class ArgumentError(BatchlabError, TypeError):
+    """A public function was given the wrong kind of object (a dict for a TrainConfig, ``ds.train``
+    for a Dataset); the message names what was expected."""
 
 
 class DataError(BatchlabError):

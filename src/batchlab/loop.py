@@ -286,8 +286,11 @@ def fit(
         >>> run.epochs[["epoch", "running_acc", "train_acc", "val_acc"]]
     """
     from .callbacks import ProgressBar  # the bar is a callback like any other
+    from .checks import check_arguments, check_items
     from .probes import ProbeSet
 
+    check_arguments("fit", model=(model, torch.nn.Module), dataset=(dataset, data_lib.Dataset), config=(config, (TrainConfig, type(None))))
+    check_items("fit", "callbacks", callbacks, Callback)
     config = config or TrainConfig()
     clock = plan_run(dataset, config)
     device = resolve_device(config.device)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from batchlab.checks import check_arguments
+from batchlab.config import check_import_allowed, is_import_reference
 from batchlab.data import Dataset
 from batchlab.errors import ModelError
 
@@ -236,13 +239,49 @@ def _import_factory(reference: str) -> Callable[..., Any]:
 
 
 def _build_custom(reference: str, dataset: Dataset, options: dict[str, Any]) -> nn.Module:
-    model = _import_factory(reference)(dataset, **options)
+    factory = _import_factory(reference)
+    try:
+        model = factory(dataset, **options)
+    except Exception as exc:  # the user's code: any failure is theirs to fix, say where it came from
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelError(f"the model factory {reference}(dataset) raised {type(exc).__name__}: {message}; "
+                         "fix the factory, or call it yourself to see the traceback") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"{reference}(dataset) returned {type(model).__name__}, not a torch.nn.Module; make it return the model")
     return model
 
 
-def build_model(name: str, dataset: Dataset, *, seed: int | None = None, **options: Any) -> nn.Module:
+def total_memory(device: torch.device) -> int:
+    """Bytes of memory of the device: the GPU's, or the host's physical memory (0 if unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): do not guess
+        return 0
+
+
+def _check_fits(name: str, build: Callable[[], nn.Module], device: torch.device) -> None:
+    """Refuse a zoo model whose weights alone cannot fit the device, before allocating them.
+
+    The model is built first on the ``meta`` device, which records shapes and allocates nothing;
+    training needs its weights at least twice over (weights and gradients).
+    """
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+    except (RuntimeError, OverflowError) as exc:  # sizes past what a tensor can describe at all
+        raise ModelError(f"{name}: its layers are too large to allocate ({str(exc).splitlines()[0]}); "
+                         "choose smaller layers") from None
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*skeleton.parameters(), *skeleton.buffers()])
+    available = total_memory(device)
+    if available and 2 * weight_bytes > available:
+        raise ModelError(f"{name} would have {weight_bytes / 2**30:.3g} GiB of weights (twice that to train), "
+                         f"more than the {available / 2**30:.3g} GiB of memory of {device.type}; choose smaller layers")
+
+
+def build_model(name: str, dataset: Dataset, *, seed: int | None = None, allow_import: bool = False,
+                **options: Any) -> nn.Module:
     """Build a zoo model (or a ``package.module:function`` model) sized for ``dataset``.
 
     Args:
@@ -251,16 +290,23 @@ def build_model(name: str, dataset: Dataset, *, seed: int | None = None, **optio
         dataset: fixes the input shape, the output width and the device.
         seed: when given, the initial weights depend on it alone; the caller's global torch RNG
             is left as it was.
+        allow_import: accept a ``package.module:function`` name; importing it runs that module's
+            code, so it is refused unless asked for.
         **options: the model's options, e.g. ``hidden=[100, 100], dropout=0.1``.
 
     Returns:
         An ``nn.Module`` on ``dataset.device`` mapping X (N, *input_shape) to (N, n_classes)
         logits, or to (N, k) predictions for regression.
     """
-    if "." in name.partition(":")[0]:
+    check_arguments("build_model", name=(name, str), dataset=(dataset, Dataset), seed=(seed, (int, type(None))))
+    if seed is not None and not 0 <= seed < 2**63:
+        raise ModelError(f"seed={seed} must be >= 0 and < 2**63 (it seeds a torch generator)")
+    if is_import_reference(name):
+        check_import_allowed(name, allow_import, "build_model", ModelError)
         build = lambda: _build_custom(name, dataset, options)  # noqa: E731
     elif name in _ZOO:
         build = lambda: _ZOO[name][0](dataset, options)  # noqa: E731
+        _check_fits(name, build, dataset.device)
     else:
         raise ModelError(f"unknown model {name!r}; use one of {', '.join(_ZOO)}, or package.module:function for your own")
     if seed is None:
@@ -323,7 +369,7 @@ def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name.lower(), options
 
 
-def model_from_spec(spec: str, dataset: Dataset, seed: int | None = None) -> nn.Module:
+def model_from_spec(spec: str, dataset: Dataset, seed: int | None = None, *, allow_import: bool = False) -> nn.Module:
     """Parse a ``--model`` spec and build it for ``dataset`` (see `parse_model_spec`, `build_model`)."""
     name, options = parse_model_spec(spec)
-    return build_model(name, dataset, seed=seed, **options)
+    return build_model(name, dataset, seed=seed, allow_import=allow_import, **options)

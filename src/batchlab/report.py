@@ -358,6 +358,8 @@ def _best_runs(runs: Sequence[StoredRun], summary: pd.DataFrame) -> list[StoredR
         return []
     chosen = []
     for batch_size, lr in zip(summary["batch_size"], summary["best_lr"]):
+        if _number(lr) is None:  # no lr reached the target at this batch size: no best run to show
+            continue
         for run in runs:
             same_b = str(run.config.get("batch_size")) == str(batch_size)
             if same_b and run.config.get("lr") is not None and math.isclose(run.config["lr"], float(lr), rel_tol=1e-9):

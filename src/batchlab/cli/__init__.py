@@ -6,6 +6,6 @@ One module per group of commands; importing them registers the commands.
 """
 
 from . import explain, experiments, runs, study, train  # noqa: F401  (registers the commands)
-from .app import app, main
+from .app import cli, main
 
-__all__ = ["app", "main"]
+__all__ = ["cli", "main"]

@@ -2,44 +2,56 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Any
 
-import typer
+import click
 
 from ..errors import BatchlabError
-from .app import JsonOption, StoreOption, _cell, app, print_json, print_rich, store_path
+from .app import (MAX_INT, allow_import_option, cell, check_out_folder, check_store_folder, cli, json_option, out_option, print_json,
+                  print_rich, say, shown, store_option, store_path, threads_option, whole)  # fmt: skip
+from .train import check_import_allowed, train_options
 
 
-def _int_list(text: str, flag: str) -> list[int]:
+def _int_list(text: str, flag: str, minimum: int = 0) -> list[int]:
+    """Comma-separated whole numbers, each from ``minimum`` up to 2**63 - 1."""
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        numbers = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise BatchlabError(f"{flag} {text!r} must be whole numbers separated by commas, e.g. 2,30") from None
+    if not numbers or not all(minimum <= n <= MAX_INT for n in numbers):
+        raise BatchlabError(f"{flag} {text!r} must be one or more whole numbers >= {minimum}, e.g. 2,30")
+    return numbers
 
 
 def _float_list(text: str, flag: str) -> list[float]:
+    """Comma-separated finite numbers > 0 (learning rates)."""
     try:
-        return [float(part) for part in text.split(",") if part.strip()]
+        numbers = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise BatchlabError(f"{flag} {text!r} must be numbers separated by commas, e.g. 0.01,0.1") from None
+    if not numbers or not all(0 < n < math.inf for n in numbers):
+        raise BatchlabError(f"{flag} {text!r} must be one or more finite numbers > 0, e.g. 0.01,0.1")
+    return numbers
 
 
-def _experiment_setup(dataset_name: str, model_spec: str, seed: int, threads: int):
+def _experiment_setup(dataset_name: str, model_spec: str, seed: int, threads: int, allow_import: bool):
     """Load the data and check the model spec before anything touches the store."""
     import torch
 
     from ..data import load_dataset
     from ..models import model_from_spec
 
-    torch.set_num_threads(max(1, threads))
+    check_import_allowed(model_spec, allow_import)
+    torch.set_num_threads(threads)
     dataset = load_dataset(dataset_name)
-    model_from_spec(model_spec, dataset, seed=seed)  # fails here, on bad input, not later
-    return dataset, (lambda: model_from_spec(model_spec, dataset, seed=seed))
+    model_from_spec(model_spec, dataset, seed=seed, allow_import=allow_import)  # fails here, on bad input
+    return dataset, (lambda: model_from_spec(model_spec, dataset, seed=seed, allow_import=allow_import))
 
 
-def _out_dir(out: Optional[Path], store: Path, kind: str, group_id: int) -> Path:
+def _out_dir(out: Path | None, store: Path, kind: str, group_id: int) -> Path:
     """--out, or ``<store stem>-<kind>-<group>/`` beside the store."""
     return out if out is not None else store.with_name(f"{store.stem}-{kind}-{group_id}")
 
@@ -47,31 +59,48 @@ def _out_dir(out: Optional[Path], store: Path, kind: str, group_id: int) -> Path
 def _numbers_table(frame, columns: dict[str, str], title: str):
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=shown(title))
     for header in columns.values():
         table.add_column(header, justify="right", no_wrap=True)
     for row in frame.to_dict("records"):
-        table.add_row(*(_cell(row[c]) for c in columns))
+        table.add_row(*(cell(row[c]) for c in columns))
     return table
 
 
-@app.command()
-def gradnorm(
-    dataset: Annotated[str, typer.Option("--dataset", help="Built-in dataset or a .npz/.csv file.")] = "mnist1d",
-    model: Annotated[str, typer.Option("--model", help="Model spec, e.g. mlp or mlp:hidden=100x100.")] = "mlp",
-    at: Annotated[str, typer.Option("--at", help="Epochs after which to measure (0: the initial weights).")] = "2,30",
-    batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Batch sizes to measure. Default: 1,2,4,...,1024.")] = None,
-    trials: Annotated[int, typer.Option("--trials", help="Random batches per batch size.")] = 1000,
-    train_batch_size: Annotated[int, typer.Option("--train-batch-size", help="Batch size used for training.")] = 32,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="Optimizer used for training.")] = "sgd",
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate used for training.")] = 0.05,
-    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum used for training.")] = 0.0,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the weights, the data order and the trials.")] = 0,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the table (CSV) and figures. Default: beside the store.")] = None,
-    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch.")] = 2,
-    store: StoreOption = None,
-    as_json: JsonOption = False,
-) -> None:
+def _experiment_options(kind: str) -> list[click.Option]:
+    """The flags gradnorm and distance share with each other and with `batchlab fit`."""
+    from ..config import RunSpec
+
+    spec = RunSpec()
+    return [
+        click.Option(["--dataset"], default=spec.dataset.name, help="Built-in dataset name or a .npz/.csv file."),
+        click.Option(["--model"], default=spec.model,
+                     help="NAME[:opt=val,...], e.g. mlp:hidden=100x100; package.module:function with --allow-import."),
+        allow_import_option(),
+        out_option(f"Folder for the tables (CSV) and figures. Default: beside the store, <store>-{kind}-<group>."),
+        threads_option(),
+        store_option(),
+        json_option(),
+    ]  # fmt: skip
+
+
+def _gradnorm_training():
+    """How gradnorm trains between measurements (Shen 2018's setting: SGD, lr 0.05)."""
+    from ..config import make_train_config
+
+    return make_train_config({"lr": 0.05})
+
+
+@cli.command("gradnorm", params=[
+    click.Option(["--at"], default="2,30", metavar="INTS", help="Epochs after which to measure (0: the initial weights)."),
+    click.Option(["--batch-sizes"], default=None, metavar="INTS", help="Batch sizes to measure. Default: 1,2,4,... up to N."),
+    click.Option(["--trials"], type=whole(2), default=1000, help="Random batches per batch size."),
+    *_experiment_options("gradnorm"),
+    *train_options(_gradnorm_training(), only=("batch_size", "optimizer", "lr", "momentum", "seed")),
+])  # fmt: skip
+def gradnorm(dataset: str, model: str, allow_import: bool, at: str, batch_sizes: str | None, trials: int,
+             batch_size: str, optimizer: str, lr: float, momentum: float, seed: int, out: Path | None,
+             threads: int, store: Path | None, as_json: bool) -> None:  # fmt: skip
     """Gradient norm vs batch size over many random batches at chosen points of training (Shen 2018).
 
     Trains the model, and after each epoch in --at measures ‖g_B‖ for the batch's mean loss and
@@ -86,13 +115,14 @@ def gradnorm(
     from ..store import RunStore, recorder
 
     points = _int_list(at, "--at")
-    data, make_model = _experiment_setup(dataset, model, seed, threads)
-    sizes = check_batch_sizes(_int_list(batch_sizes, "--batch-sizes") if batch_sizes else default_batch_sizes(data.n_train), data.n_train)
-    if trials < 2:
-        raise BatchlabError(f"--trials {trials} must be at least 2 to give a standard deviation")
-    config = make_train_config({"batch_size": train_batch_size, "optimizer": optimizer, "lr": lr, "momentum": momentum,
-                                "seed": seed, "epochs": max(max(points, default=1), 1)})  # fmt: skip
+    requested = _int_list(batch_sizes, "--batch-sizes", minimum=1) if batch_sizes else None
+    config = make_train_config({"batch_size": batch_size, "optimizer": optimizer, "lr": lr, "momentum": momentum,
+                                "seed": seed, "epochs": max(max(points), 1)})  # fmt: skip
     path = store_path(store)
+    check_store_folder(path)
+    check_out_folder(out)
+    data, make_model = _experiment_setup(dataset, model, seed, threads, allow_import)
+    sizes = check_batch_sizes(requested or default_batch_sizes(data.n_train), data.n_train)
     settings = {"dataset": dataset, "model": model, "at": points, "batch_sizes": sizes, "trials": trials,
                 "train": config.model_dump(mode="json")}  # fmt: skip
     with RunStore(path) as run_store:
@@ -122,26 +152,27 @@ def gradnorm(
                "sum_norm_mean": "mean ‖B·g_B‖", "sum_norm_std": "std "}  # fmt: skip
     print_rich(_numbers_table(result.table, columns, f"gradient norms, {trials} random batches per size (group {group})"), False)
     for point, s in result.stats.items():
-        print(f"{point}: ‖G‖² = {s.grad_sq:.4g}, tr(Σ) = {s.trace_cov:.4g}, B_simple = tr(Σ)/‖G‖² = {s.noise_scale:.4g}")
-    print(f"stored as group {group} in {path}")
+        say(f"{point}: ‖G‖² = {s.grad_sq:.4g}, tr(Σ) = {s.trace_cov:.4g}, B_simple = tr(Σ)/‖G‖² = {s.noise_scale:.4g}")
+    say(f"stored as group {group} in {path}")
     for file in [folder / "gradnorm.csv", *figures]:
-        print(f"wrote {file}")
+        say(f"wrote {file}")
 
 
-@app.command()
-def distance(
-    dataset: Annotated[str, typer.Option("--dataset", help="Built-in dataset or a .npz/.csv file.")] = "mnist1d",
-    model: Annotated[str, typer.Option("--model", help="Model spec, e.g. mlp or mlp:hidden=100x100.")] = "mlp",
-    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes to train with.")] = "16,64,256,1024",
-    lrs: Annotated[str, typer.Option("--lrs", help="Learning rates to train with.")] = "0.01,0.1",
-    epochs: Annotated[int, typer.Option("--epochs", help="Epochs per run (the same samples seen for every run).")] = 20,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="Optimizer.")] = "sgd",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the initial weights (shared by all runs) and data order.")] = 0,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the tables (CSV) and figure. Default: beside the store.")] = None,
-    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch.")] = 2,
-    store: StoreOption = None,
-    as_json: JsonOption = False,
-) -> None:
+def _distance_training():
+    """How every distance run trains, besides its batch size and lr (20 epochs: the same samples seen)."""
+    from ..config import make_train_config
+
+    return make_train_config({"epochs": 20})
+
+
+@cli.command("distance", params=[
+    click.Option(["--batch-sizes"], default="16,64,256,1024", metavar="INTS", help="Batch sizes to train with."),
+    click.Option(["--lrs"], default="0.01,0.1", metavar="NUMBERS", help="Learning rates to train with."),
+    *_experiment_options("distance"),
+    *train_options(_distance_training(), only=("epochs", "optimizer", "seed")),
+])  # fmt: skip
+def distance(dataset: str, model: str, allow_import: bool, batch_sizes: str, lrs: str, epochs: int,
+             optimizer: str, seed: int, out: Path | None, threads: int, store: Path | None, as_json: bool) -> None:
     """Distance from the initial weights ‖θ_t − θ_0‖ for batch sizes × learning rates (Shen 2018).
 
     Every run starts from the same weights and sees the same number of samples; the figure shows
@@ -153,11 +184,14 @@ def distance(
     from ..plots.gradnorm import distance_figure
     from ..store import RunStore, recorder
 
-    data, make_model = _experiment_setup(dataset, model, seed, threads)
-    sizes = check_batch_sizes(_int_list(batch_sizes, "--batch-sizes"), data.n_train)
+    requested = _int_list(batch_sizes, "--batch-sizes", minimum=1)
     rates = _float_list(lrs, "--lrs")
-    config = make_train_config({"epochs": epochs, "optimizer": optimizer, "seed": seed, "lr": max(rates, default=0.01)})
+    config = make_train_config({"epochs": epochs, "optimizer": optimizer, "seed": seed, "lr": max(rates)})
     path = store_path(store)
+    check_store_folder(path)
+    check_out_folder(out)
+    data, make_model = _experiment_setup(dataset, model, seed, threads, allow_import)
+    sizes = check_batch_sizes(requested, data.n_train)
     settings = {"dataset": dataset, "model": model, "batch_sizes": sizes, "lrs": rates, "train": config.model_dump(mode="json")}
     with RunStore(path) as run_store:
         group = run_store.create_group("distance", f"distance {dataset} {model}", settings)
@@ -187,6 +221,6 @@ def distance(
                "dist_from_init": "‖θ − θ₀‖", "final_train_loss": "train loss", "final_val_acc": "val acc"}
     columns = {k: v for k, v in columns.items() if k in result.final}
     print_rich(_numbers_table(result.final, columns, f"distance from the initial weights (group {group})"), False)
-    print(f"stored as group {group} in {path}")
+    say(f"stored as group {group} in {path}")
     for file in files:
-        print(f"wrote {file}")
+        say(f"wrote {file}")

@@ -8,14 +8,14 @@ from typing import Any
 
 import click
 
-from ..errors import BatchlabError
-from .app import EXTRA_COMMANDS, _cell, _say, print_json, print_rich, store_path, write_default_report
-from .train import RUN_OPTIONS, _train_options, prepare_run, spec_from_options
-
+from .app import (cell, check_out_folder, check_store_folder, cli, out_option, print_json, print_rich, say,
+                  shown, store_path, whole, write_default_report)  # fmt: skip
+from .train import given, prepare_run, run_options, spec_from_options, train_options
 
 # Without flags: a run that finishes in about a minute on a laptop CPU and shows a clear jump.
-EXPLAIN_DEFAULTS = {"dataset": "mnist1d", "model": "mlp:hidden=256x256,dropout=0.3", "batch_size": "32",
-                    "epochs": "6", "optimizer": "sgd", "lr": "0.05", "momentum": "0.9"}  # fmt: skip
+# These are explain's defaults (shown by --help); with --config, the file's values apply instead.
+EXPLAIN_DEFAULTS = {"dataset": "mnist1d", "model": "mlp:hidden=256x256,dropout=0.3", "batch_size": 32,
+                    "epochs": 6, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9}  # fmt: skip
 _EXPLAIN_TRAINING_FLAGS = ("config_file", "dataset", "target", "val_fraction", "split_seed", "standardize", "model",
                            "probes", "name")  # fmt: skip
 
@@ -30,30 +30,37 @@ def _explain_command(**options: Any) -> None:
     from ..plots import save_figure
     from ..plots.explain import explain_figure
 
-    torch.set_num_threads(max(1, options["threads"]))
+    torch.set_num_threads(options["threads"])
     quiet, as_json, metric = options["quiet"], options["as_json"], options["metric"]
     store = store_path(options["store"])
+    check_out_folder(options["out"])
     if options["run_id"] is not None:
-        run, run_id, what = _explain_stored(options, store)
+        run, run_id, what = _explain_stored(given(click.get_current_context()), store)
     else:
         run, run_id, what = _explain_train(options, store, metric)
     explanation = explain_run(run, metric)
-    base = Path(options["out"] or store.parent) / f"batchlab-explain-{run_id}"
+    folder = Path(options["out"] or store.parent)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = folder / f"batchlab-explain-{run_id}"
     fig = explain_figure(run.steps, run.evals, explanation, title=f"Why the running mean jumps: run {run_id}, {what}")
     files = [str(p) for p in save_figure(fig, base)]
     if not quiet:
         print_rich(_boundary_table(explanation, f"run {run_id}: epoch boundaries ({metric})"), as_json)
-    _say(textwrap.fill(explanation.paragraph, width=100), quiet, as_json)
-    _say("figure: " + ", ".join(files), quiet, as_json)
+    say(textwrap.fill(explanation.paragraph, width=100), quiet, as_json)
+    say("figure: " + ", ".join(files), quiet, as_json)
     report = write_default_report(store, run_id)
-    _say(f"report: {report}", quiet, as_json)
+    say(f"report: {report}", quiet, as_json)
     if as_json:
         print_json({"run_id": run_id, "store": str(store), "figures": files, "report": str(report),
                     **explanation.to_dict()})
 
 
 def _explain_stored(options: dict[str, Any], store: Path):
-    """The stored run of --run, after checking no training flag was given with it."""
+    """The stored run of --run, after checking no training flag was given with it.
+
+    Args:
+        options: the flags given on the command line.
+    """
     from ..config import TrainConfig
     from ..errors import ConfigError
     from ..store import RunStore
@@ -78,24 +85,19 @@ def _explain_train(options: dict[str, Any], store: Path, metric: str):
     from ..loop import fit
     from ..store import recorder
 
-    if not options.get("config_file"):
-        for key, value in EXPLAIN_DEFAULTS.items():
-            if options.get(key) is None:
-                options[key] = value
-    spec = spec_from_options(options)
-    dataset, model, clock = prepare_run(spec)
+    spec = spec_from_options(given(click.get_current_context()), defaults=EXPLAIN_DEFAULTS)
+    dataset, model, clock = prepare_run(spec, options["allow_import"])
     if metric == "acc" and dataset.n_classes is None:
         raise ConfigError(f"{dataset.name} is a regression task and has no accuracy; use --metric loss")
     config = explain_config(spec.train, dataset.n_train)
     spec = spec.model_copy(update={"train": config})
-    if not store.parent.exists():
-        raise BatchlabError(f"the store's folder {store.parent} does not exist; create it or pass another --store")
+    check_store_folder(store)
     quiet, as_json = options["quiet"], options["as_json"]
-    _say(f"{dataset.name}: {clock.describe()}; full-pass evaluation every {config.eval_every} steps", quiet, as_json)
+    say(f"{dataset.name}: {clock.describe()}; full-pass evaluation every {config.eval_every} steps", quiet, as_json)
     rec = recorder(store, name=spec.name, kind="explain", spec=spec.model_dump(mode="json", exclude={"train"}))
     run = fit(model, dataset, config, probes=spec.probes, callbacks=[TrainModePass(dataset, config), rec],
               progress=not quiet and sys.stderr.isatty())
-    _say(f"{run.status}: run {rec.run_id} stored in {store}" + (f" ({run.message})" if run.message else ""),
+    say(f"{run.status}: run {rec.run_id} stored in {store}" + (f" ({run.message})" if run.message else ""),
          quiet, as_json)
     return run, rec.run_id, f"{spec.dataset.name}, {spec.model}, B={clock.batch_size}"
 
@@ -108,29 +110,43 @@ def _boundary_table(explanation, title: str):
                "running_jump": "jump", "true_change": "true\nchange", "typical_change": "typical\nper step",
                "lag": "lag", "true_epoch_mean": "true\nepoch mean", "train_mode_part": "train-mode\npart",
                "averaging_part": "averaging\npart", "remainder_part": "rest", "batch_noise": "batch\nnoise"}  # fmt: skip
-    table = Table(title=title)
+    table = Table(title=shown(title))
     for header in columns.values():
         table.add_column(header, justify="right", no_wrap=True)
     for row in explanation.table().to_dict("records"):
-        table.add_row(*(_cell(row[c]) for c in columns))
+        table.add_row(*(cell(row[c]) for c in columns))
     return table
+
+
+def _explain_defaults_config():
+    """The TrainConfig explain trains with when no flag is given (its flags show these defaults)."""
+    from ..config import TrainConfig, make_train_config
+
+    return make_train_config({k: v for k, v in EXPLAIN_DEFAULTS.items() if k in TrainConfig.model_fields})
+
+
+def _explain_options() -> list:
+    options = run_options()
+    for option in options:  # explain's own defaults for the data and the model
+        if option.name in EXPLAIN_DEFAULTS:
+            option.default = EXPLAIN_DEFAULTS[option.name]
+    return [
+        *options,
+        click.Option(["--run", "run_id"], type=whole(1), default=None,
+                     help="Explain this stored run instead of training (see `batchlab runs list`)."),
+        out_option("Folder for the figure (PNG and SVG). Default: the store's folder."),
+        click.Option(["--metric"], type=click.Choice(["acc", "loss"]), default="acc",
+                     help="The metric the paragraph explains (the numbers cover both)."),
+        *train_options(_explain_defaults_config()),
+    ]
 
 
 explain_command = click.Command(
     "explain",
     callback=_explain_command,
-    params=[
-        *RUN_OPTIONS,
-        click.Option(["--run", "run_id"], type=int, default=None,
-                     help="Explain this stored run instead of training (see `batchlab runs list`)."),
-        click.Option(["--out"], type=click.Path(path_type=Path), default=None,
-                     help="Folder for the figure (PNG and SVG). Default: the store's folder."),
-        click.Option(["--metric"], type=click.Choice(["acc", "loss"]), default="acc", show_default=True,
-                     help="The metric the paragraph explains (the numbers cover both)."),
-        *_train_options(),
-    ],
+    params=_explain_options(),
     help="Show why the training metric jumps at epoch boundaries: train with dense evaluation (or read "
-         "--run ID), print the numbers per boundary and a paragraph, and draw the figure. Without flags: "
-         "mnist1d, mlp:hidden=256x256,dropout=0.3, batch 32, SGD lr 0.05 momentum 0.9, 6 epochs.",
+         "--run ID), print the numbers per boundary and a paragraph, and draw the figure. Without flags it "
+         "trains a demonstration run of about a minute (the defaults below).",
 )  # fmt: skip
-EXTRA_COMMANDS.append(explain_command)
+cli.add_command(explain_command)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ..errors import BatchlabError
-from .app import EXTRA_COMMANDS, print_json, print_rich, store_path
-from .train import _train_options
+from .app import (MAX_INT, allow_import_option, check_out_folder, check_store_folder, cli, json_option, out_option,
+                  print_json, print_rich, quiet_option, say, shown, store_option, store_path, threads_option)  # fmt: skip
+from .train import check_import_allowed, field_option, given, train_options
 
 
 STUDY_FLAGS = {  # StudyConfig field -> (flag, help)
@@ -31,35 +32,44 @@ STUDY_FLAGS = {  # StudyConfig field -> (flag, help)
 
 
 def _study_options() -> list[click.Option]:
-    from ..config import STUDY_OWNED_TRAIN_FIELDS
+    from ..config import STUDY_OWNED_TRAIN_FIELDS, StudyConfig
 
+    default = StudyConfig()
     options = [
-        click.Option(["--config", "config_file"], type=click.Path(path_type=Path), default=None,
-                     help="A TOML study file (StudyConfig keys, tables [dataset] and [train]); flags override it."),
-        click.Option(["--preset"], default=None, help="blobs-batch-size (Brownlee 2020) or mnist1d."),
-        click.Option(["--dataset"], default=None, help="Built-in dataset name or a .npz/.csv file (default blobs)."),
-        click.Option(["--model"], default=None, help="NAME[:opt=val,...], e.g. mlp:hidden=50,init=keras."),
+        click.Option(["--config", "config_file"], type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="A TOML study file (StudyConfig keys, tables [dataset] and [train]); flags given override it."),
+        click.Option(["--preset"], default=None, help="A preset study: blobs-batch-size (Brownlee 2020) or mnist1d."),
+        click.Option(["--dataset"], default=default.dataset.name, help="Built-in dataset name or a .npz/.csv file."),
+        click.Option(["--model"], default=default.model,
+                     help="NAME[:opt=val,...], e.g. mlp:hidden=50,init=keras; package.module:function with --allow-import."),
+        allow_import_option(),
         click.Option(["--name"], default=None, help="A name for the study in the store."),
-        *(click.Option([flag, field], type=str, default=None, metavar="VALUE", help=text)
-          for field, (flag, text) in STUDY_FLAGS.items()),
-        click.Option(["--stop-at-target/--no-stop-at-target"], default=None,
-                     help="End each trial at its target (default) or train the whole budget."),
-        click.Option(["--noise-scale/--no-noise-scale"], default=None, help="Measure the gradient noise scale."),
-        click.Option(["--replicas/--no-replicas"], default=True, show_default=True,
+        *(field_option(field, flag, StudyConfig.model_fields[field].annotation, _shown_default(getattr(default, field)),
+                       text) for field, (flag, text) in STUDY_FLAGS.items()),
+        click.Option(["--stop-at-target/--no-stop-at-target"], default=default.stop_at_target,
+                     help="End each trial at its target, or train the whole budget."),
+        click.Option(["--noise-scale/--no-noise-scale"], default=default.noise_scale,
+                     help="Measure the gradient noise scale."),
+        click.Option(["--replicas/--no-replicas"], default=True,
                      help="Train each group as vectorized replicas (else one fit after another)."),
-        click.Option(["--executor"], default="in-process", show_default=True, help="in-process or ray."),
-        click.Option(["--out"], type=click.Path(path_type=Path), default=None,
-                     help="Folder for figures and the report (default: beside the store)."),
-        click.Option(["--threads"], type=int, default=1, show_default=True, help="Torch CPU threads."),
-        click.Option(["--quiet", "-q"], is_flag=True, help="No progress display or tables."),
-        click.Option(["--store"], type=click.Path(path_type=Path), default=None,
-                     help="Run store (SQLite). Default: $BATCHLAB_STORE or ./batchlab.db."),
-        click.Option(["--json", "as_json"], is_flag=True, help="Print the summary and recommendation as JSON."),
-    ]
-    # The training flags of `batchlab fit`, but for what the study decides (batch size, lr, seed, budget).
+        click.Option(["--executor"], type=click.Choice(["in-process", "ray"]), default="in-process",
+                     help="Where the groups train."),
+        out_option("Folder for figures and the report. Default: beside the store."),
+        threads_option(),
+        quiet_option(),
+        store_option(),
+        json_option("Print the summary and recommendation as JSON."),
+    ]  # fmt: skip
+    # The training flags of `batchlab fit`, with the study's defaults, but not what the study decides.
     owned = {*STUDY_OWNED_TRAIN_FIELDS, "reference_batch_size"}
-    options += [o for o in _train_options() if o.name not in owned]
-    return options
+    return options + train_options(default.train, exclude=owned)
+
+
+def _shown_default(value: Any) -> Any:
+    """A StudyConfig default as its flag shows it: lists comma-separated."""
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return value
 
 
 def _split_list(text: str) -> list[str]:
@@ -67,17 +77,28 @@ def _split_list(text: str) -> list[str]:
 
 
 def study_config_from_options(options: dict[str, Any]):
-    """A validated StudyConfig from --preset, then --config, then the flags (each overriding the last)."""
-    from ..config import STUDY_OWNED_TRAIN_FIELDS, TrainConfig, make_study_config, read_toml
+    """A validated StudyConfig from StudyConfig's defaults, --preset, --config, then the flags given.
+
+    Each overrides the last, the ``train`` table field by field.
+
+    Args:
+        options: the flags given on the command line (see `given`), by field name.
+    """
+    from ..config import STUDY_OWNED_TRAIN_FIELDS, StudyConfig, TrainConfig, make_study_config, read_toml
     from ..study import preset_values
 
+    # The default study's own train table (e.g. momentum 0.9) stays unless something overrides it.
+    train = StudyConfig().train.model_dump(include=StudyConfig().train.model_fields_set)
     values: dict[str, Any] = preset_values(options["preset"]) if options.get("preset") else {}
+    train.update(values.get("train", {}))
     if options.get("config_file"):
         from_file = read_toml(options["config_file"])
-        train = {**values.get("train", {}), **from_file.get("train", {})}
+        if not isinstance(from_file.get("train", {}), dict):
+            from ..errors import ConfigError
+
+            raise ConfigError("in the config file, [train] must be a table")
+        train.update(from_file.get("train", {}))
         values.update(from_file)
-        values["train"] = train
-    train = dict(values.get("train", {}))
     owned = {*STUDY_OWNED_TRAIN_FIELDS, "reference_batch_size"}
     train.update({k: options[k] for k in TrainConfig.model_fields if k not in owned and options.get(k) is not None})
     values["train"] = train
@@ -85,17 +106,18 @@ def study_config_from_options(options: dict[str, Any]):
         if options.get(key) is not None:
             values[key] = options[key]
     for field in STUDY_FLAGS:
-        text = options.get(field)
-        if text is None:
+        if field not in options:
             continue
+        text = options[field]
         if field == "batch_sizes":
-            values[field] = _split_list(text)
+            values[field] = None if text.strip() == "auto" else _split_list(text)
+        elif not isinstance(text, str):  # typed flags: already converted and checked
+            values[field] = text
         elif field == "lrs":
             values[field] = text if text.strip() == "auto" else _study_numbers(field, _split_list(text))
         elif field == "seeds":
-            values[field] = text if "," not in text else _study_numbers(field, _split_list(text), int)
-        elif field in ("epochs", "max_steps") and text.strip().lower() in ("none", ""):
-            values[field] = None
+            seeds = _study_numbers(field, _split_list(text), int)
+            values[field] = seeds if "," in text else seeds[0]
         else:
             values[field] = text
     return make_study_config(values)
@@ -105,9 +127,12 @@ def _study_numbers(field: str, items: list[str], kind=float) -> list:
     from ..errors import ConfigError
 
     try:
-        return [kind(item) for item in items]
+        numbers = [kind(item) for item in items]
     except ValueError:
-        raise ConfigError(f"--{field.replace('_', '-')} takes comma-separated numbers, got {','.join(items)!r}") from None
+        raise ConfigError(f"--{field.replace('_', '-')} takes one or more numbers separated by commas, got {','.join(items)!r}") from None
+    if not numbers or not all(math.isfinite(n) and abs(n) <= MAX_INT for n in numbers):
+        raise ConfigError(f"--{field.replace('_', '-')} takes one or more finite numbers separated by commas, got {','.join(items)!r}")
+    return numbers
 
 
 class _StudyDisplay:
@@ -143,7 +168,7 @@ STUDY_COLUMNS = {"batch_size": "B", "best_lr": "best lr", "reached": "reached", 
 def _study_table(summary, title: str):
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=shown(title))
     columns = {k: v for k, v in STUDY_COLUMNS.items() if k in summary}
     for header in columns.values():
         table.add_column(header, justify="left" if header == "regime" else "right", no_wrap=True)
@@ -159,7 +184,7 @@ def _study_cell(column: str, value: Any) -> str:
         if column in ("steps_to_target", "samples_to_target"):
             return f"{value:,.0f}" if value == int(value) else f"{value:,.1f}"
         return f"{value:.3g}"
-    return str(value)
+    return shown(value)
 
 
 def _study_command(**options: Any) -> None:
@@ -169,13 +194,14 @@ def _study_command(**options: Any) -> None:
     from ..study import make_executor
     from ..study import brownlee_comparison, run_study, write_study_outputs
 
-    torch.set_num_threads(max(1, options["threads"]))
+    torch.set_num_threads(options["threads"])
     quiet, as_json = options["quiet"], options["as_json"]
-    config = study_config_from_options(options)
+    config = study_config_from_options(given(click.get_current_context()))
+    check_import_allowed(config.model, options["allow_import"])
     executor = make_executor(options["executor"])
     store = store_path(options["store"])
-    if not store.parent.exists():
-        raise BatchlabError(f"the store's folder {store.parent} does not exist; create it or pass another --store")
+    check_store_folder(store)
+    check_out_folder(options["out"])
     display = _StudyDisplay() if not quiet and sys.stderr.isatty() else None
     try:
         study = run_study(config, store=store, executor=executor, vectorized=options["replicas"], on_progress=display)
@@ -197,17 +223,17 @@ def _study_command(**options: Any) -> None:
         print_rich(_study_table(study.summary, title), False)
         if comparison is not None:
             print_rich(_brownlee_table(comparison), False)
-    print(f"recommendation: {study.recommendation.text}")
+    say(f"recommendation: {study.recommendation.text}")
     fit = study.fit
     if fit.ok:
-        print(f"fit S = S_min(1 + B_crit/B): S_min = {fit.s_min:.4g} ± {fit.s_min_err:.2g} steps, "
+        say(f"fit S = S_min(1 + B_crit/B): S_min = {fit.s_min:.4g} ± {fit.s_min_err:.2g} steps, "
               f"B_crit = {fit.b_crit:.4g} ± {fit.b_crit_err:.2g}, E_min = {fit.e_min:.4g} samples")
     elif fit.message:
-        print(f"fit: {fit.message}")
-    print(f"stored as group {study.group_id} in {store}")
+        say(f"fit: {fit.message}")
+    say(f"stored as group {study.group_id} in {store}")
     if not quiet:
         for file in files:
-            print(f"wrote {file}")
+            say(f"wrote {file}")
 
 
 def _brownlee_table(comparison):
@@ -229,4 +255,4 @@ study_command = click.Command(
     help="The batch-size study: steps to a target across batch sizes with the lr tuned per batch size, "
          "the critical batch size, and a recommendation. Resumable: rerun the same command to continue.",
 )
-EXTRA_COMMANDS.append(study_command)
+cli.add_command(study_command)

@@ -1,20 +1,24 @@
 """Training from flags: `batchlab fit` and `batchlab datasets`.
 
-The TrainConfig fields are the flags; they are generated from the model so they cannot drift."""
+The TrainConfig fields are the flags, generated from the model with its defaults, so neither the
+names nor the defaults can drift from the Python API."""
 
 from __future__ import annotations
 
 import sys
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import click
+from click.core import ParameterSource
 
-from ..errors import BatchlabError
-from .app import EXTRA_COMMANDS, JsonOption, StoreOption, _cell, _say, app, print_json, print_rich, store_path
+from .app import (FiniteFloat, allow_import_option, cell, check_out_folder, check_store_folder, cli, console, json_option,
+                  print_json, print_rich, quiet_option, say, shown, store_option, store_path, threads_option,
+                  whole)  # fmt: skip
 
 
-TRAIN_HELP = {
+TRAIN_HELP = {  # TrainConfig field -> help text
     "batch_size": "Samples per update, or 'full' for batch gradient descent.",
     "epochs": "Passes over the training set (default 10 when --max-steps is not given).",
     "max_steps": "Stop after this many updates.",
@@ -46,48 +50,114 @@ TRAIN_HELP = {
 }
 
 
-def _train_options() -> list[click.Option]:
+def train_options(base: Any = None, only: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> list[click.Option]:
+    """One flag per TrainConfig field, typed from the model, its default shown from ``base``.
+
+    Args:
+        base: the TrainConfig whose values are the defaults shown (default: ``TrainConfig()``); a
+            command that trains differently by design (explain's demonstration run) passes its own.
+        only: the fields to make flags of (default: all).
+        exclude: fields left out (those the command decides itself).
+
+    Returns:
+        click Options whose names are the field names.
+    """
     from ..config import TrainConfig
 
+    base = base if base is not None else TrainConfig()
     options = []
     for name, field in TrainConfig.model_fields.items():
+        if (only is not None and name not in only) or name in exclude:
+            continue
         flag = "--" + name.replace("_", "-")
-        help_text = TRAIN_HELP.get(name, "") + f" [default: {field.default}]"
-        if field.annotation is bool:
-            options.append(click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=help_text))
-        elif name == "betas":
-            options.append(click.Option([flag, name], type=(float, float), default=None, help=help_text))
-        else:
-            # Values are validated (and converted) by TrainConfig itself, with one-line errors.
-            options.append(click.Option([flag, name], type=str, default=None, metavar="VALUE", help=help_text))
+        default = getattr(base, name)
+        if name == "epochs" and base.max_steps is None and "epochs" not in base.model_fields_set:
+            default = None  # "10 when --max-steps is not given", as the help says
+        options.append(field_option(name, flag, field.annotation, default, TRAIN_HELP.get(name, "")))
     return options
 
 
-RUN_OPTIONS = [
-    click.Option(["--config", "config_file"], type=click.Path(path_type=Path), default=None,
-                 help="A TOML run file ([dataset], [train], model, probes); flags override it."),
-    click.Option(["--dataset"], default=None, help="Built-in dataset name or a .npz/.csv file (default mnist1d)."),
-    click.Option(["--target"], default=None, help="Label column of a CSV dataset."),
-    click.Option(["--val-fraction"], type=str, default=None, help="Hold out this fraction of train for validation."),
-    click.Option(["--split-seed"], type=str, default=None, help="Seed of the validation split."),
-    click.Option(["--standardize/--no-standardize"], default=None, help="Standardize with train statistics."),
-    click.Option(["--model"], default=None, help="NAME[:opt=val,...] (e.g. mlp:hidden=100x100,dropout=0.1) or package.module:function."),
-    click.Option(["--probes"], default=None, help="Comma-separated probes: grad_norm, noise_scale, dist_from_init, update_norm."),
-    click.Option(["--name"], default=None, help="A name for the run in the store."),
-    click.Option(["--threads"], type=int, default=1, show_default=True,
-                 help="Torch CPU threads (1 is fastest for small models on a shared machine)."),
-    click.Option(["--quiet", "-q"], is_flag=True, help="No progress bar or tables."),
-    click.Option(["--store"], type=click.Path(path_type=Path), default=None,
-                 help="Run store (SQLite). Default: $BATCHLAB_STORE or ./batchlab.db."),
-    click.Option(["--json", "as_json"], is_flag=True, help="Print a machine-readable summary on stdout."),
-]
+def field_option(name: str, flag: str, annotation: Any, default: Any, help_text: str) -> click.Option:
+    """A click Option for one config field: a flag pair for bools, choices for literals, checked numbers.
+
+    Fields of other types (unions such as "a number or 'full'") are text, converted and validated by
+    the config model itself with one-line errors; `TEXT_METAVARS` says what they hold.
+    """
+    if annotation is bool:
+        return click.Option([f"{flag}/--no-{flag[2:]}", name], default=default, help=help_text)
+    kwargs: dict[str, Any] = {"default": default, "help": help_text}
+    args = typing.get_args(annotation)
+    if annotation is int or set(args) == {int, type(None)}:
+        kwargs["type"] = whole(0, optional=type(None) in args)
+    elif annotation is float:
+        kwargs["type"] = FiniteFloat()
+    elif typing.get_origin(annotation) is typing.Literal:
+        kwargs["type"] = click.Choice(args)
+    elif name == "betas":
+        kwargs["type"] = (FiniteFloat(), FiniteFloat())
+    else:
+        kwargs["type"] = str
+        kwargs["metavar"] = TEXT_METAVARS.get(name, "TEXT")
+        kwargs["default"] = default if default is None or isinstance(default, str) else str(default)
+    return click.Option([flag, name], **kwargs)
 
 
-def spec_from_options(options: dict[str, Any]):
-    """A validated RunSpec from a --config file and the flags given (flags win)."""
+# What a text flag holds; the corpus of bad inputs (tests/test_cli_corpus.py) reads numbers into those
+# that hold numbers. INTS: comma-separated whole numbers; NUMBERS: comma-separated numbers.
+TEXT_METAVARS = {"batch_size": "B|full", "eval_every": "K|epoch", "batch_sizes": "INTS|full", "lrs": "auto|NUMBERS",
+                 "seeds": "N|INTS", "target": "METRIC>=VALUE"}  # fmt: skip
+
+
+def given(ctx: click.Context) -> dict[str, Any]:
+    """The options given on the command line (or by environment), not those left at their default."""
+    sources = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return {name: value for name, value in ctx.params.items() if ctx.get_parameter_source(name) in sources}
+
+
+def run_options() -> list[click.Option]:
+    """The flags of a run besides its TrainConfig: data, model, probes, name, and the shared ones."""
+    from ..config import DatasetSpec, RunSpec
+
+    spec, data = RunSpec(), DatasetSpec()
+    return [
+        click.Option(["--config", "config_file"], type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="A TOML run file ([dataset], [train], model, probes); flags given override it."),
+        click.Option(["--dataset"], default=spec.dataset.name, help="Built-in dataset name or a .npz/.csv file."),
+        click.Option(["--target"], default=None, help="Label column of a CSV dataset."),
+        click.Option(["--val-fraction"], type=FiniteFloat(), default=None,
+                     help="Hold out this fraction of train for validation (default: the dataset's own split)."),
+        click.Option(["--split-seed"], type=whole(0), default=data.split_seed, help="Seed of the validation split."),
+        click.Option(["--standardize/--no-standardize"], default=data.standardize,
+                     help="Standardize with train statistics."),
+        click.Option(["--model"], default=spec.model,
+                     help="NAME[:opt=val,...] (e.g. mlp:hidden=100x100,dropout=0.1), or package.module:function "
+                          "with --allow-import."),
+        allow_import_option(),
+        click.Option(["--probes"], default=None,
+                     help="Comma-separated probes: grad_norm, noise_scale, dist_from_init, update_norm."),
+        click.Option(["--name"], default=None, help="A name for the run in the store."),
+        threads_option(),
+        quiet_option(),
+        store_option(),
+        json_option(),
+    ]  # fmt: skip
+
+
+def spec_from_options(options: dict[str, Any], defaults: dict[str, Any] | None = None):
+    """A validated RunSpec from a --config file, or ``defaults``, and the flags given (flags win).
+
+    Args:
+        options: the flags given on the command line (see `given`), by field name.
+        defaults: values used when no --config file is given (a command's own defaults).
+    """
     from ..config import TrainConfig, make_run_spec, read_toml
+    from ..errors import BatchlabError
 
-    values: dict[str, Any] = read_toml(options["config_file"]) if options.get("config_file") else {}
+    if options.get("config_file"):
+        values: dict[str, Any] = read_toml(options["config_file"])
+    else:
+        values = {}
+        options = {**(defaults or {}), **options}
     if not isinstance(values.get("train", {}), dict) or not isinstance(values.get("dataset", {}), dict):
         raise BatchlabError("in the config file, [train] and [dataset] must be tables")
     train = dict(values.get("train", {}))
@@ -108,7 +178,7 @@ def spec_from_options(options: dict[str, Any]):
     return make_run_spec(values)
 
 
-def prepare_run(spec):
+def prepare_run(spec, allow_import: bool = False):
     """Load the data, build the model and validate the run — everything that can fail on bad input.
 
     Nothing touches the store before this returns.
@@ -118,12 +188,13 @@ def prepare_run(spec):
     from ..models import model_from_spec
     from ..probes import make_probe
 
+    check_import_allowed(spec.model, allow_import)
     device = resolve_device(spec.train.device)
     d = spec.dataset
     dataset = load_dataset(d.name, target=d.target, val_fraction=d.val_fraction, split_seed=d.split_seed,
                            standardize=d.standardize, device=device)
     clock = plan_run(dataset, spec.train)
-    model = model_from_spec(spec.model, dataset, seed=spec.train.seed)
+    model = model_from_spec(spec.model, dataset, seed=spec.train.seed, allow_import=allow_import)
     check_model(model.to(device), dataset)
     for probe in spec.probes:
         make_probe(probe)
@@ -134,12 +205,12 @@ def epoch_table(epochs, title: str = "epochs"):
     """The epoch table as a rich Table (the columns a person reads first)."""
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=shown(title))
     columns = [c for c in epochs.columns if c in ("epoch", "step", "seconds") or c.endswith(("_loss", "_acc"))]
     for column in columns:
         table.add_column(column, justify="right", no_wrap=True)
     for row in epochs.to_dict("records"):
-        table.add_row(*(_cell(row[c]) for c in columns))
+        table.add_row(*(cell(row[c]) for c in columns))
     return table
 
 
@@ -150,14 +221,14 @@ def _fit_command(**options: Any) -> None:
     from ..loop import fit
     from ..store import recorder
 
-    torch.set_num_threads(max(1, options["threads"]))
+    torch.set_num_threads(options["threads"])
     quiet, as_json = options["quiet"], options["as_json"]
-    spec = spec_from_options(options)
-    dataset, model, clock = prepare_run(spec)
+    spec = spec_from_options(given(click.get_current_context()))
+    dataset, model, clock = prepare_run(spec, options["allow_import"])
     store = store_path(options["store"])
-    if not store.parent.exists():
-        raise BatchlabError(f"the store's folder {store.parent} does not exist; create it or pass another --store")
-    _say(f"{dataset.name}: {clock.describe()}", quiet, as_json)
+    check_store_folder(store)
+    check_out_folder(options["tensorboard"], "--tensorboard")
+    say(f"{dataset.name}: {clock.describe()}", quiet, as_json)
     rec = recorder(store, name=spec.name, kind="fit", spec=spec.model_dump(mode="json", exclude={"train"}))
     callbacks = [rec]
     if options["tensorboard"] is not None:  # live TensorBoard files in DIR/run-<id>/
@@ -168,30 +239,34 @@ def _fit_command(**options: Any) -> None:
               progress=not quiet and sys.stderr.isatty())
     if not quiet:
         print_rich(epoch_table(run.epochs, title=f"run {rec.run_id}: {dataset.name}, {spec.model}"), as_json)
-    _say(f"{run.status}: run {rec.run_id} stored in {store}" + (f" ({run.message})" if run.message else ""),
-         quiet, as_json)
+    say(f"{run.status}: run {rec.run_id} stored in {store}" + (f" ({run.message})" if run.message else ""),
+        quiet, as_json)
     if as_json:
         print_json({"run_id": rec.run_id, "store": str(store), **run.summary})
     if run.status == "diverged" and not as_json:
-        click.echo(f"warning: {run.message}", err=True)
+        say(f"warning: {run.message}", as_json=True)
+
+
+def check_import_allowed(model: str, allow_import: bool) -> None:
+    """Refuse a ``package.module:function`` model (importing it runs its code) unless --allow-import."""
+    from ..config import check_import_allowed as check
+
+    check(model, allow_import, "the run (--model or its config file)")
 
 
 fit_command = click.Command(
     "fit",
     callback=_fit_command,
-    params=[*RUN_OPTIONS, *_train_options(),
-            click.Option(["--tensorboard"], type=click.Path(path_type=Path), default=None,
+    params=[*run_options(), *train_options(),
+            click.Option(["--tensorboard"], type=click.Path(path_type=Path, file_okay=False), default=None,
                          help="Write TensorBoard files to this folder while training (DIR/run-<id>/).")],
     help="Train one model by mini-batches, print the epoch table and store the run.",
 )
-EXTRA_COMMANDS.append(fit_command)
+cli.add_command(fit_command)
 
 
-@app.command()
-def datasets(
-    store: StoreOption = None,
-    as_json: JsonOption = False,
-) -> None:
+@cli.command("datasets", params=[json_option()])
+def datasets(as_json: bool) -> None:
     """List the built-in datasets, their sizes and where they come from."""
     from rich.table import Table
 
@@ -205,5 +280,5 @@ def datasets(
     for column in rows[0]:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*(str(row[c]) for c in rows[0]))
-    print_rich(table, False)
+        table.add_row(*(shown(row[c]) for c in rows[0]))
+    print_rich(table)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.text
 from matplotlib.figure import Figure
 
 PNG_DPI = 150
@@ -64,16 +65,35 @@ _STYLE = {
     "axes.spines.right": False,
     "lines.linewidth": 1.6,
     "svg.fonttype": "none",  # text stays text in SVG: smaller and searchable
+    "text.parse_math": False,  # see as_plain_text
+    "text.usetex": False,
 }
 
 
+def as_plain_text(fig: Figure) -> Figure:
+    """Show every text of ``fig`` as written: no mathtext, no TeX.
+
+    Titles and legends carry user strings (run and study names, dataset paths); matplotlib would
+    read ``$...$`` in them as mathtext and fail to draw the figure on ``$\\undefinedcmd$``. No
+    batchlab label uses mathtext (they use Unicode: ‖g_B‖₂), so nothing is lost.
+
+    Returns:
+        ``fig``, changed in place.
+    """
+    for text in fig.findobj(matplotlib.text.Text):
+        text.set_parse_math(False)
+        text.set_usetex(False)
+    return fig
+
+
 def styled(make_figure: Callable[..., Figure]) -> Callable[..., Figure]:
-    """Build the figure under batchlab's style (matplotlib applies most style when artists are made)."""
+    """Build the figure under batchlab's style (matplotlib applies most style when artists are made),
+    with all its text shown as plain text (`as_plain_text`)."""
 
     @functools.wraps(make_figure)
     def wrapper(*args: Any, **kwargs: Any) -> Figure:
         with matplotlib.rc_context(_STYLE):
-            return make_figure(*args, **kwargs)
+            return as_plain_text(make_figure(*args, **kwargs))
 
     return wrapper
 

@@ -130,8 +130,11 @@ def run_study(
         ...                                     seeds=5, target="val_acc>=0.8"), store="batchlab.db")
         >>> print(study.recommendation.text)
     """
-    from .executors import InProcessExecutor
+    from ..checks import check_argument
     from ..store import RunStore
+    from .executors import InProcessExecutor
+
+    check_argument("run_study", "config", config, StudyConfig)
 
     started = time.perf_counter()
     dataset = load_dataset_for(config)

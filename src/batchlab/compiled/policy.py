@@ -1,0 +1,62 @@
+"""When compiling the step repays itself: ``compile="auto"``.
+
+Compiling costs seconds once; it saves a fraction of a millisecond on every step. The constants
+below were measured with ``python benchmarks/overhead.py --repeats 5 --skip keras,lightning,plain+log``
+(torch 2.13 CPU, one thread, MLP 40-100-100-10 on MNIST-1D, SGD; docs/compile.md has the table):
+
+=====  ==================  =====================  ===================  =======================
+B      eager s/epoch       compiled s/epoch       saving per step      compile, cold / warm
+=====  ==================  =====================  ===================  =======================
+1      2.419 (4000 steps)  1.175                  0.31 ms              20.3 s / 5.1 s
+32     0.116 (125 steps)   0.053                  0.50 ms              8.3 s / 0.5 s
+1024   0.045 (4 steps)     0.028                  4.3 ms               8.6 s / 1.3 s
+=====  ==================  =====================  ===================  =======================
+
+"Cold" is a process whose on-disk compile cache is empty (the first run on a machine); "warm" one
+that finds the graph in torch's cache. The policy assumes cold, so ``auto`` never makes a short run
+slower; a graph already compiled in this process (a study's later runs) costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+# (batch size, seconds saved per step) measured, interpolated linearly in log2(B) between them
+SAVING_PER_STEP = ((1, 0.31e-3), (32, 0.50e-3), (1024, 4.3e-3))
+COMPILE_SECONDS_PER_SHAPE = 10.0  # cold cache, rounded up from 8.3-8.6 s (20 s for a process's first graph)
+
+
+def saving_per_step(batch_size: int) -> float:
+    """Seconds a compiled step saves over an eager one at ``batch_size`` (measured; see module doc)."""
+    points = SAVING_PER_STEP
+    if batch_size <= points[0][0]:
+        return points[0][1]
+    for (b0, s0), (b1, s1) in zip(points, points[1:]):
+        if batch_size <= b1:
+            w = (math.log2(batch_size) - math.log2(b0)) / (math.log2(b1) - math.log2(b0))
+            return s0 + w * (s1 - s0)
+    return points[-1][1]  # beyond the measurement: no more than the largest saving measured
+
+
+def should_compile(total_steps: int, batch_size: int, shapes: int = 1, compiled_before: bool = False) -> bool:
+    """Whether compiling the step pays for itself over a run: steps × saving ≥ compile time.
+
+    Args:
+        total_steps: the run's updates.
+        batch_size: samples per update.
+        shapes: distinct batch shapes to compile (2 when the epoch ends with a short batch).
+        compiled_before: the graphs are already compiled in this process (cost 0).
+
+    Returns:
+        True when the measured saving over ``total_steps`` covers the cold compile time. At B=32
+        that is about 20,000 steps (160 epochs of 4000 samples); at B=1024 about 2,300.
+
+    Example:
+        >>> should_compile(total_steps=1000, batch_size=32)
+        False
+        >>> should_compile(total_steps=50_000, batch_size=32)
+        True
+    """
+    if compiled_before:
+        return True
+    return total_steps * saving_per_step(batch_size) >= shapes * COMPILE_SECONDS_PER_SHAPE

@@ -1,0 +1,97 @@
+"""The replicas' stacked step as one compiled graph: R models' forward, backward and update.
+
+`StackedStep` compiles what the replicas' eager pass does per step — a vmapped forward of the
+skeleton over stacked weights (R, *shape), each replica's mean batch loss, the gradients of their
+sum, the stacked optimizer update — into one graph. Per-replica learning rates (and momenta or
+weight decays when they differ) are (R,) tensor inputs, so a schedule, a learning-rate grid or a
+new set of replicas of the same architecture reuses the graph; one graph is compiled per distinct
+(R, B) shape and kept for the process (and across processes by torch's compile cache).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.func import functional_call, vmap
+
+from .step import StepNumbers, compiled_copy, log, one_line
+from .updates import Hyper, apply_update, init_stacked_state  # noqa: F401  (re-exported)
+
+
+def stacked_train_step(skeleton: torch.nn.Module, names: tuple[str, ...], params: list[torch.Tensor],
+                       extras: list[torch.Tensor], state: dict[str, list[torch.Tensor]], hyper: Hyper,
+                       lr: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor, loss_fn: Callable,
+                       classification: bool) -> StepNumbers:
+    """One update of R stacked replicas, in place.
+
+    Args:
+        skeleton: one replica's module, called with each replica's tensors in turn (under vmap).
+        names: the names of ``params`` then ``extras`` in the skeleton.
+        params: stacked parameters (R, *shape), leaves requiring grad.
+        extras: stacked buffers and dropout masks (R, ...), passed to the forward as they are.
+        state: stacked optimizer state (each tensor (R, *shape); ``step`` ()).
+        hyper: shared hyperparameters as floats, differing ones as (R,) tensors.
+        lr: (R,) float64, each replica's learning rate at this step.
+        xb, yb: (R, b, *shape) and (R, b): each replica's batch.
+        loss_fn: per-sample loss ``f(output, y) -> (n,)``.
+        classification: whether to count correct samples.
+
+    Returns:
+        (R,) mean batch losses and (R,) correct counts (the losses again for regression).
+    """
+    def forward(tensors, x):
+        return functional_call(skeleton, dict(zip(names, tensors)), (x,))
+
+    output = vmap(forward, in_dims=(0, 0))((*params, *extras), xb)  # (R, b, K)
+    n, b = output.shape[:2]
+    # The loss outside vmap on (R·b, K) rows, as the eager replicas compute it.
+    losses = loss_fn(output.reshape(n * b, *output.shape[2:]), yb.reshape(n * b, *yb.shape[2:])).reshape(n, b)
+    loss = losses.mean(dim=1)  # (R,)
+    grads = torch.autograd.grad(loss.sum(), params)  # each replica: the gradient of its own mean loss
+    with torch.no_grad():
+        apply_update(hyper, params, list(grads), state, lr, stacked=True)
+    correct = (output.detach().argmax(dim=2) == yb).sum(dim=1) if classification else loss.detach()
+    return StepNumbers(loss.detach(), correct)
+
+
+class StackedStep:
+    """``step(params, extras, state, lr, xb, yb)``: `stacked_train_step` compiled once per shape.
+
+    Falls back to the same function run eagerly, with one line saying why, when the skeleton
+    cannot be captured.
+    """
+
+    def __init__(self, skeleton: torch.nn.Module, names: Sequence[str], hyper: Hyper, loss_fn: Callable,
+                 classification: bool):
+        self.skeleton, self.names, self.hyper = skeleton, tuple(names), hyper
+        self.loss_fn, self.classification = loss_fn, classification
+        per_replica = tuple("per-replica" if isinstance(v, torch.Tensor) else v for v in hyper)
+        self.key = (repr(skeleton), self.names, per_replica, classification, loss_fn)
+        self.compiled: dict[tuple, Callable] = {}
+        self.fallback_reason: str | None = None
+
+    def __call__(self, params: list[torch.Tensor], extras: list[torch.Tensor], state: dict[str, list[torch.Tensor]],
+                 lr: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> StepNumbers:
+        """One update of every replica; ``params``, ``extras`` (buffers) and ``state`` change in place."""
+        args = (self.skeleton, self.names, params, extras, state, self.hyper, lr, xb, yb, self.loss_fn,
+                self.classification)
+        if self.fallback_reason is not None:
+            return stacked_train_step(*args)
+        shape = (tuple(xb.shape), tuple(yb.shape))
+        fn = self.compiled.get(shape)
+        if fn is not None:
+            try:
+                return fn(*args)
+            except torch._dynamo.exc.Unsupported:
+                pass  # a guard failed; retrace with the flag below
+        fn = compiled_copy(stacked_train_step, (*self.key, shape, xb.dtype, xb.device.type), xb.device)
+        try:
+            with torch._dynamo.config.patch(trace_autograd_ops=True):
+                out = fn(*args)
+        except Exception as error:  # noqa: BLE001 -- any compiler failure means: train eagerly
+            self.fallback_reason = one_line(error)
+            log.warning("compile: %s; these replicas train eagerly", self.fallback_reason)
+            return stacked_train_step(*args)
+        self.compiled[shape] = fn
+        return out

@@ -1,0 +1,175 @@
+"""One training step as one compiled graph: forward, backward, update and the batch's numbers.
+
+For the small models batchlab studies, an eager step on the CPU is mostly dispatch overhead
+(~10 µs per operation, dozens of operations per step). `CompiledStep` traces the whole step —
+forward, ``torch.autograd.grad``, the optimizer update of `batchlab.compiled.updates` and the
+batch's mean loss and correct count — into one graph with ``torch.compile(fullgraph=True)``:
+inductor's C++ kernels on the CPU, CUDA graphs on a GPU. The weights, buffers (batch norm's
+running statistics) and optimizer state are mutated in place, so the model and the torch
+optimizer hold the trained state at every moment, as after an eager step.
+
+Dropout draws its masks through torch's own RNG calls (inductor's ``fallback_random``), so a
+seeded compiled run uses the same masks as the eager run. Shapes are static: one graph per
+distinct batch shape (a short last batch is a second one); a dynamic batch dimension was measured
+2-4x slower per step (docs/compile.md). A model the compiler cannot capture trains eagerly, with
+one line saying why.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from .updates import Hyper, apply_update, hyper_of, optimizer_state
+
+log = logging.getLogger("batchlab.compiled")
+
+
+class StepNumbers(NamedTuple):
+    """What a step hands to the measurement core: tensors, read when the loop synchronises."""
+
+    loss: torch.Tensor  # () the batch's mean loss, forward pass before the update
+    correct: torch.Tensor | None  # () samples whose arg-max equals the label; None for regression
+
+
+def train_step(model: torch.nn.Module, params: list[torch.Tensor], state: dict[str, list[torch.Tensor]],
+               hyper: Hyper, lr: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor,
+               mean_loss_fn: Callable, classification: bool) -> StepNumbers:
+    """Forward, backward and one optimizer update of ``model`` on one batch, in place.
+
+    The plain function that `CompiledStep` compiles (and calls as it is when it falls back).
+
+    Args:
+        model: in train mode; its forward may update buffers (batch norm) as in eager training.
+        params: the parameters the optimizer updates (its one parameter group).
+        state: the optimizer state of `batchlab.compiled.updates.optimizer_state`.
+        hyper: the optimizer's hyperparameters.
+        lr: () float64, this step's learning rate.
+        xb, yb: the batch, (B, *shape) and (B,) or (B, *target_shape).
+        mean_loss_fn: ``f(output, yb) -> ()`` the batch's mean loss.
+        classification: whether to count correct samples.
+
+    Returns:
+        The batch's mean loss and correct count, at the weights before the update.
+    """
+    output = model(xb)  # (B, K)
+    loss = mean_loss_fn(output, yb)
+    grads = torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        apply_update(hyper, params, list(grads), state, lr)
+    correct = (output.detach().argmax(dim=1) == yb).sum() if classification else None
+    return StepNumbers(loss.detach(), correct)
+
+
+def compiler_options(device: torch.device) -> dict[str, Any]:
+    """Inductor's options: torch's RNG calls for dropout; CUDA graphs ("reduce-overhead") on a GPU."""
+    return {"fallback_random": True, "triton.cudagraphs": device.type == "cuda"}
+
+
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def compiled_copy(function: Callable, key: tuple, device: torch.device) -> Callable:
+    """``torch.compile(function)`` for one (model architecture, optimizer, batch shape) ``key``.
+
+    Dynamo keeps its graphs per code object, at most ``recompile_limit`` (8) of them before it
+    silently runs eagerly. A private copy of the function's code per key keeps every shape of a
+    study compiled, and a second model of the same architecture reuses the graph (its tensors are
+    inputs, not constants): a study compiles once per shape, not once per run.
+    """
+    fn = _COMPILED.get(key)
+    if fn is None:
+        fresh = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__)
+        fn = torch.compile(fresh, fullgraph=True, dynamic=False, options=compiler_options(device))
+        _COMPILED[key] = fn
+    return fn
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of a compiler error, which names the operation or construct in the way."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+class CompiledStep:
+    """``step(xb, yb) -> StepNumbers``: `train_step` compiled, falling back to eager when it cannot be.
+
+    Example:
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        >>> step = CompiledStep(model, optimizer, torch.nn.functional.cross_entropy, classification=True)
+        >>> step.set_lr(0.05)
+        >>> loss, correct = step(X[:32], y[:32])
+
+    Attributes:
+        fallback_reason: ``None`` while compiled; else why the step runs eagerly.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mean_loss_fn: Callable,
+                 classification: bool):
+        """Read the optimizer's hyperparameters and create its state in torch.optim's format.
+
+        Raises:
+            CompileUnsupported: an optimizer or option the compiled updates do not implement.
+        """
+        self.model, self.mean_loss_fn, self.classification = model, mean_loss_fn, classification
+        self.hyper = hyper_of(optimizer)
+        self.params = list(optimizer.param_groups[0]["params"])
+        self.state = optimizer_state(optimizer, self.hyper)
+        self.device = self.params[0].device
+        self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), dtype=torch.float64, device=self.device)
+        self.cuda_graphs = self.device.type == "cuda"
+        if self.cuda_graphs:  # inputs a CUDA graph may mutate in place must keep their addresses
+            for tensor in (self.lr, *(t for ts in self.state.values() for t in ts)):
+                torch._dynamo.mark_static_address(tensor)
+        self.architecture = repr(model)
+        self.compiled: dict[tuple, Callable] = {}  # batch shape -> compiled step
+        self.fallback_reason: str | None = None
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next steps (a tensor input: a new value does not recompile)."""
+        self.lr.fill_(lr)
+
+    @property
+    def mode(self) -> str:
+        return "eager" if self.fallback_reason else "compiled"
+
+    def _args(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple:
+        return (self.model, self.params, self.state, self.hyper, self.lr, xb, yb, self.mean_loss_fn,
+                self.classification)
+
+    def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> StepNumbers:
+        """One step on the batch ``(xb, yb)``; the model and optimizer state change in place."""
+        if self.fallback_reason is None:
+            fn = self.compiled.get(xb.shape)
+            if fn is not None:
+                try:
+                    return self._outputs(fn(*self._args(xb, yb)))
+                except torch._dynamo.exc.Unsupported:
+                    pass  # a guard failed (e.g. the model's train/eval mode) and the retrace needs the flag below
+            return self._compile_and_call(xb, yb)
+        return train_step(*self._args(xb, yb))
+
+    def _compile_and_call(self, xb: torch.Tensor, yb: torch.Tensor) -> StepNumbers:
+        key = (self.architecture, self.hyper, tuple(xb.shape), xb.dtype, tuple(yb.shape), yb.dtype,
+               self.device.type, self.classification, self.mean_loss_fn)
+        fn = compiled_copy(train_step, key, self.device)
+        try:
+            # Dynamo traces torch.autograd.grad only when asked; the flag matters while tracing only.
+            with torch._dynamo.config.patch(trace_autograd_ops=True):
+                out = fn(*self._args(xb, yb))
+        except Exception as error:  # noqa: BLE001 -- any compiler failure means: train eagerly
+            self.fallback_reason = one_line(error)
+            log.warning("compile: %s; this model trains eagerly", self.fallback_reason)
+            return train_step(*self._args(xb, yb))
+        self.compiled[xb.shape] = fn
+        return self._outputs(out)
+
+    def _outputs(self, out: StepNumbers) -> StepNumbers:
+        if not self.cuda_graphs:
+            return out
+        # A CUDA graph's outputs are overwritten by its next replay; the loop keeps them longer.
+        return StepNumbers(out.loss.clone(), None if out.correct is None else out.correct.clone())
