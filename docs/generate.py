@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 import re
 import shlex
@@ -236,6 +237,43 @@ STUDY_BENCHMARK = "python benchmarks/study.py"
 def study_benchmark(cwd: Path) -> str:
     """docs/study.md: run_study against a plain PyTorch loop doing the same trials."""
     return console(cwd, STUDY_BENCHMARK)
+
+
+COMPILE_OVERHEAD = "python benchmarks/overhead.py --repeats 5 --skip keras,lightning,plain+log"
+
+
+@block(slow=True, benchmark=COMPILE_OVERHEAD)
+def compile_overhead(cwd: Path) -> str:
+    """docs/compile.md: the compiled step against eager PyTorch and JAX."""
+    return console(cwd, COMPILE_OVERHEAD)
+
+
+COMPILE_REPLICAS = ("python benchmarks/overhead.py --repeats 3 --batch-sizes 32 "
+                    "--skip keras,lightning,plain+log,batchlab,jax --replicas 64")  # fmt: skip
+
+
+@block(slow=True, benchmark=COMPILE_REPLICAS)
+def compile_replicas(cwd: Path) -> str:
+    """docs/compile.md: 64 replicas compiled and stacked against 64 plain loops."""
+    return console(cwd, COMPILE_REPLICAS)
+
+
+@block()
+def compile_break_even(cwd: Path) -> str:
+    """docs/compile.md: the steps after which `compile="auto"` compiles, from the policy itself."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from batchlab.compiled.policy import SAVING_PER_STEP, should_compile
+
+    rows = ["| B | saving per step | break-even |", "|---|---|---|"]
+    for batch_size, saving in SAVING_PER_STEP:
+        low, high = 1, 10**9  # the fewest steps should_compile accepts, by bisection
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if should_compile(middle, batch_size) else (middle + 1, high)
+        steps = float(f"{low:.2g}")
+        epochs = float(f"{steps / math.ceil(4000 / batch_size):.2g}")
+        rows.append(f"| {batch_size} | {saving * 1e3:.2f} ms | ~{steps:,.0f} steps ({epochs:,.0f} epochs of 4000 samples) |")
+    return "\n".join(rows) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
