@@ -178,14 +178,22 @@ def explain_default(cwd: Path) -> str:
     return console(cwd, "batchlab explain --store explain.db --out docs/figures")
 
 
-OVERHEAD = "python benchmarks/overhead.py --repeats 3"
+
+def benchmark(name: str, command: str) -> None:
+    """Register a benchmark block: the console output of `command`, made only with --slow."""
+    BLOCKS[name] = Block(name, lambda cwd: console(cwd, command), slow=True, benchmark=command)
 
 
-@block(slow=True, benchmark=OVERHEAD)
-def loop_overhead(cwd: Path) -> str:
-    """docs/loop.md: seconds per epoch of bl.fit against a plain loop, Lightning and Keras."""
-    return console(cwd, OVERHEAD)
-
+# docs/loop.md: seconds per epoch of bl.fit against a plain loop, Lightning and Keras
+benchmark("loop_overhead", "python benchmarks/overhead.py --repeats 3")
+# docs/replicas.md: vectorized replicas against one fit after another
+benchmark("replicas_benchmark", "python benchmarks/replicas.py --sequential-budget 10")
+# docs/study.md: run_study against a plain PyTorch loop doing the same trials
+benchmark("study_benchmark", "python benchmarks/study.py")
+# docs/compile.md: the compiled step against eager PyTorch and JAX; 64 replicas compiled and stacked
+benchmark("compile_overhead", "python benchmarks/overhead.py --repeats 5 --skip keras,lightning,plain+log")
+benchmark("compile_replicas", "python benchmarks/overhead.py --repeats 3 --batch-sizes 32 "
+                              "--skip keras,lightning,plain+log,batchlab,jax --replicas 64")  # fmt: skip
 
 PROBES_OVERHEAD = "python benchmarks/probes_overhead.py --repeats 15"
 
@@ -215,14 +223,6 @@ def distance_default(cwd: Path) -> str:
     return console(cwd, DISTANCE)
 
 
-REPLICAS_BENCHMARK = "python benchmarks/replicas.py --sequential-budget 10"
-
-
-@block(slow=True, benchmark=REPLICAS_BENCHMARK)
-def replicas_benchmark(cwd: Path) -> str:
-    """docs/replicas.md: vectorized replicas against one fit after another."""
-    return console(cwd, REPLICAS_BENCHMARK)
-
 
 @block(slow=True)
 def study_default(cwd: Path) -> str:
@@ -230,32 +230,7 @@ def study_default(cwd: Path) -> str:
     return console(cwd, "batchlab study")
 
 
-STUDY_BENCHMARK = "python benchmarks/study.py"
 
-
-@block(slow=True, benchmark=STUDY_BENCHMARK)
-def study_benchmark(cwd: Path) -> str:
-    """docs/study.md: run_study against a plain PyTorch loop doing the same trials."""
-    return console(cwd, STUDY_BENCHMARK)
-
-
-COMPILE_OVERHEAD = "python benchmarks/overhead.py --repeats 5 --skip keras,lightning,plain+log"
-
-
-@block(slow=True, benchmark=COMPILE_OVERHEAD)
-def compile_overhead(cwd: Path) -> str:
-    """docs/compile.md: the compiled step against eager PyTorch and JAX."""
-    return console(cwd, COMPILE_OVERHEAD)
-
-
-COMPILE_REPLICAS = ("python benchmarks/overhead.py --repeats 3 --batch-sizes 32 "
-                    "--skip keras,lightning,plain+log,batchlab,jax --replicas 64")  # fmt: skip
-
-
-@block(slow=True, benchmark=COMPILE_REPLICAS)
-def compile_replicas(cwd: Path) -> str:
-    """docs/compile.md: 64 replicas compiled and stacked against 64 plain loops."""
-    return console(cwd, COMPILE_REPLICAS)
 
 
 @block()
