@@ -224,11 +224,6 @@ def distance_default(cwd: Path) -> str:
 
 
 
-@block(slow=True)
-def study_default(cwd: Path) -> str:
-    """docs/study.md: `batchlab study` with no flags (minutes)."""
-    return console(cwd, "batchlab study")
-
 
 
 

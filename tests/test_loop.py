@@ -225,6 +225,50 @@ def test_resume_with_another_config_is_refused(tmp_path):
         train(TrainConfig(batch_size=8, epochs=1), resume_from=path)
 
 
+class _Payload:
+    """Unpickling this runs ``open(marker, "w")``: what a crafted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, writer):
+    """A checkpoint whose pickle would create a file when loaded: refused in one line, file not created."""
+    import pickle
+
+    marker = tmp_path / "executed"
+    path = tmp_path / "evil.ckpt"
+    blob = {"meta": "{}", "model": _Payload(marker)}
+    if writer == "torch.save":
+        torch.save(blob, path)
+    else:
+        path.write_bytes(pickle.dumps(blob))
+    with pytest.raises(ConfigError) as error:
+        train(TrainConfig(batch_size=16, epochs=1), resume_from=path)
+    assert "\n" not in str(error.value) and "nothing in it was run" in str(error.value)
+    assert not marker.exists()
+    if writer == "pickle":  # the payload is real: an unsafe load runs it
+        pickle.loads(path.read_bytes())
+    else:
+        torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_checkpoint_is_tensors_and_json(tmp_path):
+    """The checkpoint loads with the safe loader alone; its metadata is JSON text."""
+    import json
+
+    path = tmp_path / "run.ckpt"
+    train(TrainConfig(batch_size=16, epochs=1), callbacks=[Checkpoint(path)], probes=["noise_scale", "dist_from_init"])
+    blob = torch.load(path, weights_only=True)
+    meta = json.loads(blob["meta"])
+    assert meta["config"]["batch_size"] == 16 and meta["clock"]["step"] == len(meta["steps"])
+
+
 def test_bad_inputs_are_clear():
     with pytest.raises(ConfigError, match="larger than the training set"):
         train(TrainConfig(batch_size=500))

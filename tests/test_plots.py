@@ -251,3 +251,106 @@ def test_gradnorm_figure_draws_theory_columns_of_the_table():
     (ax,) = plots.gradnorm_figure(table).axes
     theory = next(l for l in ax.get_lines() if l.get_label() == "end: theory")
     np.testing.assert_allclose(theory.get_ydata(), 1.1 + 4 / sizes)
+
+
+# --- every study figure reads at a glance ------------------------------------------------------
+
+
+def data_points_in_display(ax) -> np.ndarray:
+    """Every drawn data point (lines, markers, bands) in display coordinates, (n, 2)."""
+    points = [line.get_xydata() for line in ax.get_lines()]
+    points += [c.get_offsets() for c in ax.collections if len(c.get_offsets())]
+    points += [p.vertices for c in ax.collections for p in c.get_paths()]
+    xy = np.vstack([p for p in points if len(p)]).astype(float)
+    xy = xy[np.all(np.isfinite(xy), axis=1)]
+    return ax.transData.transform(xy)
+
+
+def assert_reads_at_a_glance(fig):
+    """Labelled axes with ticks, a title, and a legend whose box covers no data point."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # constrained layout places everything
+    renderer = canvas.get_renderer()
+    for ax in fig.axes:
+        assert labelled(ax) and ax.get_xticks().size and ax.get_yticks().size
+        visible_ticks = [t for t in ax.get_xticklabels() if t.get_text()]
+        assert visible_ticks, "the x axis has no tick labels"
+        legend = ax.get_legend()
+        if legend is not None:
+            box = legend.get_window_extent(renderer)
+            inside = [box.contains(x, y) for x, y in data_points_in_display(ax)]
+            assert not any(inside), "the legend covers data"
+    assert any(ax.get_title() for ax in fig.axes) or fig._suptitle is not None
+
+
+def measured_summary():
+    from batchlab.study import analyse, trials_table
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for b in (16, 32, 64, 128, 256, 512, 1024):
+        for lr in (0.05, 0.1, 0.2):
+            for seed in range(3):
+                steps = round(35 * (1 + 300 / b) * (1 if lr == 0.1 else 1.5) * rng.lognormal(0, 0.1))
+                rows.append({"group": f"lrs:B={b}", "kind": "lrs", "round": 0, "batch_size": b, "batch_size_value": b,
+                             "lr": lr, "seed": seed, "status": "reached", "steps_to_target": steps,
+                             "epochs_to_target": steps * b / 4000, "samples_to_target": steps * b,
+                             "seconds_to_target": steps * 0.001 * (1 + b / 256), "gen_gap": 0.01 * np.log2(b),
+                             "noise_scale": 120.0})  # fmt: skip
+    return analyse(trials_table(rows), "val_acc>=0.5")
+
+
+def test_every_study_figure_has_labelled_axes_ticks_a_finding_and_a_legend_off_the_data():
+    result = measured_summary()
+    fit = result.fit
+    figures = plots.study_figures(result.summary, s_min=fit.s_min, b_crit=fit.b_crit, n_train=4000,
+                                  target="val_acc>=0.5", b_crit_interval=(fit.b_crit_lo, fit.b_crit_hi))
+    assert set(figures) == {"steps_to_target", "samples_to_target", "seconds_to_target", "best_lr", "gen_gap"}
+    for fig in figures.values():
+        assert_reads_at_a_glance(fig)
+    steps = figures["steps_to_target"].axes[0]
+    title = steps.get_title()
+    ratio = result.summary["steps_to_target"].iloc[0] / result.summary["steps_to_target"].iloc[-1]
+    assert f"fall {ratio:.3g}×" in title and f"B_crit ≈ {fit.b_crit:.3g}" in title and f"{fit.b_crit_lo:.3g}" in title
+
+
+def test_steps_figure_draws_the_bootstrap_intervals_and_the_fits_band():
+    result = measured_summary()
+    summary, fit = result.summary, result.fit
+    ax = plots.steps_to_target_figure(summary, fit.s_min, fit.b_crit, n_train=4000).axes[0]
+    bars = ax.containers[0]
+    segments = bars.lines[2][0].get_segments()
+    np.testing.assert_allclose([s[0][1] for s in segments], summary["steps_ci_lo"])
+    np.testing.assert_allclose([s[1][1] for s in segments], summary["steps_ci_hi"])
+    (band,) = [c for c in ax.collections if c.get_label() == "fit: 95% bootstrap band"]
+    vertices = band.get_paths()[0].vertices
+    assert np.all(summary["steps_fit_lo"] <= summary["steps_fit"] + 1e-9)
+    assert vertices[:, 1].min() == pytest.approx(summary["steps_fit_lo"].min())
+    assert vertices[:, 1].max() == pytest.approx(summary["steps_fit_hi"].max())
+
+
+def seeds_at(batch_size, n_seeds=3, stop=None):
+    runs = [fake_run(batch_size=batch_size, n_train=100, epochs=6, seed=s) for s in range(n_seeds)]
+    for i, run in enumerate(runs):
+        run.evals["val_acc"] = np.linspace(0.1, 0.9, len(run.evals)) + 0.01 * i
+        if stop is not None and i == 0:
+            run.evals = run.evals.iloc[:stop]
+    return runs
+
+
+def test_best_lr_curves_are_the_median_over_seeds_with_a_range_band():
+    by_batch = {10: seeds_at(10, stop=3), 50: seeds_at(50)}
+    fig = plots.best_lr_curves(by_batch, "val_acc", target=0.5, target_text="val_acc>=0.5", n_train=100)
+    assert_reads_at_a_glance(fig)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    median_10 = ax.get_lines()[0]
+    table = pd.concat([r.evals.set_index("step")["val_acc"] for r in by_batch[10]], axis=1)
+    table = table[(table.notna().sum(axis=1) >= 2) & (table.index > 0)]  # at least half the seeds, no step 0
+    np.testing.assert_allclose(median_10.get_xdata(), table.index)
+    np.testing.assert_allclose(median_10.get_ydata(), table.median(axis=1))
+    assert "val_acc>=0.5" in ax.get_title() and "B=10" in ax.get_title() and "B=50" in ax.get_title()
+    with pytest.raises(DataError):
+        plots.best_lr_curves({})

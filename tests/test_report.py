@@ -74,9 +74,9 @@ def test_report_kinds_and_contents(reports):
     run, group, study = (reports[i] for i in IDS)
     assert run.stem == "run-1" and group.stem == "group-1" and study.stem == "study-2"
     assert "Study 2" in study.title and "Recommendation" in study.html and "S_min" in study.html
-    for report, n_figures in ((run, 4), (group, 4), (study, 7)):
+    for report, n_figures in ((run, 4), (group, 4), (study, 6)):
         # run: acc, loss, views overlay, probes; group: 3 comparisons + dist_from_init;
-        # study: 5 study figures + 2 comparisons of the best runs
+        # study: 5 study figures + the learning curves at each best lr (median over seeds)
         assert report.html.count("<img ") == n_figures, report.stem
 
 
@@ -148,9 +148,15 @@ window.addEventListener('load', function () {
     var box = img.getBoundingClientRect();
     return [img.naturalWidth, img.naturalHeight, box.width, box.height];
   });
+  var tables = Array.prototype.map.call(document.querySelectorAll('table'), function (t) {
+    var box = t.getBoundingClientRect(), holder = t.parentElement.getBoundingClientRect();
+    var shown = typeof t.checkVisibility === 'function' ? t.checkVisibility() : t.getClientRects().length > 0;
+    return [box.width, Math.min(box.right, holder.right), shown];
+  });
   var out = document.createElement('pre');
   out.id = 'batchlab-check';
-  out.textContent = JSON.stringify({images: images, errors: batchlabErrors});
+  out.textContent = JSON.stringify({images: images, errors: batchlabErrors, tables: tables,
+                                   viewport: document.documentElement.clientWidth});
   document.body.appendChild(out);
 });
 </script>"""
@@ -212,3 +218,29 @@ def test_explain_paragraph_and_figure_for_a_densely_evaluated_run(tmp_path, repo
     assert html.escape(explain_run(run).paragraph) in page
     assert "epoch-boundary jump" in page and page.count("<img ") == 5
     assert "Why the training" not in reports["1"].html  # evaluated only at epoch ends: nothing to explain
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_study_tables_fit_the_page_in_headless_chromium(store_file, tmp_path):
+    """Every table shown fits the viewport (a wide one scrolls inside its container); the key table fits whole."""
+    from batchlab.report import study_report
+    from batchlab.study import analyse, trials_table
+
+    rows = [{"group": f"lrs:B={b}", "kind": "lrs", "round": 0, "batch_size": b, "batch_size_value": b, "lr": lr,
+             "seed": seed, "status": "reached", "steps_to_target": 4000 / b + 10 + seed * (1 + lr), "epochs_to_target": 1.0,
+             "samples_to_target": (4000 / b + 10) * b, "seconds_to_target": 0.1, "gen_gap": 0.01, "noise_scale": 50.0,
+             "final_val_acc": 0.6, "final_val_loss": 1.0}
+            for b in (25, 100, 400) for lr in (0.05, 0.1, 0.2) for seed in range(3)]  # fmt: skip
+    analysis = analyse(trials_table(rows), "val_acc>=0.5")
+    assert len(analysis.summary.columns) > 25  # wider than any page
+    with RunStore(store_file) as store:
+        runs = [store.load_run(i) for i in store.group_runs(2)]
+        page = study_report(store.get_group(2), runs, analysis.summary, recommendation=analysis.recommendation.text,
+                            target="val_acc>=0.5", fit=analysis.fit.as_dict()).html  # fmt: skip
+    result = render_in_chromium(page, tmp_path)
+    shown = [t for t in result["tables"] if t[2]]
+    assert shown and len(result["tables"]) > len(shown)  # the full summary and the trials are collapsed
+    for width, right_edge, _ in shown:
+        assert right_edge <= result["viewport"], "a table runs off the right edge of the page"
+    key_width = shown[0][0]
+    assert key_width <= result["viewport"]

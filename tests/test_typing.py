@@ -81,7 +81,7 @@ def test_mypy_sees_real_signatures_and_reports_wrong_calls(tmp_path):
     assert 'dataset: batchlab.data.Dataset, config: batchlab.config.TrainConfig | None' in revealed[7], revealed
     assert "(config: batchlab.config.StudyConfig" in revealed[8] and revealed[8].endswith('Study"'), revealed[8]
     assert "batch_size: int | Literal['full']" in revealed[9]
-    assert '"batchlab.loop.Run"' in revealed[10]
+    assert '"batchlab.record.Run"' in revealed[10]
     errors = [line for line in lines if ": error:" in line]
     assert len(errors) == 2, lines
     assert 'Argument 3 to "fit" has incompatible type "dict[str, int]"' in errors[0]

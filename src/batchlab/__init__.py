@@ -21,18 +21,20 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:  # the same names as _EXPORTS and _SUBMODULES; a test keeps the three lists equal
     from . import (
         callbacks, config, data, ensemble, events, explain, gradnorm, loop, metrics, models, optim, plots, probes,
-        report, store, study,
+        record, replicas, report, store, study, tracking,
     )
     from .callbacks import Checkpoint, EarlyStopping
     from .config import DatasetSpec, RunSpec, StudyConfig, TrainConfig
     from .data import Dataset, from_arrays, list_datasets, load_dataset
-    from .ensemble import fit_replicas
+    from .replicas import fit_replicas
     from .errors import ArgumentError, BatchlabError, ConfigError, DataError, ModelError, StoreError
     from .events import Callback
-    from .loop import Run, fit
+    from .loop import fit
+    from .record import Run
     from .models import build_model, list_models
     from .store import RunStore, TensorBoard, recorder
     from .study import run_study
+    from .tracking import track
 
 # public name -> module that defines it
 _EXPORTS = {
@@ -53,18 +55,19 @@ _EXPORTS = {
     "build_model": "models",
     "list_models": "models",
     "fit": "loop",
-    "Run": "loop",
+    "Run": "record",
     "Callback": "events",
     "EarlyStopping": "callbacks",
     "Checkpoint": "callbacks",
     "RunStore": "store",
     "recorder": "store",
     "TensorBoard": "store",
-    "fit_replicas": "ensemble",
+    "fit_replicas": "replicas",
+    "track": "tracking",
     "run_study": "study",
 }
 _SUBMODULES = {"plots", "probes", "metrics", "optim", "data", "models", "loop", "store", "report", "explain",
-               "gradnorm", "ensemble", "study", "events", "callbacks", "config"}
+               "gradnorm", "ensemble", "replicas", "record", "tracking", "study", "events", "callbacks", "config"}
 
 # Written out (not computed) so that type checkers know the public names.
 __all__ = [
@@ -72,7 +75,7 @@ __all__ = [
     "EarlyStopping", "ModelError", "Run", "RunSpec", "RunStore", "StoreError", "StudyConfig", "TensorBoard",
     "TrainConfig",
     "build_model", "fit", "fit_replicas", "from_arrays", "list_datasets", "list_models", "load_dataset", "recorder",
-    "run_study", "__version__",
+    "run_study", "track", "__version__",
 ]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import sys
 import time
 import warnings
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import ConfigError
-from .events import Callback, EpochEnd, Evaluation, RestoreWeights, RunEnd, RunStart, Save, StepEnd, Stop
+from .events import Callback, EpochEnd, RestoreWeights, RunEnd, RunStart, Save, StepEnd, Stop
 
 
 class EarlyStopping(Callback):
@@ -126,6 +127,11 @@ class Checkpoint(Callback):
         return Save(self.path) if event.clock.epoch % self.every == 0 else None
 
 
+def progress_wanted() -> bool:
+    """Whether to draw progress by default: on a terminal, and not under CI (whose logs keep every redraw)."""
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
 class ProgressBar(Callback):
     """A rich progress bar: epoch, step i/steps per epoch, ETA, the batch and running values.
 
@@ -134,7 +140,7 @@ class ProgressBar(Callback):
 
     @staticmethod
     def wanted() -> bool:
-        return sys.stderr.isatty()
+        return progress_wanted()
 
     def __init__(self):
         self.progress = None

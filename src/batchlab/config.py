@@ -372,6 +372,12 @@ def parse_target(text: str) -> Target:
     return Target(metric=metric, operator=operator, value=value)
 
 
+# The default study: MNIST-1D's MLP reaches val_acc 0.5 comfortably (it ends near 0.65) at every
+# batch size, in ~750 steps at B = 16 down to ~40 at B = 1024, so steps-to-target falls with B,
+# flattens past B_crit (~100) and the two ends differ ~20-fold, far above the spread over seeds.
+DEFAULT_STUDY_BATCH_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+
+
 class StudyConfig(_Frozen):
     """A batch-size study: batch sizes × learning rates × seeds, each trained to a target.
 
@@ -382,8 +388,8 @@ class StudyConfig(_Frozen):
         name: a label for the study in the store (not part of its identity).
         dataset: a built-in name or a file, or a `DatasetSpec` table.
         model: a model spec, ``NAME[:key=value,...]`` (``mlp:hidden=50,init=keras``).
-        batch_sizes: the batch sizes (whole numbers and ``"full"``); default: powers of two from 1
-            up to the training-set size, and ``full``.
+        batch_sizes: the batch sizes (whole numbers and ``"full"``); default 16 … 1024 by powers of
+            two; ``None``: powers of two from 1 up to the training-set size, and ``full``.
         lrs: ``"auto"`` (a log-spaced grid around ``lr_rule`` applied to ``reference_lr`` at
             ``reference_batch_size``, extended when the best lr lies at its edge) or a list of
             learning rates tried at every batch size.
@@ -404,20 +410,20 @@ class StudyConfig(_Frozen):
     """
 
     name: str | None = None
-    dataset: DatasetSpec = DatasetSpec(name="blobs")
+    dataset: DatasetSpec = DatasetSpec(name="mnist1d")
     model: str = "mlp"
-    batch_sizes: tuple[BatchSize, ...] | None = None
+    batch_sizes: tuple[BatchSize, ...] | None = DEFAULT_STUDY_BATCH_SIZES
     lrs: Union[Literal["auto"], tuple[float, ...]] = "auto"
     lr_rule: LrScaling = "sqrt"
     reference_lr: float = Field(default=0.1, gt=0.0, le=LARGEST_RATE)
-    reference_batch_size: int = Field(default=32, ge=1, lt=INT64_LIMIT)
+    reference_batch_size: int = Field(default=64, ge=1, lt=INT64_LIMIT)
     lr_grid_size: int = Field(default=5, ge=1, le=50)
     lr_grid_factor: float = Field(default=2.0, gt=1.0, le=100.0)  # factor ** index must stay a float
     lr_extensions: int = Field(default=2, ge=0, le=100)
     seeds: Union[int, tuple[int, ...]] = 3
-    target: str = "val_acc>=0.8"
+    target: str = "val_acc>=0.5"
     epochs: int | None = Field(default=None, ge=1, lt=INT64_LIMIT)
-    max_steps: int | None = Field(default=1000, ge=1, lt=INT64_LIMIT)
+    max_steps: int | None = Field(default=1200, ge=1, lt=INT64_LIMIT)
     stop_at_target: bool = True
     resolution: float = Field(default=0.05, ge=0.001, lt=1.0)  # ~ln(steps)/resolution evaluations
     noise_scale: bool = True

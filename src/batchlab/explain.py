@@ -42,7 +42,7 @@ from . import data as data_lib
 from .config import TrainConfig
 from .errors import ConfigError, DataError
 from .events import AddMetrics, Callback, Evaluation, RunStart
-from .metrics import correct_count, loss_function
+from .metrics import loss_function, pass_totals
 
 MIN_EVALS_PER_EPOCH = 20
 DEFAULT_EVALS_PER_EPOCH = 25
@@ -134,20 +134,12 @@ class TrainModePass(Callback):
         # Seeded per evaluation point, so the pass is reproducible and independent of the run's stream.
         seed = (self.seed * 1_000_003 + step) % (2**63)
         order = torch.randperm(self.X.shape[0], generator=torch.Generator().manual_seed(seed)).to(device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        n = 0
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
                 torch.manual_seed(seed)
                 model.train()
-                for index in self._batches(model, order):
-                    xb, yb = self.X[index], self.y[index]
-                    output = model(xb)  # (b, K)
-                    loss_sum += self.loss_fn(output, yb).sum(dtype=torch.float64)
-                    if self.classification:
-                        correct += correct_count(output, yb)
-                    n += index.numel()
+                loss_sum, correct, n = pass_totals(model, self.X, self.y, self._batches(model, order), self.loss_fn,
+                                                   self.classification)
         finally:
             with torch.no_grad():
                 for name, buffer in model.named_buffers():

@@ -34,6 +34,7 @@ from .data import Dataset
 from .errors import ConfigError
 from .events import Callback, EpochEnd
 from .metrics import loss_function
+from .probes import per_sample_estimates
 
 MAX_GRAM_SAMPLES = 20_000  # an (N, N) float32 Gram matrix of 1.6 GB; beyond that, subsample the data
 
@@ -101,11 +102,12 @@ def per_sample_gradients(model: torch.nn.Module, X: torch.Tensor, y: torch.Tenso
 
 
 def gradient_stats(per_sample: torch.Tensor) -> GradientStats:
-    """Exact ‖G‖² and tr(S) (S normalised by 1/(N−1)) from the (N, P) per-sample gradients."""
-    rows = per_sample.double()
-    mean = rows.mean(dim=0)  # (P,)
-    trace = float((rows - mean).square().sum() / (rows.shape[0] - 1))
-    return GradientStats(n=rows.shape[0], grad_sq=float(mean.square().sum()), trace_cov=trace)
+    """Exact ‖G‖² and tr(S) (S normalised by 1/(N−1)) from the (N, P) per-sample gradients of the
+    whole training set: `batchlab.probes.per_sample_estimates` with the batch being all N samples
+    (its finite-population correction then vanishes and ‖G‖² is the squared norm of the mean)."""
+    n = per_sample.shape[0]
+    grad_sq, trace_cov = per_sample_estimates(per_sample, float(n))
+    return GradientStats(n=n, grad_sq=float(grad_sq), trace_cov=float(trace_cov))
 
 
 def batch_sq_norms(gram: torch.Tensor, batches: torch.Tensor) -> torch.Tensor:

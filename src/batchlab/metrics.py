@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +77,57 @@ class RunningMean:
         return self.correct / self.count if self.count else float("nan")
 
 
+def pass_totals(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    X: torch.Tensor,
+    y: torch.Tensor,
+    batches: Iterable[Any],
+    loss_fn,
+    classification: bool,
+    replicas: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Summed loss and correct count of ``forward`` over the given batches of a split: the one pass
+    every full-split evaluation makes (eval mode and gradients are the caller's choice).
+
+    Args:
+        forward: maps a batch of inputs to outputs, (b, K); or, for ``replicas=R``, to (R, b, K):
+            R models (a vmapped stack) on the same inputs.
+        X, y: the split.
+        batches: slices or index tensors into the split.
+        loss_fn: per-sample loss, ``(output, y) -> (b,)``.
+        classification: count correct arg-max predictions.
+        replicas: R for a stacked forward, else None.
+
+    Returns:
+        ``(loss_sum, correct, n)``: float64 sums (0-d, or (R,) stacked) and the samples seen.
+    """
+    shape = () if replicas is None else (replicas,)
+    loss_sum = torch.zeros(shape, dtype=torch.float64, device=X.device)
+    correct = torch.zeros(shape, dtype=torch.int64, device=X.device)
+    n = 0
+    for index in batches:
+        xb, yb = X[index], y[index]
+        output = forward(xb)  # (b, K) or (R, b, K)
+        b = xb.shape[0]
+        if replicas is None:
+            loss_sum += loss_fn(output, yb).sum(dtype=torch.float64)
+            if classification:
+                correct += correct_count(output, yb)
+        else:
+            # The loss on (R·b, K) rows: a per-sample loss under vmap would run torch's slow decomposition.
+            losses = loss_fn(output.reshape(replicas * b, *output.shape[2:]),
+                             yb.repeat(replicas, *([1] * (yb.ndim - 1))))  # (R·b,)
+            loss_sum += losses.reshape(replicas, b).sum(dim=1, dtype=torch.float64)
+            if classification:
+                correct += (output.argmax(dim=2) == yb).sum(dim=1)
+        n += b
+    return loss_sum, correct, n
+
+
+def _slices(n: int, batch_size: int) -> list[slice]:
+    return [slice(start, start + batch_size) for start in range(0, n, batch_size)]
+
+
 def evaluate(
     model: torch.nn.Module,
     split: tuple[torch.Tensor, torch.Tensor],
@@ -90,15 +143,58 @@ def evaluate(
     X, y = split
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=X.device)
-    correct = torch.zeros((), dtype=torch.int64, device=X.device)
-    with torch.inference_mode():
-        for start in range(0, X.shape[0], batch_size):
-            xb, yb = X[start : start + batch_size], y[start : start + batch_size]
-            output = model(xb)
-            loss_sum += loss_fn(output, yb).sum(dtype=torch.float64)
-            if classification:
-                correct += correct_count(output, yb)
-    model.train(was_training)
-    n = X.shape[0]
+    try:
+        with torch.inference_mode():
+            loss_sum, correct, n = pass_totals(model, X, y, _slices(X.shape[0], batch_size), loss_fn, classification)
+    finally:
+        model.train(was_training)
     return loss_sum.item() / n, (correct.item() / n if classification else float("nan"))
+
+
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+def evaluation_splits(dataset, eval_train: bool = True) -> dict[str, Split]:
+    """The splits a run evaluates, by name: ``train`` (unless ``eval_train`` is off), ``val``, ``test``
+    (those the dataset has)."""
+    every = {"train": dataset.train if eval_train else None, "val": dataset.val, "test": dataset.test}
+    return {name: split for name, split in every.items() if split is not None}
+
+
+def evaluate_splits(model: torch.nn.Module, splits: Mapping[str, Split], loss_fn, classification: bool,
+                    batch_size: int = 8192) -> dict[str, float]:
+    """Full passes of one model over named splits: ``{"train_loss", "train_acc", "val_loss", ...}``.
+
+    The one full-split evaluation of batchlab: `fit`, the replicas on the CPU, the study's
+    evaluator and ``explain`` all call it (or `evaluate_stacked` for a vmapped stack).
+    """
+    metrics: dict[str, float] = {}
+    for name, split in splits.items():
+        loss, acc = evaluate(model, split, loss_fn, classification, batch_size)
+        metrics[f"{name}_loss"] = loss
+        if classification:
+            metrics[f"{name}_acc"] = acc
+    return metrics
+
+
+def evaluate_stacked(forward: Callable[[torch.Tensor], torch.Tensor], replicas: int, splits: Mapping[str, Split],
+                     loss_fn, classification: bool, batch_size: int = 8192) -> list[dict[str, float]]:
+    """`evaluate_splits` for R stacked models at once.
+
+    Args:
+        forward: inputs (b, ...) -> outputs (R, b, K), the R models in eval mode (a vmapped call).
+        replicas: R.
+
+    Returns:
+        One metrics dict per model, in stack order.
+    """
+    results: list[dict[str, float]] = [{} for _ in range(replicas)]
+    with torch.no_grad():
+        for name, (X, y) in splits.items():
+            loss_sum, correct, n = pass_totals(forward, X, y, _slices(X.shape[0], batch_size), loss_fn,
+                                               classification, replicas)
+            for result, loss, right in zip(results, (loss_sum / n).tolist(), correct.tolist()):
+                result[f"{name}_loss"] = loss
+                if classification:
+                    result[f"{name}_acc"] = right / n
+    return results

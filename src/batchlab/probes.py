@@ -21,6 +21,7 @@ scale's moving averages) advance once per measured step.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import weakref
@@ -701,8 +702,27 @@ class ProbeSet:
     def after_update(self) -> None:
         self._measure("update")
 
+    def saved_states(self) -> list[Any]:
+        """The probes' states as tensors and plain containers, for a checkpoint that
+        ``torch.load(weights_only=True)`` reads: a dataclass state becomes the dict of its fields."""
+        return [_plain_state(state) for state in self.states]
+
+    def load_saved_states(self, saved: Sequence[Any]) -> None:
+        """Continue from `saved_states`; each dataclass state is rebuilt as the type ``init`` gave."""
+        if len(saved) != len(self.states):
+            raise ConfigError(f"the checkpoint holds {len(saved)} probe states but this run has {len(self.states)} "
+                              "probes; resume with the same probes")
+        self.states = [type(current)(**state) if dataclasses.is_dataclass(current) and isinstance(state, dict)
+                       else state for current, state in zip(self.states, saved)]
+
     def collect(self) -> dict[str, float]:
         """The values measured this step, as floats (this is where tensors are synchronised)."""
         values = {k: float(v) for k, v in self.pending.items()}
         self.pending.clear()
         return values
+
+
+def _plain_state(state: Any) -> Any:
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    return state

@@ -31,8 +31,7 @@ from . import __version__
 from . import plots
 from .errors import BatchlabError, ConfigError
 from .store import RunStore, StoredRun
-from .study.plan import LR_GROUP
-from .study.run import TRIAL_KIND
+from .study.plan import NOISE_GROUP
 
 if TYPE_CHECKING:
     from .study import Study
@@ -128,7 +127,8 @@ table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
 th, td { border: 1px solid #ddd; padding: 2px 8px; text-align: right; font-variant-numeric: tabular-nums; }
 table.kv th, table.kv td { text-align: left; } thead th { background: #f4f4f4; }
 caption { text-align: left; font-weight: bold; padding: 4px 0; }
-.scroll { overflow-x: auto; }
+.scroll { overflow-x: auto; max-width: 100%; }
+details { margin: 0.5em 0; } details > summary { cursor: pointer; color: #345; }
 figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; }
 figcaption { color: #555; font-size: 0.9em; }
 .recommendation, .explain { background: #f3f8ee; border-left: 4px solid #5a9a2a; padding: 0.6em 1em; }
@@ -278,9 +278,8 @@ def group_report(group: Mapping[str, Any], runs: Sequence[StoredRun]) -> Report:
     return Report(title, page(title, subtitle, parts), f"group-{group['id']}")
 
 
-def _comparison_makers(runs: Sequence[StoredRun], metric: str | None = None):
-    has_acc = any("val_acc" in r.evals for r in runs)
-    metric = metric or ("val_acc" if has_acc else "val_loss")
+def _comparison_makers(runs: Sequence[StoredRun]):
+    metric = "val_acc" if any("val_acc" in r.evals for r in runs) else "val_loss"
     makers = [
         (f"{metric} of every run vs epochs, coloured by batch size", lambda: plots.compare_runs(runs, metric, "epoch")),
         (f"{metric} vs steps (log scale): larger batches take fewer steps", lambda: plots.compare_runs(runs, metric, "step", logx=True)),
@@ -299,6 +298,32 @@ def _group_provenance(group: Mapping[str, Any], runs: Sequence[StoredRun]) -> di
             "ended": group.get("ended_at"), **{k: first[k] for k in keep if k in first}}  # fmt: skip
 
 
+STUDY_KEY_COLUMNS = {"batch_size": "B", "best_lr": "best lr", "lr_margin": "lr margin", "reached": "reached",
+                     "steps_to_target": "steps", "steps_ci": "steps 95% CI", "samples_to_target": "samples",
+                     "regime": "regime"}  # fmt: skip
+
+
+def study_key_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The columns a reader needs first, narrow enough for the page: B, lr, steps with their CI, regime."""
+    table = pd.DataFrame(index=summary.index)
+    for column, header in STUDY_KEY_COLUMNS.items():
+        if column == "steps_ci" and {"steps_ci_lo", "steps_ci_hi"} <= set(summary.columns):
+            table[header] = [f"{_short(lo)}–{_short(hi)}" for lo, hi in zip(summary["steps_ci_lo"], summary["steps_ci_hi"])]
+        elif column in summary:
+            table[header] = summary[column]
+    return table
+
+
+def _short(value: Any) -> str:
+    number = float(value)
+    return "∞" if math.isinf(number) else "" if math.isnan(number) else f"{number:,.0f}" if number >= 100 else f"{number:.3g}"
+
+
+def details(summary_text: str, body: str) -> str:
+    """A collapsed block (``<details>``): wide tables stay off the page until asked for."""
+    return f"<details><summary>{escape(summary_text)}</summary>{body}</details>"
+
+
 def study_report(
     group: Mapping[str, Any],
     runs: Sequence[StoredRun],
@@ -310,6 +335,7 @@ def study_report(
     recommendation: str | None = None,
     target: str | None = None,
     n_train: int | None = None,
+    fit: Mapping[str, Any] | None = None,
 ) -> Report:
     """The report of a batch-size study.
 
@@ -321,50 +347,90 @@ def study_report(
         recommendation: the study's advice, shown first.
         target: the target condition (``val_acc>=0.8``), for titles.
         n_train: the training-set size, the value of batch size ``full``.
+        fit: the whole fit (`ScalingFit.as_dict`): its intervals, R² and B_simple are shown too.
+
+    Returns:
+        The `Report`: recommendation, the key columns of the summary (the rest collapsed), the fit
+        with its uncertainty, the figures (steps-to-target with intervals and band, samples,
+        seconds, best lr, gap, learning curves at each best lr over seeds), the trials (collapsed),
+        config and provenance.
     """
     title = f"Study {group['id']}" + (f": {group['name']}" if group.get("name") else "")
+    fit = dict(fit or {})
     fitted = {"S_min (steps)": s_min, "B_crit (samples)": b_crit, "E_min (samples)": e_min if e_min is not None
               else (s_min * b_crit if s_min is not None and b_crit is not None else None)}  # fmt: skip
+    fitted.update(_fit_uncertainty(fit))
     parts = []
     if recommendation:
         parts.append(section("Recommendation", paragraph(recommendation, "recommendation")))
-    parts.append(section("Summary by batch size", frame_table(summary),
+    parts.append(section("Summary by batch size", frame_table(study_key_table(summary)),
+                         details("all columns", frame_table(summary)),
                          mapping_table({k: v for k, v in fitted.items() if v is not None}, "fitted trade-off")))
-    figures = plots.study_figures(summary, s_min=s_min, b_crit=b_crit, e_min=e_min, n_train=n_train, target=target)
+    interval = _pair(fit.get("b_crit_lo"), fit.get("b_crit_hi"))
+    figures = plots.study_figures(summary, s_min=s_min, b_crit=b_crit, e_min=e_min, n_train=n_train, target=target,
+                                  b_crit_interval=interval)
     captions = {
-        "steps_to_target": "Steps to target vs batch size (log-log), with perfect scaling and the fitted curve",
+        "steps_to_target": "Steps to target vs batch size (log-log): medians with 95% bootstrap intervals, perfect "
+                           "scaling, the fitted curve and its bootstrap band",
         "samples_to_target": "Samples to target vs batch size, with E = E_min(1 + B/B_crit)",
         "seconds_to_target": "Training seconds to target vs batch size",
         "best_lr": "Best learning rate vs batch size, against the linear and square-root rules",
         "gen_gap": "Generalization gap (train − val accuracy) vs batch size",
-    }
+    }  # fmt: skip
     blocks = [figure_html(fig, captions[name]) for name, fig in figures.items()]
-    best = _best_runs(runs, summary)
-    if best:
-        metric = target.split(">")[0].split("<")[0].strip() if target else None
-        metric = metric if metric and any(metric in r.evals for r in best) else None
-        blocks += _figures(_comparison_makers(best, metric)[:2])
+    by_batch = best_lr_runs(runs, summary)
+    if by_batch and target:
+        blocks += _figures([("Learning curves at each batch size's best lr: median over seeds, band: range over seeds",
+                             lambda: _curves_figure(by_batch, target, n_train))])
     parts.append(section("Figures", *blocks))
-    parts.append(section("Trials", frame_table(runs_table(runs))))
+    parts.append(section("Trials", details(f"{len(runs)} trials", frame_table(runs_table(runs)))))
     parts.append(section("Configuration", mapping_table(group.get("config") or {}, "study config")))
     parts.append(section("Provenance", mapping_table(_group_provenance(group, runs))))
     subtitle = f"study · {len(summary)} batch sizes · {len(runs)} trials · {group['status']}"
     return Report(title, page(title, subtitle, parts), f"study-{group['id']}")
 
 
-def _best_runs(runs: Sequence[StoredRun], summary: pd.DataFrame) -> list[StoredRun]:
-    """One trial per batch size at its best lr (the first seed): the learning curves to compare."""
+def _fit_uncertainty(fit: Mapping[str, Any]) -> dict[str, Any]:
+    """The fit's intervals and quality as table rows (empty when the fit has none)."""
+    rows: dict[str, Any] = {}
+    if _pair(fit.get("b_crit_lo"), fit.get("b_crit_hi")):
+        rows["B_crit 95% bootstrap CI"] = f"{_short(fit['b_crit_lo'])}–{_short(fit['b_crit_hi'])}"
+    if _number(fit.get("b_crit_err")) is not None:
+        rows["B_crit ± (delta method)"] = _number(fit["b_crit_err"])
+    if _pair(fit.get("s_min_lo"), fit.get("s_min_hi")):
+        rows["S_min 95% bootstrap CI"] = f"{_short(fit['s_min_lo'])}–{_short(fit['s_min_hi'])}"
+    if _number(fit.get("r2")) is not None:
+        rows["R² on log S"] = _number(fit["r2"])
+    if _number(fit.get("b_simple")) is not None:
+        rows["B_simple near the target"] = _number(fit["b_simple"])
+    return rows
+
+
+def _pair(lo: Any, hi: Any) -> tuple[float, float] | None:
+    low, high = _number(lo), _number(hi)
+    return (low, high) if low is not None and high is not None else None
+
+
+def _curves_figure(by_batch: dict, target: str, n_train: int | None) -> Figure:
+    from .config import parse_target
+
+    condition = parse_target(target)
+    return plots.best_lr_curves(by_batch, condition.metric, target=condition.value, target_text=target, n_train=n_train)
+
+
+def best_lr_runs(runs: Sequence[StoredRun], summary: pd.DataFrame) -> dict[Any, list[StoredRun]]:
+    """Per batch size, its learning-rate-search trials at its best lr (every seed): the curves to draw."""
     if "best_lr" not in summary or "batch_size" not in summary:
-        return []
-    chosen = []
+        return {}
+    chosen: dict[Any, list[StoredRun]] = {}
     for batch_size, lr in zip(summary["batch_size"], summary["best_lr"]):
         if _number(lr) is None:  # no lr reached the target at this batch size: no best run to show
             continue
-        for run in runs:
-            same_b = str(run.config.get("batch_size")) == str(batch_size)
-            if same_b and run.config.get("lr") is not None and math.isclose(run.config["lr"], float(lr), rel_tol=1e-9):
-                chosen.append(run)
-                break
+        at_best = [run for run in runs if str(run.config.get("batch_size")) == str(batch_size)
+                   and run.config.get("lr") is not None and math.isclose(run.config["lr"], float(lr), rel_tol=1e-9)
+                   and not str(run.spec.get("group", "")).startswith(NOISE_GROUP)]  # fmt: skip
+        if at_best:
+            chosen[batch_size] = at_best
     return chosen
 
 
@@ -402,6 +468,7 @@ def build_report(store: RunStore, ident: str | int) -> Report:
             s_min=_number(info.get("s_min")), b_crit=_number(info.get("b_crit")), e_min=_number(info.get("e_min")),
             recommendation=info.get("recommendation") if isinstance(info.get("recommendation"), str) else None,
             target=str(info["target"]) if info.get("target") else None, n_train=_n_train(info, runs),
+            fit=group["summary"].get("fit") if isinstance(group["summary"].get("fit"), Mapping) else None,
         )  # fmt: skip
     return group_report(group, runs)
 
@@ -445,33 +512,12 @@ def write_report(report: Report, path: str | Path) -> Path:
 # -- a study's output folder -------------------------------------------------------------------
 
 
-def representative_runs(store, study: Study) -> list:
-    """For learning curves: per batch size, the stored trial at its best lr with the first seed."""
-    if store is None or study.group_id is None:
-        return []
-    wanted = {}
-    first_seed = study.plan.config.seed_list[0]
-    for row in study.summary.itertuples():
-        if math.isfinite(row.best_lr):
-            wanted[(row.batch_size_value, float(row.best_lr))] = None
-    out = []
-    for run in store.group_run_summaries(study.group_id, TRIAL_KIND):
-        s = run["summary"]
-        key = (s.get("batch_size_value"), float(s.get("lr", math.nan)))
-        if s.get("kind") == LR_GROUP and key in wanted and s.get("seed") == first_seed and wanted[key] is None:
-            wanted[key] = run["id"]
-    for key in sorted(wanted):
-        if wanted[key] is not None:
-            out.append(store.load_run(wanted[key]))
-    return out
-
-
 def write_study_outputs(study: Study, folder: str | Path, *, report: bool = True) -> list[Path]:
     """The study's figures (PNG + SVG), the summary and trials as CSV, and the HTML report.
 
     Figures: steps-, samples- and seconds-to-target, best lr and generalization gap vs batch size
-    (`batchlab.plots.study`), and the learning curves (train and val metric of the target) of
-    every batch size at its best lr.
+    (`batchlab.plots.study`), and the learning curves of every batch size at its best lr, median
+    over seeds with their range (`batchlab.plots.best_lr_curves`).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -480,31 +526,30 @@ def write_study_outputs(study: Study, folder: str | Path, *, report: bool = True
     study.trials.to_csv(folder / "trials.csv", index=False)
     written += [folder / "summary.csv", folder / "trials.csv"]
     fit, n_train, target = study.fit, study.plan.n_train, str(study.plan.target)
+    interval = (fit.b_crit_lo, fit.b_crit_hi) if fit.ok else None
     figures = plots.study_figures(study.summary, s_min=fit.s_min if fit.ok else None,
-                                  b_crit=fit.b_crit if fit.ok else None, n_train=n_train, target=target)
+                                  b_crit=fit.b_crit if fit.ok else None, n_train=n_train, target=target,
+                                  b_crit_interval=interval)
     for name, figure in figures.items():
         written += plots.save_figure(figure, folder / name)
     if study.store is None:
         return written
     with RunStore(study.store, create=False) as store:
-        curves = representative_runs(store, study)
-        if curves:
-            metric = study.plan.target.metric.split("_", 1)[1]
-            figure = plots.compare_runs(curves, metric=(f"train_{metric}", f"val_{metric}"), x="samples_seen",
-                                        logx=True, title=f"Learning curves at each batch size's best lr (seed {study.plan.config.seed_list[0]})")
-            written += plots.save_figure(figure, folder / "learning_curves")
+        runs = [store.load_run(run_id) for run_id in store.group_runs(study.group_id)]
+        by_batch = best_lr_runs(runs, study.summary)
+        if by_batch:
+            written += plots.save_figure(_curves_figure(by_batch, target, n_train), folder / "learning_curves")
         if report:
-            written += _write_report(store, study, folder)
+            written += _write_report(store, study, runs, folder)
     return written
 
 
-def _write_report(store, study: Study, folder: Path) -> list[Path]:
-    runs = [store.load_run(run_id) for run_id in store.group_runs(study.group_id)]
+def _write_report(store, study: Study, runs: Sequence[StoredRun], folder: Path) -> list[Path]:
     fit = study.fit
     built = study_report(store.get_group(study.group_id), runs, study.summary,
-                        s_min=fit.s_min if fit.ok else None, b_crit=fit.b_crit if fit.ok else None,
-                        e_min=fit.e_min if fit.ok else None, recommendation=study.recommendation.text,
-                        target=str(study.plan.target), n_train=study.plan.n_train)
+                         s_min=fit.s_min if fit.ok else None, b_crit=fit.b_crit if fit.ok else None,
+                         e_min=fit.e_min if fit.ok else None, recommendation=study.recommendation.text,
+                         target=str(study.plan.target), n_train=study.plan.n_train, fit=fit.as_dict())
     path = folder / "report.html"
     path.write_text(built.html, encoding="utf-8")
     return [path]

@@ -108,6 +108,11 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, size: tuple[float, float] = FI
     return fig, axes
 
 
+def legend_outside(ax: Any, **kwargs: Any) -> Any:
+    """The legend to the right of the axes, outside the data (constrained layout makes room for it)."""
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kwargs)
+
+
 def metric_label(column: str) -> str:
     """An axis label with units for a column name (``val_acc`` -> ``accuracy (fraction correct)``)."""
     if column in AXIS_LABELS:
@@ -174,7 +179,7 @@ def save_figure(fig: Figure, path_without_suffix: str | Path, formats: Sequence[
 
 
 from .gradnorm import gradnorm_figure  # noqa: E402
-from .curves import compare_runs, learning_curves, probe_traces, views_overlay  # noqa: E402
+from .curves import best_lr_curves, compare_runs, learning_curves, probe_traces, views_overlay  # noqa: E402
 from .study import (  # noqa: E402
     best_lr_figure,
     generalization_gap_figure,
@@ -189,11 +194,13 @@ __all__ = [
     "batch_size_colors",
     "batch_size_label",
     "batch_size_value",
+    "best_lr_curves",
     "best_lr_figure",
     "compare_runs",
     "generalization_gap_figure",
     "gradnorm_figure",
     "learning_curves",
+    "legend_outside",
     "metric_label",
     "new_figure",
     "probe_traces",

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from ..errors import DataError
 from . import (
     VIEW_NAMES,
+    legend_outside,
     batch_size_colors,
     batch_size_label,
     batch_size_value,
@@ -244,7 +245,7 @@ def compare_runs(
         if logy:
             ax.set_yscale("log")
     axes[0].set_ylabel(metric_label(metrics[0]))
-    axes[-1].legend(title="batch size, lr")
+    legend_outside(axes[-1], title="batch size, lr")
     if title is not None:
         fig.suptitle(title)
     return fig
@@ -314,3 +315,89 @@ def probe_traces(
 def _spans_decades(values: np.ndarray) -> bool:
     finite = values[np.isfinite(values)]
     return finite.size > 1 and finite.max() / finite.min() > 100 and not math.isclose(finite.min(), 0.0)
+
+
+def seed_band(runs: Sequence[Any], column: str, x: str = "step") -> pd.DataFrame:
+    """Median and range over seeds of one column, at the evaluation points the seeds share.
+
+    The seeds of one batch size are evaluated at the same steps; one that stopped earlier (at its
+    target) drops out there. Points where fewer than half the seeds remain are left out, so the
+    median is always over most of them.
+
+    Returns:
+        Columns ``x``, ``median``, ``lo``, ``hi``, ``seeds`` (how many seeds at that point).
+    """
+    tables = []
+    for i, run in enumerate(runs):
+        xs, ys = curve(run, column, x)
+        tables.append(pd.Series(ys, index=xs, name=i).groupby(level=0).last())
+    wide = pd.concat(tables, axis=1).sort_index()  # (points, seeds), NaN after a seed stopped
+    present = wide.notna().sum(axis=1)
+    wide = wide[present * 2 >= len(runs)]
+    return pd.DataFrame({"x": wide.index.to_numpy(float), "median": wide.median(axis=1).to_numpy(),
+                         "lo": wide.min(axis=1).to_numpy(), "hi": wide.max(axis=1).to_numpy(),
+                         "seeds": wide.notna().sum(axis=1).to_numpy()})
+
+
+@styled
+def best_lr_curves(
+    runs_by_batch_size: dict[Any, Sequence[Any]],
+    metric: str = "val_acc",
+    *,
+    target: float | None = None,
+    target_text: str | None = None,
+    n_train: int | None = None,
+) -> Figure:
+    """Learning curves of each batch size at its best lr: median over seeds with a min–max band.
+
+    Steps on a log axis, since they differ by orders of magnitude across batch sizes; the target
+    drawn as a line, so where each curve crosses it is its steps-to-target. The title states the
+    finding: how many steps the smallest and the largest batch size took to the target (medians).
+
+    Args:
+        runs_by_batch_size: ``{batch_size: [runs of its seeds at its best lr]}``.
+        metric: the column (``val_acc``, ``train_loss``, ...).
+        target: the target's value; ``target_text`` its condition (``val_acc>=0.5``) for the title.
+        n_train: the training-set size, the value of batch size ``full``.
+
+    Returns:
+        A figure with one median line (and band) per batch size, smallest B first.
+    """
+    if not runs_by_batch_size:
+        raise DataError("no runs to draw; give each batch size's runs at its best lr")
+    order = sorted(runs_by_batch_size, key=lambda b: batch_size_value(b, n_train))
+    colors = batch_size_colors(order, n_train)
+    fig, ax = new_figure(size=(7.6, 4.2))
+    crossings = {}
+    for batch_size in order:
+        band = seed_band(runs_by_batch_size[batch_size], metric)
+        band = band[band["x"] > 0]  # step 0 has no place on a log axis
+        if band.empty:
+            continue
+        label = f"{batch_size_label(batch_size, n_train)} ({int(band['seeds'].max())} seeds)"
+        ax.fill_between(band["x"], band["lo"], band["hi"], color=colors[batch_size], alpha=0.18, linewidth=0)
+        ax.plot(band["x"], band["median"], color=colors[batch_size], label=label)
+        if target is not None:
+            crossings[batch_size] = _first_crossing(band, target, metric)
+    if target is not None:
+        ax.axhline(target, color="0.3", linestyle="--", linewidth=1.0, label=f"target {target_text or target}")
+    ax.set_xscale("log")
+    ax.set_xlabel(metric_label("step") + ", log scale")
+    ax.set_ylabel(metric_label(metric))
+    ax.set_title(_crossing_title(crossings, metric, target_text, n_train))
+    legend_outside(ax, title="batch size (best lr)")
+    return fig
+
+
+def _first_crossing(band: pd.DataFrame, target: float, metric: str) -> float:
+    met = band["median"] >= target if not metric.endswith("loss") else band["median"] <= target
+    return float(band.loc[met, "x"].iloc[0]) if met.any() else math.nan
+
+
+def _crossing_title(crossings: dict[Any, float], metric: str, target_text: str | None, n_train: int | None) -> str:
+    reached = {b: s for b, s in crossings.items() if math.isfinite(s)}
+    if len(reached) < 2:
+        return f"{metric} at each batch size's best lr (median over seeds, band: range)"
+    small, large = list(reached)[0], list(reached)[-1]
+    return (f"Median {metric} reaches {target_text or 'the target'} in {reached[small]:,.0f} steps at "
+            f"{batch_size_label(small, n_train)}, {reached[large]:,.0f} at {batch_size_label(large, n_train)}")

@@ -8,6 +8,8 @@ Every function takes the summary as a DataFrame with one row per batch size. The
 ``steps_to_target``    median over seeds (at ``best_lr``) of the first evaluation step meeting the
                        target (Shallue et al. 2019); NaN where no trial reached it
 ``steps_lo/steps_hi``  the spread of ``steps_to_target`` over seeds (e.g. min/max), optional
+``steps_ci_lo/_hi``    its 95% bootstrap interval, optional (drawn instead of the spread)
+``steps_fit_lo/_hi``   the fitted curve's 95% bootstrap band at each batch size, optional
 ``samples_to_target``  median samples seen at that step; ``samples_lo/samples_hi`` optional
 ``seconds_to_target``  median training seconds at that step; ``seconds_lo/seconds_hi`` optional
 ``gen_gap``            generalization gap, train accuracy − validation accuracy at the end of
@@ -30,7 +32,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..errors import DataError
-from . import FULL_BATCH, batch_size_colors, batch_size_value, metric_label, new_figure, styled
+from . import FULL_BATCH, batch_size_colors, batch_size_value, legend_outside, metric_label, new_figure, styled
+
+STUDY_FIGURE_SIZE = (8.2, 4.0)  # inches: room for the legend beside the axes
 
 POINT_STYLE = {"color": "black", "marker": "o", "markersize": 5, "capsize": 3, "linestyle": "none", "zorder": 3}
 
@@ -98,6 +102,7 @@ def steps_to_target_figure(
     *,
     n_train: int | None = None,
     target: str | None = None,
+    b_crit_interval: tuple[float, float] | None = None,
 ) -> Figure:
     """Steps to target vs batch size, log-log, against perfect scaling and the fitted curve.
 
@@ -111,29 +116,53 @@ def steps_to_target_figure(
         s_min, b_crit: the fitted minimum number of steps and critical batch size.
         n_train: the training-set size, the value of batch size ``full``.
         target: the target condition, for the title (``val_acc>=0.8``).
+        b_crit_interval: B_crit's 95% bootstrap interval, for the title.
 
     Returns:
-        A figure whose error bars (``ax.containers[0]``) hold the measured points (x = batch sizes, y = steps_to_target).
+        A figure whose error bars (``ax.containers[0]``) hold the measured points (x = batch sizes,
+        y = steps_to_target, bars the bootstrap interval when the summary has it, else the spread),
+        and whose title states the finding.
     """
     sizes, steps = _sizes(summary, n_train), _column(summary, "steps_to_target")
-    fig, ax = new_figure()
-    _points(ax, sizes, steps, _spread(summary, "steps", steps), "measured (median, spread over seeds)")
+    fig, ax = new_figure(size=STUDY_FIGURE_SIZE)
+    interval = _spread(summary, "steps_ci", steps)
+    what = "median over seeds, 95% bootstrap CI" if interval is not None else "median, spread over seeds"
+    _points(ax, sizes, steps, interval if interval is not None else _spread(summary, "steps", steps), f"measured ({what})")
     grid = _span(sizes)
     anchor = _anchor(sizes, steps)
     if anchor is not None:
         b0, s0 = anchor
         ax.plot(grid, s0 * b0 / grid, color="0.5", linestyle="--", label="perfect scaling: S ∝ 1/B")
-    if s_min is not None and b_crit is not None and math.isfinite(s_min) and math.isfinite(b_crit):
+    fitted = s_min is not None and b_crit is not None and math.isfinite(s_min) and math.isfinite(b_crit)
+    if fitted:
         ax.plot(grid, s_min * (1 + b_crit / grid), color="tab:red",
                 label=f"fit S = S_min(1 + B_crit/B): S_min={s_min:.3g}, B_crit={b_crit:.3g}")
+        if "steps_fit_lo" in summary and "steps_fit_hi" in summary:
+            ax.fill_between(sizes, _column(summary, "steps_fit_lo"), _column(summary, "steps_fit_hi"), color="tab:red",
+                            alpha=0.15, linewidth=0, label="fit: 95% bootstrap band")
         ax.axhline(s_min, color="tab:red", linestyle=":", linewidth=1.0)
         ax.axvline(b_crit, color="tab:red", linestyle=":", linewidth=1.0)
     ax.set_yscale("log")
     _batch_axis(ax, summary, sizes, n_train)
     ax.set_ylabel("steps to target (parameter updates)")
-    ax.set_title("Steps to " + (target or "target") + " vs batch size")
-    ax.legend()
+    ax.set_title(_steps_finding(sizes, steps, summary, b_crit if fitted else None, b_crit_interval, target, n_train))
+    legend_outside(ax)
     return fig
+
+
+def _steps_finding(sizes, steps, summary, b_crit, b_crit_interval, target, n_train) -> str:
+    """The title: how far steps fall over the batch sizes, and where they flatten."""
+    finite = np.flatnonzero(np.isfinite(steps))
+    if finite.size < 2:
+        return "Steps to " + (target or "target") + " vs batch size"
+    first, last = finite[0], finite[-1]
+    label = lambda i: str(summary["batch_size"].iloc[i])  # noqa: E731
+    text = f"Steps to {target or 'target'} fall {steps[first] / steps[last]:.3g}× from B={label(first)} to B={label(last)}"
+    if b_crit is not None:
+        text += f"; they flatten past B_crit ≈ {b_crit:.3g}"
+        if b_crit_interval is not None and all(map(math.isfinite, b_crit_interval)):
+            text += f" (95% CI {b_crit_interval[0]:.3g}–{b_crit_interval[1]:.3g})"
+    return text
 
 
 @styled
@@ -159,7 +188,7 @@ def samples_to_target_figure(
         A figure whose error bars (``ax.containers[0]``) hold the measured points (y = samples_to_target).
     """
     sizes, samples = _sizes(summary, n_train), _column(summary, "samples_to_target")
-    fig, ax = new_figure()
+    fig, ax = new_figure(size=STUDY_FIGURE_SIZE)
     _points(ax, sizes, samples, _spread(summary, "samples", samples), "measured (median, spread over seeds)")
     grid = _span(sizes)
     anchor = _anchor(sizes, samples)
@@ -173,8 +202,8 @@ def samples_to_target_figure(
     ax.set_yscale("log")
     _batch_axis(ax, summary, sizes, n_train)
     ax.set_ylabel("samples to target (samples seen)")
-    ax.set_title("Samples to " + (target or "target") + " vs batch size")
-    ax.legend()
+    ax.set_title(_ratio_title(summary, samples, "samples", target))
+    legend_outside(ax)
     return fig
 
 
@@ -189,13 +218,17 @@ def seconds_to_target_figure(summary: pd.DataFrame, *, n_train: int | None = Non
         A figure whose error bars (``ax.containers[0]``) hold the measured points (y = seconds_to_target).
     """
     sizes, seconds = _sizes(summary, n_train), _column(summary, "seconds_to_target")
-    fig, ax = new_figure()
+    fig, ax = new_figure(size=STUDY_FIGURE_SIZE)
     _points(ax, sizes, seconds, _spread(summary, "seconds", seconds), "measured (median, spread over seeds)")
     ax.set_yscale("log")
     _batch_axis(ax, summary, sizes, n_train)
     ax.set_ylabel("training time to target (s)")
-    ax.set_title("Seconds to " + (target or "target") + " vs batch size")
-    ax.legend()
+    finite = np.flatnonzero(np.isfinite(seconds))
+    fastest = finite[np.argmin(seconds[finite])] if finite.size else None
+    ax.set_title("Seconds to " + (target or "target") + " vs batch size" if fastest is None else
+                 f"Fastest to {target or 'target'} on this machine: B={summary['batch_size'].iloc[fastest]} "
+                 f"({seconds[fastest]:.3g} s of training)")
+    legend_outside(ax)
     return fig
 
 
@@ -213,7 +246,7 @@ def best_lr_figure(summary: pd.DataFrame, *, n_train: int | None = None) -> Figu
         A figure with the measured points (``ax.containers[0]``), the linear rule and the square-root rule.
     """
     sizes, lrs = _sizes(summary, n_train), _column(summary, "best_lr")
-    fig, ax = new_figure()
+    fig, ax = new_figure(size=STUDY_FIGURE_SIZE)
     _points(ax, sizes, lrs, None, "best lr (fewest steps to target)")
     grid = _span(sizes)
     anchor = _anchor(sizes, lrs)
@@ -224,8 +257,8 @@ def best_lr_figure(summary: pd.DataFrame, *, n_train: int | None = None) -> Figu
     ax.set_yscale("log")
     _batch_axis(ax, summary, sizes, n_train)
     ax.set_ylabel(metric_label("lr"))
-    ax.set_title("Best learning rate vs batch size")
-    ax.legend()
+    ax.set_title(_range_title(summary, lrs, "Best learning rate"))
+    legend_outside(ax)
     return fig
 
 
@@ -240,14 +273,36 @@ def generalization_gap_figure(summary: pd.DataFrame, *, n_train: int | None = No
         A figure whose error bars (``ax.containers[0]``) hold the measured points (y = gen_gap), with a line at zero.
     """
     sizes, gaps = _sizes(summary, n_train), _column(summary, "gen_gap")
-    fig, ax = new_figure()
+    fig, ax = new_figure(size=STUDY_FIGURE_SIZE)
     _points(ax, sizes, gaps, _spread(summary, "gen_gap", gaps), "measured (median, spread over seeds)")
     ax.axhline(0.0, color="0.5", linewidth=0.8)
     _batch_axis(ax, summary, sizes, n_train)
     ax.set_ylabel("generalization gap (train − val accuracy)")
-    ax.set_title("Generalization gap vs batch size")
-    ax.legend()
+    ax.set_title(_range_title(summary, gaps, "Generalization gap"))
+    legend_outside(ax)
     return fig
+
+
+def _ratio_title(summary: pd.DataFrame, values: np.ndarray, what: str, target: str | None) -> str:
+    """``Samples to T grow 3.2× from B=16 to B=1024``: the last measured value over the first."""
+    finite = np.flatnonzero(np.isfinite(values))
+    if finite.size < 2:
+        return f"{what.capitalize()} to {target or 'target'} vs batch size"
+    first, last = finite[0], finite[-1]
+    ratio = values[last] / values[first]
+    verb = "grow" if ratio >= 1 else "fall"
+    return (f"{what.capitalize()} to {target or 'target'} {verb} {max(ratio, 1 / ratio):.3g}× from "
+            f"B={summary['batch_size'].iloc[first]} to B={summary['batch_size'].iloc[last]}")
+
+
+def _range_title(summary: pd.DataFrame, values: np.ndarray, what: str) -> str:
+    """``Best learning rate goes from 0.025 at B=16 to 0.4 at B=1024``."""
+    finite = np.flatnonzero(np.isfinite(values))
+    if finite.size < 2:
+        return f"{what} vs batch size"
+    first, last = finite[0], finite[-1]
+    return (f"{what} goes from {values[first]:.3g} at B={summary['batch_size'].iloc[first]} "
+            f"to {values[last]:.3g} at B={summary['batch_size'].iloc[last]}")
 
 
 def study_figures(
@@ -259,6 +314,7 @@ def study_figures(
     n_train: int | None = None,
     target: str | None = None,
     which: Sequence[str] | None = None,
+    b_crit_interval: tuple[float, float] | None = None,
 ) -> dict[str, Figure]:
     """Every study figure the summary has the columns for, by name.
 
@@ -268,7 +324,8 @@ def study_figures(
     if e_min is None and s_min is not None and b_crit is not None:
         e_min = s_min * b_crit
     makers = {
-        "steps_to_target": lambda: steps_to_target_figure(summary, s_min, b_crit, n_train=n_train, target=target),
+        "steps_to_target": lambda: steps_to_target_figure(summary, s_min, b_crit, n_train=n_train, target=target,
+                                                          b_crit_interval=b_crit_interval),
         "samples_to_target": lambda: samples_to_target_figure(summary, e_min, b_crit, n_train=n_train, target=target),
         "seconds_to_target": lambda: seconds_to_target_figure(summary, n_train=n_train, target=target),
         "best_lr": lambda: best_lr_figure(summary, n_train=n_train),

@@ -11,7 +11,8 @@ Its modules follow the pipeline:
   another, each trial watched for its target at the study's evaluation points;
 * `executors`: where groups run (in this process, or Ray), given the trial function;
 * `analysis`: a pure step from the stored trial summaries to the summary, the fit
-  S = S_min (1 + B_crit/B), the regimes and the recommendation (`ranking` picks the best lr);
+  S = S_min (1 + B_crit/B) with its intervals (`scaling`), the regimes and the recommendation
+  (`ranking` picks the best lr);
 * `run`: `run_study`, which plans, executes, stores group by group, resumes and analyses;
 * `presets`: studies that reproduce published setups.
 
@@ -22,20 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .analysis import (
-    NO_GAIN_EFFICIENCY,
-    NO_GAIN_FACTOR,
-    PERFECT_EFFICIENCY,
-    Analysis,
-    Recommendation,
-    ScalingFit,
-    analyse,
-    fit_scaling,
-    mark_regimes,
-    recommend,
-    summarize,
-    trials_table,
-)
+from .analysis import Analysis, Recommendation, analyse, mark_regimes, recommend, summarize, trials_table, unsupported
+from .scaling import NO_GAIN_EFFICIENCY, PERFECT_EFFICIENCY, ScalingFit, fit_scaling, regime
 from .executors import InProcessExecutor, RayExecutor, make_executor, ray_available
 from .plan import (
     LR_GROUP,
@@ -58,20 +47,20 @@ from .run import STOP_AFTER_ENV, STUDY_KIND, TRIAL_KIND, Study, StudyProgress, r
 from .trials import GroupEvaluator, TargetWatcher, TrialRecord, train_group, trial_summary
 
 __all__ = [
-    "BROWNLEE_ACCURACY", "LR_GROUP", "NOISE_GROUP", "NO_GAIN_EFFICIENCY", "NO_GAIN_FACTOR", "PERFECT_EFFICIENCY",
+    "BROWNLEE_ACCURACY", "LR_GROUP", "NOISE_GROUP", "NO_GAIN_EFFICIENCY", "PERFECT_EFFICIENCY",
     "PRESETS", "STOP_AFTER_ENV", "STUDY_KIND", "TRIAL_KIND", "Analysis", "GroupEvaluator", "GroupPlan",
     "InProcessExecutor", "RayExecutor", "Recommendation", "ScalingFit", "Study", "StudyPlan", "StudyProgress",
     "TargetWatcher", "TrialRecord", "analyse", "best_lr", "brownlee_comparison", "evaluation_steps",
     "fit_scaling", "initial_groups", "load_dataset_for", "lr_centre_index", "lr_from_index", "lr_table",
     "make_executor", "mark_regimes", "median_steps", "next_groups", "plan_study", "preset_values",
-    "ray_available", "recommend", "resolve_batch_sizes", "run_study", "study_id", "summarize", "train_group",
-    "trial_summary", "trials_table", "write_study_outputs",
+    "ray_available", "recommend", "regime", "resolve_batch_sizes", "run_study", "study_id", "summarize", "train_group",
+    "trial_summary", "trials_table", "unsupported", "write_study_outputs",
 ]  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:
     # The report side (figures, HTML) imports the study, so its writer is reached lazily.
-    if name in ("write_study_outputs", "representative_runs"):
+    if name in ("write_study_outputs", "best_lr_runs"):
         from .. import report
 
         return getattr(report, name)

@@ -1,11 +1,13 @@
 """Analysis: a pure step from the trials' stored summaries to the study's answer.
 
-Best learning rate per batch size (median steps-to-target over seeds, `batchlab.study.ranking`),
-what it took to reach the target there (median and spread over seeds), the fit
-S = S_min (1 + B_crit/B) of McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training",
-eq. 2.11) with B_crit's uncertainty, the regimes of Shallue et al. 2019 ("Measuring the Effects of
-Data Parallelism on Neural Network Training"), the generalization gap (Keskar et al. 2017) and a
-recommendation. Nothing here trains, stores or draws: tables and numbers in, tables and numbers out.
+Best learning rate per batch size (median steps-to-target over seeds, `batchlab.study.ranking`)
+and how much better it was than its neighbours, what it took to reach the target there (median,
+spread and a bootstrap interval over seeds), the fit S = S_min (1 + B_crit/B) of McCandlish et al.
+2018 with its uncertainty and quality (`batchlab.study.scaling`), the regimes of Shallue et al.
+2019, the generalization gap (Keskar et al. 2017) and a recommendation, or, when the data cannot
+support one, the sentence that says so and what to change. Nothing here trains, stores or draws:
+tables and numbers in, tables and numbers out; the bootstrap is seeded, so the same stored trials
+always give the same answer.
 """
 
 from __future__ import annotations
@@ -21,9 +23,17 @@ import pandas as pd
 from ..store.codec import plain
 from .plan import LR_GROUP, NOISE_GROUP
 from .ranking import best_lr, lr_table, median_steps
-
-NO_GAIN_FACTOR = 1.25  # "no gain": no larger batch saves more than 1/1.25 = 20% of the steps
-PERFECT_EFFICIENCY, NO_GAIN_EFFICIENCY = 0.8, 0.2  # -dlogS/dlogB thresholds of the regimes
+from .scaling import (
+    BOOTSTRAP_SEED,
+    ScalingFit,
+    bootstrap_fit,
+    bootstrap_steps,
+    efficiency,
+    fit_scaling,
+    fitted_band,
+    interval,
+    regime,
+)
 
 
 def trials_table(summaries: Iterable[dict[str, Any]]) -> pd.DataFrame:
@@ -35,85 +45,6 @@ def trials_table(summaries: Iterable[dict[str, Any]]) -> pd.DataFrame:
     return table.sort_values(["batch_size_value", "kind", "lr", "seed"], kind="stable").reset_index(drop=True)
 
 
-@dataclass(frozen=True)
-class ScalingFit:
-    """S = S_min (1 + B_crit/B) fitted to the steps-to-target curve (McCandlish et al. 2018, eq. 2.11).
-
-    Since E = S·B, the same two numbers give E = E_min (1 + B/B_crit) with E_min = S_min·B_crit
-    (eq. 2.12); the ``*_err`` are one standard error from the fit's covariance. ``b_simple`` is
-    the gradient noise scale measured near the target (median over batch sizes), for comparison:
-    the paper predicts B_crit ≈ B_noise, with B_simple a proxy for B_noise.
-    """
-
-    s_min: float = math.nan
-    s_min_err: float = math.nan
-    e_min: float = math.nan
-    e_min_err: float = math.nan
-    b_crit: float = math.nan
-    b_crit_err: float = math.nan
-    b_simple: float = math.nan
-    n_points: int = 0
-    message: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return math.isfinite(self.b_crit)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
-
-
-def fit_scaling(batch_sizes: Sequence[float], steps: Sequence[float], b_simple: float = math.nan) -> ScalingFit:
-    """Fit S = S_min + E_min/B (i.e. S_min (1 + B_crit/B)) by least squares on log S.
-
-    Log residuals weigh every batch size alike (S spans orders of magnitude). The parameters are
-    log S_min and log E_min, so both stay positive; B_crit = E_min/S_min and its standard error
-    follows from the covariance by the delta method.
-
-    Args:
-        batch_sizes: B of each point (``full`` as N).
-        steps: steps-to-target at each B; non-finite points are left out.
-        b_simple: the measured noise scale, carried into the result.
-
-    Returns:
-        A `ScalingFit`; NaN with a ``message`` when fewer than 3 points reached the target.
-    """
-    from scipy.optimize import curve_fit
-
-    B, S = np.asarray(batch_sizes, dtype=float), np.asarray(steps, dtype=float)
-    keep = np.isfinite(S) & (S > 0) & np.isfinite(B)
-    B, S = B[keep], S[keep]
-    if len(B) < 3:
-        return ScalingFit(b_simple=b_simple, n_points=len(B),
-                          message=f"{len(B)} batch sizes reached the target; the fit needs at least 3")
-
-    def model(b, log_s_min, log_e_min):
-        return np.log(np.exp(log_s_min) + np.exp(log_e_min) / b)
-
-    start = (math.log(S.min()), math.log(max((S * B).min(), 1e-12)))
-    try:
-        params, cov = curve_fit(model, B, np.log(S), p0=start, bounds=([-50, -50], [50, 50]))
-    except (RuntimeError, ValueError) as error:
-        return ScalingFit(b_simple=b_simple, n_points=len(B), message=f"the fit did not converge: {error}")
-    log_s, log_e = params
-    s_min, e_min = math.exp(log_s), math.exp(log_e)
-    b_crit = e_min / s_min
-    var_log_b = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
-    err = lambda value, var: value * math.sqrt(var) if np.isfinite(var) and var >= 0 else math.nan  # noqa: E731
-    return ScalingFit(s_min, err(s_min, cov[0, 0]), e_min, err(e_min, cov[1, 1]), b_crit, err(b_crit, var_log_b),
-                      b_simple, len(B))
-
-
-def _regime(efficiency: float) -> str:
-    if not math.isfinite(efficiency):
-        return ""
-    if efficiency >= PERFECT_EFFICIENCY:
-        return "perfect scaling"
-    if efficiency <= NO_GAIN_EFFICIENCY:
-        return "no gain"
-    return "diminishing returns"
-
-
 def summarize(trials: pd.DataFrame) -> pd.DataFrame:
     """One row per batch size: the best lr and what it took to reach the target (median, spread).
 
@@ -122,7 +53,8 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
     it at that lr. ``gen_gap`` is the median over those seeds of train − val accuracy at the end
     of the trial (at the target with ``stop_at_target``). ``noise_scale`` is B_simple at the
     target (last measurement before it). ``scaling_efficiency`` is −Δlog S/Δlog B from the
-    previous batch size: 1 when doubling B halves the steps, 0 when it saves none.
+    previous batch size: 1 when doubling B halves the steps, 0 when it saves none. ``lr_margin``
+    is `lr_margin`: how many times more steps the best lr's nearest rival took.
     """
     search = trials[trials["kind"] == LR_GROUP]
     noise = trials[trials["kind"] == NOISE_GROUP] if "kind" in trials else trials.iloc[0:0]
@@ -132,7 +64,8 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
         best = best_lr(table)
         lrs = sorted(set(at_b["lr"]))
         row: dict[str, Any] = {"batch_size": at_b["batch_size"].iloc[0], "batch_size_value": int(value),
-                               "best_lr": best if best is not None else math.nan, "lrs_tried": len(lrs),
+                               "best_lr": best if best is not None else math.nan,
+                               "lr_margin": lr_margin(table, best), "lrs_tried": len(lrs),
                                "lr_at_edge": best is not None and len(lrs) > 1 and best in (lrs[0], lrs[-1]),
                                "diverged": int((at_b["status"] == "diverged").sum()), "trials": len(at_b)}  # fmt: skip
         chosen = at_b[at_b["lr"] == best] if best is not None else at_b.iloc[0:0]
@@ -164,24 +97,114 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
-def mark_regimes(summary: pd.DataFrame, fit: ScalingFit) -> pd.DataFrame:
-    """Add ``regime``: perfect scaling, diminishing returns or no gain.
 
-    From the fit, the local efficiency −dlog S/dlog B is B_crit/(B + B_crit): ≥ 0.8 (B ≤ B_crit/4)
-    is perfect scaling, ≤ 0.2 (B ≥ 4 B_crit) no gain (Shallue et al. 2019's three regimes).
-    Without a fit, the measured ``scaling_efficiency`` decides.
+
+def lr_margin(table: pd.DataFrame, best: float | None) -> float:
+    """How much better the best lr was than its neighbours in the grid tried.
+
+    The fewer median steps-to-target of the lrs just below and above the best one, divided by the
+    best one's: 1.5 means the nearest rival needed 50% more steps; inf when neither neighbour
+    reached the target; NaN with no neighbour (one lr tried) or no best.
+    """
+    if best is None or len(table) < 2:
+        return math.nan
+    ordered = table.sort_values("lr").reset_index(drop=True)
+    i = int(ordered.index[ordered["lr"] == best][0])
+    neighbours = ordered.loc[[j for j in (i - 1, i + 1) if 0 <= j < len(ordered)], "median_steps"]
+    return float(neighbours.min() / ordered.loc[i, "median_steps"])
+
+
+def seed_cells(trials: pd.DataFrame, batch_size_values: Sequence[int]) -> list[np.ndarray]:
+    """Per batch size, its lr search's steps-to-target as an (L, K) array, lrs × seeds (NaN: not reached)."""
+    search = trials[trials["kind"] == LR_GROUP]
+    cells = []
+    for value in batch_size_values:
+        at_b = search[search["batch_size_value"] == value]
+        cells.append(at_b.pivot(index="lr", columns="seed", values="steps_to_target").to_numpy(dtype=float))
+    return cells
+
+
+def with_intervals(summary: pd.DataFrame, trials: pd.DataFrame, fit: ScalingFit) -> tuple[pd.DataFrame, ScalingFit]:
+    """The bootstrap intervals: steps-to-target per batch size, B_crit and S_min, the fitted band.
+
+    Adds ``steps_ci_lo``/``steps_ci_hi`` (95% percentile interval of the best lr's median over
+    seeds, the lr re-chosen in every replicate; inf when at least half the replicates miss the
+    target), ``fit_residual`` (log S − log S_fit) and the fitted curve with its bootstrap band at
+    each batch size (``steps_fit``, ``steps_fit_lo``, ``steps_fit_hi``).
+    """
+    summary = summary.copy()
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    values = summary["batch_size_value"].to_numpy(dtype=float)
+    replicates = bootstrap_steps(seed_cells(trials, summary["batch_size_value"]), rng)  # (R, n)
+    summary["steps_ci_lo"], summary["steps_ci_hi"] = interval(replicates)
+    fit, kept = bootstrap_fit(fit, values, replicates, rng)
+    band = fitted_band(fit, kept, values, points=len(values)) if len(values) > 1 else {}
+    if band:
+        summary["steps_fit"] = fit.steps_at(values)
+        summary["fit_residual"] = np.log(summary["steps_to_target"].to_numpy(float)) - np.log(summary["steps_fit"])
+        at = lambda column: np.exp(np.interp(np.log(values), np.log(band["batch_size_value"]), np.log(band[column])))  # noqa: E731
+        summary["steps_fit_lo"], summary["steps_fit_hi"] = at("steps_fit_lo"), at("steps_fit_hi")
+    return summary, fit
+
+
+def mark_regimes(summary: pd.DataFrame, fit: ScalingFit) -> pd.DataFrame:
+    """Add ``regime``, decided for every batch size by `batchlab.study.scaling.regime`.
+
+    Its efficiency comes from the fit (B_crit/(B + B_crit)) when there is one, else from the
+    measured ``scaling_efficiency``; batch sizes that did not reach the target get "".
     """
     summary = summary.copy()
     if summary.empty:
         return summary
-    if fit.ok:
-        b = summary["batch_size_value"].to_numpy(float)
-        efficiency = fit.b_crit / (b + fit.b_crit)
-    else:
-        efficiency = summary["scaling_efficiency"].to_numpy(float)
-    regimes = [_regime(float(e)) for e in efficiency]
+    local = efficiency(summary["batch_size_value"].to_numpy(float), fit, summary["scaling_efficiency"].to_numpy(float))
+    regimes = [regime(float(e)) for e in local]
     summary["regime"] = [r if math.isfinite(s) else "" for r, s in zip(regimes, summary["steps_to_target"])]
     return summary
+
+
+def no_gain_from(reached: pd.DataFrame) -> Any:
+    """The smallest batch size from which every larger one that reached the target is in the no-gain regime."""
+    start = None
+    for batch_size, name in zip(reached["batch_size"], reached["regime"]):
+        if name == "no gain":
+            start = batch_size if start is None else start
+        else:
+            start = None
+    return start
+
+
+def unsupported(summary: pd.DataFrame, fit: ScalingFit, target: str) -> str | None:
+    """Why the data cannot support a recommendation, and what to change; None when they can.
+
+    In order: fewer than 3 batch sizes reached the target; a best lr at the edge of the lrs tried
+    (after all extensions); a B_crit interval that spans every batch size measured; no bend in the
+    curve (B_crit outside the batch sizes measured).
+    """
+    reached = summary[summary["steps_to_target"].notna()] if not summary.empty else summary
+    if reached.empty:
+        return (f"No batch size reached {target} within the budget; raise the budget (epochs, max_steps), "
+                "widen the learning rates or ease the target.")
+    sizes = ", ".join(map(str, reached["batch_size"]))
+    if len(reached) < 3:
+        return (f"Only {len(reached)} batch sizes reached {target} (B = {sizes}), too few to find the critical "
+                "batch size; raise the budget (max_steps), widen the learning rates or ease the target.")
+    edge = reached[reached["lr_at_edge"].astype(bool)]["batch_size"].tolist()
+    if edge:
+        return (f"The best learning rate of B = {', '.join(map(str, edge))} lies at the edge of the rates tried, so "
+                "a better one may lie beyond; widen the grid (lr_grid_size, lr_extensions or lrs) and run again.")
+    smallest, largest = reached["batch_size"].iloc[0], reached["batch_size"].iloc[-1]
+    values = reached["batch_size_value"].to_numpy(float)
+    if fit.ok and fit.b_crit_lo <= values.min() and fit.b_crit_hi >= values.max():
+        return (f"The critical batch size is not resolved: its 95% interval ({_fmt(fit.b_crit_lo)} to "
+                f"{_fmt(fit.b_crit_hi)}) spans every batch size measured; run more seeds or choose a target "
+                "every batch size reaches more steadily.")
+    if fit.ok and fit.at_edge and fit.b_crit > values.max():
+        return (f"Steps fall in proportion to 1/B up to the largest batch measured (B = {largest}), so the "
+                "critical batch size lies beyond it; add larger batch sizes.")
+    if fit.ok and fit.at_edge:
+        return (f"No batch size saves steps over the smallest one measured (B = {smallest}), so the critical "
+                "batch size lies below it; add smaller batch sizes.")
+    return None
 
 
 @dataclass(frozen=True)
@@ -190,9 +213,10 @@ class Recommendation:
 
     The choice balances steps against samples: among the batch sizes that reached the target, the
     one with the smallest product (S/S_min)·(E/E_min) on the fitted curve, i.e. the one nearest
-    B_crit, where both are 2× their minimum (McCandlish et al. 2018); without a fit, the smallest
-    product of the measured steps and samples relative to the fewest any batch size needed. The
-    ratios quoted are measured ones.
+    B_crit, where both are 2× their minimum (McCandlish et al. 2018). The ratios quoted are
+    measured ones. ``no_gain_above`` is the smallest batch size from which every larger one is in
+    the no-gain regime (the summary's ``regime``). When the data cannot support a choice
+    (`unsupported`), ``text`` says so and what to change, and ``batch_size`` is None.
     """
 
     text: str
@@ -207,58 +231,59 @@ class Recommendation:
     no_gain_above: int | str | None = None
     fastest_batch_size: int | str | None = None
     fastest_seconds: float = math.nan
+    supported: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
 def _fmt(value: float) -> str:
+    if not math.isfinite(value):
+        return "∞" if value > 0 else "?"
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
+def regime_words(reached: pd.DataFrame) -> str:
+    """What the regimes say about larger batches, in words derived from the ``regime`` column only."""
+    start = no_gain_from(reached)
+    largest = reached["batch_size"].iloc[-1]
+    if start is None:
+        return f"even the largest batch (B = {largest}, {reached['regime'].iloc[-1]}) still saves steps"
+    if start == reached["batch_size"].iloc[0]:
+        return "every batch size measured is in the no-gain regime"
+    return f"batches of {start} and above are in the no-gain regime: they buy no fewer steps"
+
+
 def recommend(summary: pd.DataFrame, fit: ScalingFit, target: str) -> Recommendation:
-    """The recommendation (see `Recommendation`) from the summary and the fit."""
-    reached = summary[summary["steps_to_target"].notna()] if not summary.empty else summary
-    if reached.empty:
-        return Recommendation(f"no batch size reached {target} within the budget; raise the budget "
-                              "(epochs, max_steps), widen the learning rates or ease the target")
+    """The recommendation (see `Recommendation`) from the summary (with ``regime``) and the fit."""
+    reason = unsupported(summary, fit, target)
+    if reason is not None or not fit.ok:
+        return Recommendation(reason or f"No recommendation: {fit.message}.")
+    reached = summary[summary["steps_to_target"].notna()]
     s_min, e_min = reached["steps_to_target"].min(), reached["samples_to_target"].min()
-    if fit.ok:  # the fitted trade-off is smoother than single measurements: pick the B nearest B_crit
-        b = reached["batch_size_value"].astype(float)
-        cost = (1 + fit.b_crit / b) * (1 + b / fit.b_crit)
-    else:
-        cost = (reached["steps_to_target"] / s_min) * (reached["samples_to_target"] / e_min)
-    best = reached.loc[cost.idxmin()]
-    steps = reached["steps_to_target"].to_numpy(float)
-    no_gain = None
-    for i in range(len(reached)):
-        if all(steps[j] >= steps[i] / NO_GAIN_FACTOR for j in range(i + 1, len(reached))):
-            no_gain = reached["batch_size"].iloc[i]
-            break
+    b = reached["batch_size_value"].astype(float)
+    best = reached.loc[((1 + fit.b_crit / b) * (1 + b / fit.b_crit)).idxmin()]  # the B nearest B_crit
     fastest = reached.loc[reached["seconds_to_target"].idxmin()] if reached["seconds_to_target"].notna().any() else None
-    b = best["batch_size"]
-    text = (f"B = {b}, lr = {best['best_lr']:.3g}: reaches {target} in {_fmt(best['steps_to_target'])} steps "
-            f"({best['epochs_to_target']:.3g} epochs, {_fmt(best['samples_to_target'])} samples), "
-            f"{best['steps_to_target'] / s_min:.1f}× the minimum steps and "
-            f"{best['samples_to_target'] / e_min:.1f}× the minimum samples")
-    if no_gain is not None and no_gain != reached["batch_size"].iloc[-1]:
-        text += f"; batches above ~{no_gain} buy no fewer steps"
-    elif len(reached) > 1:
-        text += f"; even the largest batch ({reached['batch_size'].iloc[-1]}) still saves steps"
-    if fit.ok:
-        text += (f". Critical batch size B_crit = {_fmt(fit.b_crit)} ± {_fmt(fit.b_crit_err)} "
-                 f"(S_min = {_fmt(fit.s_min)} steps, E_min = {_fmt(fit.e_min)} samples)")
+    text = (f"B = {best['batch_size']}, lr = {best['best_lr']:.3g}: reaches {target} in {_fmt(best['steps_to_target'])} "
+            f"steps (95% CI {_fmt(best['steps_ci_lo'])}–{_fmt(best['steps_ci_hi'])}; "
+            f"{best['epochs_to_target']:.3g} epochs, {_fmt(best['samples_to_target'])} samples), "
+            f"{best['steps_to_target'] / s_min:.1f}× the fewest steps and {best['samples_to_target'] / e_min:.1f}× "
+            f"the fewest samples of any batch size; {regime_words(reached)}. "
+            f"Critical batch size B_crit = {_fmt(fit.b_crit)} (95% CI {_fmt(fit.b_crit_lo)}–{_fmt(fit.b_crit_hi)}; "
+            f"± {_fmt(fit.b_crit_err)} by the delta method), S_min = {_fmt(fit.s_min)} steps, "
+            f"E_min = {_fmt(fit.e_min)} samples; the fit explains R² = {fit.r2:.2f} of log S")
     if math.isfinite(fit.b_simple):
         text += f"; noise scale B_simple ≈ {_fmt(fit.b_simple)} near the target"
     if fastest is not None:
         text += f". Fastest here: B = {fastest['batch_size']} ({fastest['seconds_to_target']:.3g} s of training)"
     return Recommendation(
-        text=text + ".", batch_size=plain(b), lr=float(best["best_lr"]), steps=float(best["steps_to_target"]),
-        epochs=float(best["epochs_to_target"]), samples=float(best["samples_to_target"]),
-        seconds=float(best["seconds_to_target"]), steps_ratio=float(best["steps_to_target"] / s_min),
-        samples_ratio=float(best["samples_to_target"] / e_min), no_gain_above=plain(no_gain),
+        text=text + ".", batch_size=plain(best["batch_size"]), lr=float(best["best_lr"]),
+        steps=float(best["steps_to_target"]), epochs=float(best["epochs_to_target"]),
+        samples=float(best["samples_to_target"]), seconds=float(best["seconds_to_target"]),
+        steps_ratio=float(best["steps_to_target"] / s_min), samples_ratio=float(best["samples_to_target"] / e_min),
+        no_gain_above=plain(no_gain_from(reached)),
         fastest_batch_size=plain(fastest["batch_size"]) if fastest is not None else None,
-        fastest_seconds=float(fastest["seconds_to_target"]) if fastest is not None else math.nan,
+        fastest_seconds=float(fastest["seconds_to_target"]) if fastest is not None else math.nan, supported=True,
     )
 
 
@@ -270,12 +295,13 @@ class Analysis:
 
 
 def analyse(trials: pd.DataFrame, target: str) -> Analysis:
-    """Summary, fit, regimes and recommendation from the trials' summaries alone."""
+    """Summary, fit with its intervals, regimes and recommendation from the trials' summaries alone."""
     summary = summarize(trials)
     if summary.empty:
         return Analysis(summary, ScalingFit(message="no trials"), recommend(summary, ScalingFit(), target))
     measured = summary.loc[summary["batch_size_value"] >= 2, "noise_scale"].dropna()
     fit = fit_scaling(summary["batch_size_value"], summary["steps_to_target"],
                       float(measured.median()) if len(measured) else math.nan)
+    summary, fit = with_intervals(summary, trials, fit)
     summary = mark_regimes(summary, fit)
     return Analysis(summary, fit, recommend(summary, fit, target))

@@ -1,0 +1,120 @@
+"""PyTorch Lightning: ``Trainer(callbacks=[BatchlabCallback(store="batchlab.db")])``.
+
+The callback drives a `batchlab.tracking.Tracker` from Lightning's hooks: the loss of each
+(micro-)batch as Lightning back-propagates it (``on_before_backward``, its normalisation by
+``accumulate_grad_batches`` undone), the gradients after ``backward`` (probes), the update
+(``optimizer.step``), and the batch's correct count when ``training_step`` returns a dict with the
+batch's ``logits`` (``return {"loss": loss, "logits": logits}``; without it the run records losses
+only). Validation metrics the module logs as ``val_*`` (``self.log("val_loss", ...)``) join each epoch's
+evaluation row; ``eval_data`` adds full passes of batchlab's own (``train`` densely for ``batchlab
+explain --run``). A `Stop` request (EarlyStopping, a divergence) sets ``trainer.should_stop``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from ..errors import ConfigError
+from ..events import Callback
+from ..tracking import Tracker, track
+
+
+class BatchlabCallback(pl.Callback):
+    """Record a Lightning training run with batchlab's metric views and probes.
+
+    Args:
+        store: a `batchlab.store.RunStore` or a path; the run is recorded there (kind ``track``).
+        name: the run's name in the store.
+        probes: as for `batchlab.track` (``grad_norm``, ``noise_scale``, ``dist_from_init``, ...).
+        eval_every: evaluate ``eval_data`` every this many steps (and at every epoch end).
+        eval_data: ``{"train": (X, y), "val": ...}`` tensors or loaders, evaluated with ``loss_fn``.
+        loss_fn: ``(outputs, targets) -> loss`` for ``eval_data``.
+        callbacks: batchlab callbacks (``EarlyStopping`` etc.).
+        n_train: training-set size (default: the train dataloader's dataset length).
+    """
+
+    def __init__(self, store: Any = None, *, name: str | None = None, probes: Sequence[Any] = (),
+                 eval_every: int | None = None, eval_data: Any = None, loss_fn: Any = None,
+                 callbacks: Sequence[Callback] = (), n_train: int | None = None):
+        super().__init__()
+        self.options = dict(store=store, name=name, probes=probes, eval_every=eval_every, eval_data=eval_data,
+                             loss_fn=loss_fn, callbacks=callbacks, n_train=n_train)
+        self.tracker: Tracker | None = None
+        self._loss = math.nan
+        self._size = 0
+        self._scale = 1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ConfigError(f"BatchlabCallback records runs with one optimizer; this module has {len(trainer.optimizers)}")
+        options = dict(self.options)
+        if options["n_train"] is None:
+            options["n_train"] = _dataset_length(trainer)
+        self._scale = trainer.accumulate_grad_batches
+        self.tracker = track(pl_module, trainer.optimizers[0], accumulate=self._scale, dataset=type(pl_module).__name__,
+                             **options)
+        self.tracker.defer_completion = True  # the batch's outputs come after the update
+        self.tracker.__enter__()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._size = _batch_length(batch)
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        self._loss = float(loss.detach()) * self._scale  # Lightning divided it by accumulate_grad_batches
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self.tracker is not None:
+            self.tracker.step(self._loss, batch_size=self._size)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.tracker is None:
+            return
+        correct = None
+        if isinstance(outputs, dict) and isinstance(outputs.get("logits"), torch.Tensor) and len(batch) >= 2:
+            targets = batch[1]
+            if targets.dim() == 1 and not targets.is_floating_point():
+                correct = int((outputs["logits"].detach().argmax(dim=1) == targets).sum())
+        self.tracker.batch_end(correct)
+        if self.tracker.should_stop:
+            trainer.should_stop = True
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.tracker is None:
+            return
+        val = {key[len("val_"):]: float(value) for key, value in trainer.callback_metrics.items()
+               if key.startswith("val_") and not key.endswith("_step") and torch.as_tensor(value).numel() == 1}
+        self.tracker.end_epoch(**({"val": val} if val else {}))
+        if self.tracker.should_stop:
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.tracker is not None:
+            self.tracker.finish()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self.tracker is not None:
+            self.tracker.finish("interrupted", f"{type(exception).__name__}: {exception}".splitlines()[0])
+
+    @property
+    def run_id(self) -> int | None:
+        return self.tracker.run_id if self.tracker is not None else None
+
+
+def _batch_length(batch: Any) -> int:
+    first = batch[0] if isinstance(batch, (list, tuple)) else batch
+    if isinstance(first, dict):
+        first = next(iter(first.values()))
+    return int(first.shape[0])
+
+
+def _dataset_length(trainer: pl.Trainer) -> int | None:
+    loader = trainer.train_dataloader
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None

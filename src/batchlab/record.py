@@ -1,0 +1,404 @@
+"""The measurement core: what one run measures, whoever trains it.
+
+A `Recorder` owns a run's bookkeeping: the step rows and their columns, the Keras-exact running
+mean, the evaluation rows (with callbacks' `AddMetrics`), the probe values, the callbacks' events
+and requests, the epoch rows, the end of the run and its status (finished, stopped, diverged,
+interrupted). It trains nothing and evaluates nothing: a driver computes a step or an evaluation
+and hands the numbers over. Rows leave the core only through callbacks (the store's recorder is
+one) and as the finished `Run`.
+
+Drivers: `batchlab.loop.fit` (one model, batches from a seeded permutation), `batchlab.replicas`
+(R models stacked, one `Recorder` per replica), `batchlab.track` (the user's own loop) and the
+framework callbacks of `batchlab.integrations`. They differ in how a step is computed and how
+batches are ordered; what a step row, an evaluation row or an epoch row means is decided here.
+
+A driver's calls, in order::
+
+    rec.start_run()
+    rec.record_evaluation(metrics, seconds)            # step 0, when the driver evaluates
+    while ...:
+        rec.start_epoch()
+        for each batch:
+            rec.record_step(b, lr, loss, correct, dt)   # then, when rec.evaluation_due(): record_evaluation
+            if rec.wants_attention and not rec.settle(): break
+        rec.end_epoch()                                # after an evaluation at this step, if any
+        if not rec.settle(): break
+    run = rec.finish()
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .errors import ConfigError
+from .events import (
+    AddMetrics,
+    Callback,
+    Clock,
+    EpochEnd,
+    Evaluation,
+    RestoreWeights,
+    RunEnd,
+    RunStart,
+    Save,
+    StepEnd,
+    Stop,
+)
+from .metrics import RunningMean
+
+METRIC_SUFFIXES = ("_loss", "_acc")
+
+
+# --- the result ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """The result of a run: its config, the three tables and how it ended.
+
+    Attributes:
+        steps: one row per update: ``step, epoch, samples_seen, batch_size, lr, batch_loss,
+            batch_acc, running_loss, running_acc, seconds``, probe columns, and the full-pass
+            metrics (``train_*, val_*, test_*``) at the steps where evaluation happened.
+        evals: one row per full-pass evaluation (step 0 first): ``step, epoch, samples_seen,
+            seconds, train_loss, train_acc, val_*, test_*``.
+        epochs: one row per epoch: ``epoch, step, samples_seen, lr, running_loss, running_acc``
+            (the epoch-end aggregate Keras stores in ``History``), ``train_*, val_*, test_*`` at the
+            epoch's end, ``seconds``.
+        status: ``finished``, ``stopped`` (a callback asked), ``diverged`` (NaN/inf loss) or
+            ``interrupted``.
+        seconds: training time, full-pass evaluations excluded (they are in ``eval_seconds``).
+
+    The tables are built from the recorded rows (``step_rows``, ``eval_rows``, ``epoch_rows``) on
+    first access, so a run nobody inspects costs no pandas work.
+    """
+
+    config: Any
+    dataset: str
+    clock: Clock
+    status: str
+    message: str | None
+    model: Any = field(repr=False)
+    seconds: float = 0.0
+    eval_seconds: float = 0.0
+    step_rows: list[dict] = field(default_factory=list, repr=False)
+    eval_rows: list[dict] = field(default_factory=list, repr=False)
+    epoch_rows: list[dict] = field(default_factory=list, repr=False)
+
+    @cached_property
+    def steps(self) -> pd.DataFrame:
+        return step_table(self.step_rows, self.eval_rows)
+
+    @cached_property
+    def evals(self) -> pd.DataFrame:
+        return pd.DataFrame(self.eval_rows)
+
+    @cached_property
+    def epochs(self) -> pd.DataFrame:
+        return pd.DataFrame(self.epoch_rows)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers: how far it trained, how it ended, the last and best metrics."""
+        out: dict[str, Any] = {
+            "status": self.status,
+            "message": self.message,
+            "dataset": self.dataset,
+            "batch_size": self.clock.batch_size,
+            "steps_per_epoch": self.clock.steps_per_epoch,
+            "steps": self.clock.step,
+            "epochs": self.clock.epoch,
+            "samples_seen": self.clock.samples_seen,
+            "seconds": round(self.seconds, 4),
+            "eval_seconds": round(self.eval_seconds, 4),
+        }
+        out.update(summarize_evals(self.eval_rows))
+        return out
+
+
+def summarize_evals(evals: list[dict]) -> dict[str, float]:
+    """Final value of each evaluated metric, and the best validation accuracy/loss with its step."""
+    out: dict[str, float] = {}
+    if not evals:
+        return out
+    for column, value in evals[-1].items():
+        if column.endswith(METRIC_SUFFIXES):
+            out[f"final_{column}"] = float(value)
+    for column, better in (("val_acc", max), ("val_loss", min)):
+        rows = [r for r in evals if column in r and not math.isnan(r[column])]
+        if rows:
+            best = better(rows, key=lambda r: r[column])  # the first of equal values, as idxmax does
+            out[f"best_{column}"] = float(best[column])
+            out[f"best_{column}_step"] = int(best["step"])
+    return out
+
+
+def step_table(steps: list[dict], evals: list[dict]) -> pd.DataFrame:
+    """The step rows, with the full-pass metrics filled in at the steps where evaluation happened."""
+    table = pd.DataFrame(steps)
+    if table.empty or not evals:
+        return table
+    metrics = pd.DataFrame(evals).drop(columns=["epoch", "samples_seen", "seconds"])
+    return table.merge(metrics[metrics["step"] > 0], on="step", how="left")
+
+
+def divergence_message(batch_loss: float, step: int, epoch: int, lr: float) -> str:
+    """The one message of a diverged run (NaN/inf batch loss), saying what to try."""
+    return (f"loss became {batch_loss} at step {step} (epoch {epoch}) with lr {lr:g}; "
+            "lower the learning rate or check the data")
+
+
+def evaluation_due(clock: Clock, eval_every: int | None) -> bool:
+    """Whether a run evaluates after the step ``clock`` has just counted: every ``eval_every`` steps,
+    except at an epoch's last step (the epoch's end evaluates there). Where the epoch's length is not
+    known yet (``steps_per_epoch`` 0: a tracked loop's first epoch), every multiple is due."""
+    return (eval_every is not None and clock.step % eval_every == 0
+            and (clock.steps_per_epoch == 0 or clock.step_in_epoch < clock.steps_per_epoch))
+
+
+def overrides_step_end(callback: Callback) -> bool:
+    """Whether a callback wants every `StepEnd` (the hot path calls only those)."""
+    return type(callback).on_step_end is not Callback.on_step_end
+
+
+# --- the core -----------------------------------------------------------------------------------
+
+
+class Recorder:
+    """The measurement core of one run (see the module docstring for the driver's calls).
+
+    Args:
+        clock: the run's accounting (`batchlab.loop.plan_run` for fit); the recorder advances it.
+        model: the live module (events carry it; `RestoreWeights` loads into it).
+        classification: whether accuracy columns exist (``batch_acc``, ``running_acc``, ``*_acc``).
+        callbacks: `Callback` objects; their requests are collected and acted on by `settle`.
+        config: what the run was given (a `TrainConfig`, or any object with ``model_dump``); in
+            `RunStart` and the `Run`.
+        dataset: the dataset's name.
+        probes: a `batchlab.probes.ProbeSet` (or None); its values join the step rows of measured steps.
+        probe_names: the probes' names when the driver measures them itself (the replicas).
+        probe_every: measure the probes every this many steps.
+        eval_every: evaluate every this many steps within an epoch (``None``: at epoch ends only).
+        save: writes a checkpoint for a `Save` request; ``None`` refuses `Save` with a `ConfigError`.
+        save_refusal: the reason given when ``save`` is None.
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        model: Any,
+        classification: bool,
+        callbacks: Sequence[Callback] = (),
+        config: Any = None,
+        dataset: str = "",
+        probes: Any = None,
+        probe_names: Sequence[str] = (),
+        probe_every: int = 1,
+        eval_every: int | None = None,
+        save: Callable[[Path], None] | None = None,
+        save_refusal: str = "this run cannot write checkpoints",
+    ):
+        self.clock = clock
+        self.model, self.classification, self.config, self.dataset = model, classification, config, dataset
+        self.callbacks = list(callbacks)
+        self.per_step = [c for c in self.callbacks if overrides_step_end(c)]
+        self.probes, self.probe_every = probes, probe_every
+        self.probe_names = tuple(probes.names) if probes is not None else tuple(probe_names)
+        self.eval_every = eval_every or None  # one meaning of "no step-wise evaluation": None
+        self.save, self.save_refusal = save, save_refusal
+        self.steps: list[dict] = []
+        self.evals: list[dict] = []
+        self.epochs: list[dict] = []
+        self.running = RunningMean()
+        self.seconds = 0.0
+        self.eval_seconds = 0.0
+        self.delivered_steps = 0  # rows already handed to callbacks in an EpochEnd
+        self.delivered_evals = 0
+        self.status: str = "finished"
+        self.message: str | None = None
+        self.requests: list = []
+        self.wants_attention = False  # the last step needs `settle`: callbacks' requests or divergence
+
+    # -- events and requests ---------------------------------------------------------------------
+
+    def dispatch(self, method: str, event) -> None:
+        """Call every callback for an event (per-step ones only for ``on_step_end``); keep their requests."""
+        targets = self.per_step if method == "on_step_end" else self.callbacks
+        for callback in targets:
+            request = getattr(callback, method)(event)
+            if request is not None:
+                self.requests.append(request)
+
+    def settle(self) -> bool:
+        """Act on the callbacks' requests (checkpoints, weights, stop); True while the run goes on."""
+        requests, self.requests, self.wants_attention = self.requests, [], False
+        for request in requests:
+            if isinstance(request, Save):
+                if self.save is None:
+                    raise ConfigError(f"cannot write checkpoint {request.path}: {self.save_refusal}")
+                self.save(request.path)
+            elif isinstance(request, RestoreWeights):
+                self.model.load_state_dict(request.state_dict)
+            elif isinstance(request, Stop) and self.status == "finished":
+                self.status, self.message = "stopped", request.reason
+        return self.status == "finished"
+
+    @property
+    def going(self) -> bool:
+        return self.status == "finished"
+
+    def start_run(self) -> None:
+        """The `RunStart` event."""
+        self.dispatch("on_run_start", RunStart(self.config, self.dataset, self.clock, self.model, self.probe_names))
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def start_epoch(self) -> None:
+        """A new epoch: the clock advances and the running mean restarts (Keras resets its metrics)."""
+        self.clock = replace(self.clock, epoch=self.clock.epoch + 1, step_in_epoch=0)
+        self.running = RunningMean()
+
+    def measuring(self) -> bool:
+        """Whether the probes measure the next step."""
+        return self.probes is not None and self.probes.active and self.clock.step % self.probe_every == 0
+
+    def record_step(self, batch_size: int, lr: float, batch_loss: float, batch_correct: int | None,
+                    seconds: float, probe_values: Mapping[str, float] | None = None) -> dict:
+        """Record one update: its step row, the running mean, the `StepEnd` event, divergence.
+
+        Args:
+            batch_size: samples in the batch (the last batch of an epoch may be short).
+            lr: the learning rate the update used.
+            batch_loss: the batch's mean loss from the update's own forward pass.
+            batch_correct: correctly classified samples of the batch (ignored for regression).
+            seconds: training time of this step.
+            probe_values: the probes' values when this step was measured.
+
+        Returns:
+            The step row. Afterwards ``wants_attention`` says whether `settle` must be called
+            (callbacks asked for something, or the loss is not finite: the run is then diverged).
+        """
+        clock = self.clock
+        step, in_epoch, seen = clock.step + 1, clock.step_in_epoch + 1, clock.samples_seen + batch_size
+        self.clock = clock = Clock(clock.n_train, clock.batch_size, clock.steps_per_epoch, clock.total_steps,
+                                   clock.epochs, step, clock.epoch, in_epoch, seen)
+        running = self.running
+        row = {"step": step, "epoch": clock.epoch, "samples_seen": seen, "batch_size": batch_size, "lr": lr,
+               "batch_loss": batch_loss}
+        if self.classification:
+            running.update(batch_loss, batch_correct, batch_size)
+            row.update(batch_acc=batch_correct / batch_size, running_loss=running.loss, running_acc=running.acc)
+        else:
+            running.update(batch_loss, 0, batch_size)
+            row["running_loss"] = running.loss
+        self.seconds += seconds
+        row["seconds"] = self.seconds
+        if probe_values:
+            row.update(probe_values)
+        self.steps.append(row)
+        if self.per_step:
+            self.dispatch("on_step_end", StepEnd(clock, row, self.model))
+        if not math.isfinite(batch_loss):
+            self.status, self.message = "diverged", divergence_message(batch_loss, step, clock.epoch, lr)
+        self.wants_attention = bool(self.requests) or self.status != "finished"
+        return row
+
+    def evaluation_due(self) -> bool:
+        """Whether the driver should evaluate now: every ``eval_every`` steps, not at an epoch's end
+        (`end_epoch` evaluates there) and not after a divergence."""
+        return self.status != "diverged" and evaluation_due(self.clock, self.eval_every)
+
+    # -- evaluations -----------------------------------------------------------------------------
+
+    def record_evaluation(self, metrics: Mapping[str, float], seconds: float = 0.0) -> dict:
+        """Record a full-pass evaluation at the current step, with the metrics callbacks add.
+
+        Args:
+            metrics: ``train_loss``, ``train_acc``, ``val_*``, ``test_*``, as measured by the driver.
+            seconds: how long the evaluation took (kept apart from training time).
+
+        Returns:
+            The evaluation row (callbacks' `AddMetrics` merged in: they cannot overwrite ours).
+        """
+        self.eval_seconds += seconds
+        clock = self.clock
+        row = {"step": clock.step, "epoch": clock.epoch, "samples_seen": clock.samples_seen,
+               "seconds": self.seconds, **metrics}
+        self.evals.append(row)
+        before = len(self.requests)
+        self.dispatch("on_evaluation", Evaluation(clock, dict(metrics), self.seconds, self.model))
+        added = [r for r in self.requests[before:] if isinstance(r, AddMetrics)]
+        if added:
+            self.requests[before:] = [r for r in self.requests[before:] if not isinstance(r, AddMetrics)]
+            for request in added:
+                row.update({k: v for k, v in request.values.items() if k not in row})
+        self.wants_attention = bool(self.requests) or self.status != "finished"
+        return row
+
+    def evaluated_now(self) -> bool:
+        """Whether the latest evaluation is at the current step."""
+        return bool(self.evals) and self.evals[-1]["step"] == self.clock.step
+
+    # -- epochs and the end ----------------------------------------------------------------------
+
+    def end_epoch(self) -> dict:
+        """The epoch row (the last evaluation's metrics if it is at this step) and the `EpochEnd` event."""
+        clock = self.clock
+        metrics = ({k: v for k, v in self.evals[-1].items() if k.endswith(METRIC_SUFFIXES)}
+                   if self.evaluated_now() else {})
+        row = {"epoch": clock.epoch, "step": clock.step, "samples_seen": clock.samples_seen,
+               "lr": self.steps[-1]["lr"] if self.steps else float("nan"), "running_loss": self.running.loss}
+        if self.classification:
+            row["running_acc"] = self.running.acc
+        row.update(metrics)
+        row["seconds"] = self.seconds
+        self.epochs.append(row)
+        event = EpochEnd(clock, row, tuple(self.steps[self.delivered_steps:]),
+                         tuple(self.evals[self.delivered_evals:]), self.model)
+        self.delivered_steps, self.delivered_evals = len(self.steps), len(self.evals)
+        self.dispatch("on_epoch_end", event)
+        return row
+
+    def run(self) -> Run:
+        """The run as it stands, as a `Run`."""
+        return Run(config=self.config, dataset=self.dataset, clock=self.clock, status=self.status,
+                   message=self.message, model=self.model, seconds=self.seconds, eval_seconds=self.eval_seconds,
+                   step_rows=self.steps, eval_rows=self.evals, epoch_rows=self.epochs)
+
+    def finish(self, status: str | None = None, message: str | None = None) -> Run:
+        """End the run (``status`` overrides, e.g. ``interrupted``): the `RunEnd` event with the rows not
+        yet delivered, then the callbacks' last requests (`RestoreWeights`)."""
+        if status is not None:
+            self.status, self.message = status, message
+        run = self.run()
+        event = RunEnd(self.clock, self.status, self.message, run.summary, tuple(self.steps[self.delivered_steps:]),
+                       tuple(self.evals[self.delivered_evals:]), self.model)
+        self.delivered_steps, self.delivered_evals = len(self.steps), len(self.evals)
+        self.requests = []
+        self.dispatch("on_run_end", event)
+        status_before = self.status
+        self.settle()
+        self.status = status_before  # a Stop at the very end changes nothing
+        return run
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the core, as plain JSON-able values (tables, clock, seconds)."""
+        return {"clock": asdict(self.clock), "steps": self.steps, "evals": self.evals, "epochs": self.epochs,
+                "seconds": self.seconds, "eval_seconds": self.eval_seconds}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from `state`: the rows so far count as delivered (the store has them)."""
+        self.clock = Clock(**state["clock"])
+        self.steps, self.evals, self.epochs = list(state["steps"]), list(state["evals"]), list(state["epochs"])
+        self.seconds, self.eval_seconds = float(state["seconds"]), float(state["eval_seconds"])
+        self.delivered_steps, self.delivered_evals = len(self.steps), len(self.evals)

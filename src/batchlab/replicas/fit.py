@@ -1,0 +1,397 @@
+"""`fit_replicas`: R trainings as one vectorized pass, each replica recorded by its own core.
+
+The pass (`batchlab.replicas.vectorized`) computes every active replica's step at once; each
+replica's numbers go to its own `batchlab.record.Recorder`, the same core `fit` drives, so a
+replica's rows, events, evaluations, divergence and end mean what they mean in `fit`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .. import data as data_lib
+from ..callbacks import Checkpoint, progress_wanted
+from ..config import TrainConfig
+from ..errors import ConfigError
+from ..events import Callback, Clock
+from ..loop import check_model, plan_run, resolve_device
+from ..optim import scaled_lr
+from ..record import Recorder, Run, evaluation_due
+from .plan import (
+    REPLICA_PROBES,
+    CallbackFactory,
+    check_replica_configs,
+    default_memory_budget,
+    plan_chunks,
+    replica_bytes,
+)
+from .vectorized import _Pass
+
+log = logging.getLogger("batchlab.replicas")
+
+SYNC_EVERY = 256  # steps between reads of the batch losses when nothing needs them sooner
+SAVE_REFUSAL = "checkpoints are not supported for replicas; train this config with fit to checkpoint it"
+
+
+# --- the result ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ReplicaRuns(Sequence):
+    """The runs of `fit_replicas`, one `Run` per replica in the order of the configs.
+
+    Attributes:
+        runs: replica r's `Run`, with the same tables as `fit` gives.
+        chunks: how many replicas each vectorized pass held (one pass unless memory was short).
+        bytes_per_replica: the memory estimate that decided the chunks.
+        memory_budget: the budget in bytes.
+        seconds: wall time of the whole ensemble, evaluations included.
+    """
+
+    runs: list[Run]
+    chunks: list[int]
+    bytes_per_replica: int
+    memory_budget: int
+    seconds: float = 0.0
+
+    def __getitem__(self, index):
+        return self.runs[index]
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def __iter__(self) -> Iterator[Run]:
+        return iter(self.runs)
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        """One row per replica: its seed, lr and the headline numbers of its `Run.summary`."""
+        rows = [{"replica": i, "seed": run.config.seed, "lr": run.config.lr, **run.summary}
+                for i, run in enumerate(self.runs)]
+        return pd.DataFrame(rows)
+
+
+@dataclass(eq=False)
+class _Replica:
+    """One replica: its config, live module (views of the stack while training), generators and core."""
+
+    index: int
+    config: TrainConfig
+    model: nn.Module
+    recorder: Recorder
+    base_lr: float
+    data_generator: torch.Generator
+    dropout_generator: torch.Generator
+
+    @property
+    def per_step(self) -> bool:
+        return bool(self.recorder.per_step)
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def fit_replicas(
+    model_fn: Callable[[int], nn.Module],
+    dataset: data_lib.Dataset,
+    configs: Sequence[TrainConfig],
+    *,
+    probes: Sequence[str] = (),
+    callbacks: CallbackFactory | Sequence[Sequence[Callback]] | None = None,
+    memory_budget: int | None = None,
+    chunk_size: int | None = None,
+    progress: bool | None = None,
+) -> ReplicaRuns:
+    """Train one replica per config in one vectorized pass; replica r reproduces ``fit`` with config r.
+
+    Args:
+        model_fn: ``seed -> nn.Module``, e.g. ``lambda seed: build_model("mlp", ds, seed=seed)``;
+            called once per replica with its config's seed. All models must share one architecture.
+        dataset: a `batchlab.data.Dataset`.
+        configs: one `TrainConfig` per replica. They must share `SHARED_FIELDS` (batch size,
+            epochs/max_steps, optimizer kind, evaluation points, ...) and may differ in seed, lr,
+            momentum, weight decay, betas, schedule and its parameters, warm-up and lr scaling.
+        probes: names among ``grad_norm``, ``dist_from_init``, ``update_norm``, measured per replica
+            with the meaning they have in `fit`.
+        callbacks: per-replica callbacks, as a function ``(replica index, config) -> [callbacks]``
+            or one list per replica. A replica stops alone when its callbacks return `Stop`.
+        memory_budget: bytes the stacked training may use; default half the free memory. Replicas
+            that do not fit are trained in further chunks, one after another.
+        chunk_size: replicas per vectorized pass, overriding the memory estimate.
+        progress: show a progress bar; default: when stderr is a terminal.
+
+    Returns:
+        A `ReplicaRuns`: a sequence of `Run` in the order of ``configs``, with ``.chunks``.
+
+    Example:
+        >>> configs = [bl.TrainConfig(batch_size=32, epochs=5, lr=lr, seed=s) for lr in (0.01, 0.1) for s in range(4)]
+        >>> runs = bl.fit_replicas(lambda seed: bl.build_model("mlp", ds, seed=seed), ds, configs)
+        >>> [run.summary["final_val_acc"] for run in runs]
+    """
+    from ..checks import check_arguments, check_items
+
+    check_arguments("fit_replicas", model_fn=(model_fn, Callable), dataset=(dataset, data_lib.Dataset))
+    check_items("fit_replicas", "configs", configs, TrainConfig)
+    started = time.perf_counter()
+    configs = check_replica_configs(configs)
+    unknown = [p for p in probes if not isinstance(p, str) or p not in REPLICA_PROBES]
+    if unknown:
+        raise ConfigError(f"probe {unknown[0]!r} is not available for replicas; choose from "
+                          f"{', '.join(REPLICA_PROBES)}, or train with fit")
+    factory = _callback_factory(callbacks, len(configs))
+    clock = plan_run(dataset, configs[0])
+    device = resolve_device(configs[0].device)
+    dataset = dataset.to(device)
+    models = [model_fn(config.seed).to(device) for config in configs]
+    check_model(models[0], dataset)
+    shapes = [[(n, p.shape) for n, p in m.state_dict().items()] for m in models]
+    for index, described in enumerate(shapes[1:], start=1):
+        if described != shapes[0]:
+            raise ConfigError(f"model_fn gave replica {index} another architecture than replica 0; "
+                              "replicas must share the architecture")
+    budget = memory_budget or default_memory_budget(device)
+    per_replica = _estimate_bytes(models[0], dataset, configs[0], clock, probes)
+    chunks = plan_chunks(len(configs), per_replica, budget, chunk_size)
+    log.info("%d replicas, about %.1f MiB each, budget %.1f MiB -> %d chunk(s) of %s replicas",
+             len(configs), per_replica / 2**20, budget / 2**20, len(chunks), "/".join(map(str, chunks)))
+    if progress is None:
+        progress = progress_wanted()
+    display = _ProgressDisplay(len(configs), clock.total_steps * len(chunks)) if progress else None
+    runs: list[Run] = []
+    try:
+        start = 0
+        for size in chunks:
+            indices = range(start, start + size)
+            replicas = [_make_replica(i, configs[i], models[i], factory(i, configs[i]), clock, dataset.name, probes,
+                                      dataset.n_classes is not None) for i in indices]
+            runs += _train_chunk(replicas, dataset, clock, list(probes), device, display)
+            start += size
+    finally:
+        if display is not None:
+            display.close()
+    return ReplicaRuns(runs, chunks, per_replica, budget, time.perf_counter() - started)
+
+
+def _callback_factory(callbacks, n: int) -> CallbackFactory:
+    if callbacks is None:
+        return lambda index, config: []
+    if callable(callbacks):
+        return lambda index, config: list(callbacks(index, config))
+    callbacks = list(callbacks)
+    if len(callbacks) != n or any(isinstance(c, Callback) for c in callbacks):
+        raise ConfigError("give replica callbacks as a function (index, config) -> [callbacks], "
+                          f"or one list per replica ({n} lists)")
+    return lambda index, config: list(callbacks[index])
+
+
+def _make_replica(index: int, config: TrainConfig, model: nn.Module, callbacks, clock: Clock, dataset: str = "",
+                  probes: Sequence[str] = (), classification: bool = True) -> _Replica:
+    callbacks = list(callbacks)
+    refused = [c for c in callbacks if isinstance(c, Checkpoint)]
+    if refused:  # refused before any work, rather than at the first epoch end
+        raise ConfigError(f"replica {index}: {SAVE_REFUSAL}")
+    recorder = Recorder(
+        clock, model=model, classification=classification, callbacks=callbacks, config=config, dataset=dataset,
+        probe_names=tuple(probes), eval_every=None if config.eval_every == "epoch" else config.eval_every,
+        save=None, save_refusal=SAVE_REFUSAL,
+    )
+    return _Replica(
+        index=index, config=config, model=model, recorder=recorder,
+        base_lr=scaled_lr(config, clock.batch_size),
+        data_generator=torch.Generator().manual_seed(config.seed),
+        dropout_generator=torch.Generator(device=next(model.parameters()).device).manual_seed(config.seed),
+    )
+
+
+def _estimate_bytes(model: nn.Module, dataset, config: TrainConfig, clock: Clock, probes) -> int:
+    """`replica_bytes` for this model: counts its tensors and measures its activations on 2 samples."""
+    sizes: list[int] = []
+    leaves = [m for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(lambda m, i, out: sizes.append(out[0].numel())) for m in leaves]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(dataset.train[0][:1])
+    model.train(was_training)
+    for hook in hooks:
+        hook.remove()
+    copies = 1 + {"sgd": 1, "adam": 2, "adamw": 2, "rmsprop": 2}[config.optimizer] + len(probes)
+    return replica_bytes(
+        n_params=sum(p.numel() for p in model.parameters()),
+        n_buffers=sum(b.numel() for b in model.buffers()),
+        state_copies=copies,
+        activations_per_sample=sum(sizes) + dataset.train[0][0].numel(),
+        batch_size=clock.batch_size,
+        eval_rows=min(config.eval_batch_size, clock.n_train),
+        element_bytes=dataset.train[0].element_size(),
+    )
+
+
+def _train_chunk(replicas: list[_Replica], dataset, clock: Clock, probes: list[str], device, display) -> list[Run]:
+    """Train one chunk of replicas together and return their runs in order."""
+    state = _Pass(replicas, dataset, clock, probes, device)
+    try:
+        _run_pass(state, clock, display)
+    except KeyboardInterrupt:
+        for replica in list(state.active):
+            rec = replica.recorder
+            rec.finish("interrupted", f"interrupted at step {rec.clock.step}")
+        state.drop(list(state.active))
+        raise
+    return [r.recorder.run() for r in replicas]
+
+
+def _run_pass(state: _Pass, clock: Clock, display) -> None:
+    """`fit`'s loop, for every active replica at once; finished replicas leave the stack."""
+    config, X = state.config, state.dataset.train[0]
+    eval_every = None if config.eval_every == "epoch" else config.eval_every
+    for replica in state.active:
+        replica.recorder.start_run()
+    _evaluate(state, state.active)
+    last_eval_step = 0
+    _end_runs(state, [r for r in list(state.active) if not r.recorder.settle()])  # stopped before training
+    while state.active and clock.step < clock.total_steps:
+        clock = replace(clock, epoch=clock.epoch + 1, step_in_epoch=0)
+        for replica in state.active:
+            replica.recorder.start_epoch()
+        orders = torch.stack([data_lib.epoch_order(clock.n_train, r.data_generator, config.shuffle)
+                              for r in state.active]).to(X.device)  # (R, N)
+        state.rows_before_drop = list(state.active)
+        n_batches = data_lib.steps_per_epoch(clock.n_train, clock.batch_size, config.drop_last)
+        pending: list[_Pending] = []
+        for batch in range(n_batches):
+            if clock.step >= clock.total_steps or not state.active:
+                break
+            if len(orders) != len(state.active):  # replicas left the stack: keep the others' orders
+                orders = orders[[state.rows_before_drop.index(r) for r in state.active]]
+                state.rows_before_drop = list(state.active)
+            index = orders[:, batch * clock.batch_size:(batch + 1) * clock.batch_size]  # (R, b)
+            measuring = bool(state.probes) and clock.step % config.probe_every == 0
+            started = time.perf_counter()
+            out = state.step(index, clock, measuring)
+            lrs = state.lrs[clock.step]
+            clock = replace(clock, step=clock.step + 1, step_in_epoch=clock.step_in_epoch + 1,
+                            samples_seen=clock.samples_seen + index.shape[1])
+            pending.append(_Pending(out, lrs, time.perf_counter() - started, index.shape[1]))
+            evaluating = evaluation_due(clock, eval_every)
+            if evaluating or len(pending) >= SYNC_EVERY or state.per_step:
+                _flush(state, pending)
+                pending = []
+                if evaluating and state.active:
+                    _evaluate(state, state.active)
+                    last_eval_step = clock.step
+                stopping = [r for r in list(state.active) if not r.recorder.settle()]
+                if stopping:  # as fit: a stop within an epoch still ends the epoch (evaluation, row)
+                    if last_eval_step != clock.step:
+                        _evaluate(state, stopping)
+                    for replica in stopping:
+                        replica.recorder.end_epoch()
+                        replica.recorder.settle()
+                    _end_runs(state, stopping)
+                if display is not None:
+                    display.update(state, clock)
+        _flush(state, pending)
+        if not state.active:
+            break
+        if last_eval_step != clock.step:
+            _evaluate(state, state.active)
+            last_eval_step = clock.step
+        for replica in state.active:
+            replica.recorder.end_epoch()
+        _end_runs(state, [r for r in list(state.active) if not r.recorder.settle()])
+        if display is not None:
+            display.update(state, clock)
+    _end_runs(state, list(state.active))
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A step whose numbers are still tensors: read in bulk by `_flush` (one synchronisation)."""
+
+    out: dict[str, torch.Tensor]
+    lrs: np.ndarray  # (R_chunk,) the lr of every replica of the chunk at this step
+    seconds: float
+    batch_size: int
+
+
+def _flush(state: _Pass, pending: list[_Pending]) -> None:
+    """Hand the pending steps to every active replica's core; end the diverged replicas."""
+    if not pending:
+        return
+    classification = state.classification
+    losses = torch.stack([p.out["loss"] for p in pending]).cpu().numpy()  # (S, R), one sync
+    corrects = torch.stack([p.out["correct"] for p in pending]).cpu().numpy() if classification else None
+    probe_values: dict[str, dict[int, np.ndarray]] = {}
+    for name in REPLICA_PROBES:
+        measured = [k for k, p in enumerate(pending) if name in p.out]
+        if measured:
+            values = torch.stack([pending[k].out[name] for k in measured]).cpu().numpy()  # (S', R)
+            probe_values[name] = dict(zip(measured, values))
+    n_active = len(state.active)
+    diverged = []
+    for row, replica in enumerate(state.active):
+        column = state.column[replica.index]
+        rec = replica.recorder
+        for k, p in enumerate(pending):
+            measured = {name: float(values[k][row]) for name, values in probe_values.items() if k in values}
+            rec.record_step(p.batch_size, float(p.lrs[column]), float(losses[k, row]),
+                            int(corrects[k, row]) if classification else None,
+                            p.seconds / n_active,  # the replica's share of the vectorized step
+                            measured)
+            if rec.status == "diverged":
+                diverged.append(replica)
+                break
+    _end_runs(state, diverged)
+
+
+def _evaluate(state: _Pass, replicas: Sequence[_Replica]) -> None:
+    """Evaluate ``replicas`` (active ones) and hand each its metrics, with its share of the time."""
+    rows = [state.active.index(r) for r in replicas]
+    started = time.perf_counter()
+    results = state.evaluate(rows)
+    seconds = (time.perf_counter() - started) / max(len(rows), 1)
+    for replica, metrics in zip(replicas, results):
+        replica.recorder.record_evaluation(metrics, seconds)
+
+
+def _end_runs(state: _Pass, replicas: Sequence[_Replica]) -> None:
+    """Finish these replicas and take them out of the stack."""
+    for replica in replicas:
+        replica.recorder.finish()
+    state.drop(replicas)
+
+
+class _ProgressDisplay:
+    """A rich progress bar over all replicas' steps: active replicas and their best running loss."""
+
+    def __init__(self, n_replicas: int, total_steps: int):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.n_replicas = n_replicas
+        self.done_before = 0
+        self.progress = Progress(TextColumn("replicas"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[values]}"), console=Console(stderr=True), transient=True)
+        self.progress.start()
+        self.task = self.progress.add_task("steps", total=total_steps, values="")
+        self.last_draw = 0.0
+
+    def update(self, state: _Pass, clock: Clock) -> None:
+        now = time.monotonic()
+        if now - self.last_draw < 0.1:
+            return
+        self.last_draw = now
+        running = [r.recorder.steps[-1]["running_loss"] for r in state.active if r.recorder.steps]
+        best = f"  best running_loss {min(running):.4f}" if running else ""
+        self.progress.update(self.task, completed=clock.step, values=f"active {len(state.active)}{best}")
+
+    def close(self) -> None:
+        self.progress.stop()

@@ -1,0 +1,165 @@
+"""One vectorized pass over a chunk of replicas: the stacked step and the stacked evaluation."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch.func import vmap
+
+from ..events import Clock
+from ..metrics import evaluate_splits, evaluate_stacked, evaluation_splits, loss_function
+from ..optim import lr_at, stacked_update
+from .stack import _feed_dropout, _per_replica_norm, _Stack, _TensorSlots, draw_masks
+
+if TYPE_CHECKING:
+    from .fit import _Replica
+
+
+class _Pass:
+    """One vectorized pass over a chunk of replicas: the stack, the compute and the bookkeeping."""
+
+    def __init__(self, replicas: list[_Replica], dataset, clock: Clock, probes: list[str], device):
+        config = replicas[0].config
+        self.config, self.dataset, self.device, self.probes = config, dataset, device, probes
+        self.active = list(replicas)  # replica i is row i of the stack
+        self.classification = dataset.n_classes is not None
+        self.loss_fn = loss_function(config.loss, dataset.task)  # per sample
+        self.skeleton = copy.deepcopy(replicas[0].model)
+        self.sites = _feed_dropout(self.skeleton, replicas[0].model, dataset.train[0][:2])
+        self.stack = _Stack([r.model for r in replicas], config, probes, device)
+        self.stack.hyper = _hyperparameters([r.config for r in replicas])
+        for row, replica in enumerate(replicas):
+            self.stack.attach(replica.model, row)
+        self.lrs = _lr_table(replicas, clock)  # (total_steps, R) float64
+        self.column = {r.index: column for column, r in enumerate(replicas)}  # replica -> lr column
+        self.rows_before_drop = list(replicas)  # whose rows the epoch's orders hold
+        self.per_step = any(r.per_step for r in replicas)  # some callback wants every StepEnd
+        mask_names = [site.key for site in self.sites]
+        # Flat tuples through vmap (its pytree work grows with nesting): weights, buffers, masks.
+        self.train_call = _TensorSlots(self.skeleton, [*self.stack.param_names, *self.stack.buffer_names, *mask_names])
+        self.eval_call = _TensorSlots(self.skeleton, [*self.stack.param_names, *self.stack.buffer_names])
+        self.train_forward = vmap(self.train_call, in_dims=(0, 0))
+        self.eval_forward = vmap(self.eval_call, in_dims=(0, None))
+        self.optimizer_step = 0
+        self.stack.relayout(self._trial_gradients(clock.batch_size))
+        for row, replica in enumerate(replicas):
+            self.stack.attach(replica.model, row)
+
+    def _trial_gradients(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """Gradients of one throw-away step (copied buffers, masks of ones): their memory layout."""
+        stack, n = self.stack, len(self.active)
+        X, y = self.dataset.train
+        index = torch.arange(batch, device=X.device).expand(n, batch)  # (R, b)
+        masks = [torch.ones((n, batch, *s.shape), device=self.device, dtype=X.dtype) for s in self.sites]
+        buffers = [b.clone() for b in stack.buffers]
+        losses, _ = self._train_losses((*stack.params, *buffers, *masks), X[index], y[index])
+        return torch.autograd.grad(losses.sum(), stack.params)
+
+    def _train_losses(self, tensors: tuple[torch.Tensor, ...], xb, yb) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every replica's mean batch loss (R,) and correct count (R,), from one vmapped forward.
+
+        The loss is computed outside vmap on (R·b, K) rows: torch's per-sample loss under vmap
+        runs a Python decomposition that cost more than the rest of a small model's step.
+        """
+        output = self.train_forward(tensors, xb)  # (R, b, K); tensors: weights, buffers, masks
+        n, b = output.shape[:2]
+        losses = self.loss_fn(output.reshape(n * b, *output.shape[2:]), yb.reshape(n * b, *yb.shape[2:]))
+        loss = losses.reshape(n, b).mean(dim=1)  # (R,)
+        if self.classification:
+            correct = (output.detach().argmax(dim=2) == yb).sum(dim=1)  # (R,)
+        else:
+            correct = loss.detach()
+        return loss, correct
+
+    def step(self, index: torch.Tensor, clock: Clock, measuring: bool) -> dict[str, torch.Tensor]:
+        """One update of every active replica; ``index`` (R, b) are their batches' sample indices."""
+        X, y = self.dataset.train
+        stack = self.stack
+        b = index.shape[1]
+        flat = index.reshape(-1)  # (R·b,); index_select is a plain row copy, cheaper than X[index]
+        xb = X.index_select(0, flat).reshape(*index.shape, *X.shape[1:])  # (R, b, *shape)
+        yb = y.index_select(0, flat).reshape(*index.shape, *y.shape[1:])  # (R, b)
+        masks = draw_masks(self.sites, [r.dropout_generator for r in self.active], b, self.device, X.dtype)
+        tensors = (*stack.params, *stack.buffers, *(masks[site.key] for site in self.sites))
+        losses, correct = self._train_losses(tensors, xb, yb)  # (R,), (R,)
+        grads = torch.autograd.grad(losses.sum(), stack.params)  # each replica: its own mean-loss gradient
+        out = {"loss": losses.detach(), "correct": correct}
+        if measuring and "grad_norm" in self.probes:
+            out["grad_norm"] = _per_replica_norm(grads)
+        self.optimizer_step += 1
+        lr = self.lrs[clock.step][[self.column[r.index] for r in self.active]]  # (R,)
+        with torch.no_grad():
+            stacked_update(self.config.optimizer, stack.params, grads, stack.optimizer_state,
+                           step=self.optimizer_step, lr=lr, hyper=stack.hyper, nesterov=self.config.nesterov)
+            if stack.previous is not None:
+                if measuring:
+                    out["update_norm"] = _per_replica_norm([p - q for p, q in zip(stack.params, stack.previous)])
+                for q, p in zip(stack.previous, stack.params):
+                    q.copy_(p)
+            if measuring and stack.initial is not None:
+                out["dist_from_init"] = _per_replica_norm([p - p0 for p, p0 in zip(stack.params, stack.initial)])
+        return out
+
+    def evaluate(self, rows: Sequence[int]) -> list[dict[str, float]]:
+        """Full passes over train (if enabled), val and test for the replicas at stack ``rows``.
+
+        On the CPU each replica's module (whose tensors are views of the stack) is evaluated in
+        turn with `batchlab.metrics.evaluate_splits`, exactly as `fit` evaluates: measured here, one
+        vmapped pass over R replicas streams R times the activations through memory and is slower
+        than R cache-friendly passes. On a GPU the vmapped pass (`evaluate_stacked`) is faster and used.
+        """
+        config = self.config
+        splits = evaluation_splits(self.dataset, config.eval_train)
+        if self.device.type == "cpu":
+            return [evaluate_splits(self.active[row].model, splits, self.loss_fn, self.classification,
+                                    config.eval_batch_size) for row in rows]
+        stack = self.stack
+        index = torch.tensor(list(rows), device=self.device)
+        tensors = (*(p.detach().index_select(0, index) for p in stack.params),
+                   *(b.index_select(0, index) for b in stack.buffers))
+        self.skeleton.eval()
+        try:
+            return evaluate_stacked(lambda xb: self.eval_forward(tensors, xb), len(rows), splits, self.loss_fn,
+                                    self.classification, config.eval_batch_size)
+        finally:
+            self.skeleton.train()
+
+    def drop(self, finished: Sequence[_Replica]) -> None:
+        """Remove finished replicas from the stack; the others' modules point at the new stack."""
+        if not finished:
+            return
+        for replica in finished:
+            _Stack.detach(replica.model)
+        keep = [row for row, r in enumerate(self.active) if all(r is not f for f in finished)]
+        self.active = [self.active[row] for row in keep]
+        if self.active:
+            self.stack.keep(keep)
+            for row, replica in enumerate(self.active):
+                self.stack.attach(replica.model, row)
+
+
+def _hyperparameters(configs: Sequence[TrainConfig]) -> dict[str, np.ndarray]:
+    """Per-replica optimizer hyperparameters as (R,) float64 arrays."""
+    return {
+        "momentum": np.array([c.momentum for c in configs], dtype=np.float64),
+        "weight_decay": np.array([c.weight_decay for c in configs], dtype=np.float64),
+        "beta1": np.array([c.betas[0] for c in configs], dtype=np.float64),
+        "beta2": np.array([c.betas[1] for c in configs], dtype=np.float64),
+    }
+
+
+def _lr_table(replicas: Sequence[_Replica], clock: Clock) -> np.ndarray:
+    """``lr_at`` for every step and replica (total_steps, R); replicas differing only in seed share a column."""
+    table = np.empty((clock.total_steps, len(replicas)), dtype=np.float64)
+    computed: dict[str, np.ndarray] = {}
+    for column, replica in enumerate(replicas):
+        key = replica.config.model_dump_json(exclude={"seed"})
+        if key not in computed:
+            computed[key] = np.array([lr_at(s, replica.config, replica.base_lr, clock.steps_per_epoch, clock.total_steps)
+                                      for s in range(clock.total_steps)])
+        table[:, column] = computed[key]
+    return table

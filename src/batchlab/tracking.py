@@ -1,0 +1,619 @@
+"""`bl.track` (this module is `tracking`, so that `bl.track` stays the function): the user's own
+training loop feeds the measurement core.
+
+Any model, loss, optimizer and data loader::
+
+    with bl.track(model, optimizer, store="batchlab.db", name="mine", probes=["grad_norm"]) as run:
+        for epoch in range(epochs):
+            for x, y in loader:                      # any batch size, last batch short or not
+                out = model(x); loss = loss_fn(out, y)
+                optimizer.zero_grad(); loss.backward()
+                run.step(loss, outputs=out, targets=y)   # after backward, before optimizer.step
+                optimizer.step()
+            run.end_epoch(val={"loss": vl, "acc": va})   # or eval_data=... evaluates for you
+    run.steps, run.epochs                            # the same tables as bl.fit's
+
+A step row is the `batchlab.record.Recorder`'s, so every column means what it means in `fit`:
+``batch_loss`` is the loss passed to `Tracker.step` (the update's own forward pass), ``running_*``
+the Keras running mean reset per epoch, ``lr`` the optimizer's first parameter group's lr at the
+update. The row is completed when ``optimizer.step()`` returns (a post-step hook), so probes at the
+"update" point (``dist_from_init``, ``update_norm``) see the new weights.
+
+Gradient accumulation: ``accumulate=k`` and one `Tracker.step` per micro-batch; a step row covers k
+micro-batches (``batch_size`` their total, ``batch_loss`` their sample-weighted mean). AMP: pass the
+``GradScaler`` as ``scaler=`` and the unscaled loss; gradients are unscaled before probing.
+
+The noise scale (``noise_scale`` probe) comes without an extra backward pass where it can:
+
+- with ``accumulate=k`` (k ≥ 2), from the micro-batch gradients (the differences of ``p.grad``
+  between micro-batches) against the accumulated one: the two-batch estimator of McCandlish et al.
+  2018, App. A.1, with b = micro-batch, B = accumulated batch (`MicroBatchNoise`);
+- otherwise, for models of nn.Linear layers and per-sample maps, from per-sample gradient norms
+  read off the backward pass (`batchlab.probes.LinearTaps`), as `fit` does;
+- otherwise the half-batch method of `fit` needs the live graph, which a loop that has already
+  called ``backward`` no longer has: `track` refuses with a clear message (use ``accumulate``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+from .events import Callback, Clock
+from .metrics import evaluate, pass_totals
+from .probes import NoiseScale, NoiseState, ProbeSet, _advance, _unmeasured, make_probe, two_batch_estimates
+from .record import Recorder, Run
+
+GRADIENT_PROBES = ("grad_norm", "noise_scale", "noise_scale_exact")
+
+
+@dataclass(frozen=True)
+class TrackConfig:
+    """What a tracked run was given, as stored with it (the store reads ``model_dump``)."""
+
+    optimizer: str
+    lr: float
+    batch_size: int | None = None  # the nominal batch (the first step's), known after the first step
+    accumulate: int = 1
+    eval_every: int | None = None
+    probe_every: int = 1
+    amp: bool = False
+    seed: int | None = None
+
+    def model_dump(self, mode: str = "python") -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _TrackedData:
+    """What probes may know of the user's data: its size (``n_train``) and one batch's shape."""
+
+    name: str
+    n_train: int | None
+    train: tuple[torch.Tensor, None] | None = None
+
+
+def track(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    store: Any = None,
+    name: str | None = None,
+    probes: Sequence[Any] = (),
+    eval_every: int | None = None,
+    eval_data: Any = None,
+    loss_fn: Any = None,
+    accumulate: int = 1,
+    micro_loss_scale: float | None = None,
+    scaler: Any = None,
+    callbacks: Sequence[Callback] = (),
+    n_train: int | None = None,
+    dataset: str = "",
+    probe_every: int = 1,
+    seed: int | None = None,
+) -> "Tracker":
+    """Measure a training loop you write yourself: a context manager giving a `Tracker`.
+
+    Args:
+        model: the module being trained.
+        optimizer: its optimizer (any ``torch.optim.Optimizer``); the lr is read from its first
+            parameter group at every update, so schedulers are followed.
+        store: a `batchlab.store.RunStore` or a path: the run is recorded there (kind ``track``).
+        name: the run's name in the store.
+        probes: ``grad_norm``, ``noise_scale``, ``dist_from_init``, ``update_norm`` (names or probe objects).
+        eval_every: evaluate ``eval_data`` every this many steps (and at every `Tracker.end_epoch`).
+        eval_data: what to evaluate on: ``{"train": data, "val": data, ...}`` or one ``data`` (taken
+            as ``val``), each ``(X, y)`` tensors or an iterable of ``(x, y)`` batches (a DataLoader).
+            Needs ``loss_fn``. ``batchlab explain --run`` needs ``train`` evaluated densely.
+        loss_fn: ``(outputs, targets) -> loss`` for evaluation, per sample or mean (either works).
+        accumulate: micro-batches per update (gradient accumulation); call `Tracker.step` for each.
+        micro_loss_scale: what your loop multiplies each micro-batch's mean loss by before
+            ``backward`` when accumulating; default ``1/accumulate`` (``(loss / k).backward()``, the
+            usual pattern). It puts ``grad_sq`` and ``trace_cov`` in the units of one batch's mean-loss
+            gradient; the noise scale, their ratio, does not depend on it.
+        scaler: the ``torch.amp.GradScaler`` of an AMP loop; gradients are unscaled before probing.
+        callbacks: further `batchlab.events.Callback` objects (EarlyStopping: check ``run.should_stop``).
+        n_train: training-set size, for the noise scale's finite-population correction (default:
+            none, the i.i.d. setting) and the stored accounting.
+        dataset: a name for the data, shown in the store.
+        probe_every: measure the probes every this many steps.
+        seed: the seed you used, stored with the run.
+
+    Returns:
+        A `Tracker`; use it as ``with bl.track(...) as run:``.
+    """
+    from .checks import check_arguments, check_items
+
+    check_arguments("track", model=(model, torch.nn.Module), optimizer=(optimizer, torch.optim.Optimizer))
+    check_items("track", "callbacks", callbacks, Callback)
+    if not isinstance(accumulate, int) or accumulate < 1:
+        raise ConfigError(f"accumulate must be an integer >= 1, got {accumulate!r}")
+    if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
+        raise ConfigError(f"eval_every must be an integer >= 1 or None, got {eval_every!r}")
+    if eval_data is not None and loss_fn is None:
+        raise ConfigError("eval_data needs loss_fn=... to compute the evaluation's loss")
+    if micro_loss_scale is None:
+        micro_loss_scale = 1.0 / accumulate
+    if not (isinstance(micro_loss_scale, (int, float)) and math.isfinite(micro_loss_scale) and micro_loss_scale > 0):
+        raise ConfigError(f"micro_loss_scale must be a positive number, got {micro_loss_scale!r}")
+    return Tracker(model, optimizer, store=store, name=name, probes=probes, eval_every=eval_every,
+                   eval_data=eval_data, loss_fn=loss_fn, accumulate=accumulate, scaler=scaler,
+                   micro_loss_scale=float(micro_loss_scale),
+                   callbacks=callbacks, n_train=n_train, dataset=dataset, probe_every=probe_every, seed=seed)
+
+
+class Tracker:
+    """One tracked run: `step` per (micro-)batch, `end_epoch` per epoch, ``steps``/``epochs`` tables.
+
+    Made by `track`. ``should_stop`` turns true when a callback asks to stop or the loss diverged
+    (NaN/inf): the loop should then break; further steps are not recorded.
+    """
+
+    def __init__(self, model, optimizer, *, store, name, probes, eval_every, eval_data, loss_fn, accumulate,
+                 scaler, micro_loss_scale, callbacks, n_train, dataset, probe_every, seed):
+        self.model, self.optimizer, self.loss_fn, self.scaler = model, optimizer, loss_fn, scaler
+        self.accumulate, self.n_train, self.micro_loss_scale = accumulate, n_train, micro_loss_scale
+        self.eval_data = _eval_splits(eval_data)
+        self.probe_specs = [make_probe(p) for p in probes]
+        self.callbacks = list(callbacks)
+        if store is not None:
+            from .store import recorder
+
+            self.callbacks.append(recorder(store, name=name, kind="track"))
+        config = TrackConfig(optimizer=type(optimizer).__name__, lr=_lr(optimizer), accumulate=accumulate,
+                             eval_every=eval_every, probe_every=probe_every, amp=scaler is not None, seed=seed)
+        clock = Clock(n_train=n_train or 0, batch_size=0, steps_per_epoch=0, total_steps=0, epochs=0)
+        self.recorder = Recorder(clock, model=model, classification=True, callbacks=self.callbacks, config=config,
+                                 dataset=dataset or "user data", probe_names=[p.name for p in self.probe_specs],
+                                 probe_every=probe_every, eval_every=eval_every, save=None,
+                                 save_refusal="bl.track writes no checkpoints; save your model and optimizer yourself")
+        self.dataset = _TrackedData(dataset or "user data", n_train)
+        self.noise: MicroBatchNoise | None = None
+        self._hooks: list[Any] = []
+        self._started = False
+        self._begun = False
+        self._finished: Run | None = None
+        self._classification: bool | None = None
+        self._in_epoch = False
+        self._epoch_steps: list[int] = []
+        self._micro: list[tuple[float, int | None, int]] = []  # this step's micro-batches: loss, correct, size
+        self._pending: dict[str, Any] | None = None  # a step waiting for optimizer.step()
+        self._mark = 0.0
+        self.defer_completion = False  # framework callbacks: the step completes at `batch_end`, not at the update
+
+    # -- the context -----------------------------------------------------------------------------
+
+    def __enter__(self) -> "Tracker":
+        self._start()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is KeyboardInterrupt:
+            self.finish("interrupted", f"interrupted at step {self.recorder.clock.step}")
+        elif kind is not None:
+            # The store knows finished, stopped, diverged and interrupted: an error interrupted the run.
+            self.finish("interrupted", f"{kind.__name__}: {error}".splitlines()[0])
+        else:
+            self.finish()
+
+    def _start(self) -> None:
+        """Install the hooks; the run itself begins at the first training forward pass or step."""
+        if self._started:
+            return
+        self._started = True
+        wanted = [p.name for p in self.probe_specs]
+        if "noise_scale" in wanted and self.accumulate > 1:
+            self.noise = MicroBatchNoise(n_train=float(self.n_train) if self.n_train else math.inf)
+            self.probe_specs = [p for p in self.probe_specs if p.name != "noise_scale"]
+        self._probe_set_pending = bool(self.probe_specs)
+        self._hooks.append(self.model.register_forward_pre_hook(self._first_forward))
+        self._hooks.append(self.optimizer.register_step_post_hook(self._after_update))
+
+    def _begin(self, batch_size: int | None) -> None:
+        """The run begins: `RunStart` (with the nominal batch size, now known) and the step-0 evaluation,
+        at the initial weights (the first update has not happened yet)."""
+        self._start()
+        if self._begun:
+            return
+        self._begun = True
+        rec = self.recorder
+        if batch_size:
+            rec.config = replace(rec.config, batch_size=batch_size)
+            rec.clock = replace(rec.clock, batch_size=batch_size)
+        rec.start_run()
+        if self.eval_data:
+            self._evaluate_data()
+        rec.settle()
+        self._mark = time.perf_counter()
+
+    def _first_forward(self, module, args) -> None:
+        """Before the first training forward pass: begin the run, and make the probe set, which needs
+        one batch's shape (per-sample norms of linear layers) and hooks that see this very pass."""
+        if not module.training or not args or not isinstance(args[0], torch.Tensor) or torch.is_inference_mode_enabled():
+            return
+        if not self._begun:
+            self._begin(int(args[0].shape[0]) * self.accumulate if args[0].dim() > 0 else None)
+        if not self._probe_set_pending:
+            return
+        self._probe_set_pending = False
+        example = args[0].detach()[:2]
+        data = replace(self.dataset, train=(example, None))
+        config = types.SimpleNamespace(probe_every=self.recorder.probe_every)
+        probe_set = ProbeSet.create(self.probe_specs, self.model, data, config, None)
+        for probe in probe_set.probes:
+            if isinstance(probe, NoiseScale) and probe_set._at["forward"]:
+                raise ConfigError(
+                    "noise_scale in bl.track needs per-sample gradients, which this model does not give "
+                    "(it is not made of nn.Linear layers); use gradient accumulation (accumulate=k, the "
+                    "micro-batch estimate) or measure with bl.fit")
+        self.recorder.probes = probe_set
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    @property
+    def should_stop(self) -> bool:
+        """A callback asked to stop, or the loss diverged: break out of your loop."""
+        return not self.recorder.going
+
+    def step(self, loss: Any, outputs: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+             batch_size: int | None = None) -> None:
+        """Record one (micro-)batch; call it after ``loss.backward()`` and before ``optimizer.step()``.
+
+        Args:
+            loss: the batch's mean loss (a tensor or a number), unscaled under AMP.
+            outputs: the model's outputs on the batch (for accuracy: (B, K) logits).
+            targets: the batch's targets (class indices for accuracy).
+            batch_size: samples in the batch; default ``len(targets)`` or ``len(outputs)``.
+        """
+        size = _batch_size(batch_size, outputs, targets)
+        self._begin(size * self.accumulate)
+        if self._pending is not None:
+            self._complete()  # optimizer.step() did not run for the previous step (an AMP skip)
+        if not self.recorder.going:
+            return
+        if not self._in_epoch:
+            self.recorder.start_epoch()
+            self._in_epoch = True
+        batch_loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        correct = None
+        if outputs is not None and targets is not None and self._is_classification(outputs, targets):
+            correct = int((outputs.detach().argmax(dim=1) == targets).sum())
+        self._micro.append((batch_loss, correct, size))
+        scale = self._grad_scale()
+        if self.noise is not None and self._measuring():
+            self.noise.add_micro_batch(self._params(), size, scale * self.micro_loss_scale)
+        if len(self._micro) < self.accumulate:
+            return
+        self._end_of_update()
+
+    def _end_of_update(self) -> None:
+        """The last micro-batch of an update: the gradients are whole; probe them, then wait for the update."""
+        measuring = self._measuring()
+        values: dict[str, float] = {}
+        if measuring and (self.noise is not None or self.recorder.probes is not None):
+            if self.scaler is not None and any(p in self.recorder.probe_names for p in GRADIENT_PROBES):
+                self._unscale()
+            if self.noise is not None:
+                values.update(self.noise.finish())
+            if self.recorder.probes is not None:
+                self.recorder.probes.after_backward()
+        elif self.noise is not None:
+            self.noise.reset()
+        losses, corrects, sizes = zip(*self._micro)
+        self._micro = []
+        size = sum(sizes)
+        # The step's batch loss: the sample-weighted mean of its micro-batches' mean losses.
+        batch_loss = losses[0] if len(losses) == 1 else math.fsum(l * b for l, b in zip(losses, sizes)) / size
+        self._pending = {"size": size, "lr": _lr(self.optimizer), "loss": batch_loss, "corrects": list(corrects),
+                         "values": values, "measuring": measuring, "updated": False}
+
+    def _after_update(self, optimizer, args, kwargs) -> None:
+        if self._pending is not None and not self._pending["updated"]:
+            self._pending["updated"] = True
+            if self._pending["measuring"] and self.recorder.probes is not None:
+                self.recorder.probes.after_update()
+            if not self.defer_completion:
+                self._complete()
+
+    def batch_end(self, correct: int | None) -> None:
+        """For framework callbacks, whose batch outputs arrive after the update: the latest
+        micro-batch's correct count; a step waiting for it is completed."""
+        if self._micro:
+            loss, _, size = self._micro[-1]
+            self._micro[-1] = (loss, correct, size)
+        elif self._pending is not None:
+            self._pending["corrects"][-1] = correct
+            if self._pending["updated"]:
+                self._complete()
+
+    def _complete(self) -> None:
+        """Hand the pending step to the core, then evaluate if due and act on the callbacks' requests."""
+        pending, self._pending = self._pending, None
+        rec = self.recorder
+        values = pending["values"]
+        corrects = pending["corrects"]
+        correct = None if any(c is None for c in corrects) else sum(corrects)
+        if correct is None and rec.classification and not rec.steps:
+            rec.classification = self._classification = False  # no accuracy given: a loss-only run
+        if pending["measuring"] and rec.probes is not None:
+            values.update(rec.probes.collect())
+        now = time.perf_counter()
+        rec.record_step(pending["size"], pending["lr"], pending["loss"], correct, now - self._mark,
+                        values or None)
+        if rec.status != "diverged" and rec.evaluation_due() and self.eval_data:
+            self._evaluate_data()
+        if rec.wants_attention:
+            rec.settle()
+        self._mark = time.perf_counter()
+
+    # -- epochs and evaluation -------------------------------------------------------------------
+
+    def evaluate(self, data: Any, loss_fn: Any = None, split: str = "val") -> dict[str, float]:
+        """Evaluate ``data`` (``(X, y)`` or batches) at the current weights and record it as ``{split}_*``.
+
+        Returns:
+            ``{"loss": ..., "acc": ...}`` (``acc`` for classification).
+        """
+        loss_fn = loss_fn or self.loss_fn
+        if loss_fn is None:
+            raise ConfigError("evaluate needs loss_fn=... (or give loss_fn to bl.track)")
+        started = time.perf_counter()
+        loss, acc = _evaluate_one(self.model, data, loss_fn, self._classification is not False)
+        metrics = {f"{split}_loss": loss}
+        if not math.isnan(acc):
+            metrics[f"{split}_acc"] = acc
+        self._record_metrics(metrics, time.perf_counter() - started)
+        return {k.removeprefix(f"{split}_"): v for k, v in metrics.items()}
+
+    def end_epoch(self, **splits: Mapping[str, float]) -> None:
+        """End the epoch: evaluate ``eval_data`` (unless done at this step), add the metrics given
+        (``val={"loss": vl, "acc": va}``, ``train=...``, ``test=...``), and write the epoch row."""
+        self._begin(None)
+        if self._pending is not None:
+            self._complete()
+        if self._micro:
+            raise ConfigError(f"end_epoch came after {len(self._micro)} of {self.accumulate} micro-batches; "
+                              "an epoch must end on a whole update")
+        if not self._in_epoch:
+            return
+        rec = self.recorder
+        if self.eval_data and not rec.evaluated_now():
+            self._evaluate_data()
+        given = {f"{split}_{name}": float(value) for split, metrics in splits.items() for name, value in metrics.items()}
+        if given:
+            self._record_metrics(given, 0.0)
+        rec.end_epoch()
+        self._epoch_steps.append(rec.clock.step_in_epoch)
+        self._in_epoch = False
+        if len(self._epoch_steps) == 1:  # the first epoch tells the accounting
+            clock = rec.clock
+            rec.clock = replace(clock, steps_per_epoch=clock.step_in_epoch,
+                                n_train=clock.n_train or clock.samples_seen)
+        rec.settle()
+        self._mark = time.perf_counter()
+
+    def _record_metrics(self, metrics: Mapping[str, float], seconds: float) -> None:
+        rec = self.recorder
+        if rec.evaluated_now():  # the same weights: one evaluation row
+            row = rec.evals[-1]
+            row.update({k: v for k, v in metrics.items() if k not in row})
+            rec.eval_seconds += seconds
+        else:
+            rec.record_evaluation(metrics, seconds)
+
+    def _evaluate_data(self) -> None:
+        started = time.perf_counter()
+        metrics: dict[str, float] = {}
+        for split, data in self.eval_data.items():
+            loss, acc = _evaluate_one(self.model, data, self.loss_fn, self._classification is not False)
+            metrics[f"{split}_loss"] = loss
+            if not math.isnan(acc):
+                metrics[f"{split}_acc"] = acc
+        self._record_metrics(metrics, time.perf_counter() - started)
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    def finish(self, status: str | None = None, message: str | None = None) -> Run:
+        """End the run (the context manager does this): the last step and epoch, `RunEnd`, hooks removed."""
+        if self._finished is not None:
+            return self._finished
+        self._begin(None)
+        try:
+            if self._pending is not None:
+                self._complete()
+            rec = self.recorder
+            if self._in_epoch and status is None:
+                self.end_epoch()
+            clock = rec.clock
+            steps_per_epoch = clock.steps_per_epoch or clock.step_in_epoch
+            sizes = [row["batch_size"] for row in rec.steps]
+            rec.clock = replace(clock, total_steps=clock.step, epochs=clock.epoch, steps_per_epoch=steps_per_epoch,
+                                batch_size=max(sizes) if sizes else 0, n_train=clock.n_train or clock.samples_seen)
+        finally:
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = []
+        self._finished = self.recorder.finish(status, message)
+        return self._finished
+
+    @property
+    def run(self) -> Run:
+        """The run so far (after the `with` block: the finished run)."""
+        return self._finished or self.recorder.run()
+
+    @property
+    def steps(self):
+        return self.run.steps
+
+    @property
+    def evals(self):
+        return self.run.evals
+
+    @property
+    def epochs(self):
+        return self.run.epochs
+
+    @property
+    def status(self) -> str:
+        return self.recorder.status
+
+    @property
+    def run_id(self) -> int | None:
+        """The run's id in the store (when ``store`` was given)."""
+        for callback in self.callbacks:
+            if hasattr(callback, "run_id") and hasattr(callback, "store"):
+                return callback.run_id
+        return None
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _measuring(self) -> bool:
+        return self.recorder.clock.step % self.recorder.probe_every == 0
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+    def _grad_scale(self) -> float:
+        if self.scaler is None or not self.scaler.is_enabled():
+            return 1.0
+        return float(self.scaler.get_scale())
+
+    def _unscale(self) -> None:
+        try:
+            self.scaler.unscale_(self.optimizer)
+        except RuntimeError:  # the loop unscaled already (to clip): the gradients are unscaled
+            pass
+
+    def _is_classification(self, outputs: torch.Tensor, targets: torch.Tensor) -> bool:
+        if self._classification is None:
+            self._classification = (outputs.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point()
+                                    and not targets.is_complex())
+            self.recorder.classification = self._classification
+        return self._classification
+
+
+class MicroBatchNoise:
+    """The noise scale from gradient accumulation: micro-batch vs accumulated gradient norms.
+
+    McCandlish et al. 2018, App. A.1: with b the micro-batch and B the accumulated batch, ‖g_b‖²
+    and ‖g_B‖² give unbiased ‖G‖² and tr(Σ) (`batchlab.probes.two_batch_estimates`). A micro-batch's
+    gradient is the change of ``p.grad`` its backward pass made, divided by ``scale`` (the loop's
+    loss scaling: 1/k for ``(loss / k).backward()``, times an AMP scaler's scale), and ``g_B`` is the
+    micro-batches' sample-weighted mean. No extra backward pass: one copy of the gradients
+    and one fused norm per micro-batch.
+    """
+
+    def __init__(self, n_train: float, beta: float = 0.99):
+        self.n_train, self.beta = n_train, beta
+        self.state = NoiseState()
+        self.reset()
+
+    def reset(self) -> None:
+        self.previous: list[torch.Tensor] | None = None  # p.grad after the last micro-batch
+        self.small_sq: list[float] = []
+        self.sizes: list[int] = []
+        self.weighted: list[torch.Tensor] | None = None  # Σ_i b_i · g_i
+
+    def add_micro_batch(self, params: Sequence[torch.nn.Parameter], size: int, scale: float) -> None:
+        grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in params]
+        if self.previous is None:
+            delta = [g.clone() for g in grads]
+            self.previous = [g.clone() for g in grads]
+        else:
+            delta = torch._foreach_sub(grads, self.previous)
+            torch._foreach_copy_(self.previous, grads)
+        squares = torch.stack(torch._foreach_norm(delta)).double().square().sum()
+        self.small_sq.append(float(squares) / scale**2)
+        self.sizes.append(size)
+        if self.weighted is None:
+            self.weighted = torch._foreach_mul(delta, size / scale)
+        else:
+            torch._foreach_add_(self.weighted, delta, alpha=size / scale)
+
+    def finish(self) -> dict[str, float]:
+        """The step's estimate from its micro-batches; the moving averages advance."""
+        small_sq, sizes, weighted = self.small_sq, self.sizes, self.weighted
+        self.reset()
+        if len(sizes) < 2 or weighted is None:
+            return _unmeasured("")
+        big = sum(sizes)
+        big_sq = float(torch.stack(torch._foreach_norm(weighted)).double().square().sum()) / big**2
+        # The micro-batches are the parts of the accumulated batch: fit's half-batch method with k parts.
+        grad_sq, trace_cov = two_batch_estimates(small_sq, sizes, big_sq, big, self.n_train)
+        if not (math.isfinite(grad_sq) and math.isfinite(trace_cov)):  # an AMP overflow: the update is skipped too
+            return _unmeasured("")
+        self.state, values = _advance(self.state, grad_sq, trace_cov, self.beta, "")
+        return values
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def _eval_splits(eval_data: Any) -> dict[str, Any]:
+    if eval_data is None:
+        return {}
+    if isinstance(eval_data, Mapping):
+        return dict(eval_data)
+    return {"val": eval_data}
+
+
+def _evaluate_one(model: torch.nn.Module, data: Any, loss_fn, classification: bool) -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` on ``(X, y)`` tensors or on an iterable of ``(x, y)`` batches."""
+    per_sample = _per_sample(loss_fn)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        X, y = data
+        return evaluate(model, (X, y), per_sample, classification and not y.is_floating_point())
+    was_training = model.training
+    model.eval()
+    totals = [0.0, 0, 0]  # loss sum, correct, samples
+    try:
+        with torch.inference_mode():
+            for batch in data:
+                xb, yb = batch[0], batch[1]
+                loss_sum, correct, n = pass_totals(model, xb, yb, [slice(None)], per_sample,
+                                                   classification and not yb.is_floating_point())
+                totals[0] += loss_sum.item()
+                totals[1] += int(correct.item())
+                totals[2] += n
+    finally:
+        model.train(was_training)
+    if totals[2] == 0:
+        raise ConfigError("the evaluation data gave no batches")
+    return totals[0] / totals[2], (totals[1] / totals[2] if classification else float("nan"))
+
+
+def _per_sample(loss_fn):
+    """A per-sample version of the user's loss: as is when it gives one value per sample, else the
+    batch's mean loss repeated for each sample (their sum is then the batch's summed loss)."""
+
+    def losses(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        value = loss_fn(output, target)
+        if value.dim() == 0:
+            return value.expand(output.shape[0])
+        return value.reshape(output.shape[0], -1).mean(dim=1) if value.dim() > 1 else value
+
+    return losses
+
+
+def _batch_size(given: int | None, outputs, targets) -> int:
+    if given is not None:
+        return int(given)
+    for tensor in (targets, outputs):
+        if isinstance(tensor, torch.Tensor) and tensor.dim() > 0:
+            return int(tensor.shape[0])
+    raise ConfigError("run.step needs the batch's size: pass outputs=, targets= or batch_size=")
+
+
+def _lr(optimizer: torch.optim.Optimizer) -> float:
+    lr = optimizer.param_groups[0].get("lr", math.nan)
+    return float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
+
+
+__all__ = ["MicroBatchNoise", "TrackConfig", "Tracker", "track"]

@@ -1,0 +1,220 @@
+"""bl.track: a hand-written loop measured by the same core as bl.fit, checked against oracles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+import batchlab as bl
+from batchlab.config import TrainConfig
+from batchlab.data import Dataset, batch_indices, epoch_order, load_dataset
+from batchlab.errors import ConfigError
+from batchlab.gradnorm import gradient_stats, per_sample_gradients
+from batchlab.loop import fit
+from batchlab.models import build_model
+from batchlab.store import RunStore
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def blobs64() -> Dataset:
+    """Blobs in float64, so that two computations of the same numbers agree to 1e-12."""
+    ds = load_dataset("blobs")
+    train, val = ds.train, ds.val
+    return Dataset("blobs", (train[0].double(), train[1]), (val[0].double(), val[1]), None, ds.n_classes)
+
+
+def model_for(ds: Dataset, seed: int = 0) -> torch.nn.Module:
+    return build_model("mlp", ds, hidden=[16, 16], seed=seed).double()
+
+
+def assert_tables_close(a: pd.DataFrame, b: pd.DataFrame, what: str, tolerance: float = 1e-6) -> None:
+    assert list(a.columns) == list(b.columns), what
+    assert a.shape == b.shape, what
+    for column in a.columns:
+        if column == "seconds":
+            continue
+        x, y = a[column].to_numpy(dtype=float), b[column].to_numpy(dtype=float)
+        assert np.array_equal(np.isnan(x), np.isnan(y)), f"{what}.{column}"
+        finite = ~np.isnan(y)
+        assert np.allclose(x[finite], y[finite], rtol=tolerance, atol=1e-12), f"{what}.{column}"
+
+
+def test_own_loop_on_fits_batches_gives_fits_tables(blobs64):
+    """The same batches, model and optimizer by hand and through bl.track: the same three tables."""
+    config = TrainConfig(batch_size=48, epochs=3, lr=0.1, momentum=0.9, seed=3, eval_every=4)  # 500 = 10·48 + 20
+    probes = ["grad_norm", "dist_from_init", "update_norm", "noise_scale"]
+    reference = fit(model_for(blobs64), blobs64, config, probes=probes, progress=False)
+
+    model = model_for(blobs64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    generator = torch.Generator().manual_seed(3)
+    X, y = blobs64.train
+    eval_data = {"train": blobs64.train, "val": blobs64.val}
+    with bl.track(model, optimizer, probes=probes, eval_every=4, eval_data=eval_data, loss_fn=F.cross_entropy,
+                  n_train=blobs64.n_train) as run:
+        for _ in range(3):
+            for index in batch_indices(epoch_order(blobs64.n_train, generator), 48, drop_last=False):
+                out = model(X[index])
+                loss = F.cross_entropy(out, y[index])
+                optimizer.zero_grad()
+                loss.backward()
+                run.step(loss, outputs=out, targets=y[index])
+                optimizer.step()
+            run.end_epoch()
+    assert run.status == "finished"
+    assert_tables_close(run.steps, reference.steps, "steps")
+    assert_tables_close(run.evals, reference.evals, "evals")
+    assert_tables_close(run.epochs, reference.epochs, "epochs")
+    assert run.run.clock.steps_per_epoch == reference.clock.steps_per_epoch == 11
+
+
+def test_running_mean_and_grad_norm_against_the_loops_own_numbers(blobs64):
+    """A DataLoader with a short last batch: batch values, running means reset per epoch, grad norms."""
+    model = model_for(blobs64)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*blobs64.train), batch_size=64, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    seen = []  # (epoch, loss, correct, size, grad_norm) as the loop itself computes them
+    with bl.track(model, optimizer, probes=["grad_norm"]) as run:
+        for epoch in range(1, 4):
+            for x, y in loader:
+                out = model(x)
+                loss = F.cross_entropy(out, y)
+                optimizer.zero_grad()
+                loss.backward()
+                norm = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm().item()
+                seen.append((epoch, loss.item(), (out.argmax(1) == y).sum().item(), len(y), norm))
+                run.step(loss, outputs=out, targets=y)
+                optimizer.step()
+            run.end_epoch()
+    steps = run.steps
+    mine = pd.DataFrame(seen, columns=["epoch", "loss", "correct", "size", "grad_norm"])
+    assert steps["batch_size"].tolist() == mine["size"].tolist() and mine["size"].iloc[7] == 500 - 7 * 64
+    assert np.allclose(steps["batch_loss"], mine["loss"], rtol=1e-12)
+    assert np.allclose(steps["grad_norm"], mine["grad_norm"], rtol=1e-9)
+    weighted = mine.assign(loss_sum=mine["loss"] * mine["size"])
+    cumulative = weighted.groupby("epoch")[["loss_sum", "correct", "size"]].cumsum()
+    assert np.allclose(steps["running_loss"], cumulative["loss_sum"] / cumulative["size"], rtol=1e-12)
+    assert np.allclose(steps["running_acc"], cumulative["correct"] / cumulative["size"], rtol=1e-12)
+    assert run.epochs["running_acc"].tolist() == steps.groupby("epoch")["running_acc"].last().tolist()
+    assert steps["samples_seen"].iloc[-1] == 3 * 500
+    assert steps["lr"].eq(0.01).all()
+
+
+def test_accumulated_noise_scale_agrees_with_brute_force(blobs64):
+    """accumulate=4 micro-batches of 8 at fixed weights (lr 0): the micro-batch estimator against the
+    exact B_simple from every per-sample gradient of the training set."""
+    model = model_for(blobs64, seed=1)
+    X, y = blobs64.train
+    # A few real steps first, so the gradient is not that of the initialisation.
+    warmup = torch.optim.SGD(model.parameters(), lr=0.5)
+    for start in range(0, 500, 50):
+        warmup.zero_grad()
+        F.cross_entropy(model(X[start:start + 50]), y[start:start + 50]).backward()
+        warmup.step()
+    per_sample = per_sample_gradients(model, X, y, lambda o, t: F.cross_entropy(o, t, reduction="none"))
+    exact = gradient_stats(per_sample)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    generator = torch.Generator().manual_seed(0)
+    k, micro = 4, 8
+    with bl.track(model, optimizer, probes=["noise_scale"], accumulate=k, n_train=500) as run:
+        for _ in range(40):
+            batches = batch_indices(epoch_order(500, generator), micro, drop_last=True)
+            for i in range(len(batches) // k * k):
+                index = batches[i]
+                out = model(X[index])
+                loss = F.cross_entropy(out, y[index])
+                if i % k == 0:
+                    optimizer.zero_grad()
+                (loss / k).backward()
+                run.step(loss, outputs=out, targets=y[index])
+                if i % k == k - 1:
+                    optimizer.step()
+            run.end_epoch()
+    steps = run.steps
+    assert steps["batch_size"].eq(k * micro).all()
+    estimate = steps["trace_cov_raw"].mean() / steps["grad_sq_raw"].mean()
+    assert abs(estimate / exact.noise_scale - 1) < 0.10, (estimate, exact.noise_scale)
+    assert abs(steps["trace_cov_raw"].mean() / exact.trace_cov - 1) < 0.10
+
+
+def test_amp_gradients_are_unscaled_before_probing(blobs64):
+    model = model_for(blobs64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    X, y = blobs64.train
+    norms = []
+    with bl.track(model, optimizer, probes=["grad_norm"], scaler=scaler) as run:
+        for start in range(0, 500, 100):
+            out = model(X[start:start + 100])
+            loss = F.cross_entropy(out, y[start:start + 100])
+            optimizer.zero_grad()
+            scaler.scale(loss).backward()
+            scale = scaler.get_scale()
+            norms.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm().item() / scale)
+            run.step(loss, outputs=out, targets=y[start:start + 100])
+            scaler.step(optimizer)
+            scaler.update()
+        run.end_epoch()
+    assert np.allclose(run.steps["grad_norm"], norms, rtol=1e-9)
+    assert run.run.config.amp is True
+
+
+def test_tracked_run_in_the_store_and_stops(tmp_path, blobs64):
+    """The store holds the tracked run's tables; a divergence stops it with fit's message."""
+    path = tmp_path / "b.db"
+    model = model_for(blobs64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    X, y = blobs64.train
+    with bl.track(model, optimizer, store=path, name="mine", eval_data=blobs64.val, loss_fn=F.cross_entropy) as run:
+        for _ in range(2):
+            for start in range(0, 500, 100):
+                out = model(X[start:start + 100])
+                loss = F.cross_entropy(out, y[start:start + 100])
+                optimizer.zero_grad()
+                loss.backward()
+                run.step(loss, outputs=out, targets=y[start:start + 100])
+                optimizer.step()
+            run.end_epoch()
+    with RunStore(path) as store:
+        stored = store.load_run(run.run_id)
+    assert stored.name == "mine" and stored.kind == "track" and stored.status == "finished"
+    assert np.allclose(stored.steps["running_loss"], run.steps["running_loss"], rtol=1e-12)
+    assert stored.evals["val_acc"].tolist() == run.evals["val_acc"].tolist() and len(stored.epochs) == 2
+
+    with bl.track(model, optimizer) as run:
+        for value in (1.0, float("nan"), 0.5):
+            if run.should_stop:
+                break
+            run.step(torch.tensor(value), batch_size=10)
+            optimizer.step()
+    assert run.status == "diverged" and run.run.message.startswith("loss became nan at step 2 (epoch 1)")
+    assert len(run.steps) == 2
+
+
+def test_bad_use_is_one_line(blobs64):
+    model = model_for(blobs64)
+    with pytest.raises(ConfigError, match="accumulate"):
+        bl.track(model, torch.optim.SGD(model.parameters(), lr=0.1), accumulate=0)
+    with pytest.raises(ConfigError, match="loss_fn"):
+        bl.track(model, torch.optim.SGD(model.parameters(), lr=0.1), eval_data=blobs64.val)
+    conv = torch.nn.Sequential(torch.nn.Unflatten(1, (1, 2)), torch.nn.Conv1d(1, 2, 1), torch.nn.Flatten(),
+                               torch.nn.Linear(4, 3)).double()
+    optimizer = torch.optim.SGD(conv.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="accumulate=k"):
+        with bl.track(conv, optimizer, probes=["noise_scale"]) as run:
+            out = conv(blobs64.train[0][:10])
+            F.cross_entropy(out, blobs64.train[1][:10]).backward()
+            run.step(0.0, outputs=out, targets=blobs64.train[1][:10])
