@@ -39,7 +39,7 @@ BENCHMARKS = [r for r in REGIONS if BLOCKS[r.name].benchmark is not None]
 # a comment, a continuation of the line before, or starts with one of these programs (an optional
 # `$ ` prompt and VAR=value settings before it).
 COMMAND_PROGRAMS = ("batchlab", "python", "python3", "pip", "tensorboard")
-CODE_LANGUAGES = {"python", "toml"}
+CODE_LANGUAGES = {"python", "toml", "text"}  # code, and `text` for diagrams
 FENCE = re.compile(r"^\s*```(\S*)")
 ENV_SETTING = re.compile(r"^([A-Z_][A-Z0-9_]*=\S*\s+)+")
 
