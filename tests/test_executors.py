@@ -171,3 +171,46 @@ def test_ray_on_a_local_cluster_gives_the_in_process_answer_and_records_failures
     finally:
         executor.close()
     assert not ray.is_initialized()
+
+
+USER_MODEL = '''
+import torch.nn as nn
+
+def make(dataset, width=16):
+    return nn.Sequential(nn.Flatten(), nn.Linear(dataset.input_shape[0], width), nn.ReLU(),
+                         nn.Linear(width, dataset.n_classes))
+'''
+
+
+@pytest.fixture
+def user_model(tmp_path, monkeypatch):
+    """An importable ``study_user_pkg.nets:make`` model, and the zoo's MLP of the same architecture."""
+    package = tmp_path / "study_user_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(USER_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "study_user_pkg.nets:make"
+    for name in ("study_user_pkg.nets", "study_user_pkg"):
+        sys.modules.pop(name, None)
+
+
+def test_a_user_model_study_needs_allow_import_and_then_runs_on_every_executor(user_model, cli, tmp_path):
+    config = make_study_config({**TINY, "model": user_model, "batch_sizes": [8, "full"]})
+    with pytest.raises(ConfigError, match="allow_import=True") as refused:
+        run_study(config, executor="in-process")
+    assert "\n" not in str(refused.value)
+    assert "study_user_pkg.nets" not in sys.modules  # refused before anything was imported
+    alone = run_study(config, executor="in-process", allow_import=True)
+    pooled = run_study(config, executor=ProcessExecutor(workers=2), allow_import=True)  # built in the workers
+    pd.testing.assert_frame_equal(trials(pooled), trials(alone))
+    assert alone.trials["status"].isin(["reached", "not_reached", "pruned"]).all() and len(alone.trials) == 8
+    args = ["study", "--model", user_model, "--dataset", "blobs", "--batch-sizes", "8,full", "--lrs", "0.05,0.2",
+            "--seeds", "2", "--target", "val_acc>=0.75", "--max-steps", "150", "--no-noise-scale", "--workers", "2",
+            "--store", str(tmp_path / "s.db"), "--quiet"]
+    status, out, err = cli(args)
+    assert status == 2 and err.count("\n") == 1 and "--allow-import" in err
+    status, out, err = cli([*args, "--allow-import"])
+    assert status == 0, err
+    with RunStore(tmp_path / "s.db") as store:
+        assert len(store.list_runs()) == 8

@@ -210,7 +210,6 @@ def train_group(plan: StudyPlan, group: GroupPlan, dataset: Dataset, *, vectoriz
         One `TrialRecord` per (lr, seed), lrs outer, seeds inner.
     """
     from ..loop import fit
-    from ..models import model_from_spec
     from ..probes import PROBES
 
     vectorized = plan.vectorized if vectorized is None else vectorized
@@ -230,11 +229,11 @@ def train_group(plan: StudyPlan, group: GroupPlan, dataset: Dataset, *, vectoriz
     if vectorized and group.kind == LR_GROUP and len(configs) > 1:
         from ..ensemble import fit_replicas
 
-        runs = list(fit_replicas(lambda seed: model_from_spec(plan.config.model, dataset, seed=seed), dataset,
+        runs = list(fit_replicas(lambda seed: plan.build_model(dataset, seed), dataset,
                                  configs, callbacks=lambda i, config: [watchers[i]], progress=False))
     else:
         probes = ["noise_scale"] if wants_noise and (group.kind == NOISE_GROUP or not vectorized) else []
-        runs = [fit(model_from_spec(plan.config.model, dataset, seed=c.seed), dataset, c, probes=probes,
+        runs = [fit(plan.build_model(dataset, c.seed), dataset, c, probes=probes,
                     callbacks=[w], progress=False) for c, w in zip(configs, watchers)]
     ended = _now()
     return [_record(plan, group, run, watcher, started, ended) for run, watcher in zip(runs, watchers)]
