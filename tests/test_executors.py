@@ -37,7 +37,7 @@ def one_thread():
 
 
 def test_processes_give_the_in_process_trials_and_label_their_seconds():
-    config = make_study_config(TINY)
+    config = make_study_config({**TINY, "lrs": [0.01, 0.05, 0.2, 0.8]})  # every best lr inside the grid
     alone = run_study(config, executor="in-process")
     pooled = run_study(config, executor=ProcessExecutor(workers=2))
     pd.testing.assert_frame_equal(trials(pooled), trials(alone))

@@ -91,10 +91,6 @@ class _Replica:
     data_generator: torch.Generator
     dropout_generator: torch.Generator
 
-    @property
-    def per_step(self) -> bool:
-        return bool(self.recorder.per_step)
-
 
 # --- training ------------------------------------------------------------------------------------
 
@@ -282,7 +278,7 @@ def _run_pass(state: _Pass, clock: Clock, display) -> None:
                             samples_seen=clock.samples_seen + index.shape[1])
             pending.append(_Pending(out, lrs, time.perf_counter() - started, index.shape[1]))
             evaluating = evaluation_due(clock, eval_every)
-            if evaluating or len(pending) >= SYNC_EVERY or state.per_step:
+            if evaluating or len(pending) >= SYNC_EVERY or state.must_sync(clock.step):
                 _flush(state, pending)
                 pending = []
                 if evaluating and state.active:

@@ -37,7 +37,9 @@ class _Pass:
         self.lrs = _lr_table(replicas, clock)  # (total_steps, R) float64
         self.column = {r.index: column for column, r in enumerate(replicas)}  # replica -> lr column
         self.rows_before_drop = list(replicas)  # whose rows the epoch's orders hold
-        self.per_step = any(r.per_step for r in replicas)  # some callback wants every StepEnd
+        # Steps whose results callbacks need at once (`Callback.step_end_steps`); None: every step.
+        declared = [r.recorder.sync_steps for r in replicas]
+        self.sync_steps = None if any(s is None for s in declared) else frozenset().union(*declared)
         mask_names = [site.key for site in self.sites]
         # Flat tuples through vmap (its pytree work grows with nesting): weights, buffers, masks.
         self.train_call = _TensorSlots(self.skeleton, [*self.stack.param_names, *self.stack.buffer_names, *mask_names])
@@ -127,6 +129,10 @@ class _Pass:
                                     self.classification, config.eval_batch_size)
         finally:
             self.skeleton.train()
+
+    def must_sync(self, step: int) -> bool:
+        """Whether some callback needs step ``step``'s results now (not in the next batched read)."""
+        return self.sync_steps is None or step in self.sync_steps
 
     def drop(self, finished: Sequence[_Replica]) -> None:
         """Remove finished replicas from the stack; the others' modules point at the new stack."""
