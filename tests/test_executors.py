@@ -214,3 +214,18 @@ def test_a_user_model_study_needs_allow_import_and_then_runs_on_every_executor(u
     assert status == 0, err
     with RunStore(tmp_path / "s.db") as store:
         assert len(store.list_runs()) == 8
+
+
+@pytest.mark.parametrize("address", ["bad:1", "127.0.0.1:1", "ray://127.0.0.1:1", "nonsense"])
+def test_an_unreachable_ray_address_is_one_line_within_seconds(address):
+    from batchlab.study.executors import RayExecutor, check_reachable
+
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as refused:
+        check_reachable(address, timeout=5)
+    assert "\n" not in str(refused.value) and address in str(refused.value)
+    assert time.perf_counter() - started < 10
+    if ray_available():  # refused when the executor is made, before a study stores anything
+        with pytest.raises(ConfigError):
+            RayExecutor(address=address)
+    check_reachable("auto")  # Ray's own discovery is not second-guessed
