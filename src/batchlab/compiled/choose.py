@@ -19,9 +19,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .policy import should_compile
+from .policy import should_compile, should_compile_stacked
+from .stacked import StackedStep
 from .step import CompiledStep
-from .updates import CompileUnsupported
+from .updates import CompileUnsupported, Hyper
 
 log = logging.getLogger("batchlab.compiled")
 _SAID: set[str] = set()  # lines already said in this process (a study repeats its runs' decisions)
@@ -59,14 +60,9 @@ def fit_step(mode: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     Returns:
         A `CompiledStep`, or None when the mode, the policy, the probes or the optimizer say eager.
     """
-    if mode == "off":
+    compiled_steps = _unmeasured(mode, steps, probe_every)
+    if compiled_steps is None:
         return None
-    if probe_every == 1:
-        if mode == "on":
-            say_once("compile: probes measure every step and need the eager step's graph and gradients; "
-                     "this run trains eagerly (set probe_every > 1 to compile the steps between)")
-        return None
-    compiled_steps = steps - (-(-steps // probe_every) if probe_every else 0)
     try:
         step = CompiledStep(model, optimizer, mean_loss_fn, classification)
     except CompileUnsupported as error:
@@ -77,6 +73,45 @@ def fit_step(mode: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     batches = [((b, *X.shape[1:]), X.dtype, (b, *y.shape[1:]), y.dtype) for b in sizes]
     if mode == "auto" and not should_compile(compiled_steps, sizes[0], shapes=len(sizes),
                                              compiled_before=step.compiled_before(batches)):
+        return None
+    if probe_every is not None:
+        say_once(f"compile: the steps probes measure (every {probe_every}) run eagerly, the others compiled")
+    return step
+
+
+def _unmeasured(mode: str, steps: int, probe_every: int | None) -> int | None:
+    """The steps that would run compiled, or None when none would (``off``, or probes on every step)."""
+    if mode == "off":
+        return None
+    if probe_every == 1:
+        if mode == "on":
+            say_once("compile: probes measure every step and need the eager step's graph and gradients; "
+                     "this run trains eagerly (set probe_every > 1 to compile the steps between)")
+        return None
+    return steps - (-(-steps // probe_every) if probe_every else 0)
+
+
+def replicas_step(mode: str, skeleton: torch.nn.Module, names: Sequence[str], hyper: Hyper, loss_fn: Callable,
+                  classification: bool, shapes: Sequence[tuple[tuple, tuple]], dtype: torch.dtype,
+                  device: torch.device, steps: int, probe_every: int | None) -> StackedStep | None:
+    """The compiled stacked step of a replicas' pass for its unmeasured steps, or None to stay eager.
+
+    Args:
+        mode: the configs' ``compile``.
+        skeleton, names, hyper, loss_fn, classification: as `StackedStep` takes them.
+        shapes: the distinct ``((R, b, *x), (R, b, *y))`` batch shapes the pass trains on.
+        dtype, device: of the inputs.
+        steps: the stacked updates left.
+        probe_every: probes measure every this many steps (those run eagerly); None without probes.
+    """
+    compiled_steps = _unmeasured(mode, steps, probe_every)
+    if compiled_steps is None:
+        return None
+    step = StackedStep(skeleton, names, hyper, loss_fn, classification)
+    replicas, batch = shapes[0][0][:2]
+    if mode == "auto" and not should_compile_stacked(
+            compiled_steps, replicas, batch, shapes=len(shapes),
+            compiled_before=step.compiled_before(shapes, dtype, device.type)):
         return None
     if probe_every is not None:
         say_once(f"compile: the steps probes measure (every {probe_every}) run eagerly, the others compiled")

@@ -73,6 +73,11 @@ def compiler_options(device: torch.device) -> dict[str, Any]:
 _COMPILED: dict[tuple, Callable] = {}
 
 
+def compiled_already(key: tuple) -> bool:
+    """Whether `compiled_copy` has made the graph of ``key`` in this process (reusing it costs nothing)."""
+    return key in _COMPILED
+
+
 def compiled_copy(function: Callable, key: tuple, device: torch.device) -> Callable:
     """``torch.compile(function)`` for one (model architecture, optimizer, batch shape) ``key``.
 
@@ -161,7 +166,7 @@ class CompiledStep:
     def compiled_before(self, batches: Sequence[tuple[tuple, torch.dtype, tuple, torch.dtype]]) -> bool:
         """Whether this process already compiled a graph for every ``(x shape, x dtype, y shape, y dtype)``
         (a study's earlier run of the same architecture, optimizer and batch size): compiling is then free."""
-        return all(self._key(*batch) in _COMPILED for batch in batches)
+        return all(compiled_already(self._key(*batch)) for batch in batches)
 
     def _compile_and_call(self, xb: torch.Tensor, yb: torch.Tensor) -> StepNumbers:
         key = self._key(xb.shape, xb.dtype, yb.shape, yb.dtype)
