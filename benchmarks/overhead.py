@@ -322,7 +322,7 @@ def main() -> None:
         for name, values in times.items():
             median = statistics.median(values)
             extra = f"{statistics.median(evals[name]):7.3f}" if evals[name] else ""
-            print(f"{batch_size:>6} {name:>16} {median:9.4f} {median / base:8.2f} {extra}")
+            print(f"{batch_size:>6} {name:>16} {median:9.4f} {median / base:8.2f} {extra}".rstrip())
     print_compile_seconds(compile_s)
     if args.replicas:
         print_replica_rows(X, y, args.replicas, 32, args.repeats)

@@ -161,12 +161,16 @@ class Tracker:
         self.model, self.optimizer, self.loss_fn, self.scaler = model, optimizer, loss_fn, scaler
         self.accumulate, self.n_train, self.micro_loss_scale = accumulate, n_train, micro_loss_scale
         self.eval_data = _eval_splits(eval_data)
-        self.probe_specs = [make_probe(p) for p in probes]
+        from .distributed import TrackedRanks
+
+        # In a process group: global-batch step numbers, rank 0 records, the noise scale from the ranks.
+        self.ranks, self.probe_specs = TrackedRanks.create(model, [make_probe(p) for p in probes], accumulate)
         self.callbacks = list(callbacks)
-        if store is not None:
+        if store is not None and (self.ranks is None or self.ranks.is_main):
             from .store import recorder
 
-            self.callbacks.append(recorder(store, name=name, kind="track"))
+            self.callbacks.append(recorder(store, name=name, kind="track",
+                                           provenance=self.ranks.provenance if self.ranks else None))
         config = TrackConfig(optimizer=type(optimizer).__name__, lr=_lr(optimizer), accumulate=accumulate,
                              eval_every=eval_every, probe_every=probe_every, amp=scaler is not None, seed=seed)
         clock = Clock(n_train=n_train or 0, batch_size=0, steps_per_epoch=0, total_steps=0, epochs=0)
@@ -240,6 +244,8 @@ class Tracker:
             return
         if not self._begun:
             self._begin(int(args[0].shape[0]) * self.accumulate if args[0].dim() > 0 else None)
+        if self.ranks is not None:
+            self.ranks.before_forward(args[0], self._measuring())
         if not self._probe_set_pending:
             return
         self._probe_set_pending = False
@@ -344,9 +350,11 @@ class Tracker:
             rec.classification = self._classification = False  # no accuracy given: a loss-only run
         if pending["measuring"] and rec.probes is not None:
             values.update(rec.probes.collect())
+        size, loss = pending["size"], pending["loss"]
+        if self.ranks is not None:
+            size, loss, correct = self.ranks.reduce_step(size, loss, correct)
         now = time.perf_counter()
-        rec.record_step(pending["size"], pending["lr"], pending["loss"], correct, now - self._mark,
-                        values or None)
+        rec.record_step(size, pending["lr"], loss, correct, now - self._mark, values or None)
         if rec.status != "diverged" and rec.evaluation_due() and self.eval_data:
             self._evaluate_data()
         if rec.wants_attention:

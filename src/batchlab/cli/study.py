@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from .app import (MAX_INT, allow_import_option, check_out_folder, check_store_folder, cli, json_option, out_option,
-                  print_json, print_rich, quiet_option, say, shown, store_option, store_path, threads_option)  # fmt: skip
+from .app import (MAX_INT, FiniteFloat, allow_import_option, check_out_folder, check_store_folder, cli, json_option,
+                  out_option, print_json, whole, print_rich, quiet_option, say, shown, store_option, store_path, threads_option)  # fmt: skip
 from .train import check_import_allowed, field_option, given, train_options
 
 
@@ -52,8 +52,16 @@ def _study_options() -> list[click.Option]:
                      help="Measure the gradient noise scale."),
         click.Option(["--replicas/--no-replicas"], default=True,
                      help="Train each group as vectorized replicas (else one fit after another)."),
-        click.Option(["--executor"], type=click.Choice(["in-process", "ray"]), default="in-process",
-                     help="Where the groups train."),
+        click.Option(["--executor"], type=click.Choice(["processes", "in-process", "ray"]), default="processes",
+                     help="Where the groups train: processes (local, one per core), in-process, or ray."),
+        click.Option(["--workers"], default="auto", help="Processes for --executor processes; auto = cores."),
+        click.Option(["--prune/--no-prune"], default=True,
+                     help="Stop learning rates that can no longer be the best (same answer, less work)."),
+        click.Option(["--ray-address"], default=None, help="Ray cluster address (ray://host:10001, auto); default a local one."),
+        click.Option(["--cpus-per-group"], type=FiniteFloat(), default=1.0, help="Ray: CPUs per group."),
+        click.Option(["--gpus-per-group"], type=FiniteFloat(), default=0.0,
+                     help="Ray: GPUs per group; fractions let groups share a GPU."),
+        click.Option(["--max-failures"], type=whole(0), default=3, help="Ray: retries of a crashed worker."),
         out_option("Folder for figures and the report. Default: beside the store."),
         threads_option(),
         quiet_option(),
@@ -198,14 +206,16 @@ def _study_command(**options: Any) -> None:
     quiet, as_json = options["quiet"], options["as_json"]
     config = study_config_from_options(given(click.get_current_context()))
     check_import_allowed(config.model, options["allow_import"])
-    executor = make_executor(options["executor"])
+    executor = make_executor(options["executor"], **_executor_options(options))
     store = store_path(options["store"])
     check_store_folder(store)
     check_out_folder(options["out"])
     display = _StudyDisplay() if not quiet and sys.stderr.isatty() else None
     try:
-        study = run_study(config, store=store, executor=executor, vectorized=options["replicas"], on_progress=display)
+        study = run_study(config, store=store, executor=executor, vectorized=options["replicas"],
+                          prune=options["prune"], on_progress=display)
     finally:
+        executor.close()
         if display is not None:
             display.close()
     folder = options["out"] or store.with_name(f"{store.stem}-study-{study.group_id}")
@@ -230,10 +240,21 @@ def _study_command(**options: Any) -> None:
               f"B_crit = {fit.b_crit:.4g} ± {fit.b_crit_err:.2g}, E_min = {fit.e_min:.4g} samples")
     elif fit.message:
         say(f"fit: {fit.message}")
+    for key, error in study.failed.items():
+        say(f"failed: {key}: {error} (rerun the command to retry it)")
     say(f"stored as group {study.group_id} in {store}")
     if not quiet:
         for file in files:
             say(f"wrote {file}")
+
+
+def _executor_options(options: dict[str, Any]) -> dict[str, Any]:
+    if options["executor"] == "processes":
+        return {"workers": options["workers"]}
+    if options["executor"] == "ray":
+        return {"address": options["ray_address"], "cpus_per_group": options["cpus_per_group"],
+                "gpus_per_group": options["gpus_per_group"], "max_failures": options["max_failures"]}
+    return {}
 
 
 def _brownlee_table(comparison):

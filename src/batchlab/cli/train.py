@@ -216,28 +216,40 @@ def epoch_table(epochs, title: str = "epochs"):
 
 
 def _fit_command(**options: Any) -> None:
-    """Train one model and store the run."""
+    """Train one model and store the run (data-parallel under torchrun, or launched with --nproc)."""
     import torch
 
+    from .. import distributed
     from ..loop import fit
     from ..store import recorder
 
+    if options["nproc"] is not None and not distributed.launched():
+        _launch_ranks(options)
     torch.set_num_threads(options["threads"])
     quiet, as_json = options["quiet"], options["as_json"]
     spec = spec_from_options(given(click.get_current_context()))
     dataset, model, clock = prepare_run(spec, options["allow_import"])
+    ranks = distributed.start(spec.train.device) if distributed.launched() else None
+    if ranks is not None:  # only rank 0 prints and records
+        clock = distributed.plan_global(dataset, spec.train, ranks.world_size)[1]
+        quiet, as_json = quiet or not ranks.is_main, as_json and ranks.is_main
     store = store_path(options["store"])
     check_store_folder(store)
     check_out_folder(options["tensorboard"], "--tensorboard")
-    say(f"{dataset.name}: {clock.describe()}", quiet, as_json)
+    ranks_note = f" over {ranks.world_size} ranks ({ranks.backend})" if ranks is not None else ""
+    say(f"{dataset.name}: {clock.describe()}{ranks_note}", quiet, as_json)
     rec = recorder(store, name=spec.name, kind="fit", spec=spec.model_dump(mode="json", exclude={"train"}))
-    callbacks = [rec]
-    if options["tensorboard"] is not None:  # live TensorBoard files in DIR/run-<id>/
+    callbacks = [rec] if ranks is None or ranks.is_main else []
+    if options["tensorboard"] is not None and callbacks:  # live TensorBoard files in DIR/run-<id>/
         from ..store import TensorBoard
 
         callbacks.append(TensorBoard(options["tensorboard"], run_name=lambda: f"run-{rec.run_id}"))
-    run = fit(model, dataset, spec.train, probes=spec.probes, callbacks=callbacks,
-              progress=not quiet and sys.stderr.isatty())
+    try:
+        run = (distributed.fit if ranks is not None else fit)(
+            model, dataset, spec.train, probes=spec.probes, callbacks=callbacks,
+            progress=not quiet and sys.stderr.isatty())
+    finally:
+        distributed.stop()
     if not quiet:
         print_rich(epoch_table(run.epochs, title=f"run {rec.run_id}: {dataset.name}, {spec.model}"), as_json)
     say(f"{run.status}: run {rec.run_id} stored in {store}" + (f" ({run.message})" if run.message else ""),
@@ -246,6 +258,38 @@ def _fit_command(**options: Any) -> None:
         print_json({"run_id": rec.run_id, "store": str(store), **run.summary})
     if run.status == "diverged" and not as_json:
         say(f"warning: {run.message}", as_json=True)
+
+
+def _launch_ranks(options: dict[str, Any]) -> None:
+    """`fit --nproc N`: check the input once, then run the same command in N ranks (torchrun) and exit."""
+    from .. import distributed
+
+    spec = spec_from_options(given(click.get_current_context()))
+    dataset, _, _ = prepare_run(spec, options["allow_import"])
+    distributed.plan_global(dataset, spec.train, options["nproc"])  # bad input fails here, once
+    for probe in spec.probes:
+        distributed.rank_probe(probe)
+    check_store_folder(store_path(options["store"]))
+    sys.exit(distributed.launch(["fit", *_flags(given(click.get_current_context()), skip=("nproc",))],
+                                options["nproc"]))
+
+
+def _flags(options: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
+    """The command-line flags that give ``options`` again (for the ranks that --nproc launches)."""
+    flags: list[str] = []
+    for param in fit_command.params:
+        if param.name in skip or param.name not in options or not isinstance(param, click.Option):
+            continue
+        value = options[param.name]
+        if param.is_flag and not param.secondary_opts:
+            flags += [param.opts[0]] if value else []
+        elif param.secondary_opts:
+            flags.append(param.opts[0] if value else param.secondary_opts[0])
+        elif isinstance(value, tuple):
+            flags += [param.opts[0], *map(str, value)]
+        elif value is not None:
+            flags += [param.opts[0], str(value)]
+    return flags
 
 
 def check_import_allowed(model: str, allow_import: bool) -> None:
@@ -260,7 +304,10 @@ fit_command = click.Command(
     callback=_fit_command,
     params=[*run_options(), *train_options(),
             click.Option(["--tensorboard"], type=click.Path(path_type=Path, file_okay=False), default=None,
-                         help="Write TensorBoard files to this folder while training (DIR/run-<id>/).")],
+                         help="Write TensorBoard files to this folder while training (DIR/run-<id>/)."),
+            click.Option(["--nproc"], type=whole(1), default=None,
+                         help="Train data-parallel over N processes on this machine (as torchrun); "
+                              "--batch-size is per process.")],
     help="Train one model by mini-batches, print the epoch table and store the run.",
 )
 cli.add_command(fit_command)

@@ -31,7 +31,7 @@ import sqlite3
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,7 +43,7 @@ from ..errors import StoreError
 from .codec import NotANumber, decode_row, dumps, encode_row, frame, loads, records
 
 SCHEMA_VERSION = 1
-RUN_STATUSES = ("running", "finished", "stopped", "diverged", "interrupted")
+RUN_STATUSES = ("running", "finished", "stopped", "diverged", "interrupted", "failed")
 END_STATUSES = RUN_STATUSES[1:]
 
 # The integer key of each row table.
@@ -214,6 +214,11 @@ class RunStore:
                 self._db.execute("COMMIT")
             except sqlite3.Error as error:
                 raise StoreError(f"cannot write to the store {self.path}: {error}") from None
+
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        """A write transaction on the store's connection, for tables that other modules keep in the
+        same file (the study's group claims, `batchlab.study.run`); SQLite errors become StoreErrors."""
+        return self._transaction()
 
     def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
         with self._lock:

@@ -76,6 +76,8 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
             row[f"{quantity}_to_target"] = median if math.isfinite(median) else math.nan
             row[f"{quantity}_lo"] = float(column.min()) if column.notna().any() else math.nan
             row[f"{quantity}_hi"] = float(column.max()) if column.notna().any() else math.nan
+        shared = chosen["seconds_shared"] if "seconds_shared" in chosen else pd.Series(dtype=bool)
+        row["seconds_shared"] = bool(shared.fillna(False).astype(bool).any())  # timed while groups shared cores
         gaps = chosen["gen_gap"].dropna() if best is not None else pd.Series(dtype=float)
         row["gen_gap"] = float(gaps.median()) if len(gaps) else math.nan
         row["gen_gap_lo"] = float(gaps.min()) if len(gaps) else math.nan
@@ -114,13 +116,19 @@ def lr_margin(table: pd.DataFrame, best: float | None) -> float:
     return float(neighbours.min() / ordered.loc[i, "median_steps"])
 
 
-def seed_cells(trials: pd.DataFrame, batch_size_values: Sequence[int]) -> list[np.ndarray]:
-    """Per batch size, its lr search's steps-to-target as an (L, K) array, lrs × seeds (NaN: not reached)."""
+def best_lr_cells(trials: pd.DataFrame, summary: pd.DataFrame) -> list[np.ndarray]:
+    """Per batch size, the steps-to-target of its best lr's seeds as a (1, K) array (NaN: not reached).
+
+    The bootstrap resamples the seeds at the chosen lr only. Re-choosing the lr in every replicate
+    would need every other lr's full results, which pruning rightly never computes (a pruned lr
+    cannot be the best on these seeds); how clearly the lr won is reported as ``lr_margin``.
+    """
     search = trials[trials["kind"] == LR_GROUP]
     cells = []
-    for value in batch_size_values:
-        at_b = search[search["batch_size_value"] == value]
-        cells.append(at_b.pivot(index="lr", columns="seed", values="steps_to_target").to_numpy(dtype=float))
+    for value, best in zip(summary["batch_size_value"], summary["best_lr"]):
+        at_best = search[(search["batch_size_value"] == value) & np.isclose(search["lr"].astype(float), float(best))]
+        row = at_best.sort_values("seed")["steps_to_target"].to_numpy(dtype=float) if math.isfinite(float(best)) else []
+        cells.append(np.asarray(row if len(row) else [np.nan], dtype=float)[None, :])  # (1, K)
     return cells
 
 
@@ -128,14 +136,14 @@ def with_intervals(summary: pd.DataFrame, trials: pd.DataFrame, fit: ScalingFit)
     """The bootstrap intervals: steps-to-target per batch size, B_crit and S_min, the fitted band.
 
     Adds ``steps_ci_lo``/``steps_ci_hi`` (95% percentile interval of the best lr's median over
-    seeds, the lr re-chosen in every replicate; inf when at least half the replicates miss the
+    seeds at the best lr, see `best_lr_cells`; inf when at least half the replicates miss the
     target), ``fit_residual`` (log S − log S_fit) and the fitted curve with its bootstrap band at
     each batch size (``steps_fit``, ``steps_fit_lo``, ``steps_fit_hi``).
     """
     summary = summary.copy()
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     values = summary["batch_size_value"].to_numpy(dtype=float)
-    replicates = bootstrap_steps(seed_cells(trials, summary["batch_size_value"]), rng)  # (R, n)
+    replicates = bootstrap_steps(best_lr_cells(trials, summary), rng)  # (R, n)
     summary["steps_ci_lo"], summary["steps_ci_hi"] = interval(replicates)
     fit, kept = bootstrap_fit(fit, values, replicates, rng)
     band = fitted_band(fit, kept, values, points=len(values)) if len(values) > 1 else {}
@@ -263,7 +271,10 @@ def recommend(summary: pd.DataFrame, fit: ScalingFit, target: str) -> Recommenda
     s_min, e_min = reached["steps_to_target"].min(), reached["samples_to_target"].min()
     b = reached["batch_size_value"].astype(float)
     best = reached.loc[((1 + fit.b_crit / b) * (1 + b / fit.b_crit)).idxmin()]  # the B nearest B_crit
-    fastest = reached.loc[reached["seconds_to_target"].idxmin()] if reached["seconds_to_target"].notna().any() else None
+    # Seconds measured while groups shared the cores say more about the sharing than the batch size.
+    timed = reached[~reached["seconds_shared"].astype(bool)] if "seconds_shared" in reached else reached
+    comparable = len(timed) == len(reached) and timed["seconds_to_target"].notna().any()
+    fastest = timed.loc[timed["seconds_to_target"].idxmin()] if comparable else None
     text = (f"B = {best['batch_size']}, lr = {best['best_lr']:.3g}: reaches {target} in {_fmt(best['steps_to_target'])} "
             f"steps (95% CI {_fmt(best['steps_ci_lo'])}–{_fmt(best['steps_ci_hi'])}; "
             f"{best['epochs_to_target']:.3g} epochs, {_fmt(best['samples_to_target'])} samples), "
@@ -276,6 +287,8 @@ def recommend(summary: pd.DataFrame, fit: ScalingFit, target: str) -> Recommenda
         text += f"; noise scale B_simple ≈ {_fmt(fit.b_simple)} near the target"
     if fastest is not None:
         text += f". Fastest here: B = {fastest['batch_size']} ({fastest['seconds_to_target']:.3g} s of training)"
+    elif len(timed) < len(reached):
+        text += ". Seconds were measured while groups shared the cores, so no batch size is called fastest"
     return Recommendation(
         text=text + ".", batch_size=plain(best["batch_size"]), lr=float(best["best_lr"]),
         steps=float(best["steps_to_target"]), epochs=float(best["epochs_to_target"]),

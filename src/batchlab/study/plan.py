@@ -41,6 +41,9 @@ class GroupPlan:
     lrs: tuple[float, ...]
     seeds: tuple[int, ...]
     round: int = 0
+    # The best median steps-to-target of earlier rounds at this B: lrs that cannot beat it stop
+    # early (`LrPruner`). Derived from stored trials, so not part of the group's identity (key).
+    best_before: float = math.inf
 
     @property
     def key(self) -> str:
@@ -65,6 +68,7 @@ class StudyPlan:
     batch_sizes: tuple[int | str, ...]
     target: Target
     vectorized: bool = True
+    prune: bool = True  # stop lrs that can no longer be the best (the answer is the same either way)
 
     def value_of(self, batch_size: int | str) -> int:
         return self.n_train if batch_size == "full" else int(batch_size)
@@ -208,7 +212,8 @@ def _extension(plan: StudyPlan, batch_size: int | str, trials: pd.DataFrame) -> 
     n = max(1, config.lr_grid_size // 2)
     edge = _index_of(config, top if direction > 0 else bottom)
     new = tuple(sorted(lr_from_index(config, edge + direction * k) for k in range(1, n + 1)))
-    return GroupPlan(LR_GROUP, batch_size, plan.value_of(batch_size), new, config.seed_list, rounds + 1)
+    best_before = float(table["median_steps"].min())
+    return GroupPlan(LR_GROUP, batch_size, plan.value_of(batch_size), new, config.seed_list, rounds + 1, best_before)
 
 
 def _noise_group(plan: StudyPlan, batch_size: int | str, trials: pd.DataFrame) -> GroupPlan | None:
@@ -225,7 +230,7 @@ def _noise_group(plan: StudyPlan, batch_size: int | str, trials: pd.DataFrame) -
     return GroupPlan(NOISE_GROUP, batch_size, plan.value_of(batch_size), (best,), plan.config.seed_list[:1])
 
 
-def plan_study(config: StudyConfig, dataset: Dataset, *, vectorized: bool = True) -> StudyPlan:
+def plan_study(config: StudyConfig, dataset: Dataset, *, vectorized: bool = True, prune: bool = True) -> StudyPlan:
     """Check the study against its data and model before any training, and make it concrete.
 
     Raises:
@@ -245,7 +250,7 @@ def plan_study(config: StudyConfig, dataset: Dataset, *, vectorized: bool = True
     if split == "train" and not config.train.eval_train:
         raise ConfigError(f"target {target} needs train metrics; remove eval_train=false from the train table")
     batch_sizes = resolve_batch_sizes(config, dataset.n_train)
-    plan = StudyPlan(config, study_id(config), dataset.name, dataset.n_train, batch_sizes, target, vectorized)
+    plan = StudyPlan(config, study_id(config), dataset.name, dataset.n_train, batch_sizes, target, vectorized, prune)
     for batch_size in (batch_sizes[0], batch_sizes[-1]):
         plan_run(dataset, plan.train_config(batch_size, config.reference_lr, 0))
     check_model(model_from_spec(config.model, dataset, seed=0).to(dataset.device), dataset)

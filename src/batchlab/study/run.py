@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,7 @@ class Study:
         recommendation: a `Recommendation` (``.text`` and its numbers).
         group_id: the study's group in the store (None without a store).
         groups_run, groups_resumed: groups trained by this call, and found already stored.
+        failed: the groups whose training raised, with the error; the study went on without them.
     """
 
     config: StudyConfig
@@ -54,6 +58,7 @@ class Study:
     groups_resumed: int = 0
     seconds: float = 0.0
     records: list[TrialRecord] = field(default_factory=list, repr=False)
+    failed: dict[str, str] = field(default_factory=dict)  # group key -> error (a rerun retries them)
 
     @property
     def study_id(self) -> str:
@@ -65,7 +70,7 @@ class Study:
                 "dataset": self.plan.dataset_name, "n_train": self.plan.n_train, "target": str(self.plan.target),
                 "trials": len(self.trials), "groups_run": self.groups_run, "groups_resumed": self.groups_resumed,
                 "summary": self.summary.to_dict(orient="records"), "fit": self.fit.as_dict(),
-                "recommendation": self.recommendation.as_dict()}  # fmt: skip
+                "recommendation": self.recommendation.as_dict(), "failed_groups": self.failed}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -80,27 +85,188 @@ class StudyProgress:
 
 
 def _store_group(store, group_id: int, plan: StudyPlan, records: Sequence[TrialRecord]) -> None:
-    from ..store import collect_provenance
-
     runs = []
     for record in records:
         config = record.config.model_dump(mode="json")
         spec = {"dataset": plan.dataset_name, "model": plan.config.model, "study_id": plan.study_id,
                 "group": record.group.key, "target": str(plan.target), "clock": record.clock}
         runs.append({"name": f"B={record.group.batch_size} lr={record.config.lr:g} seed={record.config.seed}",
-                     "kind": TRIAL_KIND, "config": config, "spec": spec, "provenance": collect_provenance(config),
+                     "kind": TRIAL_KIND, "config": config, "spec": spec, "provenance": record.provenance,
                      "status": record.status, "summary": record.summary, "message": record.message,
                      "started_at": record.started_at, "ended_at": record.ended_at,
                      "steps": record.steps, "evals": record.evals, "epochs": record.epochs})  # fmt: skip
     store.record_runs(group_id, runs)
 
 
-def _open_study_group(store, plan: StudyPlan) -> int:
-    for group in store.find_groups(STUDY_KIND):
-        if group["config"].get("study_id") == plan.study_id:
-            return group["id"]
-    return store.create_group(STUDY_KIND, plan.config.name,
-                              {"study_id": plan.study_id, "config": plan.config.model_dump(mode="json")})
+def _stored_summaries(store, group_id: int) -> list[dict[str, Any]]:
+    """The study's stored trial summaries, each (group, lr, seed) once: if two drivers ever stored
+    one group (a holder thought dead came back), the first copy counts."""
+    seen, out = set(), []
+    for run in store.group_run_summaries(group_id, TRIAL_KIND):
+        summary = run["summary"]
+        key = (summary.get("group"), summary.get("lr"), summary.get("seed"))
+        if key not in seen:
+            seen.add(key)
+            out.append(summary)
+    return out
+
+
+# -- claims: several drivers, one study ----------------------------------------------------------
+
+CLAIMS_SCHEMA = """CREATE TABLE IF NOT EXISTS study_claims (
+    study_id TEXT NOT NULL,
+    group_key TEXT NOT NULL,
+    status TEXT NOT NULL,
+    holder TEXT NOT NULL,
+    heartbeat REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    error TEXT,
+    group_id INTEGER,
+    PRIMARY KEY (study_id, group_key)
+)"""
+STUDY_KEY = "<study>"  # the claim row that names the study's group in the store
+LEASE_SECONDS = 60.0  # a claim whose heartbeat is older than this is taken over
+
+
+class GroupClaims:
+    """Claims on a study's groups in the store, so several drivers share one study without duplicates.
+
+    Like Optuna's RDB storage for trials: a driver claims a group before training it (a row
+    ``running`` with its holder id and a heartbeat), a background thread renews the heartbeats of its
+    claims, and a claim whose heartbeat is older than the lease belongs to a dead driver and is taken
+    over. Finished groups are ``done``; a group whose training raised is ``failed`` with its error,
+    and the next run of the study (another holder) claims it again. Every change is one
+    ``BEGIN IMMEDIATE`` transaction, so two drivers never both win a claim.
+
+    Args:
+        store: the `RunStore` (its file holds the ``study_claims`` table).
+        study_id: the study's identity (`study_id`).
+        lease: seconds without a heartbeat after which a claim is taken over.
+    """
+
+    def __init__(self, store, study_id: str, lease: float = LEASE_SECONDS):
+        self.store, self.study_id, self.lease = store, study_id, lease
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._beating: threading.Thread | None = None
+        with store.transaction() as db:
+            db.execute(CLAIMS_SCHEMA)
+
+    def open_group(self, create: Callable[[], int], find: Callable[[], int | None]) -> int:
+        """The study's group id in the store: found, or created by exactly one driver."""
+        while True:
+            with self.store.transaction() as db:
+                row = db.execute("SELECT status, holder, heartbeat, group_id FROM study_claims "
+                                 "WHERE study_id = ? AND group_key = ?", (self.study_id, STUDY_KEY)).fetchone()
+                if row is not None and row[0] == "open":
+                    return int(row[3])
+                opener = row is None or time.time() - row[2] > self.lease  # nobody, or a dead opener
+                if opener:
+                    db.execute("INSERT OR REPLACE INTO study_claims VALUES (?, ?, 'opening', ?, ?, 1, NULL, NULL)",
+                               (self.study_id, STUDY_KEY, self.holder, time.time()))
+            if not opener:
+                time.sleep(0.05)  # another driver is creating it right now
+                continue
+            group_id = find() or create()  # a study stored before claims existed is found, not re-made
+            with self.store.transaction() as db:
+                db.execute("UPDATE study_claims SET status = 'open', group_id = ? WHERE study_id = ? AND group_key = ?",
+                           (group_id, self.study_id, STUDY_KEY))
+            return group_id
+
+    def claim(self, key: str) -> bool:
+        """Take group ``key`` if nobody holds it, its holder is dead, or it failed in an earlier run."""
+        now = time.time()
+        with self.store.transaction() as db:
+            row = db.execute("SELECT status, holder, heartbeat FROM study_claims WHERE study_id = ? AND group_key = ?",
+                             (self.study_id, key)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO study_claims VALUES (?, ?, 'running', ?, ?, 1, NULL, NULL)",
+                           (self.study_id, key, self.holder, now))
+                return True
+            status, holder, heartbeat = row
+            free = (status == "failed" and holder != self.holder
+                    or status == "running" and holder != self.holder
+                    and (now - heartbeat > self.lease or _holder_died(holder)))
+            if free:
+                db.execute("UPDATE study_claims SET status = 'running', holder = ?, heartbeat = ?, "
+                           "attempts = attempts + 1, error = NULL WHERE study_id = ? AND group_key = ?",
+                           (self.holder, now, self.study_id, key))
+            return free
+
+    def finish(self, key: str, error: str | None = None) -> None:
+        """Mark a held group ``done``, or ``failed`` with its error."""
+        with self.store.transaction() as db:
+            db.execute("UPDATE study_claims SET status = ?, error = ?, heartbeat = ? "
+                       "WHERE study_id = ? AND group_key = ? AND holder = ?",
+                       ("failed" if error else "done", error, time.time(), self.study_id, key, self.holder))
+
+    def held_by_others(self) -> int:
+        """Groups that live drivers other than this one are training now."""
+        with self.store.transaction() as db:
+            (count,) = db.execute("SELECT count(*) FROM study_claims WHERE study_id = ? AND group_key != ? "
+                                  "AND status = 'running' AND holder != ? AND heartbeat >= ?",
+                                  (self.study_id, STUDY_KEY, self.holder, time.time() - self.lease)).fetchone()
+        return int(count)
+
+    def failures(self) -> dict[str, str]:
+        """Group key -> error of the study's failed groups."""
+        with self.store.transaction() as db:
+            rows = db.execute("SELECT group_key, error FROM study_claims WHERE study_id = ? AND status = 'failed'",
+                              (self.study_id,)).fetchall()
+        return {key: error for key, error in rows}
+
+    def heartbeat(self) -> None:
+        with self.store.transaction() as db:
+            db.execute("UPDATE study_claims SET heartbeat = ? WHERE study_id = ? AND holder = ? AND status = 'running'",
+                       (time.time(), self.study_id, self.holder))
+
+    def __enter__(self) -> "GroupClaims":
+        def beat() -> None:
+            while not self._stop.wait(self.lease / 4):
+                self.heartbeat()
+
+        self._beating = threading.Thread(target=beat, name="study-claims-heartbeat", daemon=True)
+        self._beating.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._beating is not None:
+            self._beating.join()
+
+
+def _holder_died(holder: str) -> bool:
+    """A holder on this host whose process is gone died (killed, crashed): no need to wait out its lease."""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _open_study_group(store, plan: StudyPlan, claims: GroupClaims) -> int:
+    def find() -> int | None:
+        for group in store.find_groups(STUDY_KIND):
+            if group["config"].get("study_id") == plan.study_id:
+                return group["id"]
+        return None
+
+    def create() -> int:
+        return store.create_group(STUDY_KIND, plan.config.name,
+                                  {"study_id": plan.study_id, "config": plan.config.model_dump(mode="json")})
+
+    return claims.open_group(create, find)
+
+
+def _costliest_first(plan: StudyPlan, groups: Sequence[GroupPlan]) -> list[GroupPlan]:
+    """Longest groups first (steps × trials), so the last group to end starts early."""
+    return sorted(groups, key=lambda g: -plan.total_steps(g.batch_size) * g.n_trials)
 
 
 def run_study(
@@ -109,7 +275,9 @@ def run_study(
     store: Any = None,
     executor: Any = None,
     vectorized: bool = True,
+    prune: bool = True,
     on_progress: Callable[[StudyProgress], None] | None = None,
+    lease: float = LEASE_SECONDS,
 ) -> Study:
     """Run a batch-size study: plan, train group by group (storing each), analyse.
 
@@ -117,13 +285,19 @@ def run_study(
         config: the `StudyConfig`.
         store: a `RunStore` or a path. Each group's trials are stored in one transaction as soon as
             the group ends; running the same study again (same config) skips the stored groups,
-            so a killed study resumes and ends with the results of an uninterrupted one.
-        executor: where groups run (`batchlab.study.executors`); default in this process.
+            so a killed study resumes and ends with the results of an uninterrupted one. Several
+            drivers on one store share the work: each group is claimed first (`GroupClaims`).
+        executor: where groups run: an executor (`batchlab.study.executors`) or its name,
+            ``processes`` (default: one process per core), ``in-process`` or ``ray``.
         vectorized: train a group's replicas in one `fit_replicas` pass (else one `fit` each).
+        prune: stop the trials of a learning rate that can no longer be the best at its batch size
+            (`batchlab.study.pruning`); the answer is the same, with less work. Off, or with
+            ``stop_at_target=False``, every trial trains to its target or its budget.
         on_progress: called after every group with a `StudyProgress`.
+        lease: seconds without a heartbeat after which another driver takes a group over.
 
     Returns:
-        A `Study` with ``.summary``, ``.trials``, ``.fit`` and ``.recommendation``.
+        A `Study` with ``.summary``, ``.trials``, ``.fit``, ``.recommendation`` and ``.failed``.
 
     Example:
         >>> study = bl.run_study(bl.StudyConfig(dataset="blobs", batch_sizes=[1, 4, 16, 64, 256, "full"],
@@ -132,51 +306,109 @@ def run_study(
     """
     from ..checks import check_argument
     from ..store import RunStore
-    from .executors import InProcessExecutor
+    from .executors import make_executor
 
     check_argument("run_study", "config", config, StudyConfig)
 
     started = time.perf_counter()
     dataset = load_dataset_for(config)
-    plan = plan_study(config, dataset, vectorized=vectorized)
-    executor = executor or InProcessExecutor()
+    plan = plan_study(config, dataset, vectorized=vectorized, prune=prune)
+    owns_executor = executor is None or isinstance(executor, str)
+    executor = make_executor(executor or "processes") if owns_executor else executor
     owns_store = store is not None and not isinstance(store, RunStore)
     run_store = RunStore(store) if owns_store else store
     try:
-        group_id, summaries = None, []
-        if run_store is not None:
-            group_id = _open_study_group(run_store, plan)
-            summaries = [r["summary"] for r in run_store.group_run_summaries(group_id, TRIAL_KIND)]
-        resumed = len({s["group"] for s in summaries})
-        groups_run, records = 0, []
-        kill_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
-        while True:
-            pending = next_groups(plan, trials_table(summaries))
-            if not pending:
-                break
-            for done_now, (group, group_records) in enumerate(executor.run(train_group, plan, pending, dataset), start=1):
-                if run_store is not None:
-                    _store_group(run_store, group_id, plan, group_records)
-                summaries += [normalized(r.summary) for r in group_records]  # as stored
-                records += group_records
-                groups_run += 1
-                if kill_after and groups_run >= kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)  # a hard kill right after a stored group
-                if on_progress is not None:
-                    done = resumed + groups_run
-                    on_progress(StudyProgress(done, done + len(pending) - done_now, len(summaries), group,
-                                              time.perf_counter() - started))
-        trials = trials_table(summaries)
-        analysis = analyse(trials, str(plan.target))
-        if run_store is not None:
-            run_store.finish_group(group_id, "finished", summary={
-                "summary": analysis.summary.to_dict(orient="records"), "fit": analysis.fit.as_dict(),
-                "recommendation": analysis.recommendation.as_dict()})
-        return Study(config, plan, analysis.summary, trials, analysis.fit, analysis.recommendation,
-                     Path(run_store.path) if run_store is not None else None, group_id, groups_run, resumed,
-                     time.perf_counter() - started, records)
+        driver = _Driver(plan, dataset, executor, run_store, lease, on_progress, started)
+        return driver.run(config)
     finally:
+        if owns_executor:
+            executor.close()
         if owns_store:
             run_store.close()
 
 
+class _Driver:
+    """One `run_study` call: its claims, what it stored, and the loop plan -> execute -> store."""
+
+    def __init__(self, plan: StudyPlan, dataset, executor, store, lease: float, on_progress, started: float):
+        self.plan, self.dataset, self.executor, self.store = plan, dataset, executor, store
+        self.on_progress, self.started = on_progress, started
+        self.claims = GroupClaims(store, plan.study_id, lease) if store is not None else None
+        self.group_id = _open_study_group(store, plan, self.claims) if store is not None else None
+        self.summaries: list[dict[str, Any]] = self._stored()
+        self.resumed = len({s["group"] for s in self.summaries})
+        self.records: list[TrialRecord] = []
+        self.failed: dict[str, str] = {}  # group key -> error, this call's failures
+        self.groups_run = 0
+        self.kill_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
+
+    def _stored(self) -> list[dict[str, Any]]:
+        return _stored_summaries(self.store, self.group_id) if self.store is not None else []
+
+    def run(self, config: StudyConfig) -> Study:
+        with self.claims or _no_claims():
+            while True:
+                pending = [g for g in next_groups(self.plan, trials_table(self.summaries)) if g.key not in self.failed]
+                if not pending:
+                    break
+                ran = self._run_wave(_costliest_first(self.plan, pending))
+                self.summaries = self._stored() if self.store is not None else self.summaries
+                if not ran:  # every pending group is held by another live driver: wait for its results
+                    time.sleep(min(1.0, self.claims.lease / 10) if self.claims else 0)
+        return self._finish(config)
+
+    def _claimed(self, groups: Sequence[GroupPlan]):
+        """The groups this driver wins, claimed one at a time as the executor asks for the next."""
+        for group in groups:
+            if self.claims is None or self.claims.claim(group.key):
+                yield group
+
+    def _run_wave(self, pending: list[GroupPlan]) -> int:
+        ran = 0
+        for group, outcome in self.executor.run(train_group, self.plan, self._claimed(pending), self.dataset):
+            ran += 1
+            if isinstance(outcome, list):
+                self._store(group, outcome)
+            else:
+                self.failed[group.key] = outcome.message
+                if self.claims is not None:
+                    self.claims.finish(group.key, error=outcome.message)
+            if self.on_progress is not None:
+                done = self.resumed + self.groups_run
+                self.on_progress(StudyProgress(done, done + len(pending) - ran, len(self.summaries), group,
+                                               time.perf_counter() - self.started))
+        return ran
+
+    def _store(self, group: GroupPlan, records: list[TrialRecord]) -> None:
+        for record in records:  # seconds of groups that ran side by side are not comparable timings
+            record.summary["seconds_shared"] = bool(self.executor.shares_cores)
+        if self.store is not None:
+            _store_group(self.store, self.group_id, self.plan, records)
+            self.claims.finish(group.key)
+        else:
+            self.summaries += [normalized(r.summary) for r in records]
+        self.records += records
+        self.groups_run += 1
+        if self.kill_after and self.groups_run >= self.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)  # a hard kill right after a stored group
+
+    def _finish(self, config: StudyConfig) -> Study:
+        trials = trials_table(self.summaries)
+        analysis = analyse(trials, str(self.plan.target))
+        failed = dict(self.failed)
+        if self.store is not None:
+            failed = self.claims.failures()
+            self.store.finish_group(self.group_id, "finished", summary={
+                "summary": analysis.summary.to_dict(orient="records"), "fit": analysis.fit.as_dict(),
+                "recommendation": analysis.recommendation.as_dict(), "failed_groups": failed})
+        return Study(config, self.plan, analysis.summary, trials, analysis.fit, analysis.recommendation,
+                     Path(self.store.path) if self.store is not None else None, self.group_id, self.groups_run,
+                     self.resumed, time.perf_counter() - self.started, self.records, failed)
+
+
+class _no_claims:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

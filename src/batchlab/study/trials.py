@@ -25,6 +25,7 @@ from ..config import Target, TrainConfig
 from ..data import Dataset
 from ..events import Callback, Evaluation, RunEnd, RunStart, StepEnd, Stop
 from .plan import LR_GROUP, NOISE_GROUP, GroupPlan, StudyPlan, evaluation_steps
+from .pruning import LrPruner
 
 
 class GroupEvaluator:
@@ -114,16 +115,18 @@ class TargetWatcher(Callback):
         target: the condition.
         schedule: the steps at which to evaluate (`evaluation_steps`).
         evaluator: the `GroupEvaluator` shared by the replicas of one pass.
-        key: this replica's key in the evaluator.
+        key: this replica's key in the evaluator (and in the pruner).
         stop_at_target: ask the loop to stop when the target is reached.
+        pruner: the group's `LrPruner`, or None to train every trial to its target or budget.
     """
 
     def __init__(self, target: Target, schedule: Iterable[int], evaluator: GroupEvaluator, key: int,
-                 stop_at_target: bool = True):
+                 stop_at_target: bool = True, pruner: LrPruner | None = None):
         self.target, self.schedule, self.evaluator, self.key = target, frozenset(schedule), evaluator, key
-        self.stop_at_target = stop_at_target
+        self.stop_at_target, self.pruner = stop_at_target, pruner
         self.rows: list[dict[str, float]] = []  # this callback's own evaluations
         self.reached: dict[str, float] | None = None
+        self.pruned_at: int | None = None  # the step at which the pruner stopped this trial
         self.steps_per_epoch = 1
 
     def on_run_start(self, event: RunStart):
@@ -135,6 +138,8 @@ class TargetWatcher(Callback):
         clock = event.clock
         # Epoch ends (and the last step, always an epoch end) are evaluated by the loop itself.
         if clock.step not in self.schedule or clock.step_in_epoch == clock.steps_per_epoch or self.reached:
+            return None
+        if self.pruned_at is not None:
             return None
         if clock.step >= clock.total_steps:
             return None
@@ -151,13 +156,24 @@ class TargetWatcher(Callback):
 
     def on_run_end(self, event: RunEnd):
         self.evaluator.unregister(self.key)
+        if self.pruner is not None and self.reached is None and self.pruned_at is None:
+            self.pruner.ended_without_target(self.key)
         return None
 
     def _check(self, row: dict[str, float]):
-        if self.reached is None and self.target.met(row):
+        if self.reached is not None or self.pruned_at is not None:
+            return None
+        step = int(row["step"])
+        if self.target.met(row):
             self.reached = row
-            if self.stop_at_target:
-                return Stop(f"target {self.target} reached at step {row['step']}")
+            if self.pruner is not None:
+                self.pruner.evaluated(self.key, step, reached=True)
+            return Stop(f"target {self.target} reached at step {step}") if self.stop_at_target else None
+        if self.pruner is not None:
+            self.pruner.evaluated(self.key, step, reached=False)
+            if self.pruner.should_stop(self.key):
+                self.pruned_at = step
+                return Stop(f"pruned at step {step}: this lr's median steps-to-target can no longer beat the best")
         return None
 
 
@@ -176,6 +192,7 @@ class TrialRecord:
     clock: dict[str, int] = field(default_factory=dict)
     started_at: str = ""
     ended_at: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)  # where it ran: host, pid, device (the worker's)
 
 
 def _now() -> str:
@@ -204,7 +221,11 @@ def train_group(plan: StudyPlan, group: GroupPlan, dataset: Dataset, *, vectoriz
     # Target checks need the target's split only; the loop's own evaluations (step 0, epoch ends,
     # the step a trial stops at) are full, so the gap at the target is measured there.
     evaluator = GroupEvaluator(dataset, configs[0], splits=(target.metric.split("_")[0],))
-    watchers = [TargetWatcher(target, schedule, evaluator, i, stop) for i in range(len(configs))]
+    # Pruning stops work that cannot change the answer; with stop_at_target off the user asked
+    # for every trial's whole budget, so it stays off too.
+    pruner = (LrPruner([c.lr for c in configs], group.best_before)
+              if plan.prune and stop and group.kind == LR_GROUP else None)
+    watchers = [TargetWatcher(target, schedule, evaluator, i, stop, pruner) for i in range(len(configs))]
     started = _now()
     if vectorized and group.kind == LR_GROUP and len(configs) > 1:
         from ..ensemble import fit_replicas
@@ -220,16 +241,19 @@ def train_group(plan: StudyPlan, group: GroupPlan, dataset: Dataset, *, vectoriz
 
 
 def _record(plan: StudyPlan, group: GroupPlan, run, watcher: TargetWatcher, started: str, ended: str) -> TrialRecord:
+    from ..store import collect_provenance
+
     loop_evals = {row["step"]: row for row in run.eval_rows}
     extra = [row for row in watcher.rows if row["step"] not in loop_evals]
     evals = sorted([*run.eval_rows, *extra], key=lambda row: row["step"])
     clock = run.clock
     summary = trial_summary(plan, group, run.config, run.status, evals, run.step_rows, watcher.reached,
-                            clock.steps_per_epoch, run.seconds)
+                            clock.steps_per_epoch, run.seconds, watcher.pruned_at)
     return TrialRecord(group, run.config, summary, run.status, run.message, list(run.step_rows), evals,
                        list(run.epoch_rows),
                        {"n_train": clock.n_train, "batch_size": clock.batch_size, "steps_per_epoch": clock.steps_per_epoch,
-                        "total_steps": clock.total_steps, "epochs": clock.epochs}, started, ended)
+                        "total_steps": clock.total_steps, "epochs": clock.epochs}, started, ended,
+                       collect_provenance(run.config.model_dump(mode="json")))
 
 
 def _gap(row: dict[str, float]) -> float:
@@ -249,10 +273,16 @@ def _last_measured(step_rows: Sequence[dict], column: str, up_to: float) -> floa
 
 
 def trial_summary(plan: StudyPlan, group: GroupPlan, config: TrainConfig, loop_status: str, evals: list[dict],
-                  step_rows: Sequence[dict], reached: dict | None, steps_per_epoch: int, seconds: float) -> dict[str, Any]:
-    """The numbers of one trial the analysis reads (and nothing else): a flat dict of plain values."""
+                  step_rows: Sequence[dict], reached: dict | None, steps_per_epoch: int, seconds: float,
+                  pruned_at: int | None = None) -> dict[str, Any]:
+    """The numbers of one trial the analysis reads (and nothing else): a flat dict of plain values.
+
+    ``status`` is ``reached``, ``not_reached`` (within the budget), ``diverged``, or ``pruned``
+    (stopped at ``pruned_at_step`` because its lr could no longer be the best, `LrPruner`).
+    """
     last = evals[-1] if evals else {}
-    status = "reached" if reached else "diverged" if loop_status == "diverged" else "not_reached"
+    status = ("reached" if reached else "diverged" if loop_status == "diverged"
+              else "pruned" if pruned_at is not None else "not_reached")
     steps_trained = int(step_rows[-1]["step"]) if step_rows else 0
     val = "val_acc" if any("val_acc" in e for e in evals) else "val_loss"
     values = [e[val] for e in evals if val in e and math.isfinite(e[val])]
@@ -262,6 +292,7 @@ def trial_summary(plan: StudyPlan, group: GroupPlan, config: TrainConfig, loop_s
         "group": group.key, "kind": group.kind, "round": group.round,
         "batch_size": group.batch_size, "batch_size_value": group.batch_size_value,
         "lr": config.lr, "seed": config.seed, "status": status, "loop_status": loop_status,
+        "pruned_at_step": pruned_at if pruned_at is not None else math.nan,
         "steps_to_target": reached["step"] if reached else math.nan,
         "epochs_to_target": reached["step"] / steps_per_epoch if reached else math.nan,
         "samples_to_target": reached["samples_seen"] if reached else math.nan,

@@ -1,0 +1,446 @@
+"""Write every console block and table of numbers in README.md and docs/*.md from the command that prints it.
+
+Such a block sits between two markers in the markdown, and only the text between them is rewritten:
+
+    <!-- generated: NAME -->
+    ...
+    <!-- end generated -->
+
+NAME is a function below registered with `@block`; it returns the block's text by running the real
+command (``python -m batchlab ...`` or a benchmark script) in a temporary folder with its own store,
+one torch thread and the commands' fixed default seeds. Usage, from the repository root:
+
+    python docs/generate.py              # rewrite every cheap block (about a minute)
+    python docs/generate.py --slow       # and the slow ones: a whole study, gradnorm, the benchmarks
+    python docs/generate.py --only NAME  # rewrite the named blocks (comma-separated)
+    python docs/generate.py --check      # exit 1 and print a diff where the committed text differs
+
+The check compares the committed and the generated text after `mask_timings`, which blanks what
+differs from run to run (seconds, rates, dates, durations); every other number must match.
+Benchmark blocks are nothing but timings, so their check only asserts that the block shows the
+command that made it. `tests/test_docs.py` runs the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+REGION = re.compile(r"<!-- generated: (?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- end generated -->", re.S)
+MARKER = re.compile(r"<!-- (generated: [\w-]+|end generated) -->")
+
+# What differs between two runs of the same command, and nothing else: a mask that also caught a
+# measured number (an accuracy, a step count) would let that number drift unnoticed.
+TIMING_MASKS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d(\.\d+)?)?([+-]\d\d:?\d\d|Z)?"), "<date>"),
+    (re.compile(r"\b\d+:\d\d(:\d\d)?\b"), "<duration>"),  # 0:00:03, 12:41
+    (re.compile(r"\d+(\.\d+)?\s?(it/s|s/it|steps/s|samples/s)"), "<rate>"),
+    (re.compile(r"\d+(\.\d+)?\s?(ms|µs|us|s|sec|seconds|min|h)\b"), "<time>"),
+    (re.compile(r"Fastest here: B = \w+"), "Fastest here: B = <fastest>"),  # the study's pick by seconds
+]
+
+# Table columns that hold timings: the cells under these headers are masked as a whole.
+TIMING_COLUMNS = {"seconds", "s/epoch", "ms/step", "vectorized_s", "sequential_s", "wall time"}
+CELL = re.compile(r"[│┃|]")
+MARKDOWN_RULE = re.compile(r"\|?(\s*:?-+:?\s*\|)+\s*:?-*:?\s*")
+BORDER = re.compile(r"[\s─━┏┓┗┛┡┩└┘┌┐├┤┬┴┼╇┳┻╋╈╍-]*")
+
+
+class GenerationError(Exception):
+    """A command behind a block failed, or the markers in a file are malformed."""
+
+
+@dataclass(frozen=True)
+class Block:
+    """One generated region: how to make its text, and how expensive that is.
+
+    Args:
+        name: the NAME in ``<!-- generated: NAME -->``.
+        make: temporary folder -> the region's text (ends with a newline).
+        slow: made only with ``--slow`` (minutes); the test of its numbers is marked slow.
+        benchmark: the benchmark command when the block is all timings; the check then only
+            asserts that the committed block shows this command.
+        artifacts: files (relative to the temporary folder and to the repository alike) the
+            command writes, copied into the repository when the block is rewritten (figures).
+    """
+
+    name: str
+    make: Callable[[Path], str]
+    slow: bool = False
+    benchmark: str | None = None
+    artifacts: tuple[str, ...] = ()
+
+
+BLOCKS: dict[str, Block] = {}
+
+
+def block(slow: bool = False, benchmark: str | None = None, artifacts: tuple[str, ...] = ()):
+    """Register the decorated function as the maker of the region of the same name."""
+
+    def register(make: Callable[[Path], str]) -> Callable[[Path], str]:
+        BLOCKS[make.__name__] = Block(make.__name__, make, slow, benchmark, artifacts)
+        return make
+
+    return register
+
+
+# ---------------------------------------------------------------------------------------------
+# Running commands
+
+
+def command_env() -> dict[str, str]:
+    """The environment every command runs in: this checkout's source, one thread, no user store."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHLAB_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0", PYTHONUNBUFFERED="1",
+               PYTHONWARNINGS="ignore", COLUMNS="100", NO_COLOR="1", TERM="dumb")  # fmt: skip
+    return env
+
+
+def run(command: str, cwd: Path, head: int | None = None) -> str:
+    """Run one documented command line as a user would and return what it printed (stdout and stderr).
+
+    Args:
+        command: ``batchlab ...`` (run as ``python -m batchlab ...``) or ``python benchmarks/x.py ...``
+            (this checkout's script).
+        cwd: the folder it runs in.
+        head: stop the command once it has printed this many lines, and return those.
+
+    Raises GenerationError when the command fails.
+    """
+    argv = shlex.split(command)
+    if argv[0] == "batchlab":
+        argv = [sys.executable, "-m", "batchlab", *argv[1:]]
+    elif argv[0] == "python":
+        argv = [sys.executable, *[str(ROOT / a) if a.startswith("benchmarks/") else a for a in argv[1:]]]
+    with subprocess.Popen(argv, cwd=cwd, env=command_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as process:  # fmt: skip
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if head is not None and len(lines) == head:
+                process.terminate()  # what follows is not shown, so not worth the wait
+                break
+        status = process.wait()
+    output = "".join(lines)
+    if status != 0 and not (head is not None and len(lines) == head):
+        raise GenerationError(f"`{command}` exited with {status}:\n{output[-3000:]}")
+    # The temporary folder is a detail of generation, not of the output a user sees.
+    output = output.replace(f"{cwd}{os.sep}", "").replace(str(cwd), ".")
+    return "\n".join(line.rstrip() for line in output.strip("\n").splitlines()) + "\n"
+
+
+def console(cwd: Path, *commands: str, head: int | None = None) -> str:
+    """A fenced console block: each command after ``$ `` and its output.
+
+    Args:
+        cwd: the folder the commands run in (they share it, and so its store).
+        commands: documented command lines, run in order.
+        head: show only the first `head` lines of each command's output (and stop it there).
+
+    Returns:
+        The block's text, fences included.
+    """
+    parts = ["```console\n"]
+    for command in commands:
+        output = run(command, cwd, head)
+        parts += [f"$ {command}\n", output]
+    return "".join(parts) + "```\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The blocks, in the order of the docs
+
+
+@block()
+def loop_accounting(cwd: Path) -> str:
+    """docs/loop.md: the accounting line every run prints first."""
+    return console(cwd, "batchlab fit --dataset mnist1d --batch-size 32 --epochs 20", head=1)
+
+
+@block(artifacts=("docs/figures/batchlab-explain-1.png",))
+def explain_default(cwd: Path) -> str:
+    """docs/explain.md: `batchlab explain` with no training flags, its table, paragraph and figure."""
+    return console(cwd, "batchlab explain --store explain.db --out docs/figures")
+
+
+
+def benchmark(name: str, command: str) -> None:
+    """Register a benchmark block: the console output of `command`, made only with --slow."""
+    BLOCKS[name] = Block(name, lambda cwd: console(cwd, command), slow=True, benchmark=command)
+
+
+# docs/loop.md: seconds per epoch of bl.fit against a plain loop, Lightning and Keras
+benchmark("loop_overhead", "python benchmarks/overhead.py --repeats 3")
+# docs/replicas.md: vectorized replicas against one fit after another
+benchmark("replicas_benchmark", "python benchmarks/replicas.py --sequential-budget 10")
+# docs/study.md: run_study against a plain PyTorch loop doing the same trials
+benchmark("study_benchmark", "python benchmarks/study.py")
+# docs/compile.md: the compiled step against eager PyTorch and JAX; 64 replicas compiled and stacked
+benchmark("compile_overhead", "python benchmarks/overhead.py --repeats 5 --skip keras,lightning")
+# docs/loop.md: the same rows, bl.fit compiled among them
+benchmark("loop_compiled", "python benchmarks/overhead.py --repeats 5 --skip keras,lightning")
+benchmark("compile_replicas", "python benchmarks/overhead.py --repeats 3 --batch-sizes 32 "
+                              "--skip keras,lightning,plain+log,batchlab,jax --replicas 64")  # fmt: skip
+
+PROBES_OVERHEAD = "python benchmarks/probes_overhead.py --repeats 15"
+
+
+@block(slow=True, benchmark=PROBES_OVERHEAD)
+def probes_overhead(cwd: Path) -> str:
+    """docs/probes.md: the cost of each probe set; the script prints a markdown table."""
+    header, _, table = run(PROBES_OVERHEAD, cwd).partition("\n")
+    return f"```console\n$ {PROBES_OVERHEAD}\n{header}\n```\n\n{table}"
+
+
+DDP_BENCHMARK = "python benchmarks/ddp.py --repeats 3 --epochs 4"
+
+
+@block(slow=True, benchmark=DDP_BENCHMARK)
+def ddp_benchmark(cwd: Path) -> str:
+    """docs/distributed.md: seconds per epoch at 1 and 2 ranks; the script prints a markdown table."""
+    return f"```console\n$ {DDP_BENCHMARK}\n```\n\n{run(DDP_BENCHMARK, cwd)}"
+
+
+GRADNORM = "batchlab gradnorm --out docs/figures/gradnorm"
+
+
+@block(slow=True, artifacts=("docs/figures/gradnorm/gradnorm.png", "docs/figures/gradnorm/gradnorm_conventions.png"))
+def gradnorm_default(cwd: Path) -> str:
+    """docs/probes.md: the gradient-norm experiment with its defaults (minutes)."""
+    return console(cwd, GRADNORM)
+
+
+DISTANCE = "batchlab distance --out docs/figures/distance"
+
+
+@block(slow=True, artifacts=("docs/figures/distance/distance.png",))
+def distance_default(cwd: Path) -> str:
+    """docs/probes.md: distance from the initial weights with its defaults (minutes)."""
+    return console(cwd, DISTANCE)
+
+
+
+
+
+
+
+@block()
+def compile_break_even(cwd: Path) -> str:
+    """docs/compile.md: the steps after which `compile="auto"` compiles, from the policy itself."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from batchlab.compiled.policy import SAVING_PER_STEP, should_compile
+
+    rows = ["| B | saving per step | break-even |", "|---|---|---|"]
+    for batch_size, saving in SAVING_PER_STEP:
+        low, high = 1, 10**9  # the fewest steps should_compile accepts, by bisection
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if should_compile(middle, batch_size) else (middle + 1, high)
+        steps = float(f"{low:.2g}")
+        epochs = float(f"{steps / math.ceil(4000 / batch_size):.2g}")
+        rows.append(f"| {batch_size} | {saving * 1e3:.2f} ms | ~{steps:,.0f} steps ({epochs:,.0f} epochs of 4000 samples) |")
+    return "\n".join(rows) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Regions in the markdown
+
+
+@dataclass(frozen=True)
+class Region:
+    """The text between one pair of markers: `path` holds `body` at text[start:end]."""
+
+    path: Path
+    name: str
+    start: int
+    end: int
+    body: str
+
+
+def doc_files() -> list[Path]:
+    """README.md and every page in docs/."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def find_regions(path: Path, text: str) -> list[Region]:
+    """Every generated region of one file; raises GenerationError on an unpaired or nested marker."""
+    regions = [Region(path, m["name"], m.start("body"), m.end("body"), m["body"]) for m in REGION.finditer(text)]
+    if len(MARKER.findall(text)) != 2 * len(regions):
+        raise GenerationError(f"{path.relative_to(ROOT)}: a generated-block marker without its pair")
+    return regions
+
+
+def all_regions() -> list[Region]:
+    """The regions of every doc file, in file order."""
+    return [region for path in doc_files() for region in find_regions(path, path.read_text(encoding="utf-8"))]
+
+
+def mask_timings(text: str) -> str:
+    """`text` with every timing (TIMING_MASKS, TIMING_COLUMNS) replaced by a placeholder."""
+    text = mask_timing_columns(text)
+    for pattern, placeholder in TIMING_MASKS:
+        text = pattern.sub(placeholder, text)
+    return text
+
+
+def mask_timing_columns(text: str) -> str:
+    """`text` with the cells of TIMING_COLUMNS blanked in its box-drawn and markdown tables."""
+    lines = text.splitlines(keepends=True)
+    masked, timing, in_header = [], set(), False
+    for index, line in enumerate(lines):
+        cells = CELL.split(line)
+        if len(cells) < 3:
+            # A border line belongs to the table around it; any other line ends the table.
+            timing = timing if BORDER.fullmatch(line) else set()
+            masked.append(line)
+            continue
+        following = lines[index + 1] if index + 1 < len(lines) else ""
+        header = "┃" in line or bool(MARKDOWN_RULE.fullmatch(following.strip()))
+        names = [cell.strip() for cell in cells]
+        if header:
+            # A header starts a table (its lines may continue one another); its names say which columns are timings.
+            timing = (timing if in_header else set()) | {i for i, name in enumerate(names) if name in TIMING_COLUMNS}
+        else:
+            cells = ["<time>" if i in timing else cell for i, cell in enumerate(cells)]
+        in_header = header
+        masked.append("|".join(cells))
+    return "".join(masked)
+
+
+NUMBER = re.compile(r"(?<![\w.])(-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)(?![\w])")
+RELATIVE_TOLERANCE = 1e-3  # float32 training drifts by about 1e-5 from one CPU to another
+
+
+def differs(region: Region, generated: str) -> bool:
+    """Whether the committed region says something else than the generated text, timings aside.
+
+    Words, layout and whole numbers (counts, steps, batch sizes) must match exactly. Decimals may
+    differ by the rounding of their last printed digit, or by RELATIVE_TOLERANCE: the numbers come
+    from float32 training, which rounds differently from one CPU to the next (vector width,
+    reduction order), and a doc must not fail its check on another machine for that.
+    """
+    committed, fresh = NUMBER.split(mask_timings(region.body)), NUMBER.split(mask_timings(generated))
+    if len(committed) != len(fresh):
+        return True
+    for index, (old, new) in enumerate(zip(committed, fresh)):
+        agree = _numbers_agree(old, new) if index % 2 else _layout(old) == _layout(new)
+        if not agree:
+            return True
+    return False
+
+
+def _layout(text: str) -> str:
+    """Text with runs of spaces and of box-drawing rules collapsed (a column may widen by a digit)."""
+    return re.sub(r"([ ─━-])\1+", r"\1", text)
+
+
+def _numbers_agree(old: str, new: str) -> bool:
+    if not any(mark in old + new for mark in ".eE"):
+        return old == new  # whole numbers are counts: exact
+    x, y = float(old), float(new)
+    decimals = max(len(old.partition(".")[2]), len(new.partition(".")[2]))
+    return abs(x - y) <= max(2 * 10.0**-decimals, RELATIVE_TOLERANCE * max(abs(x), abs(y)))
+
+
+def generate(block_: Block, keep_artifacts: bool) -> str:
+    """Make one block's text in a fresh temporary folder; copy its artifacts into the repository if asked."""
+    with tempfile.TemporaryDirectory(prefix="batchlab-docs-") as folder:
+        cwd = Path(folder)
+        (cwd / "docs" / "figures").mkdir(parents=True)
+        text = block_.make(cwd)
+        if keep_artifacts:
+            for artifact in block_.artifacts:
+                (ROOT / artifact).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(cwd / artifact, ROOT / artifact)
+    return text
+
+
+def diff(region: Region, generated: str) -> str:
+    """A unified diff from the committed region to the generated text."""
+    where = f"{region.path.relative_to(ROOT)} [{region.name}]"
+    lines = difflib.unified_diff(region.body.splitlines(keepends=True), generated.splitlines(keepends=True),
+                                 fromfile=f"{where} (committed)", tofile=f"{where} (generated)")  # fmt: skip
+    return "".join(lines)
+
+
+def selected(regions: list[Region], slow: bool, only: set[str] | None, checking: bool) -> list[Region]:
+    """The regions this invocation handles; raises GenerationError for a marker with no maker.
+
+    Checking a benchmark runs nothing, so a check covers the benchmarks even without `slow`.
+    """
+    for region in regions:
+        if region.name not in BLOCKS:
+            raise GenerationError(f"{region.path.relative_to(ROOT)}: no generator for block {region.name!r}")
+    if only is not None:
+        return [r for r in regions if r.name in only]
+    cheap = [r for r in regions if not BLOCKS[r.name].slow or (checking and BLOCKS[r.name].benchmark is not None)]
+    return regions if slow else cheap
+
+
+def check(regions: list[Region]) -> list[str]:
+    """The diffs of every region that no longer matches its command (benchmarks: their command)."""
+    problems = []
+    for region in regions:
+        block_ = BLOCKS[region.name]
+        if block_.benchmark is not None:
+            if f"$ {block_.benchmark}\n" not in region.body:
+                problems.append(f"{region.path.relative_to(ROOT)} [{region.name}]: does not show `$ {block_.benchmark}`\n")
+            continue
+        generated = generate(block_, keep_artifacts=False)
+        if differs(region, generated):
+            problems.append(diff(region, generated))
+    return problems
+
+
+def rewrite(regions: list[Region]) -> list[str]:
+    """Regenerate the regions and write every file that changed; returns the names rewritten."""
+    texts = {region.name: generate(BLOCKS[region.name], keep_artifacts=True) for region in regions}
+    for path in sorted({region.path for region in regions}):
+        old = path.read_text(encoding="utf-8")
+        new = REGION.sub(lambda m: f"<!-- generated: {m['name']} -->\n{texts.get(m['name'], m['body'])}<!-- end generated -->", old)
+        if new != old:
+            path.write_text(new, encoding="utf-8")
+    return sorted(texts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: rewrite (default) or --check the generated blocks."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 on a difference")
+    parser.add_argument("--slow", action="store_true", help="include the slow blocks (many minutes)")
+    parser.add_argument("--only", help="comma-separated block names (slow ones included)")
+    args = parser.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else None
+    try:
+        if only is not None and only - BLOCKS.keys():
+            raise GenerationError(f"unknown block(s): {', '.join(sorted(only - BLOCKS.keys()))}")
+        regions = selected(all_regions(), args.slow, only, args.check)
+        if args.check:
+            problems = check(regions)
+            print("".join(problems) or f"{len(regions)} generated block(s) match their commands")
+            return 1 if problems else 0
+        names = rewrite(regions)
+    except GenerationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"regenerated {len(names)} block(s): {', '.join(names)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,587 @@
+"""Data-parallel training on torch.distributed: one run over N ranks, recorded as one run.
+
+Launched by ``torchrun --nproc-per-node N -m batchlab fit ...`` (or ``batchlab fit --nproc N``),
+or by any script that calls `fit` in every rank of a process group. A rank trains its share of
+each global batch; the global batch is what a single process at batch B×N would take:
+
+- every rank draws the same seeded permutation per epoch; the global batch is the same slice of it
+  as in `batchlab.loop.fit` at batch B×N, split into N consecutive parts (sizes differing by at
+  most one: a short last batch is split too), rank r taking part r;
+- ``DistributedDataParallel`` all-reduces the gradients (gloo on the CPU, NCCL on GPUs); each rank's
+  loss is its summed per-sample loss × N/B, so DDP's average is the gradient of the global batch's
+  mean loss, exactly as one process computes it;
+- the step's loss and correct count are summed over ranks (one all-reduce), evaluations are sharded
+  over the ranks and summed, so ``batch_*``, ``running_*``, ``train_*`` and ``val_*`` describe the
+  global batch and the whole splits: the step table equals the single-process one;
+- ``noise_scale`` comes from the ranks' local vs the all-reduced gradient norms
+  (`batchlab.probes.RankNoiseScale`), no extra backward pass;
+- callbacks (the store's recorder, the progress bar) run on rank 0 only; their stop requests are
+  broadcast to the other ranks where they can arise (evaluations, epoch ends, per-step callbacks);
+- a rank that raises tells rank 0 through the process group's key-value store; rank 0 ends the run
+  as ``failed`` with that message; every collective has a timeout, so no rank waits forever.
+
+Dropout masks are drawn per rank (rank 0 from the run's seed): runs with dropout are data-parallel
+but not bit-equal to one process. Batch norm normalises per rank (use ``SyncBatchNorm`` for the
+global batch's statistics).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import data as data_lib
+from .config import TrainConfig
+from .errors import BatchlabError, ConfigError
+from .events import Callback, Clock, RestoreWeights
+from .loop import check_model, plan_run, resolve_device
+from .metrics import correct_count, evaluation_splits, loss_function, pass_totals
+from .optim import build_optimizer, lr_at, scaled_lr, set_lr
+from .probes import NoiseScale, NoiseScaleExact, ProbeSet, RankGradients, RankNoiseScale, make_probe, part_sizes
+from .record import Recorder, Run
+
+DEFAULT_TIMEOUT = 300.0  # seconds any collective may wait before the run fails
+FAILURE_KEY = "batchlab/failure/{rank}"  # where a failing rank leaves its message for rank 0
+HOST_BYTES = 256  # hostnames travel as fixed-size byte tensors (no pickling between ranks)
+
+__all__ = ["Ranks", "RankFailure", "TrackedRanks", "fit", "launch", "launched", "plan_global", "rank_part", "rank_probe", "start", "stop"]
+
+
+class RankFailure(BatchlabError):
+    """A rank of a data-parallel run failed; the message names the rank and its error."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process stands in the process group.
+
+    Attributes:
+        rank: this process's rank (0 records and prints).
+        world_size: N, the number of ranks.
+        local_rank: the rank on this host (its GPU index under NCCL).
+        backend: ``gloo`` or ``nccl``.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> bool:
+    """Whether this process was started by a launcher of torch.distributed (``torchrun`` sets these)."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def current() -> Ranks | None:
+    """The ranks of the initialised default process group, or None."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())),
+                 str(dist.get_backend()))
+
+
+def start(device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> Ranks:
+    """Join the process group described by the launcher's environment (once; later calls return it).
+
+    Args:
+        device: ``cpu``, ``cuda`` or ``auto``: NCCL for CUDA, gloo for the CPU.
+        timeout: seconds any collective may wait (a dead or stuck rank then fails the run).
+
+    Returns:
+        This process's `Ranks`.
+    """
+    ranks = current()
+    if ranks is not None:
+        return ranks
+    if not launched():
+        raise ConfigError("no process group: start the run with torchrun --nproc-per-node N -m batchlab fit ..., "
+                          "or batchlab fit --nproc N")
+    cuda = resolve_device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
+    return current()  # type: ignore[return-value]
+
+
+def stop() -> None:
+    """Leave the process group (a process that exits inside one is aborted by its threads)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_part(index: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """Rank r's consecutive part of a global batch's indices (the N parts' sizes differ by at most one)."""
+    sizes = part_sizes(index.numel(), ranks.world_size)
+    begin = sum(sizes[:ranks.rank])
+    return index[begin:begin + sizes[ranks.rank]]
+
+
+def plan_global(dataset: data_lib.Dataset, config: TrainConfig, world_size: int) -> tuple[TrainConfig, Clock]:
+    """The run as one process would see it: the config at the global batch B×N, and its accounting.
+
+    Raises:
+        ConfigError: the global batch is larger than the training set.
+    """
+    if config.batch_size == "full":
+        return config, plan_run(dataset, config)
+    global_batch = config.batch_size * world_size
+    if global_batch > dataset.n_train:
+        raise ConfigError(f"batch_size {config.batch_size} per rank × {world_size} ranks = {global_batch} is larger "
+                          f"than the training set ({dataset.n_train} samples); use a per-rank batch size <= "
+                          f"{dataset.n_train // world_size}")
+    global_config = config.model_copy(update={"batch_size": global_batch})
+    return global_config, plan_run(dataset, global_config)
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+def fit(
+    model: torch.nn.Module,
+    dataset: data_lib.Dataset,
+    config: TrainConfig | None = None,
+    *,
+    probes: Sequence[Any] = (),
+    callbacks: Sequence[Callback] = (),
+    progress: bool | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Run:
+    """Train ``model`` data-parallel over the ranks of a process group; call it in every rank.
+
+    Args:
+        model: the same module in every rank (built from the same seed; DDP also broadcasts rank 0's weights).
+        dataset: the same dataset in every rank (each rank reads only its parts of the batches).
+        config: a `TrainConfig` whose ``batch_size`` is the per-rank batch B (global batch B×N);
+            ``"full"`` splits the whole training set over the ranks.
+        probes: as `batchlab.loop.fit`; ``noise_scale`` is measured from the ranks
+            (`batchlab.probes.RankNoiseScale`). Probes that need the live graph (``noise_scale_exact``)
+            are refused.
+        callbacks: run on rank 0 only (the store's recorder, EarlyStopping); other ranks follow its stops.
+        progress: a progress bar on rank 0; default: when stderr is a terminal.
+        timeout: seconds any collective may wait; the process group is started with it when this
+            call starts it.
+
+    Returns:
+        The `Run` in every rank (identical tables); its config has the global batch size.
+
+    Raises:
+        RankFailure: a rank raised or a collective failed; on rank 0 the run is recorded as ``failed``.
+    """
+    from .callbacks import ProgressBar, progress_wanted
+
+    config = config or TrainConfig()
+    ranks = start(config.device, timeout)
+    global_config, clock = plan_global(dataset, config, ranks.world_size)
+    device = _rank_device(config.device, ranks)
+    dataset = dataset.to(device)
+    model.to(device)
+    check_model(model, dataset)
+    callbacks = list(callbacks) if ranks.is_main else []
+    if ranks.is_main and (progress if progress is not None else progress_wanted()):
+        callbacks.append(ProgressBar())
+    _add_provenance(callbacks, _provenance(ranks, config, clock))
+    with _seeded(config.seed + 1_000_003 * ranks.rank, device), _failure_signals(ranks):
+        state = _DistributedState.start(model, dataset, global_config, clock, ranks)
+        probe_set = ProbeSet.create([rank_probe(p, state.rank_gradients) for p in probes], model, dataset,
+                                    global_config, state.loss_fn)
+        state.recorder = Recorder(
+            clock, model=model, classification=dataset.n_classes is not None, callbacks=callbacks,
+            config=global_config, dataset=dataset.name, probes=probe_set, probe_every=config.probe_every,
+            eval_every=None if config.eval_every == "epoch" else config.eval_every, save=None,
+            save_refusal="data-parallel runs write no checkpoints yet")
+        try:
+            return _train(state)
+        except BaseException as error:
+            message = _failure(error, ranks)
+            if ranks.is_main:
+                state.recorder.finish("interrupted" if isinstance(error, KeyboardInterrupt) else "failed", message)
+            if isinstance(error, (KeyboardInterrupt, RankFailure)):
+                raise
+            raise RankFailure(message) from error
+
+
+def rank_probe(spec: Any, gradients: RankGradients | None = None) -> Any:
+    """The probe a data-parallel run measures for ``spec``: the noise scale comes from the ranks
+    (``gradients``, the run's `RankGradients`)."""
+    if spec == "noise_scale":
+        return RankNoiseScale(gradients=gradients)
+    probe = make_probe(spec)
+    if isinstance(probe, (NoiseScale, NoiseScaleExact)):
+        raise ConfigError(f"probe {probe.name!r} needs the whole batch in one process; in a data-parallel run "
+                          "ask for 'noise_scale', which is measured from the ranks' gradients")
+    return probe
+
+
+@dataclass
+class _DistributedState:
+    """What the data-parallel loop keeps besides the core: the wrapped model, optimizer and data order."""
+
+    model: torch.nn.Module  # the user's module (evaluation, probes)
+    ddp: torch.nn.Module  # the same module in DistributedDataParallel (training forward passes)
+    dataset: data_lib.Dataset
+    config: TrainConfig  # at the global batch
+    ranks: Ranks
+    loss_fn: Any
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    base_lr: float
+    splits: dict
+    rank_gradients: RankGradients
+    recorder: Recorder = None  # type: ignore[assignment]
+    rank0_steps_callbacks: bool = False  # rank 0 has per-step callbacks: agree after every step
+
+    @classmethod
+    def start(cls, model, dataset, config, clock, ranks) -> "_DistributedState":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = next(model.parameters()).device
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        rank_gradients = RankGradients()
+        ddp.register_comm_hook(rank_gradients, RankGradients.hook)
+        base_lr = scaled_lr(config, clock.batch_size)
+        return cls(model=model, ddp=ddp, dataset=dataset, config=config, ranks=ranks,
+                   loss_fn=loss_function(config.loss, dataset.task),
+                   optimizer=build_optimizer(model.parameters(), config, base_lr),
+                   generator=torch.Generator().manual_seed(config.seed), base_lr=base_lr,
+                   splits=evaluation_splits(dataset, config.eval_train), rank_gradients=rank_gradients)
+
+    def evaluate(self) -> None:
+        """Full passes over the splits, each rank over its share of the rows, summed over ranks."""
+        started = time.perf_counter()
+        classification = self.dataset.n_classes is not None
+        totals = []
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for X, y in self.splits.values():
+                    rows = rank_part(torch.arange(X.shape[0]), self.ranks)
+                    begin, end = (int(rows[0]), int(rows[-1]) + 1) if rows.numel() else (0, 0)
+                    batch = self.config.eval_batch_size
+                    slices = [slice(s, min(s + batch, end)) for s in range(begin, end, batch)]
+                    loss_sum, correct, n = pass_totals(self.model, X, y, slices, self.loss_fn, classification)
+                    totals.append(torch.stack([loss_sum, correct.double(), torch.tensor(float(n), device=X.device,
+                                                                                      dtype=torch.float64)]))
+        finally:
+            self.model.train()
+        summed = torch.stack(totals)  # (splits, 3): loss sum, correct, samples
+        dist.all_reduce(summed)
+        metrics: dict[str, float] = {}
+        for name, (loss_sum, correct, n) in zip(self.splits, summed.tolist()):
+            metrics[f"{name}_loss"] = loss_sum / n
+            if classification:
+                metrics[f"{name}_acc"] = correct / n
+        self.recorder.record_evaluation(metrics, time.perf_counter() - started)
+
+
+def _train(state: _DistributedState) -> Run:
+    rec = state.recorder
+    flag = torch.tensor([bool(rec.per_step)], dtype=torch.int64, device=_collective_device(state))
+    dist.broadcast(flag, 0)
+    state.rank0_steps_callbacks = bool(flag.item())
+    rec.start_run()
+    state.evaluate()
+    _agree(state)
+    state.model.train()
+    try:
+        while rec.going and rec.clock.step < rec.clock.total_steps:
+            rec.start_epoch()
+            _run_epoch(state)
+            if rec.status == "diverged":
+                break
+            if not rec.evaluated_now():
+                state.evaluate()
+            rec.end_epoch()
+            _agree(state)
+    except KeyboardInterrupt:
+        if state.ranks.is_main:
+            rec.finish("interrupted", f"interrupted at step {rec.clock.step}")
+        raise
+    return rec.finish()
+
+
+def _run_epoch(state: _DistributedState) -> None:
+    """One epoch: each rank's part of every global batch, DDP's all-reduce, the global numbers to the core."""
+    rec, config, optimizer, ranks = state.recorder, state.config, state.optimizer, state.ranks
+    X, y = state.dataset.train
+    classification = state.dataset.n_classes is not None
+    probes = rec.probes
+    clock = rec.clock
+    current_lr = None
+    order = data_lib.epoch_order(clock.n_train, state.generator, config.shuffle).to(X.device)
+    for index in data_lib.batch_indices(order, clock.batch_size, config.drop_last):
+        if rec.clock.step >= clock.total_steps:
+            break
+        started = time.perf_counter()
+        lr = lr_at(rec.clock.step, config, state.base_lr, clock.steps_per_epoch, clock.total_steps)
+        if lr != current_lr:
+            set_lr(optimizer, lr)
+            current_lr = lr
+        measuring = rec.measuring()
+        local = rank_part(index, ranks)  # (b_r,)
+        global_size = index.numel()
+        output = state.ddp(X[local])  # (b_r, K)
+        losses = state.loss_fn(output, y[local])  # (b_r,)
+        # DDP averages over N ranks: N/B · Σ_i ℓ_i per rank makes the average the global batch's mean-loss gradient.
+        loss = losses.sum() * (ranks.world_size / global_size)
+        if measuring:
+            state.rank_gradients.arm(local.numel(), global_size)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if measuring and probes is not None:
+            probes.after_backward()
+        optimizer.step()
+        if measuring and probes is not None:
+            probes.after_update()
+        correct = correct_count(output.detach(), y[local]).double() if classification else losses.new_zeros(())
+        totals = torch.stack([losses.detach().double().sum(), correct])  # this rank's loss sum and correct count
+        dist.all_reduce(totals)
+        loss_sum, batch_correct = totals.tolist()
+        rec.record_step(global_size, lr, loss_sum / global_size, int(batch_correct) if classification else None,
+                        time.perf_counter() - started, probes.collect() if measuring and probes is not None else None)
+        if rec.status == "diverged":  # the same global loss on every rank: all stop here
+            return
+        evaluated = rec.evaluation_due()
+        if evaluated:
+            state.evaluate()
+        if (evaluated or state.rank0_steps_callbacks) and not _agree(state):
+            return
+
+
+def _agree(state: _DistributedState) -> bool:
+    """Act on rank 0's callbacks' requests in every rank: its stop, its restored weights. True while going on."""
+    rec, ranks = state.recorder, state.ranks
+    restored = any(isinstance(r, RestoreWeights) for r in rec.requests)
+    rec.settle()
+    decision = torch.tensor([int(not rec.going), int(restored)], dtype=torch.int64, device=_collective_device(state))
+    dist.broadcast(decision, 0)
+    stop, restored_on_main = decision.tolist()
+    if restored_on_main:
+        for tensor in state.model.state_dict().values():
+            dist.broadcast(tensor, 0)
+    if stop and rec.going and not ranks.is_main:
+        rec.status, rec.message = "stopped", "rank 0 stopped the run"
+    return rec.going
+
+
+def _collective_device(state: _DistributedState) -> torch.device:
+    return state.dataset.train[0].device
+
+
+def _rank_device(name: str, ranks: Ranks) -> torch.device:
+    device = resolve_device(name)
+    if device.type == "cuda":
+        return torch.device("cuda", ranks.local_rank)
+    return device
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device):
+    """The global RNG (dropout) seeded per rank for the run; the caller's RNG state is restored."""
+    cpu_state = torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+
+
+# --- bl.track in a process group -------------------------------------------------------------------
+
+
+class TrackedRanks:
+    """What `batchlab.track` does in a process group of several ranks: step numbers of the global
+    batch (loss, correct count and size summed over ranks), and ``noise_scale`` from the ranks.
+
+    Made by `TrackedRanks.create`; the tracker records on rank 0 only.
+    """
+
+    def __init__(self, ranks: Ranks, gradients: RankGradients | None, device: torch.device):
+        self.ranks, self.gradients, self.device = ranks, gradients, device
+        self.provenance = provenance(ranks)  # a collective: every rank gathers the hosts
+
+    @property
+    def is_main(self) -> bool:
+        return self.ranks.is_main
+
+    @classmethod
+    def create(cls, model: torch.nn.Module, probes: list[Any], accumulate: int) -> tuple["TrackedRanks | None", list[Any]]:
+        """The ranks of a tracked DDP loop (None outside a process group of 2+ ranks), and its probes,
+        ``noise_scale`` measured from the ranks (its communication hook registered on ``model``)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        ranks = current()
+        if ranks is None or ranks.world_size < 2:
+            return None, probes
+        gradients = None
+        if accumulate == 1 and any(p.name == "noise_scale" for p in probes):
+            if not isinstance(model, DistributedDataParallel):
+                raise ConfigError("noise_scale in a data-parallel loop is measured from DDP's all-reduce: pass the "
+                                  "DistributedDataParallel model to bl.track")
+            gradients = RankGradients()
+            model.register_comm_hook(gradients, RankGradients.hook)
+            probes = [RankNoiseScale(gradients=gradients) if p.name == "noise_scale" else p for p in probes]
+        device = next(model.parameters()).device
+        return cls(ranks, gradients, device), probes
+
+    def before_forward(self, inputs: torch.Tensor, measuring: bool) -> None:
+        """A training forward pass of ``inputs`` (b, ...): arm the gradients' hook when the step is measured.
+        The ranks' batches are taken as equal (DistributedSampler's are), so the global batch is b×N."""
+        if self.gradients is not None and measuring:
+            batch = int(inputs.shape[0])
+            self.gradients.arm(batch, batch * self.ranks.world_size)
+
+    def reduce_step(self, size: int, loss: float, correct: int | None) -> tuple[int, float, int | None]:
+        """The global batch's size, mean loss and correct count from every rank's (one all-reduce)."""
+        totals = torch.tensor([loss * size, float(correct or 0), float(size), float(correct is None)],
+                              dtype=torch.float64, device=self.device)
+        dist.all_reduce(totals)
+        loss_sum, correct_sum, total, missing = totals.tolist()
+        return int(total), loss_sum / total, None if missing else int(correct_sum)
+
+
+# --- provenance -----------------------------------------------------------------------------------
+
+
+def _provenance(ranks: Ranks, config: TrainConfig, clock: Clock) -> dict[str, Any]:
+    """World size, backend, per-rank batch, global batch and every rank's host."""
+    per_rank = config.batch_size if config.batch_size != "full" else part_sizes(clock.batch_size, ranks.world_size)[0]
+    entries = provenance(ranks)
+    entries["distributed"].update(per_rank_batch=per_rank, global_batch=clock.batch_size)
+    return entries
+
+
+def provenance(ranks: Ranks) -> dict[str, Any]:
+    """``{"distributed": {world_size, backend, hosts}}``; every rank must call it (the hosts are
+    gathered as bytes, never pickled)."""
+    name = socket.gethostname().encode()[:HOST_BYTES]
+    mine = torch.zeros(HOST_BYTES, dtype=torch.uint8)
+    mine[:len(name)] = torch.tensor(list(name), dtype=torch.uint8)
+    device = torch.device("cuda", ranks.local_rank) if ranks.backend == "nccl" else torch.device("cpu")
+    gathered = [torch.zeros(HOST_BYTES, dtype=torch.uint8, device=device) for _ in range(ranks.world_size)]
+    dist.all_gather(gathered, mine.to(device))
+    hosts = [bytes(t.cpu().tolist()).rstrip(b"\0").decode(errors="replace") for t in gathered]
+    return {"distributed": {"world_size": ranks.world_size, "backend": ranks.backend, "hosts": hosts}}
+
+
+def _add_provenance(callbacks: Sequence[Callback], entries: dict[str, Any]) -> None:
+    """Give the store's recorders (rank 0's) the run's data-parallel provenance."""
+    for callback in callbacks:
+        extra = getattr(callback, "extra_provenance", None)
+        if isinstance(extra, dict):
+            extra.update(entries)
+
+
+# --- failures -------------------------------------------------------------------------------------
+
+
+class _Terminated(Exception):
+    """The launcher ended this rank (torchrun stops the others when one rank fails)."""
+
+
+@contextmanager
+def _failure_signals(ranks: Ranks):
+    """Rank 0 turns SIGTERM into an exception, so that it records the run as failed before it exits."""
+    if not ranks.is_main or signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        yield
+        return
+
+    def terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the failure is being recorded
+        raise _Terminated("the launcher stopped this rank")
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _failure(error: BaseException, ranks: Ranks) -> str:
+    """The run's failure message: this rank's own error, or (rank 0, after a failed collective) the
+    message a failing rank left in the process group's store."""
+    store = _key_value_store()
+    own = f"rank {ranks.rank}: {type(error).__name__}: {_first_line(error)}"
+    collective = isinstance(error, (_Terminated, dist.DistError, RuntimeError)) and not isinstance(error, RankFailure)
+    if not ranks.is_main:
+        if store is not None and not isinstance(error, _Terminated):
+            try:
+                store.set(FAILURE_KEY.format(rank=ranks.rank), own)
+            except Exception:  # the store went with rank 0: nothing more to tell
+                pass
+        return own
+    if isinstance(error, RankFailure):
+        return str(error)
+    if collective and store is not None:
+        told = _told(store, ranks, wait=5.0)
+        if told is not None:
+            return told
+    return own
+
+
+def _told(store: Any, ranks: Ranks, wait: float) -> str | None:
+    """A failing rank's message from the store, waiting up to ``wait`` seconds for one to arrive."""
+    deadline = time.monotonic() + wait
+    keys = [FAILURE_KEY.format(rank=r) for r in range(1, ranks.world_size)]
+    while True:
+        for key in keys:
+            try:
+                if store.check([key]):
+                    return store.get(key).decode(errors="replace")
+            except Exception:
+                return None
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _key_value_store() -> Any:
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except Exception:
+        return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else repr(error)
+
+
+# --- launching ------------------------------------------------------------------------------------
+
+
+def launch(arguments: Sequence[str], nproc: int) -> int:
+    """Run ``batchlab <arguments>`` in ``nproc`` ranks on this machine, as ``torchrun --standalone
+    --nproc-per-node nproc -m batchlab <arguments>`` would; returns the exit status (0 when every rank succeeded)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--monitor-interval", "0.1",
+                                          "-m", "batchlab", *arguments])
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # The ranks report their own errors; the launcher's log lines would repeat them as tracebacks.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(args)
+    except ChildFailedError:
+        return 1
+    return 0

@@ -1,0 +1,110 @@
+"""What each rank runs in tests/test_distributed.py (started by torchrun, 2 gloo ranks, one thread each).
+
+Usage: ``torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py SCENARIO[,SCENARIO] OUT_DIR``.
+Rank 0 writes its runs' step tables as JSON into OUT_DIR and records into OUT_DIR/runs.db.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import batchlab as bl
+from batchlab import distributed
+
+# The configs both sides of the equivalence test train: per-rank batch 12 over 2 ranks = global 24.
+# blobs has a training set that 24 does not divide, so the last global batch is short and split too.
+PER_RANK_BATCH = 12
+CONFIGS = {
+    "sgd": dict(optimizer="sgd", lr=0.05, momentum=0.9, epochs=2, eval_every=7, seed=3),
+    "adam": dict(optimizer="adam", lr=0.01, epochs=2, eval_every=7, seed=4),
+}
+PROBES = {"sgd": ["noise_scale", "grad_norm", "dist_from_init"], "adam": ["grad_norm"]}
+
+
+def dataset():
+    return bl.load_dataset("blobs", dtype=torch.float64)
+
+
+def model(ds, seed: int) -> torch.nn.Module:
+    return bl.build_model("mlp", ds, seed=seed, hidden=[16]).double()
+
+
+class FailsOnRank1(torch.nn.Module):
+    """A model whose forward pass raises on rank 1 at its 4th training call."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if dist.get_rank() == 1 and self.calls == 4:
+                raise ValueError("boom on rank 1")
+        return self.inner(x)
+
+
+def equivalence(out: Path) -> None:
+    ds = dataset()
+    for name, options in CONFIGS.items():
+        config = bl.TrainConfig(batch_size=PER_RANK_BATCH, **options)
+        callbacks = [bl.recorder(out / "runs.db", name=name)] if dist.get_rank() == 0 else []
+        run = distributed.fit(model(ds, options["seed"]), ds, config, probes=PROBES[name], callbacks=callbacks,
+                              progress=False, timeout=60)
+        (out / f"{name}-rank{dist.get_rank()}.json").write_text(run.steps.to_json(orient="records"))
+
+
+TRACK_BATCH = 25  # per rank; 2 ranks × 25 divide blobs' 500 training samples
+TRACK_CONFIG = dict(optimizer="sgd", lr=0.05, momentum=0.9, epochs=1, seed=5)
+
+
+def track(out: Path) -> None:
+    """A user's own DDP loop: each global batch of the seeded permutation split in two, measured by bl.track."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ds = dataset()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    net = model(ds, TRACK_CONFIG["seed"])
+    ddp = DistributedDataParallel(net)
+    optimizer = torch.optim.SGD(net.parameters(), lr=TRACK_CONFIG["lr"], momentum=TRACK_CONFIG["momentum"])
+    X, y = ds.train
+    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(TRACK_CONFIG["seed"]))
+    with bl.track(ddp, optimizer, store=out / "runs.db", name="track", probes=["noise_scale", "grad_norm"],
+                  n_train=len(X)) as run:
+        for start in range(0, len(X), TRACK_BATCH * world):
+            local = order[start + rank * TRACK_BATCH:start + (rank + 1) * TRACK_BATCH]
+            outputs = ddp(X[local])
+            loss = torch.nn.functional.cross_entropy(outputs, y[local])
+            optimizer.zero_grad()
+            loss.backward()
+            run.step(loss, outputs=outputs, targets=y[local])
+            optimizer.step()
+        run.end_epoch()
+    (out / f"track-rank{rank}.json").write_text(run.steps.to_json(orient="records"))
+
+
+def failure(out: Path) -> None:
+    ds = dataset()
+    config = bl.TrainConfig(batch_size=PER_RANK_BATCH, epochs=1, seed=0)
+    callbacks = [bl.recorder(out / "runs.db", name="fails")] if dist.get_rank() == 0 else []
+    try:
+        distributed.fit(FailsOnRank1(model(ds, 0)), ds, config, callbacks=callbacks, progress=False, timeout=20)
+    except distributed.RankFailure as error:
+        (out / f"error-rank{dist.get_rank()}.txt").write_text(str(error))
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    scenario, folder = sys.argv[1], Path(sys.argv[2])
+    distributed.start("cpu", timeout=30)
+    try:
+        for name in scenario.split(","):  # a failure breaks the process group: it comes last
+            {"equivalence": equivalence, "track": track, "failure": failure}[name](folder)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

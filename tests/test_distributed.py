@@ -1,0 +1,248 @@
+"""Data-parallel training (batchlab.distributed) against single-process runs.
+
+One torchrun launch of 2 gloo ranks (tests/distributed_worker.py) trains the SGD-with-momentum and
+Adam runs and then a run whose rank 1 raises; its outputs are compared here with `bl.fit` at the
+global batch, in float64, and with the two-batch noise-scale formula computed from the parts'
+gradients. The launch has a timeout and its process group is killed on expiry, and every
+collective in the ranks has one too, so a failing rank cannot hang the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import batchlab as bl
+from batchlab import distributed
+from batchlab.errors import ConfigError
+from batchlab.store import RunStore
+
+sys.path.insert(0, str(Path(__file__).parent))
+import distributed_worker as worker  # noqa: E402
+
+LAUNCH_TIMEOUT = 240  # seconds for the whole launch on a busy 2-core machine
+WORLD = 2
+
+
+def _launch(scenarios: str, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(bl.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
+               "--monitor-interval", "0.1", str(Path(worker.__file__)), scenarios, str(out)]
+    # A session of its own, so that on a timeout the launcher and its ranks are killed together.
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _wait(process: subprocess.Popen) -> tuple[int, str]:
+    try:
+        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"the 2-rank launch did not end within {LAUNCH_TIMEOUT} s:\n{output[-3000:]}")
+    return process.returncode, output
+
+
+class OracleNoise:
+    """A probe for the single-process reference: the two-batch estimates of McCandlish et al. 2018
+    (App. A.1) with B_small = each rank's part of the batch and B_big = the batch, from the parts'
+    gradients computed here by autograd on the live graph (nothing of batchlab's estimators)."""
+
+    name = "oracle"
+    point = "forward"
+
+    def init(self, ctx):
+        return None
+
+    def measure(self, state, ctx, losses):
+        big = losses.numel()
+        sizes = [big // WORLD + (1 if r < big % WORLD else 0) for r in range(WORLD)]
+        bounds = np.cumsum([0, *sizes])
+        parts = [torch.autograd.grad(losses[a:b].mean(), ctx.params, retain_graph=True) for a, b in
+                 zip(bounds[:-1], bounds[1:])]
+        flat = [torch.cat([g.reshape(-1) for g in part]) for part in parts]  # each (P,)
+        g_big = sum(f * (b / big) for f, b in zip(flat, sizes))  # the whole batch's mean-loss gradient
+        big_sq = float(g_big.square().sum())
+        traces, grads = [], []
+        for f, b in zip(flat, sizes):
+            small_sq = float(f.square().sum())
+            traces.append((small_sq - big_sq) / (1 / b - 1 / big))
+            grads.append((big * big_sq - b * small_sq) / (big - b))
+        trace = sum(traces) / WORLD
+        n_train = ctx.dataset.n_train
+        return state, {"oracle_trace_cov": trace, "oracle_grad_sq": sum(grads) / WORLD + trace / n_train}
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """The ranks' outputs and, computed meanwhile in this process, the single-process references."""
+    out = tmp_path_factory.mktemp("ddp")
+    process = _launch("equivalence,track,failure", out)
+    torch.set_num_threads(1)
+    ds = worker.dataset()
+    references = {}
+    for name, options in worker.CONFIGS.items():
+        config = bl.TrainConfig(batch_size=worker.PER_RANK_BATCH * WORLD, **options)
+        probes = [p for p in worker.PROBES[name] if p != "noise_scale"]
+        if "noise_scale" in worker.PROBES[name]:
+            probes.append(OracleNoise())
+        references[name] = bl.fit(worker.model(ds, options["seed"]), ds, config, probes=probes, progress=False)
+    config = bl.TrainConfig(batch_size=worker.TRACK_BATCH * WORLD, **worker.TRACK_CONFIG)
+    references["track"] = bl.fit(worker.model(ds, config.seed), ds, config, probes=["grad_norm", OracleNoise()],
+                                 progress=False)
+    status, output = _wait(process)
+    return out, references, status, output
+
+
+def _table(out: Path, name: str, rank: int) -> pd.DataFrame:
+    path = out / f"{name}-rank{rank}.json"
+    assert path.exists(), f"rank {rank} wrote no {name} table"
+    return pd.DataFrame(json.loads(path.read_text()))
+
+
+@pytest.mark.parametrize("name", list(worker.CONFIGS))
+def test_step_table_equals_single_process_at_global_batch(launched, name):
+    out, references, _, output = launched
+    reference = references[name].steps
+    for rank in range(WORLD):
+        table = _table(out, name, rank)
+        assert len(table) == len(reference) > 0, output[-2000:]
+        for column in reference.columns:
+            if column == "seconds" or column.startswith("oracle"):
+                continue
+            expected, got = reference[column].to_numpy(float), table[column].to_numpy(float)
+            assert np.array_equal(np.isnan(expected), np.isnan(got)), column
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-8, equal_nan=True, err_msg=column)
+    global_batch = worker.PER_RANK_BATCH * WORLD
+    n_train = references[name].clock.n_train
+    assert n_train % global_batch and set(reference["batch_size"]) == {global_batch, n_train % global_batch}  # short last batches split too
+
+
+def test_noise_scale_equals_two_batch_formula_from_the_ranks_gradients(launched):
+    out, references, _, _ = launched
+    reference, table = references["sgd"].steps, _table(out, "sgd", 0)
+    np.testing.assert_allclose(table["trace_cov_raw"], reference["oracle_trace_cov"], rtol=1e-6)
+    np.testing.assert_allclose(table["grad_sq_raw"], reference["oracle_grad_sq"], rtol=1e-6, atol=1e-10)
+    # The smoothed ratio: bias-corrected moving averages (β = 0.99) of the oracle's estimates.
+    beta, trace_avg, grad_avg, expected = 0.99, 0.0, 0.0, []
+    for k, (trace, grad) in enumerate(zip(reference["oracle_trace_cov"], reference["oracle_grad_sq"]), start=1):
+        trace_avg, grad_avg = beta * trace_avg + (1 - beta) * trace, beta * grad_avg + (1 - beta) * grad
+        expected.append(trace_avg / grad_avg if grad_avg > 0 else math.nan)
+    np.testing.assert_allclose(table["noise_scale"], expected, rtol=1e-6)
+
+
+def test_track_in_a_users_ddp_loop_records_the_global_batch(launched):
+    out, references, _, _ = launched
+    reference = references["track"].steps
+    for rank in range(WORLD):
+        table = _table(out, "track", rank)
+        for column in ("step", "batch_size", "batch_loss", "batch_acc", "running_loss", "running_acc", "grad_norm"):
+            np.testing.assert_allclose(table[column], reference[column], rtol=1e-5, err_msg=column)
+        np.testing.assert_allclose(table["trace_cov_raw"], reference["oracle_trace_cov"], rtol=1e-6)
+        np.testing.assert_allclose(table["grad_sq_raw"], reference["oracle_grad_sq"], rtol=1e-6, atol=1e-10)
+    with RunStore(out / "runs.db") as store:
+        runs = store.list_runs()
+        tracked = store.load_run(int(runs[runs["name"] == "track"]["id"].iloc[0]))
+    assert tracked.provenance["distributed"]["world_size"] == WORLD
+    assert len(tracked.steps) == len(reference)
+
+
+def test_rank0_alone_records_with_provenance(launched):
+    out, _, _, _ = launched
+    with RunStore(out / "runs.db") as store:
+        runs = store.list_runs()
+        assert list(runs["name"]) == ["sgd", "adam", "track", "fails"]  # one run per training, not one per rank
+        stored = store.load_run(int(runs["id"].iloc[0]))
+    assert stored.provenance["distributed"] == {
+        "world_size": WORLD, "backend": "gloo", "per_rank_batch": worker.PER_RANK_BATCH,
+        "global_batch": worker.PER_RANK_BATCH * WORLD, "hosts": [stored.provenance["hostname"]] * WORLD}
+    assert stored.config["batch_size"] == worker.PER_RANK_BATCH * WORLD
+
+
+def test_a_rank_that_raises_fails_the_run_and_no_rank_hangs(launched):
+    out, _, status, output = launched
+    assert status != 0  # the launch ended (no hang) and reported the failure
+    with RunStore(out / "runs.db") as store:
+        runs = store.list_runs()
+        failed = store.load_run(int(runs[runs["name"] == "fails"]["id"].iloc[0]))
+    assert failed.status == "failed"
+    assert failed.message == "rank 1: ValueError: boom on rank 1", output[-2000:]
+    for rank in range(WORLD):  # both ranks left fit with the same one-line error
+        assert (out / f"error-rank{rank}.txt").read_text() == "rank 1: ValueError: boom on rank 1"
+
+
+# --- without processes ------------------------------------------------------------------------------
+
+
+def test_rank_parts_cover_the_global_batch_in_order():
+    for size in (1, 5, 24, 25):
+        index = torch.randperm(100)[:size]
+        parts = [distributed.rank_part(index, distributed.Ranks(r, 3, r, "gloo")) for r in range(3)]
+        assert torch.equal(torch.cat(parts), index)
+        assert max(p.numel() for p in parts) - min(p.numel() for p in parts) <= 1
+
+
+def test_global_batch_larger_than_the_data_is_refused():
+    ds = bl.load_dataset("blobs")
+    with pytest.raises(ConfigError, match="per rank"):
+        distributed.plan_global(ds, bl.TrainConfig(batch_size=ds.n_train), 2)
+    config, clock = distributed.plan_global(ds, bl.TrainConfig(batch_size=10), 4)
+    assert config.batch_size == clock.batch_size == 40
+
+
+def test_probes_needing_the_whole_batch_are_refused():
+    for spec in ("noise_scale_exact", bl.probes.NoiseScale(method="parts")):
+        with pytest.raises(ConfigError, match="data-parallel"):
+            distributed.rank_probe(spec)
+    assert isinstance(distributed.rank_probe("noise_scale"), bl.probes.RankNoiseScale)
+
+
+def test_fit_outside_a_launch_says_how_to_launch(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    ds = bl.load_dataset("blobs")
+    with pytest.raises(ConfigError, match="torchrun"):
+        distributed.fit(bl.build_model("mlp", ds), ds, bl.TrainConfig(batch_size=8))
+
+
+@pytest.mark.slow
+def test_cli_nproc_trains_what_one_process_trains_at_the_global_batch(tmp_path, cli):
+    """`batchlab fit --nproc 2 --batch-size 25` stores the run `batchlab fit --batch-size 50` stores."""
+    flags = ["--dataset", "blobs", "--model", "mlp:hidden=16", "--epochs", "1", "--optimizer", "adam", "--lr", "0.01",
+             "--probes", "grad_norm", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(bl.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen([sys.executable, "-m", "batchlab", "fit", "--nproc", "2", "--batch-size", "25",
+                                "--store", str(tmp_path / "ddp.db"), *flags], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    status, _, err = cli(["fit", "--batch-size", "50", "--store", str(tmp_path / "one.db"), *flags])
+    assert status == 0, err
+    code, output = _wait(process)
+    assert code == 0, output[-2000:]
+    with RunStore(tmp_path / "ddp.db") as ddp_store, RunStore(tmp_path / "one.db") as one_store:
+        assert len(ddp_store.list_runs()) == 1
+        ddp, one = ddp_store.load_run(1), one_store.load_run(1)
+    assert ddp.provenance["distributed"]["per_rank_batch"] == 25 and ddp.config["batch_size"] == 50
+    for column in ("batch_loss", "running_acc", "grad_norm"):  # float32 here: summation order differs
+        np.testing.assert_allclose(ddp.steps[column], one.steps[column], rtol=1e-4, atol=1e-6, err_msg=column)
+    np.testing.assert_allclose(ddp.evals["val_loss"], one.evals["val_loss"], rtol=1e-4)
+
+
+def test_cli_nproc_refuses_bad_input_before_launching(tmp_path, cli):
+    status, _, err = cli(["fit", "--nproc", "2", "--dataset", "blobs", "--batch-size", "400",
+                          "--store", str(tmp_path / "x.db")])
+    assert status == 2 and err.strip().splitlines() == [
+        "error: batch_size 400 per rank × 2 ranks = 800 is larger than the training set (500 samples); "
+        "use a per-rank batch size <= 250"]
+    assert not (tmp_path / "x.db").exists()
