@@ -234,6 +234,7 @@ def _estimate_bytes(model: nn.Module, dataset, config: TrainConfig, clock: Clock
 def _train_chunk(replicas: list[_Replica], dataset, clock: Clock, probes: list[str], device, display) -> list[Run]:
     """Train one chunk of replicas together and return their runs in order."""
     state = _Pass(replicas, dataset, clock, probes, device)
+    state.choose_compiled()
     try:
         _run_pass(state, clock, display)
     except KeyboardInterrupt:

@@ -97,7 +97,9 @@ class StudyPlan:
 
 def study_id(config: StudyConfig) -> str:
     """The study's identity: a hash of everything in its config that can change its results."""
-    canonical = json.dumps(config.model_dump(mode="json", exclude={"name"}), sort_keys=True)
+    # ``train.compile`` changes how fast, not what, a run computes: a study keeps its identity.
+    canonical = json.dumps(config.model_dump(mode="json", exclude={"name": True, "train": {"compile"}}),
+                           sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
