@@ -32,10 +32,10 @@ class GroupEvaluator:
     """Full-pass metrics of several same-shaped models at once, cached per step.
 
     The replicas of a vectorized pass reach each check point together; the first to ask for step
-    t's metrics gets every registered model evaluated in one stacked pass
-    (`batchlab.metrics.evaluate_stacked`), the others read the cache. ``splits`` limits the passes
-    to what is needed (the target's split: a full pass over the training set at every check would
-    cost more than the training itself).
+    t's metrics gets every registered model evaluated (on a GPU in one stacked pass,
+    `batchlab.metrics.evaluate_stacked`; on the CPU one model after another), the others read the
+    cache. ``splits`` limits the passes to what is needed (the target's split: a full pass over the
+    training set at every check would cost more than the training itself).
     """
 
     def __init__(self, dataset: Dataset, config: TrainConfig, splits: Sequence[str] = ("train", "val", "test")):
@@ -67,9 +67,12 @@ class GroupEvaluator:
         from ..metrics import evaluate_splits, evaluate_stacked
 
         keys, models = list(self.models), list(self.models.values())
-        if len(models) == 1:  # the loop's own evaluation, exactly
-            return {keys[0]: evaluate_splits(models[0], self.splits, self.loss_fn, self.classification,
-                                             self.eval_batch_size)}
+        # On the CPU each model is evaluated in turn, exactly as the loop evaluates: measured, one
+        # vmapped pass streams R times the activations through memory and took twice as long
+        # (18 MLPs on MNIST-1D's validation split: 30 ms vs 15 ms). On a GPU the stacked pass wins.
+        if len(models) == 1 or next(models[0].parameters()).device.type == "cpu":
+            return {key: evaluate_splits(model, self.splits, self.loss_fn, self.classification, self.eval_batch_size)
+                    for key, model in zip(keys, models)}
         forward = _stacked_forward(models)
         return dict(zip(keys, evaluate_stacked(forward, len(models), self.splits, self.loss_fn, self.classification,
                                                self.eval_batch_size)))
