@@ -40,17 +40,22 @@ class LrPruner:
         self.upper = np.full(len(self.trial_lrs), math.inf)  # (n_trials,) S <= upper
         self.best_before = best_before
         self.pruned: set[float] = set()
+        self.rows = {lr: np.array([k for k, value in enumerate(self.trial_lrs) if value == lr])
+                     for lr in set(self.trial_lrs)}  # lr -> its trials' keys
+        self.best_upper: float | None = None  # `_best_upper_median`, until an upper bound changes
 
     def evaluated(self, key: int, step: int, reached: bool) -> None:
         """Trial ``key`` was evaluated at ``step``: the target held there (first time) or not yet."""
         if reached:
             self.lower[key] = self.upper[key] = step
+            self.best_upper = None
         else:
             self.lower[key] = max(self.lower[key], step + 1)
 
     def ended_without_target(self, key: int) -> None:
         """Trial ``key`` ended (budget or divergence) without reaching: S = +inf."""
         self.lower[key] = self.upper[key] = math.inf
+        self.best_upper = None
 
     def should_stop(self, key: int) -> bool:
         """True when trial ``key``'s lr can no longer be the best (it is then pruned for good)."""
@@ -59,12 +64,12 @@ class LrPruner:
             self.pruned.add(lr)
         return lr in self.pruned
 
-    def _rows(self, lr: float) -> np.ndarray:
-        return np.array([k for k, value in enumerate(self.trial_lrs) if value == lr])
-
     def _lower_median(self, lr: float) -> float:
-        return float(np.median(self.lower[self._rows(lr)]))
+        return float(np.median(self.lower[self.rows[lr]]))
 
     def _best_upper_median(self) -> float:
-        uppers = [float(np.median(self.upper[self._rows(lr)])) for lr in set(self.trial_lrs)]
-        return min([self.best_before, *uppers])
+        # Upper bounds change only when a trial reaches or ends: computed again then, not at every check.
+        if self.best_upper is None:
+            uppers = [float(np.median(self.upper[rows])) for rows in self.rows.values()]
+            self.best_upper = min([self.best_before, *uppers])
+        return self.best_upper
