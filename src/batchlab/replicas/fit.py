@@ -324,8 +324,10 @@ def _flush(state: _Pass, pending: list[_Pending]) -> None:
     if not pending:
         return
     classification = state.classification
-    losses = torch.stack([p.out["loss"] for p in pending]).cpu().numpy()  # (S, R), one sync
-    corrects = torch.stack([p.out["correct"] for p in pending]).cpu().numpy() if classification else None
+    # (S, R) as nested Python lists, one sync each: .tolist() converts every element at once, as
+    # float()/int() of each numpy element would, but without a numpy scalar per step per replica.
+    losses = torch.stack([p.out["loss"] for p in pending]).cpu().tolist()
+    corrects = torch.stack([p.out["correct"] for p in pending]).cpu().tolist() if classification else None
     probe_values: dict[str, dict[int, np.ndarray]] = {}
     for name in REPLICA_PROBES:
         measured = [k for k, p in enumerate(pending) if name in p.out]
@@ -338,9 +340,10 @@ def _flush(state: _Pass, pending: list[_Pending]) -> None:
         column = state.column[replica.index]
         rec = replica.recorder
         for k, p in enumerate(pending):
-            measured = {name: float(values[k][row]) for name, values in probe_values.items() if k in values}
-            rec.record_step(p.batch_size, float(p.lrs[column]), float(losses[k, row]),
-                            int(corrects[k, row]) if classification else None,
+            measured = ({name: float(values[k][row]) for name, values in probe_values.items() if k in values}
+                        if probe_values else {})
+            rec.record_step(p.batch_size, float(p.lrs[column]), losses[k][row],
+                            corrects[k][row] if classification else None,
                             p.seconds / n_active,  # the replica's share of the vectorized step
                             measured)
             if rec.status == "diverged":
