@@ -674,32 +674,47 @@ def _loss_value(loss: Any) -> Any:
         return float(loss)
     if loss.numel() != 1:
         raise ConfigError(f"run.step needs the batch's mean loss, one number; got a tensor of shape {tuple(loss.shape)}")
-    if loss.device.type == "cpu":
+    if loss.is_cpu:
         return loss.item()
     return loss.detach().reshape(()).clone()
 
 
 def _read_numbers(updates: Sequence[_Update]) -> list[tuple[list[float], list[int | None], dict[str, float]]]:
-    """Every update's micro-batch losses, correct counts and probe values as Python numbers.
+    """Every update's micro-batch losses, correct counts and probe values as Python numbers: the
+    tensors among them are read in one go (`_read_floats`, `_read_counts`), whatever their number."""
+    losses = [loss for update in updates for loss, _, _ in update.micro]
+    values = [value for update in updates for value in update.values.values()]
+    floats = _read_floats(losses + values)
+    corrects = _read_counts([correct for update in updates for _, correct, _ in update.micro])
+    numbers, at, at_value = [], 0, len(losses)
+    for update in updates:
+        micro, named = len(update.micro), len(update.values)
+        numbers.append((floats[at:at + micro], corrects[at:at + micro],
+                        dict(zip(update.values, floats[at_value:at_value + named]))))
+        at, at_value = at + micro, at_value + named
+    return numbers
 
-    The 0-d tensors (losses, probe values) are read in one stack and the correct masks counted in one
-    cumulative sum: two reads for all the updates, whatever their number. Stacking promotes to the
-    widest dtype, so every number is the float its own tensor holds.
-    """
-    deferred = [value for update in updates for value in _tensor_numbers(update)]
-    numbers = iter(torch.stack(deferred).tolist() if deferred else ())
-    masks = [c for update in updates for _, c, _ in update.micro if isinstance(c, torch.Tensor)]
+
+def _read_floats(items: Sequence[Any]) -> list[float]:
+    """Numbers and one-element tensors as floats; the 0-d tensors read in one stack (one wait for
+    the device). Stacking promotes to the widest dtype, so each float is the one its tensor holds."""
+    tensors = [item for item in items if isinstance(item, torch.Tensor) and item.dim() == 0]
+    if not tensors:
+        return [float(item) for item in items]
+    try:
+        read = iter(torch.stack(tensors).tolist())
+    except RuntimeError:  # on different devices: one read each
+        read = iter([float(t) for t in tensors])
+    return [next(read) if isinstance(item, torch.Tensor) and item.dim() == 0 else float(item) for item in items]
+
+
+def _read_counts(corrects: Sequence[Any]) -> list[int | None]:
+    """Correct counts: a (b,) bool mask counted (all masks in one read), a count or None as is."""
+    masks = [c for c in corrects if isinstance(c, torch.Tensor)]
+    if not masks:
+        return list(corrects)
     counts = iter(_mask_counts(masks))
-
-    def number(value: Any) -> float:
-        return next(numbers) if _is_deferred(value) else float(value)
-
-    def count(correct: Any) -> int | None:
-        return next(counts) if isinstance(correct, torch.Tensor) else correct
-
-    # The same order as `_tensor_numbers`: per update, the micro-batches' losses, then the values.
-    return [([number(loss) for loss, _, _ in update.micro], [count(c) for _, c, _ in update.micro],
-             {name: number(value) for name, value in update.values.items()}) for update in updates]
+    return [next(counts) if isinstance(c, torch.Tensor) else c for c in corrects]
 
 
 def _whole_batch(micro: Sequence[tuple[Any, Any, int]], losses: Sequence[float],
@@ -714,20 +729,11 @@ def _whole_batch(micro: Sequence[tuple[Any, Any, int]], losses: Sequence[float],
     return size, loss, None if any(c is None for c in corrects) else sum(corrects)
 
 
-def _tensor_numbers(update: _Update) -> list[torch.Tensor]:
-    return ([loss for loss, _, _ in update.micro if _is_deferred(loss)]
-            + [value for value in update.values.values() if _is_deferred(value)])
-
-
-def _is_deferred(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() == 0
-
-
 def _mask_counts(masks: Sequence[torch.Tensor]) -> list[int]:
-    """The number of True entries of each (b_i,) mask, from one cumulative sum over all of them."""
-    if not masks:
-        return []
-    hits = torch.cat(masks).cumsum(0)  # (Σ b_i,) correct predictions so far
+    """The number of True entries of each (b_i,) mask, all counted by one reduction and one read."""
+    if all(len(m) == len(masks[0]) for m in masks):
+        return torch.stack(masks).sum(dim=1).tolist()  # (S, b) -> (S,)
+    hits = torch.cat(masks).cumsum(0)  # (Σ b_i,) correct predictions so far; a short last batch
     ends = torch.tensor([len(m) for m in masks], device=hits.device).cumsum(0) - 1
     totals = hits[ends]  # (S,) correct predictions up to the end of each mask
     return torch.diff(totals, prepend=totals.new_zeros(1)).tolist()
