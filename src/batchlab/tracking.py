@@ -564,7 +564,7 @@ class MicroBatchNoise:
     gradient is the change of ``p.grad`` its backward pass made, divided by ``scale`` (the loop's
     loss scaling: 1/k for ``(loss / k).backward()``, times an AMP scaler's scale), and ``g_B`` is the
     micro-batches' sample-weighted mean. No extra backward pass: one copy of the gradients
-    and one fused norm per micro-batch.
+    and one fused norm per micro-batch, and one read of the squared norms per update.
     """
 
     def __init__(self, n_train: float, beta: float = 0.99):
@@ -574,7 +574,8 @@ class MicroBatchNoise:
 
     def reset(self) -> None:
         self.previous: list[torch.Tensor] | None = None  # p.grad after the last micro-batch
-        self.small_sq: list[float] = []
+        self.small_sq: list[torch.Tensor] = []  # Σ‖Δp.grad‖² of each micro-batch, 0-d float64, read at `finish`
+        self.scales: list[float] = []
         self.sizes: list[int] = []
         self.weighted: list[torch.Tensor] | None = None  # Σ_i b_i · g_i
 
@@ -586,8 +587,8 @@ class MicroBatchNoise:
         else:
             delta = torch._foreach_sub(grads, self.previous)
             torch._foreach_copy_(self.previous, grads)
-        squares = torch.stack(torch._foreach_norm(delta)).double().square().sum()
-        self.small_sq.append(float(squares) / scale**2)
+        self.small_sq.append(torch.stack(torch._foreach_norm(delta)).double().square().sum())
+        self.scales.append(scale)
         self.sizes.append(size)
         if self.weighted is None:
             self.weighted = torch._foreach_mul(delta, size / scale)
@@ -596,12 +597,15 @@ class MicroBatchNoise:
 
     def finish(self) -> dict[str, float]:
         """The step's estimate from its micro-batches; the moving averages advance."""
-        small_sq, sizes, weighted = self.small_sq, self.sizes, self.weighted
+        small_sq, scales, sizes, weighted = self.small_sq, self.scales, self.sizes, self.weighted
         self.reset()
         if len(sizes) < 2 or weighted is None:
             return _unmeasured("")
         big = sum(sizes)
-        big_sq = float(torch.stack(torch._foreach_norm(weighted)).double().square().sum()) / big**2
+        weighted_sq = torch.stack(torch._foreach_norm(weighted)).double().square().sum()
+        *squares, weighted_sq = torch.stack([*small_sq, weighted_sq]).tolist()  # the update's one read
+        small_sq = [sq / scale**2 for sq, scale in zip(squares, scales)]
+        big_sq = weighted_sq / big**2
         # The micro-batches are the parts of the accumulated batch: fit's half-batch method with k parts.
         grad_sq, trace_cov = two_batch_estimates(small_sq, sizes, big_sq, big, self.n_train)
         if not (math.isfinite(grad_sq) and math.isfinite(trace_cov)):  # an AMP overflow: the update is skipped too
