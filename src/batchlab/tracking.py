@@ -89,7 +89,7 @@ class _Update:
     """One update whose numbers may still be tensors, read back in bulk by `Tracker._read_back`.
 
     ``micro`` holds each micro-batch's ``(loss, correct, size)``: the loss a 0-d tensor or a number,
-    the correct predictions a (b,) bool tensor (arg-max == target), a count, or None (no accuracy).
+    the correct predictions a (b,) 0/1 tensor (arg-max == target), a count, or None (no accuracy).
     ``values`` are the probes' values, 0-d tensors or numbers.
     """
 
@@ -327,7 +327,9 @@ class Tracker:
             self._in_epoch = True
         correct = None
         if outputs is not None and targets is not None and self._is_classification(outputs, targets):
-            correct = outputs.argmax(dim=1) == targets  # (b,) bool, counted when read back
+            # (b,) 1 where the arg-max is the target, counted when read back; compared in place in
+            # the arg-max's own memory: one tensor made, not two.
+            correct = outputs.argmax(dim=1).eq_(targets)
         self._micro.append((_loss_value(loss), correct, size))
         if self.noise is not None and self._measuring():
             self.noise.add_micro_batch(self._params(), size, self._grad_scale() * self.micro_loss_scale)
@@ -389,16 +391,20 @@ class Tracker:
         are not recorded (a loop that checked ``should_stop`` would not have made them)."""
         unread, self._unread = self._unread, []
         rec = self.recorder
+        if not unread or not rec.going:
+            return
+        steps = []
         for update, (losses, corrects, values) in zip(unread, _read_numbers(unread)):
-            if not rec.going:
-                break
             size, loss, correct = _whole_batch(update.micro, losses, corrects)
-            if correct is None and rec.classification and not rec.steps:
-                rec.classification = self._classification = False  # no accuracy given: a loss-only run
             if self.ranks is not None:
                 size, loss, correct = self.ranks.reduce_step(size, loss, correct)
-            rec.record_step(size, update.lr, loss, correct, update.seconds, values or None)
-            if rec.status != "diverged" and rec.evaluation_due() and self.eval_data:
+            steps.append((size, update.lr, loss, correct, update.seconds, values or None))
+        if steps[0][3] is None and rec.classification and not rec.steps:
+            rec.classification = self._classification = False  # no accuracy given: a loss-only run
+        while steps and rec.going:
+            steps = steps[len(rec.record_steps(steps)):]
+            # An evaluation falls due only at the last of them: the read-back comes at that step.
+            if not steps and self.eval_data and rec.evaluation_due():
                 self._evaluate_data()
             if rec.wants_attention:
                 rec.settle()
@@ -713,7 +719,7 @@ def _read_floats(items: Sequence[Any]) -> list[float]:
 
 
 def _read_counts(corrects: Sequence[Any]) -> list[int | None]:
-    """Correct counts: a (b,) bool mask counted (all masks in one read), a count or None as is."""
+    """Correct counts: a (b,) 0/1 mask counted (all masks in one read), a count or None as is."""
     masks = [c for c in corrects if isinstance(c, torch.Tensor)]
     if not masks:
         return list(corrects)
@@ -734,7 +740,7 @@ def _whole_batch(micro: Sequence[tuple[Any, Any, int]], losses: Sequence[float],
 
 
 def _mask_counts(masks: Sequence[torch.Tensor]) -> list[int]:
-    """The number of True entries of each (b_i,) mask, all counted by one reduction and one read."""
+    """The number of ones in each (b_i,) 0/1 mask, all counted by one reduction and one read."""
     if all(len(m) == len(masks[0]) for m in masks):
         return torch.stack(masks).sum(dim=1).tolist()  # (S, b) -> (S,)
     hits = torch.cat(masks).cumsum(0)  # (Σ b_i,) correct predictions so far; a short last batch
