@@ -13,7 +13,7 @@ end). ``train_x`` compares training time only (``Run.seconds``: evaluations excl
 process, one torch thread, a warm-up of both first.
 
     python benchmarks/replicas.py [--replicas 1,8,64] [--batch-sizes 1,32,1024]
-                                  [--sequential-budget 30] [--chunk-size N]
+                                  [--sequential-budget 30] [--chunk-size N] [--compile on]
 """
 
 from __future__ import annotations
@@ -27,15 +27,18 @@ import batchlab as bl
 from batchlab.ensemble import fit_replicas
 
 
-def configs(n: int, batch_size: int) -> list[bl.TrainConfig]:
+COMPILE = "off"  # --compile: how the vectorized pass runs its steps (sequential fits stay eager)
+
+
+def configs(n: int, batch_size: int, compile: str = "off") -> list[bl.TrainConfig]:
     lrs = torch.logspace(-2, -1, max(n, 2)).tolist()
-    return [bl.TrainConfig(batch_size=batch_size, epochs=1, lr=lrs[i % len(lrs)], momentum=0.9, seed=i)
-            for i in range(n)]
+    return [bl.TrainConfig(batch_size=batch_size, epochs=1, lr=lrs[i % len(lrs)], momentum=0.9, seed=i,
+                           compile=compile) for i in range(n)]
 
 
 def time_vectorized(dataset, make_model, batch_size: int, n: int, chunk_size: int | None) -> dict:
     started = time.perf_counter()
-    runs = fit_replicas(make_model, dataset, configs(n, batch_size), chunk_size=chunk_size, progress=False)
+    runs = fit_replicas(make_model, dataset, configs(n, batch_size, COMPILE), chunk_size=chunk_size, progress=False)
     total = time.perf_counter() - started
     return {"seconds": total, "train_seconds": sum(r.seconds for r in runs), "chunks": runs.chunks}
 
@@ -61,7 +64,11 @@ def main() -> None:
     parser.add_argument("--sequential-budget", type=float, default=30.0,
                         help="seconds of sequential runs to time before extrapolating to R runs")
     parser.add_argument("--chunk-size", type=int, default=None, help="replicas per vectorized pass")
+    parser.add_argument("--compile", default="off", choices=["off", "on"],
+                        help="vectorized pass compiled (on: its compile time is timed once, in a warm-up)")
     args = parser.parse_args()
+    global COMPILE
+    COMPILE = args.compile
     torch.set_num_threads(1)
     dataset = bl.load_dataset("mnist1d")
 
@@ -69,8 +76,15 @@ def main() -> None:
         return bl.build_model("mlp", dataset, hidden=[100, 100], seed=seed)
 
     time_vectorized(dataset, make_model, 1024, 2, None)  # warm-up: first calls, allocator, imports
+    if COMPILE == "on":  # compile each (R, B) graph once, outside the timings
+        for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+            for n in [int(r) for r in args.replicas.split(",")]:
+                started = time.perf_counter()
+                time_vectorized(dataset, make_model, batch_size, n, args.chunk_size)
+                print(f"compile + first epoch, R={n} B={batch_size}: {time.perf_counter() - started:.1f} s", flush=True)
     time_sequential(dataset, make_model, 1024, 1, 1e9)
-    print(f"torch {torch.__version__}, 1 thread; MLP 40-100-100-10, MNIST-1D 4000 samples, 1 epoch, SGD momentum 0.9")
+    print(f"torch {torch.__version__}, 1 thread; MLP 40-100-100-10, MNIST-1D 4000 samples, 1 epoch, SGD momentum 0.9; "
+          f"vectorized compile={COMPILE}")
     header = f"{'B':>5} {'R':>4} {'steps':>6} {'vectorized_s':>13} {'sequential_s':>13} {'timed':>6} {'speedup':>8} {'train_x':>8}  chunks"
     print(header)
     print("-" * len(header))

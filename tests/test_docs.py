@@ -38,7 +38,7 @@ BENCHMARKS = [r for r in REGIONS if BLOCKS[r.name].benchmark is not None]
 # A fenced block outside a generated region may show commands, never their output: every line is
 # a comment, a continuation of the line before, or starts with one of these programs (an optional
 # `$ ` prompt and VAR=value settings before it).
-COMMAND_PROGRAMS = ("batchlab", "python", "python3", "pip", "tensorboard")
+COMMAND_PROGRAMS = ("batchlab", "python", "python3", "pip", "tensorboard", "torchrun", "srun")
 CODE_LANGUAGES = {"python", "toml", "text"}  # code, and `text` for diagrams
 FENCE = re.compile(r"^\s*```(\S*)")
 ENV_SETTING = re.compile(r"^([A-Z_][A-Z0-9_]*=\S*\s+)+")
@@ -88,9 +88,20 @@ def test_a_changed_number_in_a_block_is_caught(region):
     number = re.search(r"(?<![\w.])\d[\d.]*\d(?!\w)", generate.mask_timings(region.body))
     assert number, "a block of numbers without a number"
     digits = number.group(0)
-    altered = region.body.replace(digits, digits[:-1] + str((int(digits[-1]) + 1) % 10), 1)
+    first = next(i for i, c in enumerate(digits) if c not in "0.")  # the leading significant digit
+    altered_number = digits[:first] + str((int(digits[first]) + 1) % 10) + digits[first + 1:]
+    altered = region.body.replace(digits, altered_number, 1)
     assert generate.differs(region, altered)
     assert not generate.differs(region, region.body)
+
+
+def test_decimals_may_differ_by_float32_rounding_but_counts_may_not():
+    body = "step 125: loss 0.2655 acc 0.8125\n"
+    region = generate.Region(path=ROOT / "README.md", name="x", start=0, end=len(body), body=body)
+    assert not generate.differs(region, "step 125: loss 0.2656 acc 0.8127\n")  # last digits: another CPU
+    assert generate.differs(region, "step 126: loss 0.2655 acc 0.8125\n")  # a count
+    assert generate.differs(region, "step 125: loss 0.2755 acc 0.8125\n")  # a real change
+    assert generate.differs(region, "step 125: loss 0.2655\n")  # a number gone
 
 
 def test_masks_hide_timings_and_only_timings():
@@ -142,7 +153,7 @@ def is_command(line: str, continued: bool) -> bool:
 @pytest.mark.parametrize("path", generate.doc_files(), ids=lambda p: p.name)
 def test_every_fenced_block_outside_a_region_is_code_or_commands(path):
     for number, language, lines in fenced_blocks_outside_regions(path):
-        if language in CODE_LANGUAGES:
+        if language in CODE_LANGUAGES or (lines and lines[0].startswith("#!")):  # code, or a whole script
             continue
         continued = [False] + [line.rstrip().endswith("\\") for line in lines[:-1]]
         output = [line for line, cont in zip(lines, continued) if not is_command(line, cont)]

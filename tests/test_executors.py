@@ -37,12 +37,12 @@ def one_thread():
 
 
 def test_processes_give_the_in_process_trials_and_label_their_seconds():
-    config = make_study_config(TINY)
+    config = make_study_config(dict(TINY, lrs=[0.01, 0.05, 0.2, 0.8]))  # every best lr inside: a recommendation
     alone = run_study(config, executor="in-process")
     pooled = run_study(config, executor=ProcessExecutor(workers=2))
     pd.testing.assert_frame_equal(trials(pooled), trials(alone))
     assert not alone.trials["seconds_shared"].any() and pooled.trials["seconds_shared"].all()
-    assert alone.recommendation.fastest_batch_size is not None
+    assert alone.recommendation.supported and alone.recommendation.fastest_batch_size is not None
     assert pooled.recommendation.fastest_batch_size is None and "shared the cores" in pooled.recommendation.text
     pids = {r.provenance["pid"] for r in pooled.records}
     assert os.getpid() not in pids and len(pids) >= 1  # provenance from the worker
@@ -165,9 +165,69 @@ def test_ray_on_a_local_cluster_gives_the_in_process_answer_and_records_failures
         pd.testing.assert_frame_equal(trials(study), trials(alone))
         assert {r.provenance["pid"] for r in study.records}.isdisjoint({os.getpid()})  # the workers'
         custom = make_study_config(dict(TINY, model="usermodels.net:make"))
-        failed = run_study(custom, store=tmp_path / "s.db", executor=executor)
-        assert len(failed.failed) == 3 and set(failed.failed.values()) == {"ValueError: no GPU on this worker"}
+        failed = run_study(custom, store=tmp_path / "s.db", executor=executor, allow_import=True)
+        assert len(failed.failed) == 3
+        assert all(error.startswith("ModelError: the model factory usermodels.net:make(dataset) raised ValueError: "
+                                    "no GPU on this worker") for error in failed.failed.values())
         assert failed.summary.empty  # recorded, and the study ended instead of hanging
     finally:
         executor.close()
     assert not ray.is_initialized()
+
+
+USER_MODEL = '''
+import torch.nn as nn
+
+def make(dataset, width=16):
+    return nn.Sequential(nn.Flatten(), nn.Linear(dataset.input_shape[0], width), nn.ReLU(),
+                         nn.Linear(width, dataset.n_classes))
+'''
+
+
+@pytest.fixture
+def user_model(tmp_path, monkeypatch):
+    """An importable ``study_user_pkg.nets:make`` model, and the zoo's MLP of the same architecture."""
+    package = tmp_path / "study_user_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(USER_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "study_user_pkg.nets:make"
+    for name in ("study_user_pkg.nets", "study_user_pkg"):
+        sys.modules.pop(name, None)
+
+
+def test_a_user_model_study_needs_allow_import_and_then_runs_on_every_executor(user_model, cli, tmp_path):
+    config = make_study_config({**TINY, "model": user_model, "batch_sizes": [8, "full"]})
+    with pytest.raises(ConfigError, match="allow_import=True") as refused:
+        run_study(config, executor="in-process")
+    assert "\n" not in str(refused.value)
+    assert "study_user_pkg.nets" not in sys.modules  # refused before anything was imported
+    alone = run_study(config, executor="in-process", allow_import=True)
+    pooled = run_study(config, executor=ProcessExecutor(workers=2), allow_import=True)  # built in the workers
+    pd.testing.assert_frame_equal(trials(pooled), trials(alone))
+    assert alone.trials["status"].isin(["reached", "not_reached", "pruned"]).all() and len(alone.trials) == 8
+    args = ["study", "--model", user_model, "--dataset", "blobs", "--batch-sizes", "8,full", "--lrs", "0.05,0.2",
+            "--seeds", "2", "--target", "val_acc>=0.75", "--max-steps", "150", "--no-noise-scale", "--workers", "2",
+            "--store", str(tmp_path / "s.db"), "--quiet"]
+    status, out, err = cli(args)
+    assert status == 2 and err.count("\n") == 1 and "--allow-import" in err
+    status, out, err = cli([*args, "--allow-import"])
+    assert status == 0, err
+    with RunStore(tmp_path / "s.db") as store:
+        assert len(store.list_runs()) == 8
+
+
+@pytest.mark.parametrize("address", ["bad:1", "127.0.0.1:1", "ray://127.0.0.1:1", "nonsense"])
+def test_an_unreachable_ray_address_is_one_line_within_seconds(address):
+    from batchlab.study.executors import RayExecutor, check_reachable
+
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as refused:
+        check_reachable(address, timeout=5)
+    assert "\n" not in str(refused.value) and address in str(refused.value)
+    assert time.perf_counter() - started < 10
+    if ray_available():  # refused when the executor is made, before a study stores anything
+        with pytest.raises(ConfigError):
+            RayExecutor(address=address)
+    check_reachable("auto")  # Ray's own discovery is not second-guessed

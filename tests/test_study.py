@@ -339,3 +339,49 @@ def test_cli_study_json_prints_summary_and_recommendation(tmp_path, capsys):
     code, out, _ = _cli(argv, capsys)  # the same command again: everything resumed, nothing trained
     again = json.loads(out)
     assert again["groups_run"] == 0 and again["groups_resumed"] == 2 and again["summary"] == result["summary"]
+
+
+def test_a_vectorized_group_reads_back_only_at_its_check_points(monkeypatch):
+    """The target checks declare their steps: the replica loop synchronises there (and at epoch
+    ends), not every step, and measures what it measures when reading back every step."""
+    from batchlab.replicas import fit as replica_fit
+    from batchlab.study.plan import load_dataset_for, plan_study
+    from batchlab.study.trials import TargetWatcher, train_group
+
+    torch.set_num_threads(1)
+    config = tiny_config(batch_sizes=[8], lrs=[0.0002, 0.05], seeds=2, noise_scale=False, max_steps=150)
+    dataset = load_dataset_for(config)
+    plan = plan_study(config, dataset, prune=False)  # a slow lr trains on, past the schedule's dense start
+    (group,) = initial_groups(plan)
+    synced: list[int] = []  # the step of every read-back of the replica loop
+    flush = replica_fit._flush
+
+    def counting_flush(state, pending):
+        if pending and state.active:
+            synced.append(state.active[0].recorder.clock.step + len(pending))
+        flush(state, pending)
+
+    monkeypatch.setattr(replica_fit, "_flush", counting_flush)
+
+    def summaries(records):
+        return [{k: v for k, v in r.summary.items() if not k.startswith("seconds")} for r in records]
+
+    declared = summaries(train_group(plan, group, dataset))
+    declared_syncs = list(synced)
+    trained = max(s["steps"] for s in declared)
+    assert trained > 60  # enough steps past the dense start of the schedule for the count to mean something
+    schedule = set(evaluation_steps(plan.total_steps(8), config.resolution))
+    per_epoch = math.ceil(dataset.n_train / 8)
+    assert set(declared_syncs) <= schedule | set(range(per_epoch, trained + 1, per_epoch))
+    assert len(declared_syncs) < 0.7 * trained
+
+    synced.clear()
+    init = TargetWatcher.__init__
+
+    def every_step(self, *args, **kwargs):  # the watcher as it was: it needs every step's StepEnd
+        init(self, *args, **kwargs)
+        self.step_end_steps = None
+
+    monkeypatch.setattr(TargetWatcher, "__init__", every_step)
+    assert summaries(train_group(plan, group, dataset)) == declared
+    assert len(synced) == trained  # the baseline read back at every step

@@ -25,6 +25,7 @@ Schedule = Literal["constant", "step", "cosine", "sgdr"]
 LrScaling = Literal["none", "linear", "sqrt"]
 Device = Literal["cpu", "cuda", "auto"]
 Loss = Literal["auto", "cross_entropy", "mse"]
+Compile = Literal["auto", "on", "off"]
 BatchSize = Union[int, Literal["full"]]
 
 
@@ -112,6 +113,9 @@ class TrainConfig(_Frozen):
             also happens at step 0 and at every epoch end).
         probe_every: probes measure every this many steps.
         loss: ``cross_entropy`` for classification, ``mse`` for regression, ``auto`` by the task.
+        compile: run each update as one compiled graph (``on``), eagerly (``off``), or compiled
+            when the run is long enough to repay the compile time (``auto``; docs/compile.md).
+            The numbers are the same either way (within float rounding).
     """
 
     batch_size: BatchSize = 32
@@ -142,6 +146,7 @@ class TrainConfig(_Frozen):
     eval_train: bool = True
     probe_every: int = Field(default=1, ge=1, lt=INT64_LIMIT)
     loss: Loss = "auto"
+    compile: Compile = "auto"
     _what: ClassVar[str] = "training config"
 
     @field_validator("batch_size", mode="before")

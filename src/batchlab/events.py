@@ -8,7 +8,7 @@ changes it breaks the run's meaning.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -149,7 +149,16 @@ Request = Union[Stop, Save, RestoreWeights, AddMetrics, None]
 
 
 class Callback:
-    """Receives the loop's events; each method may return a request. Override what you need."""
+    """Receives the loop's events; each method may return a request. Override what you need.
+
+    ``step_end_steps``: the steps whose `on_step_end` this callback needs, or None (the default)
+    for every step. A driver that reads results back in batches (`batchlab.fit_replicas`)
+    otherwise synchronises every step for a callback that overrides `on_step_end`; with the steps
+    declared it synchronises only at them, and `on_step_end` is called only there, with the
+    model at that step's weights. Read once, when the run starts.
+    """
+
+    step_end_steps: Collection[int] | None = None
 
     def on_run_start(self, event: RunStart) -> Request:
         return None

@@ -228,6 +228,7 @@ class _LoopState:
     base_lr: float
     splits: dict  # the splits every evaluation passes over
     recorder: Recorder = None  # type: ignore[assignment]  # set by fit once the probes exist
+    compiled: Any = None  # a `batchlab.compiled.CompiledStep` for unmeasured steps, or None: eager
 
     @classmethod
     def start(cls, model, dataset, config, clock, loss_fn) -> "_LoopState":
@@ -314,8 +315,22 @@ def load_checkpoint(path: str | Path, device: torch.device) -> dict:
     return blob
 
 
+def _choose_step(state: _LoopState) -> None:
+    """Compile the update or not (``config.compile``); after a resume, so it holds the restored state."""
+    from .compiled.choose import batch_shapes, fit_step
+
+    config, clock, rec = state.config, state.recorder.clock, state.recorder
+    probing = rec.probes is not None and rec.probes.active
+    state.compiled = fit_step(
+        config.compile, state.model, state.optimizer, state.mean_loss_fn, state.dataset.n_classes is not None,
+        state.dataset.train, batch_shapes(clock.n_train, clock.batch_size, config.drop_last, clock.total_steps,
+                                          clock.steps_per_epoch),
+        clock.total_steps - clock.step, config.probe_every if probing else None)
+
+
 def _train(state: _LoopState) -> Run:
     rec, model = state.recorder, state.model
+    _choose_step(state)
     rec.start_run()
     if not rec.evals:  # a fresh run (a resumed one has its step-0 evaluation)
         state.evaluate()
@@ -342,7 +357,7 @@ def _run_epoch(state: _LoopState) -> None:
     rec, config, model, optimizer = state.recorder, state.config, state.model, state.optimizer
     X, y = state.dataset.train
     classification = state.dataset.n_classes is not None
-    probes = rec.probes
+    probes, compiled = rec.probes, state.compiled
     clock = rec.clock
     step, total = clock.step, clock.total_steps
     current_lr = None
@@ -354,10 +369,15 @@ def _run_epoch(state: _LoopState) -> None:
         lr = lr_at(step, config, state.base_lr, clock.steps_per_epoch, total)
         if lr != current_lr:
             set_lr(optimizer, lr)
+            if compiled is not None:
+                compiled.set_lr(lr)
             current_lr = lr
         measuring = rec.measuring()
-        out = train_step(model, optimizer, state.loss_fn, state.mean_loss_fn, X[index], y[index], classification,
-                         probes if measuring else None)
+        if compiled is not None and not measuring:  # probes need the eager step's points
+            out = compiled(X[index], y[index])
+        else:
+            out = train_step(model, optimizer, state.loss_fn, state.mean_loss_fn, X[index], y[index],
+                             classification, probes if measuring else None)
         batch_loss = out.loss.item()
         batch_correct = out.correct.item() if classification else None
         rec.record_step(index.numel(), lr, batch_loss, batch_correct, time.perf_counter() - started,

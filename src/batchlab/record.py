@@ -210,6 +210,9 @@ class Recorder:
         self.model, self.classification, self.config, self.dataset = model, classification, config, dataset
         self.callbacks = list(callbacks)
         self.per_step = [c for c in self.callbacks if overrides_step_end(c)]
+        # The steps the per-step callbacks declared (`Callback.step_end_steps`): None when one needs every step.
+        self.step_end_steps: dict[int, frozenset[int] | None] = {
+            id(c): None if c.step_end_steps is None else frozenset(c.step_end_steps) for c in self.per_step}
         self.probes, self.probe_every = probes, probe_every
         self.probe_names = tuple(probes.names) if probes is not None else tuple(probe_names)
         self.eval_every = eval_every or None  # one meaning of "no step-wise evaluation": None
@@ -229,9 +232,22 @@ class Recorder:
 
     # -- events and requests ---------------------------------------------------------------------
 
+    @property
+    def sync_steps(self) -> frozenset[int] | None:
+        """The steps at which the per-step callbacks need `on_step_end` (None: every step)."""
+        declared = list(self.step_end_steps.values())
+        if any(steps is None for steps in declared):
+            return None
+        return frozenset().union(*declared)
+
     def dispatch(self, method: str, event) -> None:
-        """Call every callback for an event (per-step ones only for ``on_step_end``); keep their requests."""
-        targets = self.per_step if method == "on_step_end" else self.callbacks
+        """Call every callback for an event (per-step ones only for ``on_step_end``, at the steps
+        they declared); keep their requests."""
+        if method == "on_step_end":
+            step = event.clock.step
+            targets = [c for c in self.per_step if (steps := self.step_end_steps[id(c)]) is None or step in steps]
+        else:
+            targets = self.callbacks
         for callback in targets:
             request = getattr(callback, method)(event)
             if request is not None:

@@ -101,7 +101,7 @@ def _plain(value: Any) -> Any:
         return ", ".join(f"{k}={_plain(v)}" for k, v in value.items())
     if isinstance(value, (list, tuple)):
         return " ".join(str(_plain(v)) for v in value)
-    if isinstance(value, float) and not math.isnan(value) and value == int(value) and abs(value) < 1e15:
+    if isinstance(value, float) and math.isfinite(value) and value == int(value) and abs(value) < 1e15:
         return int(value)
     return value
 

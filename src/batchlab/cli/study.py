@@ -213,7 +213,7 @@ def _study_command(**options: Any) -> None:
     display = _StudyDisplay() if not quiet and sys.stderr.isatty() else None
     try:
         study = run_study(config, store=store, executor=executor, vectorized=options["replicas"],
-                          prune=options["prune"], on_progress=display)
+                          prune=options["prune"], on_progress=display, allow_import=options["allow_import"])
     finally:
         executor.close()
         if display is not None:

@@ -47,6 +47,7 @@ TRAIN_HELP = {  # TrainConfig field -> help text
     "eval_train": "Evaluate on the whole training set at each evaluation point.",
     "probe_every": "Probes measure every K steps.",
     "loss": "auto, cross_entropy or mse.",
+    "compile": "Run each update as one compiled graph: on, off, or auto (when the run repays the compile time).",
 }
 
 

@@ -24,6 +24,11 @@ import math
 # (batch size, seconds saved per step) measured, interpolated linearly in log2(B) between them
 SAVING_PER_STEP = ((1, 0.31e-3), (32, 0.50e-3), (1024, 4.3e-3))
 COMPILE_SECONDS_PER_SHAPE = 10.0  # cold cache, rounded up from 8.3-8.6 s (20 s for a process's first graph)
+# R=64, B=32 (``python benchmarks/replicas.py --replicas 64 --batch-sizes 32 --compile on|off``):
+# the compiled stacked step saves ~2 ms per step over the eager stacked one, 0.06 of 64 single
+# steps' saving: the eager pass has already removed most of the per-replica dispatch.
+STACKED_SAVING_SHARE = 0.06
+STACKED_COMPILE_FACTOR = 2.5  # a stacked (vmapped) graph compiled cold in ~25 s, vs ~10 s for one model's
 
 
 def saving_per_step(batch_size: int) -> float:
@@ -60,3 +65,24 @@ def should_compile(total_steps: int, batch_size: int, shapes: int = 1, compiled_
     if compiled_before:
         return True
     return total_steps * saving_per_step(batch_size) >= shapes * COMPILE_SECONDS_PER_SHAPE
+
+
+def should_compile_stacked(total_steps: int, replicas: int, batch_size: int, shapes: int = 1,
+                           compiled_before: bool = False) -> bool:
+    """`should_compile` for R stacked replicas: a stacked step saves about R single steps' worth of work.
+
+    The saving is taken as ``STACKED_SAVING_SHARE`` × R × `saving_per_step` (measured at R=64, B=32;
+    see docs/compile.md), and a stacked graph is assumed to cost ``STACKED_COMPILE_FACTOR`` times a
+    single step's compile.
+
+    Args:
+        total_steps: the pass's stacked updates.
+        replicas: R, the replicas in the stack.
+        batch_size: samples per replica and update.
+        shapes: distinct (R, B) shapes to compile.
+        compiled_before: the graphs are already compiled in this process (cost 0).
+    """
+    if compiled_before:
+        return True
+    saving = STACKED_SAVING_SHARE * replicas * saving_per_step(batch_size)
+    return total_steps * saving >= shapes * STACKED_COMPILE_FACTOR * COMPILE_SECONDS_PER_SHAPE

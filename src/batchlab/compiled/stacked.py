@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.func import functional_call, vmap
 
-from .step import StepNumbers, compiled_copy, log, one_line
+from .step import StepNumbers, compiled_already, compiled_copy, log, one_line
 from .updates import Hyper, apply_update, init_stacked_state  # noqa: F401  (re-exported)
 
 
@@ -71,6 +71,13 @@ class StackedStep:
         self.compiled: dict[tuple, Callable] = {}
         self.fallback_reason: str | None = None
 
+    def _key(self, x_shape: tuple, y_shape: tuple, dtype: torch.dtype, device_type: str) -> tuple:
+        return (*self.key, (tuple(x_shape), tuple(y_shape)), dtype, device_type)
+
+    def compiled_before(self, shapes: Sequence[tuple[tuple, tuple]], dtype: torch.dtype, device_type: str) -> bool:
+        """Whether this process already compiled a graph for every (xb shape, yb shape): then compiling is free."""
+        return all(compiled_already(self._key(x, y, dtype, device_type)) for x, y in shapes)
+
     def __call__(self, params: list[torch.Tensor], extras: list[torch.Tensor], state: dict[str, list[torch.Tensor]],
                  lr: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> StepNumbers:
         """One update of every replica; ``params``, ``extras`` (buffers) and ``state`` change in place."""
@@ -85,7 +92,7 @@ class StackedStep:
                 return fn(*args)
             except torch._dynamo.exc.Unsupported:
                 pass  # a guard failed; retrace with the flag below
-        fn = compiled_copy(stacked_train_step, (*self.key, shape, xb.dtype, xb.device.type), xb.device)
+        fn = compiled_copy(stacked_train_step, self._key(*shape, xb.dtype, xb.device.type), xb.device)
         try:
             with torch._dynamo.config.patch(trace_autograd_ops=True):
                 out = fn(*args)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -71,6 +71,11 @@ def compiler_options(device: torch.device) -> dict[str, Any]:
 
 
 _COMPILED: dict[tuple, Callable] = {}
+
+
+def compiled_already(key: tuple) -> bool:
+    """Whether `compiled_copy` has made the graph of ``key`` in this process (reusing it costs nothing)."""
+    return key in _COMPILED
 
 
 def compiled_copy(function: Callable, key: tuple, device: torch.device) -> Callable:
@@ -153,9 +158,18 @@ class CompiledStep:
             return self._compile_and_call(xb, yb)
         return train_step(*self._args(xb, yb))
 
+    def _key(self, x_shape: tuple, x_dtype: torch.dtype, y_shape: tuple, y_dtype: torch.dtype) -> tuple:
+        """What a graph is specialised on: architecture, optimizer, batch shapes, dtypes, device, loss."""
+        return (self.architecture, self.hyper, tuple(x_shape), x_dtype, tuple(y_shape), y_dtype,
+                self.device.type, self.classification, self.mean_loss_fn)
+
+    def compiled_before(self, batches: Sequence[tuple[tuple, torch.dtype, tuple, torch.dtype]]) -> bool:
+        """Whether this process already compiled a graph for every ``(x shape, x dtype, y shape, y dtype)``
+        (a study's earlier run of the same architecture, optimizer and batch size): compiling is then free."""
+        return all(compiled_already(self._key(*batch)) for batch in batches)
+
     def _compile_and_call(self, xb: torch.Tensor, yb: torch.Tensor) -> StepNumbers:
-        key = (self.architecture, self.hyper, tuple(xb.shape), xb.dtype, tuple(yb.shape), yb.dtype,
-               self.device.type, self.classification, self.mean_loss_fn)
+        key = self._key(xb.shape, xb.dtype, yb.shape, yb.dtype)
         fn = compiled_copy(train_step, key, self.device)
         try:
             # Dynamo traces torch.autograd.grad only when asked; the flag matters while tracing only.

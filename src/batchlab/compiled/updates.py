@@ -88,7 +88,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer, hyper: Hyper) -> dict[str,
         and RMSprop without momentum keep no buffer).
     """
     params = optimizer.param_groups[0]["params"]
-    names = [n for n in STATE_NAMES[hyper.kind] if not (n == "momentum_buffer" and not _nonzero(hyper.momentum))]
+    names = state_names(hyper)
     for p in params:
         slot = optimizer.state[p]
         for name in names:
@@ -99,13 +99,18 @@ def optimizer_state(optimizer: torch.optim.Optimizer, hyper: Hyper) -> dict[str,
     return {name: [optimizer.state[p][name] for p in params] for name in names}
 
 
+def state_names(hyper: Hyper) -> list[str]:
+    """The state `apply_update` keeps for ``hyper`` (no momentum buffer without momentum)."""
+    return [n for n in STATE_NAMES[hyper.kind] if not (n == "momentum_buffer" and not _nonzero(hyper.momentum))]
+
+
 def init_stacked_state(hyper: Hyper, params: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
     """Zeroed optimizer state for stacked parameters (each (R, *shape)), in `apply_update`'s layout.
 
     The compiled counterpart of `batchlab.optim.init_stacked_state`, with ``step`` counters (a
     tensor, so Adam's bias corrections do not recompile).
     """
-    names = [n for n in STATE_NAMES[hyper.kind] if not (n == "momentum_buffer" and not _nonzero(hyper.momentum))]
+    names = state_names(hyper)
     return {name: [torch.zeros((), dtype=torch.float32, device=p.device) if name == "step" else torch.zeros_like(p)
                    for p in params] for name in names}
 

@@ -91,10 +91,6 @@ class _Replica:
     data_generator: torch.Generator
     dropout_generator: torch.Generator
 
-    @property
-    def per_step(self) -> bool:
-        return bool(self.recorder.per_step)
-
 
 # --- training ------------------------------------------------------------------------------------
 
@@ -238,6 +234,7 @@ def _estimate_bytes(model: nn.Module, dataset, config: TrainConfig, clock: Clock
 def _train_chunk(replicas: list[_Replica], dataset, clock: Clock, probes: list[str], device, display) -> list[Run]:
     """Train one chunk of replicas together and return their runs in order."""
     state = _Pass(replicas, dataset, clock, probes, device)
+    state.choose_compiled()
     try:
         _run_pass(state, clock, display)
     except KeyboardInterrupt:
@@ -282,7 +279,7 @@ def _run_pass(state: _Pass, clock: Clock, display) -> None:
                             samples_seen=clock.samples_seen + index.shape[1])
             pending.append(_Pending(out, lrs, time.perf_counter() - started, index.shape[1]))
             evaluating = evaluation_due(clock, eval_every)
-            if evaluating or len(pending) >= SYNC_EVERY or state.per_step:
+            if evaluating or len(pending) >= SYNC_EVERY or state.must_sync(clock.step):
                 _flush(state, pending)
                 pending = []
                 if evaluating and state.active:

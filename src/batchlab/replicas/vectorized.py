@@ -37,7 +37,9 @@ class _Pass:
         self.lrs = _lr_table(replicas, clock)  # (total_steps, R) float64
         self.column = {r.index: column for column, r in enumerate(replicas)}  # replica -> lr column
         self.rows_before_drop = list(replicas)  # whose rows the epoch's orders hold
-        self.per_step = any(r.per_step for r in replicas)  # some callback wants every StepEnd
+        # Steps whose results callbacks need at once (`Callback.step_end_steps`); None: every step.
+        declared = [r.recorder.sync_steps for r in replicas]
+        self.sync_steps = None if any(s is None for s in declared) else frozenset().union(*declared)
         mask_names = [site.key for site in self.sites]
         # Flat tuples through vmap (its pytree work grows with nesting): weights, buffers, masks.
         self.train_call = _TensorSlots(self.skeleton, [*self.stack.param_names, *self.stack.buffer_names, *mask_names])
@@ -48,6 +50,49 @@ class _Pass:
         self.stack.relayout(self._trial_gradients(clock.batch_size))
         for row, replica in enumerate(replicas):
             self.stack.attach(replica.model, row)
+        self.clock = clock  # the run's accounting at the start (batch shapes, total steps)
+        self.compiled = None  # a `batchlab.compiled.StackedStep` for unmeasured steps, or None: eager
+        self.compiled_state: dict[str, list[torch.Tensor]] = {}  # its view of the stack's optimizer state
+
+    def choose_compiled(self) -> None:
+        """Compile the stacked step or not (the configs' ``compile``), for the stack as it is now.
+
+        The compiled step updates the stack's own optimizer state; Adam's and RMSprop's step
+        counters are tensors here (so a new step count does not recompile), advanced by the eager
+        steps too.
+        """
+        from ..compiled.choose import batch_shapes, replicas_step
+        from ..compiled.updates import stacked_hyper, state_names
+
+        config, clock, stack = self.config, self.clock, self.stack
+        X, y = self.dataset.train
+        n = len(self.active)
+        hyper = stacked_hyper(config.optimizer, config.nesterov, stack.hyper, self.device)
+        shapes = [((n, b, *X.shape[1:]), (n, b, *y.shape[1:]))
+                  for b in batch_shapes(clock.n_train, clock.batch_size, config.drop_last, clock.total_steps,
+                                        clock.steps_per_epoch)]
+        names = [*stack.param_names, *stack.buffer_names, *(site.key for site in self.sites)]
+        self.compiled = replicas_step(config.compile, self.skeleton, names, hyper, self.loss_fn, self.classification,
+                                      shapes, X.dtype, self.device, clock.total_steps - self.optimizer_step,
+                                      config.probe_every if self.probes else None)
+        self.compiled_state = {}
+        if self.compiled is not None:
+            for name in state_names(hyper):
+                self.compiled_state[name] = (
+                    [torch.full((), float(self.optimizer_step), device=self.device) for _ in stack.params]
+                    if name == "step" else stack.optimizer_state[name])
+
+    def _compiled_step(self, xb: torch.Tensor, yb: torch.Tensor, masks: dict[str, torch.Tensor],
+                       lr: np.ndarray) -> dict[str, torch.Tensor]:
+        """One update of every active replica by the compiled stacked step (no probe measures it)."""
+        stack = self.stack
+        extras = [*stack.buffers, *(masks[site.key] for site in self.sites)]
+        numbers = self.compiled(stack.params, extras, self.compiled_state, torch.from_numpy(lr).to(self.device),
+                                xb, yb)
+        if stack.previous is not None:  # update_norm compares with the weights before the next step
+            with torch.no_grad():
+                torch._foreach_copy_(stack.previous, [p.detach() for p in stack.params])
+        return {"loss": numbers.loss, "correct": numbers.correct}
 
     def _trial_gradients(self, batch: int) -> tuple[torch.Tensor, ...]:
         """Gradients of one throw-away step (copied buffers, masks of ones): their memory layout."""
@@ -84,6 +129,10 @@ class _Pass:
         xb = X.index_select(0, flat).reshape(*index.shape, *X.shape[1:])  # (R, b, *shape)
         yb = y.index_select(0, flat).reshape(*index.shape, *y.shape[1:])  # (R, b)
         masks = draw_masks(self.sites, [r.dropout_generator for r in self.active], b, self.device, X.dtype)
+        lr = self.lrs[clock.step][[self.column[r.index] for r in self.active]]  # (R,)
+        if self.compiled is not None and not measuring:
+            self.optimizer_step += 1
+            return self._compiled_step(xb, yb, masks, lr)
         tensors = (*stack.params, *stack.buffers, *(masks[site.key] for site in self.sites))
         losses, correct = self._train_losses(tensors, xb, yb)  # (R,), (R,)
         grads = torch.autograd.grad(losses.sum(), stack.params)  # each replica: its own mean-loss gradient
@@ -91,10 +140,11 @@ class _Pass:
         if measuring and "grad_norm" in self.probes:
             out["grad_norm"] = _per_replica_norm(grads)
         self.optimizer_step += 1
-        lr = self.lrs[clock.step][[self.column[r.index] for r in self.active]]  # (R,)
         with torch.no_grad():
             stacked_update(self.config.optimizer, stack.params, grads, stack.optimizer_state,
                            step=self.optimizer_step, lr=lr, hyper=stack.hyper, nesterov=self.config.nesterov)
+            for counter in self.compiled_state.get("step", ()):  # the compiled step's count, kept in step
+                counter.add_(1)
             if stack.previous is not None:
                 if measuring:
                     out["update_norm"] = _per_replica_norm([p - q for p, q in zip(stack.params, stack.previous)])
@@ -128,6 +178,10 @@ class _Pass:
         finally:
             self.skeleton.train()
 
+    def must_sync(self, step: int) -> bool:
+        """Whether some callback needs step ``step``'s results now (not in the next batched read)."""
+        return self.sync_steps is None or step in self.sync_steps
+
     def drop(self, finished: Sequence[_Replica]) -> None:
         """Remove finished replicas from the stack; the others' modules point at the new stack."""
         if not finished:
@@ -140,6 +194,8 @@ class _Pass:
             self.stack.keep(keep)
             for row, replica in enumerate(self.active):
                 self.stack.attach(replica.model, row)
+            if self.compiled is not None:  # a new R: compiled again if it still repays (or cached)
+                self.choose_compiled()
 
 
 def _hyperparameters(configs: Sequence[TrainConfig]) -> dict[str, np.ndarray]:

@@ -224,6 +224,7 @@ class RayExecutor:
                               "or use --executor processes")
         if cpus_per_group <= 0 or gpus_per_group < 0 or max_failures < 0:
             raise ConfigError("--cpus-per-group must be > 0, --gpus-per-group and --max-failures >= 0")
+        check_reachable(address)  # before anything is stored: ray.init would wait minutes for a wrong address
         self.address, self.num_cpus, self.num_gpus = address, cpus_per_group, gpus_per_group
         self.max_failures, self.runtime_env, self.ship_code = max_failures, dict(runtime_env or {}), ship_code
         self.init_options = dict(init or {})
@@ -289,6 +290,33 @@ class RayExecutor:
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
         self._started_ray = False
+
+
+CONNECT_TIMEOUT = 10.0  # seconds to wait for a Ray cluster's address to answer
+
+
+def check_reachable(address: str | None, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Refuse a Ray address (``host:port`` or ``ray://host:port``) that does not accept a connection.
+
+    `ray.init` waits for an unreachable cluster for minutes; this answers within ``timeout``.
+    ``auto``, ``local`` and None (Ray finds or starts the cluster itself) are not checked.
+
+    Raises:
+        ConfigError: a malformed address, or nothing answering at it.
+    """
+    import socket
+
+    if address in (None, "auto", "local"):
+        return
+    text = address.removeprefix("ray://")
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray-address {address!r} is not host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"no Ray cluster answers at {address!r} within {timeout:g} s "
+                          f"({error.strerror or error}); start one with `ray start --head`, or check the address") from None
 
 
 def _code_to_ship(model_spec: str) -> list[str]:

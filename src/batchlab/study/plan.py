@@ -69,6 +69,14 @@ class StudyPlan:
     target: Target
     vectorized: bool = True
     prune: bool = True  # stop lrs that can no longer be the best (the answer is the same either way)
+    # The caller's opt-in to a ``package.module:function`` model: every executor builds models with it.
+    allow_import: bool = False
+
+    def build_model(self, dataset: Dataset, seed: int):
+        """The study's model for ``dataset``, initialised with ``seed`` (`batchlab.models.model_from_spec`)."""
+        from ..models import model_from_spec
+
+        return model_from_spec(self.config.model, dataset, seed=seed, allow_import=self.allow_import)
 
     def value_of(self, batch_size: int | str) -> int:
         return self.n_train if batch_size == "full" else int(batch_size)
@@ -89,7 +97,9 @@ class StudyPlan:
 
 def study_id(config: StudyConfig) -> str:
     """The study's identity: a hash of everything in its config that can change its results."""
-    canonical = json.dumps(config.model_dump(mode="json", exclude={"name"}), sort_keys=True)
+    # ``train.compile`` changes how fast, not what, a run computes: a study keeps its identity.
+    canonical = json.dumps(config.model_dump(mode="json", exclude={"name": True, "train": {"compile"}}),
+                           sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -228,15 +238,18 @@ def _noise_group(plan: StudyPlan, batch_size: int | str, trials: pd.DataFrame) -
     return GroupPlan(NOISE_GROUP, batch_size, plan.value_of(batch_size), (best,), plan.config.seed_list[:1])
 
 
-def plan_study(config: StudyConfig, dataset: Dataset, *, vectorized: bool = True, prune: bool = True) -> StudyPlan:
+def plan_study(config: StudyConfig, dataset: Dataset, *, vectorized: bool = True, prune: bool = True,
+               allow_import: bool = False) -> StudyPlan:
     """Check the study against its data and model before any training, and make it concrete.
+
+    Args:
+        allow_import: accept a ``package.module:function`` model (importing it runs its code).
 
     Raises:
         ConfigError, ModelError: a batch size larger than the data, a target metric the dataset
             cannot give, a model that does not fit the data.
     """
     from ..loop import check_model, plan_run
-    from ..models import model_from_spec
 
     target = config.parsed_target
     split = target.metric.split("_")[0]
@@ -248,10 +261,11 @@ def plan_study(config: StudyConfig, dataset: Dataset, *, vectorized: bool = True
     if split == "train" and not config.train.eval_train:
         raise ConfigError(f"target {target} needs train metrics; remove eval_train=false from the train table")
     batch_sizes = resolve_batch_sizes(config, dataset.n_train)
-    plan = StudyPlan(config, study_id(config), dataset.name, dataset.n_train, batch_sizes, target, vectorized, prune)
+    plan = StudyPlan(config, study_id(config), dataset.name, dataset.n_train, batch_sizes, target, vectorized, prune,
+                     allow_import)
     for batch_size in (batch_sizes[0], batch_sizes[-1]):
         plan_run(dataset, plan.train_config(batch_size, config.reference_lr, 0))
-    check_model(model_from_spec(config.model, dataset, seed=0).to(dataset.device), dataset)
+    check_model(plan.build_model(dataset, 0).to(dataset.device), dataset)
     return plan
 
 

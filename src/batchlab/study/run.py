@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..config import StudyConfig
+from ..config import StudyConfig, check_import_allowed
 from ..store.codec import normalized
 from .analysis import Recommendation, ScalingFit, analyse, trials_table
 from .plan import GroupPlan, StudyPlan, load_dataset_for, next_groups, plan_study
@@ -278,6 +278,7 @@ def run_study(
     prune: bool = True,
     on_progress: Callable[[StudyProgress], None] | None = None,
     lease: float = LEASE_SECONDS,
+    allow_import: bool = False,
 ) -> Study:
     """Run a batch-size study: plan, train group by group (storing each), analyse.
 
@@ -295,6 +296,8 @@ def run_study(
             ``stop_at_target=False``, every trial trains to its target or its budget.
         on_progress: called after every group with a `StudyProgress`.
         lease: seconds without a heartbeat after which another driver takes a group over.
+        allow_import: accept a ``package.module:function`` model: importing it runs its code, in
+            this process and in every worker (on the command line: ``--allow-import``).
 
     Returns:
         A `Study` with ``.summary``, ``.trials``, ``.fit``, ``.recommendation`` and ``.failed``.
@@ -309,10 +312,11 @@ def run_study(
     from .executors import make_executor
 
     check_argument("run_study", "config", config, StudyConfig)
+    check_import_allowed(config.model, allow_import, "run_study")
 
     started = time.perf_counter()
     dataset = load_dataset_for(config)
-    plan = plan_study(config, dataset, vectorized=vectorized, prune=prune)
+    plan = plan_study(config, dataset, vectorized=vectorized, prune=prune, allow_import=allow_import)
     owns_executor = executor is None or isinstance(executor, str)
     executor = make_executor(executor or "processes") if owns_executor else executor
     owns_store = store is not None and not isinstance(store, RunStore)

@@ -31,17 +31,18 @@ from .pruning import LrPruner
 class GroupEvaluator:
     """Full-pass metrics of several same-shaped models at once, cached per step.
 
-    The replicas of a vectorized pass reach each step together; the first to ask for step t's
-    metrics gets every registered model evaluated in one ``vmap``, the others read the cache.
-    ``splits`` limits the passes to what is needed (the target's split: a full pass over the
-    training set at every check would cost more than the training itself).
+    The replicas of a vectorized pass reach each check point together; the first to ask for step
+    t's metrics gets every registered model evaluated in one stacked pass
+    (`batchlab.metrics.evaluate_stacked`), the others read the cache. ``splits`` limits the passes
+    to what is needed (the target's split: a full pass over the training set at every check would
+    cost more than the training itself).
     """
 
     def __init__(self, dataset: Dataset, config: TrainConfig, splits: Sequence[str] = ("train", "val", "test")):
-        from ..metrics import loss_function
+        from ..metrics import evaluation_splits, loss_function
 
-        every = {"train": dataset.train if config.eval_train else None, "val": dataset.val, "test": dataset.test}
-        self.splits = {name: every[name] for name in splits if every.get(name) is not None}
+        every = evaluation_splits(dataset, config.eval_train)
+        self.splits = {name: every[name] for name in splits if name in every}
         self.loss_fn = loss_function(config.loss, dataset.task)
         self.classification = dataset.n_classes is not None
         self.eval_batch_size = config.eval_batch_size
@@ -63,46 +64,27 @@ class GroupEvaluator:
         return self.cache[key]
 
     def _evaluate_all(self) -> dict[int, dict[str, float]]:
-        from ..metrics import evaluate
+        from ..metrics import evaluate_splits, evaluate_stacked
 
         keys, models = list(self.models), list(self.models.values())
         if len(models) == 1:  # the loop's own evaluation, exactly
-            out = {}
-            for name, split in self.splits.items():
-                loss, acc = evaluate(models[0], split, self.loss_fn, self.classification, self.eval_batch_size)
-                out[f"{name}_loss"] = loss
-                if self.classification:
-                    out[f"{name}_acc"] = acc
-            return {keys[0]: out}
-        return dict(zip(keys, self._evaluate_stacked(models)))
+            return {keys[0]: evaluate_splits(models[0], self.splits, self.loss_fn, self.classification,
+                                             self.eval_batch_size)}
+        forward = _stacked_forward(models)
+        return dict(zip(keys, evaluate_stacked(forward, len(models), self.splits, self.loss_fn, self.classification,
+                                               self.eval_batch_size)))
 
-    def _evaluate_stacked(self, models: list[torch.nn.Module]) -> list[dict[str, float]]:
-        import copy
 
-        from torch.func import functional_call, stack_module_state, vmap
+def _stacked_forward(models: Sequence[torch.nn.Module]):
+    """``x (b, ...) -> (R, b, K)``: the R same-shaped models at their current weights, in eval mode."""
+    import copy
 
-        params, buffers = stack_module_state(models)  # each (R, *shape), copies
-        skeleton = copy.deepcopy(models[0]).eval()
-        forward = vmap(lambda p, b, x: functional_call(skeleton, (p, b), (x,)), in_dims=(0, 0, None))
-        results: list[dict[str, float]] = [{} for _ in models]
-        with torch.no_grad():
-            for name, (X, y) in self.splits.items():
-                loss_sum = torch.zeros(len(models), dtype=torch.float64)
-                correct = torch.zeros(len(models), dtype=torch.int64)
-                for start in range(0, X.shape[0], self.eval_batch_size):
-                    xb, yb = X[start:start + self.eval_batch_size], y[start:start + self.eval_batch_size]
-                    output = forward(params, buffers, xb)  # (R, n, K)
-                    n = xb.shape[0]
-                    losses = self.loss_fn(output.reshape(len(models) * n, *output.shape[2:]),
-                                          yb.repeat(len(models), *([1] * (yb.ndim - 1))))  # (R·n,)
-                    loss_sum += losses.reshape(len(models), n).sum(dim=1, dtype=torch.float64).cpu()
-                    if self.classification:
-                        correct += (output.argmax(dim=2) == yb).sum(dim=1).cpu()
-                for result, loss, right in zip(results, (loss_sum / X.shape[0]).tolist(), correct.tolist()):
-                    result[f"{name}_loss"] = loss
-                    if self.classification:
-                        result[f"{name}_acc"] = right / X.shape[0]
-        return results
+    from torch.func import functional_call, stack_module_state, vmap
+
+    params, buffers = stack_module_state(list(models))  # each (R, *shape)
+    skeleton = copy.deepcopy(models[0]).eval()
+    batched = vmap(lambda p, b, x: functional_call(skeleton, (p, b), (x,)), in_dims=(0, 0, None))
+    return lambda x: batched(params, buffers, x)
 
 
 class TargetWatcher(Callback):
@@ -123,6 +105,8 @@ class TargetWatcher(Callback):
     def __init__(self, target: Target, schedule: Iterable[int], evaluator: GroupEvaluator, key: int,
                  stop_at_target: bool = True, pruner: LrPruner | None = None):
         self.target, self.schedule, self.evaluator, self.key = target, frozenset(schedule), evaluator, key
+        # Only the check points need the live weights: a vectorized pass reads back at them alone.
+        self.step_end_steps = self.schedule
         self.stop_at_target, self.pruner = stop_at_target, pruner
         self.rows: list[dict[str, float]] = []  # this callback's own evaluations
         self.reached: dict[str, float] | None = None
@@ -210,7 +194,6 @@ def train_group(plan: StudyPlan, group: GroupPlan, dataset: Dataset, *, vectoriz
         One `TrialRecord` per (lr, seed), lrs outer, seeds inner.
     """
     from ..loop import fit
-    from ..models import model_from_spec
     from ..probes import PROBES
 
     vectorized = plan.vectorized if vectorized is None else vectorized
@@ -230,11 +213,11 @@ def train_group(plan: StudyPlan, group: GroupPlan, dataset: Dataset, *, vectoriz
     if vectorized and group.kind == LR_GROUP and len(configs) > 1:
         from ..ensemble import fit_replicas
 
-        runs = list(fit_replicas(lambda seed: model_from_spec(plan.config.model, dataset, seed=seed), dataset,
+        runs = list(fit_replicas(lambda seed: plan.build_model(dataset, seed), dataset,
                                  configs, callbacks=lambda i, config: [watchers[i]], progress=False))
     else:
         probes = ["noise_scale"] if wants_noise and (group.kind == NOISE_GROUP or not vectorized) else []
-        runs = [fit(model_from_spec(plan.config.model, dataset, seed=c.seed), dataset, c, probes=probes,
+        runs = [fit(plan.build_model(dataset, c.seed), dataset, c, probes=probes,
                     callbacks=[w], progress=False) for c, w in zip(configs, watchers)]
     ended = _now()
     return [_record(plan, group, run, watcher, started, ended) for run, watcher in zip(runs, watchers)]
