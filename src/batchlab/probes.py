@@ -813,6 +813,12 @@ class ProbeSet:
         self.pending.clear()
         return values
 
+    def take(self) -> dict[str, Any]:
+        """The values measured this step as the probes gave them (0-d tensors not read back yet),
+        for a driver that reads many steps' values at once."""
+        values, self.pending = self.pending, {}
+        return values
+
 
 def _plain_state(state: Any) -> Any:
     if dataclasses.is_dataclass(state) and not isinstance(state, type):

@@ -302,30 +302,55 @@ class Recorder:
             The step row. Afterwards ``wants_attention`` says whether `settle` must be called
             (callbacks asked for something, or the loss is not finite: the run is then diverged).
         """
-        clock = self.clock
-        step, in_epoch, seen = clock.step + 1, clock.step_in_epoch + 1, clock.samples_seen + batch_size
-        self.clock = clock = Clock(clock.n_train, clock.batch_size, clock.steps_per_epoch, clock.total_steps,
-                                   clock.epochs, step, clock.epoch, in_epoch, seen)
-        running = self.running
-        row = {"step": step, "epoch": clock.epoch, "samples_seen": seen, "batch_size": batch_size, "lr": lr,
-               "batch_loss": batch_loss}
-        if self.classification:
-            running.update(batch_loss, batch_correct, batch_size)
-            row.update(batch_acc=batch_correct / batch_size, running_loss=running.loss, running_acc=running.acc)
-        else:
-            running.update(batch_loss, 0, batch_size)
-            row["running_loss"] = running.loss
-        self.seconds += seconds
-        row["seconds"] = self.seconds
-        if probe_values:
-            row.update(probe_values)
-        self.steps.append(row)
-        if self.per_step:
-            self.dispatch("on_step_end", StepEnd(clock, row, self.model))
-        if not math.isfinite(batch_loss):
-            self.status, self.message = "diverged", divergence_message(batch_loss, step, clock.epoch, lr)
+        return self.record_steps([(batch_size, lr, batch_loss, batch_correct, seconds, probe_values)])[0]
+
+    def record_steps(self, steps: Sequence[tuple[int, float, float, int | None, float, Mapping[str, float] | None]]) -> list[dict]:
+        """Record updates in order, each as `record_step` does, for a driver that reads many steps'
+        numbers at once; the clock is rebuilt once, unless per-step callbacks need it at every row.
+
+        Args:
+            steps: ``(batch_size, lr, batch_loss, batch_correct, seconds, probe_values)`` per update.
+
+        Returns:
+            The rows recorded. Recording stops after a row whose loss is not finite (the run is then
+            diverged) or after which callbacks asked for something (`settle` before going on):
+            ``wants_attention`` is then set, and the remaining updates are not recorded.
+        """
+        clock, running, classification = self.clock, self.running, self.classification
+        step, in_epoch, seen = clock.step, clock.step_in_epoch, clock.samples_seen
+        rows = []
+        for batch_size, lr, batch_loss, batch_correct, seconds, probe_values in steps:
+            step, in_epoch, seen = step + 1, in_epoch + 1, seen + batch_size
+            row = {"step": step, "epoch": clock.epoch, "samples_seen": seen, "batch_size": batch_size, "lr": lr,
+                   "batch_loss": batch_loss}
+            if classification:
+                running.update(batch_loss, batch_correct, batch_size)
+                row.update(batch_acc=batch_correct / batch_size, running_loss=running.loss, running_acc=running.acc)
+            else:
+                running.update(batch_loss, 0, batch_size)
+                row["running_loss"] = running.loss
+            self.seconds += seconds
+            row["seconds"] = self.seconds
+            if probe_values:
+                row.update(probe_values)
+            self.steps.append(row)
+            rows.append(row)
+            if self.per_step:
+                self.clock = self._advanced(clock, step, in_epoch, seen)
+                self.dispatch("on_step_end", StepEnd(self.clock, row, self.model))
+            if not math.isfinite(batch_loss):
+                self.status, self.message = "diverged", divergence_message(batch_loss, step, clock.epoch, lr)
+            if self.requests or self.status != "finished":
+                break
+        self.clock = self._advanced(clock, step, in_epoch, seen)
         self.wants_attention = bool(self.requests) or self.status != "finished"
-        return row
+        return rows
+
+    @staticmethod
+    def _advanced(clock: Clock, step: int, step_in_epoch: int, samples_seen: int) -> Clock:
+        """``clock`` moved on to the given counters (positional: the fastest way to build a Clock)."""
+        return Clock(clock.n_train, clock.batch_size, clock.steps_per_epoch, clock.total_steps, clock.epochs, step,
+                     clock.epoch, step_in_epoch, samples_seen)
 
     def evaluation_due(self) -> bool:
         """Whether the driver should evaluate now: every ``eval_every`` steps, not at an epoch's end

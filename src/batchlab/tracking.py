@@ -40,7 +40,7 @@ import math
 import time
 import types
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -52,6 +52,10 @@ from .probes import NoiseScale, NoiseState, ProbeSet, _advance, _unmeasured, mak
 from .record import Recorder, Run
 
 GRADIENT_PROBES = ("grad_norm", "noise_scale", "noise_scale_exact")
+# Updates kept as tensors before their numbers are read back in one go. Reading each step's loss and
+# correct count as it comes would wait for the device every step; reading every 64 steps costs one
+# wait per 64, and a diverged loop still learns of it (``should_stop``) within 64 steps.
+READ_BACK_EVERY = 64
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,23 @@ class _TrackedData:
     name: str
     n_train: int | None
     train: tuple[torch.Tensor, None] | None = None
+
+
+@dataclass(slots=True)
+class _Update:
+    """One update whose numbers may still be tensors, read back in bulk by `Tracker._read_back`.
+
+    ``micro`` holds each micro-batch's ``(loss, correct, size)``: the loss a 0-d tensor or a number,
+    the correct predictions a (b,) 0/1 tensor (arg-max == target), a count, or None (no accuracy).
+    ``values`` are the probes' values, 0-d tensors or numbers.
+    """
+
+    micro: list[tuple[Any, Any, int]]
+    lr: float
+    values: dict[str, Any]
+    measuring: bool
+    updated: bool = False  # optimizer.step() has run for it
+    seconds: float = 0.0
 
 
 def track(
@@ -187,8 +208,15 @@ class Tracker:
         self._classification: bool | None = None
         self._in_epoch = False
         self._epoch_steps: list[int] = []
-        self._micro: list[tuple[float, int | None, int]] = []  # this step's micro-batches: loss, correct, size
-        self._pending: dict[str, Any] | None = None  # a step waiting for optimizer.step()
+        self._micro: list[tuple[Any, Any, int]] = []  # this update's micro-batches so far (see `_Update`)
+        self._pending: _Update | None = None  # an update waiting for optimizer.step()
+        self._unread: list[_Update] = []  # completed updates whose numbers are not read back yet
+        self._updates = 0  # completed updates, read back or not: the step count the probes go by
+        self._forward_hook: Any = None
+        # When the unread updates must be recorded at once: every step where a per-step callback wants
+        # the row or the ranks reduce each step together; at multiples of eval_every when evaluating.
+        self._read_each_step = self.ranks is not None or bool(self.recorder.per_step)
+        self._eval_every = self.recorder.eval_every if self.eval_data else None
         self._mark = 0.0
         self.defer_completion = False  # framework callbacks: the step completes at `batch_end`, not at the update
 
@@ -217,7 +245,8 @@ class Tracker:
             self.noise = MicroBatchNoise(n_train=float(self.n_train) if self.n_train else math.inf)
             self.probe_specs = [p for p in self.probe_specs if p.name != "noise_scale"]
         self._probe_set_pending = bool(self.probe_specs)
-        self._hooks.append(self.model.register_forward_pre_hook(self._first_forward))
+        self._forward_hook = self.model.register_forward_pre_hook(self._first_forward)
+        self._hooks.append(self._forward_hook)
         self._hooks.append(self.optimizer.register_step_post_hook(self._after_update))
 
     def _begin(self, batch_size: int | None) -> None:
@@ -246,6 +275,9 @@ class Tracker:
             self._begin(int(args[0].shape[0]) * self.accumulate if args[0].dim() > 0 else None)
         if self.ranks is not None:
             self.ranks.before_forward(args[0], self._measuring())
+        elif not self._probe_set_pending:
+            # Its work is done: a module with a hook leaves PyTorch's fast call path, every forward.
+            self._forward_hook.remove()
         if not self._probe_set_pending:
             return
         self._probe_set_pending = False
@@ -265,7 +297,12 @@ class Tracker:
 
     @property
     def should_stop(self) -> bool:
-        """A callback asked to stop, or the loss diverged: break out of your loop."""
+        """A callback asked to stop, or the loss diverged: break out of your loop.
+
+        The steps' numbers are read back every `READ_BACK_EVERY` steps (and at every evaluation,
+        epoch end, and step when a callback wants each step), so a divergence shows here within
+        that many steps; the steps after it are not recorded.
+        """
         return not self.recorder.going
 
     def step(self, loss: Any, outputs: torch.Tensor | None = None, targets: torch.Tensor | None = None,
@@ -278,8 +315,9 @@ class Tracker:
             targets: the batch's targets (class indices for accuracy).
             batch_size: samples in the batch; default ``len(targets)`` or ``len(outputs)``.
         """
-        size = _batch_size(batch_size, outputs, targets)
-        self._begin(size * self.accumulate)
+        size = int(batch_size) if batch_size is not None else _batch_size(outputs, targets)
+        if not self._begun:
+            self._begin(size * self.accumulate)
         if self._pending is not None:
             self._complete()  # optimizer.step() did not run for the previous step (an AMP skip)
         if not self.recorder.going:
@@ -287,23 +325,23 @@ class Tracker:
         if not self._in_epoch:
             self.recorder.start_epoch()
             self._in_epoch = True
-        batch_loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         correct = None
         if outputs is not None and targets is not None and self._is_classification(outputs, targets):
-            correct = int((outputs.detach().argmax(dim=1) == targets).sum())
-        self._micro.append((batch_loss, correct, size))
-        scale = self._grad_scale()
+            # (b,) 1 where the arg-max is the target, counted when read back; compared in place in
+            # the arg-max's own memory: one tensor made, not two.
+            correct = outputs.argmax(dim=1).eq_(targets)
+        self._micro.append((_loss_value(loss), correct, size))
         if self.noise is not None and self._measuring():
-            self.noise.add_micro_batch(self._params(), size, scale * self.micro_loss_scale)
+            self.noise.add_micro_batch(self._params(), size, self._grad_scale() * self.micro_loss_scale)
         if len(self._micro) < self.accumulate:
             return
         self._end_of_update()
 
     def _end_of_update(self) -> None:
         """The last micro-batch of an update: the gradients are whole; probe them, then wait for the update."""
-        measuring = self._measuring()
+        measuring = (self.noise is not None or self.recorder.probes is not None) and self._measuring()
         values: dict[str, float] = {}
-        if measuring and (self.noise is not None or self.recorder.probes is not None):
+        if measuring:
             if self.scaler is not None and any(p in self.recorder.probe_names for p in GRADIENT_PROBES):
                 self._unscale()
             if self.noise is not None:
@@ -312,18 +350,14 @@ class Tracker:
                 self.recorder.probes.after_backward()
         elif self.noise is not None:
             self.noise.reset()
-        losses, corrects, sizes = zip(*self._micro)
+        self._pending = _Update(self._micro, _lr(self.optimizer), values, measuring)
         self._micro = []
-        size = sum(sizes)
-        # The step's batch loss: the sample-weighted mean of its micro-batches' mean losses.
-        batch_loss = losses[0] if len(losses) == 1 else math.fsum(l * b for l, b in zip(losses, sizes)) / size
-        self._pending = {"size": size, "lr": _lr(self.optimizer), "loss": batch_loss, "corrects": list(corrects),
-                         "values": values, "measuring": measuring, "updated": False}
 
     def _after_update(self, optimizer, args, kwargs) -> None:
-        if self._pending is not None and not self._pending["updated"]:
-            self._pending["updated"] = True
-            if self._pending["measuring"] and self.recorder.probes is not None:
+        pending = self._pending
+        if pending is not None and not pending.updated:
+            pending.updated = True
+            if pending.measuring and self.recorder.probes is not None:
                 self.recorder.probes.after_update()
             if not self.defer_completion:
                 self._complete()
@@ -331,35 +365,55 @@ class Tracker:
     def batch_end(self, correct: int | None) -> None:
         """For framework callbacks, whose batch outputs arrive after the update: the latest
         micro-batch's correct count; a step waiting for it is completed."""
-        if self._micro:
-            loss, _, size = self._micro[-1]
-            self._micro[-1] = (loss, correct, size)
-        elif self._pending is not None:
-            self._pending["corrects"][-1] = correct
-            if self._pending["updated"]:
-                self._complete()
+        micro = self._micro if self._micro else self._pending.micro if self._pending is not None else None
+        if micro:
+            loss, _, size = micro[-1]
+            micro[-1] = (loss, correct, size)
+        if not self._micro and self._pending is not None and self._pending.updated:
+            self._complete()
 
     def _complete(self) -> None:
-        """Hand the pending step to the core, then evaluate if due and act on the callbacks' requests."""
+        """The pending update is done: keep it for the next read-back, and read back now if due."""
         pending, self._pending = self._pending, None
-        rec = self.recorder
-        values = pending["values"]
-        corrects = pending["corrects"]
-        correct = None if any(c is None for c in corrects) else sum(corrects)
-        if correct is None and rec.classification and not rec.steps:
-            rec.classification = self._classification = False  # no accuracy given: a loss-only run
-        if pending["measuring"] and rec.probes is not None:
-            values.update(rec.probes.collect())
-        size, loss = pending["size"], pending["loss"]
-        if self.ranks is not None:
-            size, loss, correct = self.ranks.reduce_step(size, loss, correct)
-        now = time.perf_counter()
-        rec.record_step(size, pending["lr"], loss, correct, now - self._mark, values or None)
-        if rec.status != "diverged" and rec.evaluation_due() and self.eval_data:
-            self._evaluate_data()
-        if rec.wants_attention:
-            rec.settle()
+        pending.seconds = time.perf_counter() - self._mark
+        if pending.measuring and self.recorder.probes is not None:
+            pending.values.update(self.recorder.probes.take())
+        self._unread.append(pending)
+        self._updates += 1
+        if (self._read_each_step or len(self._unread) >= READ_BACK_EVERY
+                or (self._eval_every is not None and self._updates % self._eval_every == 0)):
+            self._read_back()
         self._mark = time.perf_counter()
+
+    def _read_back(self) -> None:
+        """Read the unread updates' numbers (one wait for the device) and hand their rows to the core,
+        in order; evaluate where due and act on the callbacks' requests. Updates after a divergence
+        are not recorded (a loop that checked ``should_stop`` would not have made them)."""
+        unread, self._unread = self._unread, []
+        rec = self.recorder
+        if not unread or not rec.going:
+            return
+        steps = []
+        for update, (losses, corrects, values) in zip(unread, _read_numbers(unread)):
+            size, loss, correct = _whole_batch(update.micro, losses, corrects)
+            if self.ranks is not None:
+                size, loss, correct = self.ranks.reduce_step(size, loss, correct)
+            steps.append((size, update.lr, loss, correct, update.seconds, values or None))
+        if steps[0][3] is None and rec.classification and not rec.steps:
+            rec.classification = self._classification = False  # no accuracy given: a loss-only run
+        while steps and rec.going:
+            steps = steps[len(rec.record_steps(steps)):]
+            # An evaluation falls due only at the last of them: the read-back comes at that step.
+            if not steps and self.eval_data and rec.evaluation_due():
+                self._evaluate_data()
+            if rec.wants_attention:
+                rec.settle()
+
+    def _settle_steps(self) -> None:
+        """Complete the update waiting for the optimizer, if any, and record every unread one."""
+        if self._pending is not None:
+            self._complete()
+        self._read_back()
 
     # -- epochs and evaluation -------------------------------------------------------------------
 
@@ -372,6 +426,7 @@ class Tracker:
         loss_fn = loss_fn or self.loss_fn
         if loss_fn is None:
             raise ConfigError("evaluate needs loss_fn=... (or give loss_fn to bl.track)")
+        self._settle_steps()
         started = time.perf_counter()
         loss, acc = _evaluate_one(self.model, data, loss_fn, self._classification is not False)
         metrics = {f"{split}_loss": loss}
@@ -384,8 +439,7 @@ class Tracker:
         """End the epoch: evaluate ``eval_data`` (unless done at this step), add the metrics given
         (``val={"loss": vl, "acc": va}``, ``train=...``, ``test=...``), and write the epoch row."""
         self._begin(None)
-        if self._pending is not None:
-            self._complete()
+        self._settle_steps()
         if self._micro:
             raise ConfigError(f"end_epoch came after {len(self._micro)} of {self.accumulate} micro-batches; "
                               "an epoch must end on a whole update")
@@ -434,8 +488,7 @@ class Tracker:
             return self._finished
         self._begin(None)
         try:
-            if self._pending is not None:
-                self._complete()
+            self._settle_steps()
             rec = self.recorder
             if self._in_epoch and status is None:
                 self.end_epoch()
@@ -454,6 +507,8 @@ class Tracker:
     @property
     def run(self) -> Run:
         """The run so far (after the `with` block: the finished run)."""
+        if self._finished is None:
+            self._read_back()
         return self._finished or self.recorder.run()
 
     @property
@@ -483,7 +538,7 @@ class Tracker:
     # -- helpers ---------------------------------------------------------------------------------
 
     def _measuring(self) -> bool:
-        return self.recorder.clock.step % self.recorder.probe_every == 0
+        return self._updates % self.recorder.probe_every == 0
 
     def _params(self) -> list[torch.nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
@@ -515,7 +570,7 @@ class MicroBatchNoise:
     gradient is the change of ``p.grad`` its backward pass made, divided by ``scale`` (the loop's
     loss scaling: 1/k for ``(loss / k).backward()``, times an AMP scaler's scale), and ``g_B`` is the
     micro-batches' sample-weighted mean. No extra backward pass: one copy of the gradients
-    and one fused norm per micro-batch.
+    and one fused norm per micro-batch, and one read of the squared norms per update.
     """
 
     def __init__(self, n_train: float, beta: float = 0.99):
@@ -525,7 +580,8 @@ class MicroBatchNoise:
 
     def reset(self) -> None:
         self.previous: list[torch.Tensor] | None = None  # p.grad after the last micro-batch
-        self.small_sq: list[float] = []
+        self.small_sq: list[torch.Tensor] = []  # Σ‖Δp.grad‖² of each micro-batch, 0-d float64, read at `finish`
+        self.scales: list[float] = []
         self.sizes: list[int] = []
         self.weighted: list[torch.Tensor] | None = None  # Σ_i b_i · g_i
 
@@ -537,8 +593,8 @@ class MicroBatchNoise:
         else:
             delta = torch._foreach_sub(grads, self.previous)
             torch._foreach_copy_(self.previous, grads)
-        squares = torch.stack(torch._foreach_norm(delta)).double().square().sum()
-        self.small_sq.append(float(squares) / scale**2)
+        self.small_sq.append(torch.stack(torch._foreach_norm(delta)).double().square().sum())
+        self.scales.append(scale)
         self.sizes.append(size)
         if self.weighted is None:
             self.weighted = torch._foreach_mul(delta, size / scale)
@@ -547,12 +603,15 @@ class MicroBatchNoise:
 
     def finish(self) -> dict[str, float]:
         """The step's estimate from its micro-batches; the moving averages advance."""
-        small_sq, sizes, weighted = self.small_sq, self.sizes, self.weighted
+        small_sq, scales, sizes, weighted = self.small_sq, self.scales, self.sizes, self.weighted
         self.reset()
         if len(sizes) < 2 or weighted is None:
             return _unmeasured("")
         big = sum(sizes)
-        big_sq = float(torch.stack(torch._foreach_norm(weighted)).double().square().sum()) / big**2
+        weighted_sq = torch.stack(torch._foreach_norm(weighted)).double().square().sum()
+        *squares, weighted_sq = torch.stack([*small_sq, weighted_sq]).tolist()  # the update's one read
+        small_sq = [sq / scale**2 for sq, scale in zip(squares, scales)]
+        big_sq = weighted_sq / big**2
         # The micro-batches are the parts of the accumulated batch: fit's half-batch method with k parts.
         grad_sq, trace_cov = two_batch_estimates(small_sq, sizes, big_sq, big, self.n_train)
         if not (math.isfinite(grad_sq) and math.isfinite(trace_cov)):  # an AMP overflow: the update is skipped too
@@ -610,13 +669,84 @@ def _per_sample(loss_fn):
     return losses
 
 
-def _batch_size(given: int | None, outputs, targets) -> int:
-    if given is not None:
-        return int(given)
+def _batch_size(outputs, targets) -> int:
     for tensor in (targets, outputs):
         if isinstance(tensor, torch.Tensor) and tensor.dim() > 0:
             return int(tensor.shape[0])
     raise ConfigError("run.step needs the batch's size: pass outputs=, targets= or batch_size=")
+
+
+def _loss_value(loss: Any) -> Any:
+    """The batch's mean loss as kept until read back: a float where reading it waits for nothing (a
+    number, a CPU tensor), else a 0-d copy on the device. A copy, not the tensor itself: a loop may
+    overwrite its loss in place (a CUDA graph's static output) before the read-back."""
+    if not isinstance(loss, torch.Tensor):
+        return float(loss)
+    if loss.numel() != 1:
+        raise ConfigError(f"run.step needs the batch's mean loss, one number; got a tensor of shape {tuple(loss.shape)}")
+    if loss.is_cpu:
+        return loss.item()
+    return loss.detach().reshape(()).clone()
+
+
+def _read_numbers(updates: Sequence[_Update]) -> list[tuple[list[float], list[int | None], dict[str, float]]]:
+    """Every update's micro-batch losses, correct counts and probe values as Python numbers: the
+    tensors among them are read in one go (`_read_floats`, `_read_counts`), whatever their number."""
+    losses = [loss for update in updates for loss, _, _ in update.micro]
+    values = [value for update in updates for value in update.values.values()]
+    floats = _read_floats(losses + values)
+    corrects = _read_counts([correct for update in updates for _, correct, _ in update.micro])
+    numbers, at, at_value = [], 0, len(losses)
+    for update in updates:
+        micro, named = len(update.micro), len(update.values)
+        numbers.append((floats[at:at + micro], corrects[at:at + micro],
+                        dict(zip(update.values, floats[at_value:at_value + named]))))
+        at, at_value = at + micro, at_value + named
+    return numbers
+
+
+def _read_floats(items: Sequence[Any]) -> list[float]:
+    """Numbers and one-element tensors as floats; the 0-d tensors read in one stack (one wait for
+    the device). Stacking promotes to the widest dtype, so each float is the one its tensor holds."""
+    tensors = [item for item in items if isinstance(item, torch.Tensor) and item.dim() == 0]
+    if not tensors:
+        return [float(item) for item in items]
+    try:
+        read = iter(torch.stack(tensors).tolist())
+    except RuntimeError:  # on different devices: one read each
+        read = iter([float(t) for t in tensors])
+    return [next(read) if isinstance(item, torch.Tensor) and item.dim() == 0 else float(item) for item in items]
+
+
+def _read_counts(corrects: Sequence[Any]) -> list[int | None]:
+    """Correct counts: a (b,) 0/1 mask counted (all masks in one read), a count or None as is."""
+    masks = [c for c in corrects if isinstance(c, torch.Tensor)]
+    if not masks:
+        return list(corrects)
+    counts = iter(_mask_counts(masks))
+    return [next(counts) if isinstance(c, torch.Tensor) else c for c in corrects]
+
+
+def _whole_batch(micro: Sequence[tuple[Any, Any, int]], losses: Sequence[float],
+                 corrects: Sequence[int | None]) -> tuple[int, float, int | None]:
+    """An update's size, batch loss and correct count from its micro-batches' (read back)."""
+    if len(micro) == 1:
+        return micro[0][2], losses[0], corrects[0]
+    sizes = [size for _, _, size in micro]
+    size = sum(sizes)
+    # The step's batch loss: the sample-weighted mean of its micro-batches' mean losses.
+    loss = math.fsum(l * b for l, b in zip(losses, sizes)) / size
+    return size, loss, None if any(c is None for c in corrects) else sum(corrects)
+
+
+def _mask_counts(masks: Sequence[torch.Tensor]) -> list[int]:
+    """The number of ones in each (b_i,) 0/1 mask, all counted by one reduction and one read."""
+    if all(len(m) == len(masks[0]) for m in masks):
+        return torch.stack(masks).sum(dim=1).tolist()  # (S, b) -> (S,)
+    hits = torch.cat(masks).cumsum(0)  # (Σ b_i,) correct predictions so far; a short last batch
+    ends = torch.tensor([len(m) for m in masks], device=hits.device).cumsum(0) - 1
+    totals = hits[ends]  # (S,) correct predictions up to the end of each mask
+    return torch.diff(totals, prepend=totals.new_zeros(1)).tolist()
 
 
 def _lr(optimizer: torch.optim.Optimizer) -> float:
