@@ -62,7 +62,8 @@ def summary_table(study: Study) -> str:
     """Steps-to-target per batch size with its interval, the best lr and its margin, the regime."""
     lines = ["| B | best lr | margin | steps (median) | 95% CI | fit | regime |", "|---:|---:|---:|---:|---|---:|---|"]
     for row in study.summary.to_dict("records"):
-        lines.append(f"| {row['batch_size']} | {row['best_lr']:.3g} | {row['lr_margin']:.2f}× | "
+        bound = "≥" if row.get("lr_margin_is_bound") else ""
+        lines.append(f"| {row['batch_size']} | {row['best_lr']:.3g} | {bound}{row['lr_margin']:.2f}× | "
                      f"{_num(row['steps_to_target'])} | {_num(row['steps_ci_lo'])}–{_num(row['steps_ci_hi'])} | "
                      f"{_num(row.get('steps_fit', math.nan))} | {row['regime']} |")
     return "\n".join(lines)

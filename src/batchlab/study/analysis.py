@@ -54,7 +54,8 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
     of the trial (at the target with ``stop_at_target``). ``noise_scale`` is B_simple at the
     target (last measurement before it). ``scaling_efficiency`` is −Δlog S/Δlog B from the
     previous batch size: 1 when doubling B halves the steps, 0 when it saves none. ``lr_margin``
-    is `lr_margin`: how many times more steps the best lr's nearest rival took.
+    is `lr_margin`: how many times more steps the best lr's nearest rival took (at least that
+    many when ``lr_margin_is_bound``: the rival was pruned).
     """
     search = trials[trials["kind"] == LR_GROUP]
     noise = trials[trials["kind"] == NOISE_GROUP] if "kind" in trials else trials.iloc[0:0]
@@ -65,7 +66,8 @@ def summarize(trials: pd.DataFrame) -> pd.DataFrame:
         lrs = sorted(set(at_b["lr"]))
         row: dict[str, Any] = {"batch_size": at_b["batch_size"].iloc[0], "batch_size_value": int(value),
                                "best_lr": best if best is not None else math.nan,
-                               "lr_margin": lr_margin(table, best), "lrs_tried": len(lrs),
+                               "lr_margin": lr_margin(table, best),
+                               "lr_margin_is_bound": lr_margin_is_bound(table, best), "lrs_tried": len(lrs),
                                "lr_at_edge": best is not None and len(lrs) > 1 and best in (lrs[0], lrs[-1]),
                                "diverged": int((at_b["status"] == "diverged").sum()), "trials": len(at_b)}  # fmt: skip
         chosen = at_b[at_b["lr"] == best] if best is not None else at_b.iloc[0:0]
@@ -106,14 +108,31 @@ def lr_margin(table: pd.DataFrame, best: float | None) -> float:
 
     The fewer median steps-to-target of the lrs just below and above the best one, divided by the
     best one's: 1.5 means the nearest rival needed 50% more steps; inf when neither neighbour
-    reached the target; NaN with no neighbour (one lr tried) or no best.
+    reached the target; NaN with no neighbour (one lr tried) or no best. A neighbour that was
+    pruned counts with the step it had trained to without reaching the target, so the margin is
+    then a lower bound (`lr_margin_is_bound`).
     """
     if best is None or len(table) < 2:
         return math.nan
-    ordered = table.sort_values("lr").reset_index(drop=True)
-    i = int(ordered.index[ordered["lr"] == best][0])
-    neighbours = ordered.loc[[j for j in (i - 1, i + 1) if 0 <= j < len(ordered)], "median_steps"]
+    ordered, i = _neighbourhood(table, best)
+    column = "median_steps_at_least" if "median_steps_at_least" in ordered else "median_steps"
+    neighbours = ordered.loc[[j for j in (i - 1, i + 1) if 0 <= j < len(ordered)], column]
     return float(neighbours.min() / ordered.loc[i, "median_steps"])
+
+
+def lr_margin_is_bound(table: pd.DataFrame, best: float | None) -> bool:
+    """Whether `lr_margin` is a lower bound: the nearest rival was pruned before it could finish."""
+    if best is None or len(table) < 2 or "median_steps_at_least" not in table:
+        return False
+    ordered, i = _neighbourhood(table, best)
+    neighbours = ordered.loc[[j for j in (i - 1, i + 1) if 0 <= j < len(ordered)]]
+    nearest = neighbours.loc[neighbours["median_steps_at_least"].idxmin()]
+    return bool(nearest["median_steps_at_least"] != nearest["median_steps"])
+
+
+def _neighbourhood(table: pd.DataFrame, best: float) -> tuple[pd.DataFrame, int]:
+    ordered = table.sort_values("lr").reset_index(drop=True)
+    return ordered, int(ordered.index[ordered["lr"] == best][0])
 
 
 def best_lr_cells(trials: pd.DataFrame, summary: pd.DataFrame) -> list[np.ndarray]:

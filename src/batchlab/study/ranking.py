@@ -25,8 +25,17 @@ def lr_table(trials: pd.DataFrame) -> pd.DataFrame:
         rows.append({"lr": float(lr), "trials": len(at_lr), "reached": int((at_lr["status"] == "reached").sum()),
                      "diverged": int((at_lr["status"] == "diverged").sum()),
                      "median_steps": median_steps(at_lr["steps_to_target"]),
+                     "median_steps_at_least": median_steps(_at_least(at_lr)),
                      "mean_reached_steps": float(reached.mean()) if len(reached) else math.inf})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def _at_least(trials: pd.DataFrame) -> pd.Series:
+    """Steps-to-target, or a lower bound where a trial was pruned: it had not reached the target
+    by ``pruned_at_step`` (its lr could no longer be the best); never reached stays NaN."""
+    if "pruned_at_step" not in trials:
+        return trials["steps_to_target"]
+    return trials["steps_to_target"].fillna(trials["pruned_at_step"])
 
 
 def best_lr(table: pd.DataFrame) -> float | None:
