@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .callbacks import progress_wanted
 from .config import TrainConfig
 from .data import Dataset
 from .errors import ConfigError
@@ -264,7 +264,7 @@ def gradnorm_experiment(
         raise ConfigError(f"the training set has {n} samples; the exact experiment handles up to {MAX_GRAM_SAMPLES}: use --val-fraction or a smaller dataset")
     sizes = check_batch_sizes(batch_sizes or default_batch_sizes(n), n)
     if progress is None:
-        progress = sys.stderr.isatty()
+        progress = progress_wanted()
     initial = copy.deepcopy(model.state_dict())
     snapshots = _Snapshots(at)
     training = pd.DataFrame()
