@@ -8,10 +8,12 @@ Such a block sits between two markers in the markdown, and only the text between
 
 NAME is a function below registered with `@block`; it returns the block's text by running the real
 command (``python -m batchlab ...`` or a benchmark script) in a temporary folder with its own store,
-one torch thread and the commands' fixed default seeds. Usage, from the repository root:
+one torch thread and the commands' fixed default seeds. The measured studies of docs/study.md run
+in this process instead and are kept in STUDY_STORE (``docs-study.db`` in the repository root), so
+an interrupted generation resumes them; delete it to run them afresh. Usage, from the repository root:
 
     python docs/generate.py              # rewrite every cheap block (about a minute)
-    python docs/generate.py --slow       # and the slow ones: a whole study, gradnorm, the benchmarks
+    python docs/generate.py --slow       # and the slow ones: the studies, gradnorm, the benchmarks
     python docs/generate.py --only NAME  # rewrite the named blocks (comma-separated)
     python docs/generate.py --check      # exit 1 and print a diff where the committed text differs
 
@@ -33,9 +35,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from batchlab.study import Study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -245,15 +252,129 @@ def distance_default(cwd: Path) -> str:
     return console(cwd, DISTANCE)
 
 
+# ---------------------------------------------------------------------------------------------
+# docs/study.md's measured studies: run in this process (they need the Study objects, not a
+# console), and stored so that an interrupted generation resumes where it stopped.
+
+STUDY_STORE = ROOT / "docs-study.db"  # delete it to run the studies afresh after changing training
+RESEEDS = ((0, 1, 2), (10, 11, 12))
 
 
+def import_batchlab():
+    """This checkout's batchlab, training on one torch thread like the commands of the other blocks."""
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
+    import torch
 
+    import batchlab
+
+    torch.set_num_threads(1)
+    return batchlab
+
+
+def reseeded_studies(store: str | Path, seed_sets: Sequence[Sequence[int]] = RESEEDS) -> list[Study]:
+    """The default study (``StudyConfig()``) once per set of seeds, resumed from `store`."""
+    bl = import_batchlab()
+    from batchlab.study import run_study
+
+    return [run_study(bl.StudyConfig(seeds=tuple(seeds)), store=store) for seeds in seed_sets]
+
+
+def agree(first: Study, second: Study) -> tuple[bool, bool]:
+    """Whether two runs of a study agree: B_crit intervals overlap; recommended B within a factor 2."""
+    a, b = first.fit, second.fit
+    overlap = max(a.b_crit_lo, b.b_crit_lo) <= min(a.b_crit_hi, b.b_crit_hi)
+    ra, rb = (recommended_value(s) for s in (first, second))
+    return overlap, ra is not None and rb is not None and max(ra, rb) <= 2 * min(ra, rb)
+
+
+def recommended_value(study: Study) -> float | None:
+    """The recommended batch size as a number (``full`` as the training set's size); None without one."""
+    batch_size = study.recommendation.batch_size
+    return None if batch_size is None else float(study.plan.value_of(batch_size))
+
+
+def short_number(value: float, digits: int = 3) -> str:
+    """`value` for a table: whole with thousands separators from 100 on, else `digits` significant; – if not finite."""
+    if not math.isfinite(value):
+        return "–"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.{digits}g}"
+
+
+def summary_table(study: Study) -> str:
+    """Steps-to-target per batch size with its interval, the best lr and its margin, the regime."""
+    num = short_number
+    lines = ["| B | best lr | margin | steps (median) | 95% CI | fit | regime |", "|---:|---:|---:|---:|---|---:|---|"]
+    for row in study.summary.to_dict("records"):
+        bound = "≥" if row.get("lr_margin_is_bound") else ""
+        lines.append(f"| {row['batch_size']} | {row['best_lr']:.3g} | {bound}{row['lr_margin']:.2f}× | "
+                     f"{num(row['steps_to_target'])} | {num(row['steps_ci_lo'])}–{num(row['steps_ci_hi'])} | "
+                     f"{num(row.get('steps_fit', math.nan))} | {row['regime']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def fit_line(study: Study) -> str:
+    """The scaling fit in one sentence: B_crit and S_min with their intervals, R², B_simple."""
+    fit, num = study.fit, short_number
+    return (f"B_crit = {num(fit.b_crit)} (95% CI {num(fit.b_crit_lo)}–{num(fit.b_crit_hi)}; ± {num(fit.b_crit_err)} "
+            f"delta method), S_min = {num(fit.s_min)} steps (95% CI {num(fit.s_min_lo)}–{num(fit.s_min_hi)}), "
+            f"R² = {fit.r2:.3f} on log S, B_simple ≈ {num(fit.b_simple)}")  # fmt: skip
+
+
+@block(slow=True)
+def study_reseeding(cwd: Path) -> str:
+    """docs/study.md: the default study with seeds 0,1,2 and with 10,11,12, and whether they agree."""
+    started = time.perf_counter()
+    studies = reseeded_studies(STUDY_STORE)
+    seconds = time.perf_counter() - started
+    overlap, within = agree(*studies)
+    parts = []
+    for seeds, study in zip(RESEEDS, studies):
+        parts += [f"**Seeds {','.join(map(str, seeds))}** ({len(study.trials)} trials):", "",
+                  summary_table(study), "", fit_line(study) + ".", "",
+                  f"> {study.recommendation.text}", ""]  # fmt: skip
+    parts.append(f"The two B_crit intervals {'overlap' if overlap else 'do not overlap'} and the recommended batch "
+                 f"sizes are {'within' if within else 'not within'} a factor 2 of each other "
+                 f"(both studies: {seconds:.0f} s of wall time on the shared CPU, including any resumed from the store).")
+    return "\n".join(parts) + "\n"
+
+
+@block(slow=True)
+def preset_blobs_batch_size(cwd: Path) -> str:
+    """docs/study.md: Brownlee's preset with 5 seeds, our final accuracies (median and range) beside his."""
+    import_batchlab()
+    from batchlab.config import make_study_config
+    from batchlab.study import brownlee_comparison, preset_values, run_study
+
+    study = run_study(make_study_config({**preset_values("blobs-batch-size"), "seeds": 5}), store=STUDY_STORE)
+    lines = ["| B | train acc (median, range) | val acc (median, range) | Brownlee train | Brownlee test |",
+             "|---|---|---|---:|---:|"]  # fmt: skip
+    for row in brownlee_comparison(study).to_dict("records"):
+        lines.append(f"| {row['batch_size']} | {row['train_acc']:.3f} ({row['train_acc_lo']:.3f}–{row['train_acc_hi']:.3f}) | "
+                     f"{row['val_acc']:.3f} ({row['val_acc_lo']:.3f}–{row['val_acc_hi']:.3f}) | "
+                     f"{row['brownlee_train_acc']:.3f} | {row['brownlee_test_acc']:.3f} |")  # fmt: skip
+    return "\n".join(lines) + f"\n\n({len(study.trials)} trials, 5 seeds, final accuracies after 200 epochs.)\n"
+
+
+@block(slow=True)
+def preset_mnist1d(cwd: Path) -> str:
+    """docs/study.md: the MNIST-1D preset, B_crit with its interval beside the noise scale B_simple."""
+    import_batchlab()
+    from batchlab.config import make_study_config
+    from batchlab.study import preset_values, run_study
+
+    study = run_study(make_study_config(preset_values("mnist1d")), store=STUDY_STORE)
+    fit = study.fit
+    inside = fit.b_crit_lo <= fit.b_simple <= fit.b_crit_hi
+    return "\n".join([summary_table(study), "", fit_line(study) + ".", "",
+                      f"B_simple (median over batch sizes, near the target) {'lies inside' if inside else 'lies outside'} "
+                      "the bootstrap interval of B_crit.", "", f"> {study.recommendation.text}"]) + "\n"  # fmt: skip
 
 
 @block()
 def compile_break_even(cwd: Path) -> str:
     """docs/compile.md: the steps after which `compile="auto"` compiles, from the policy itself."""
-    sys.path.insert(0, str(ROOT / "src"))
+    import_batchlab()
     from batchlab.compiled.policy import SAVING_PER_STEP, should_compile
 
     rows = ["| B | saving per step | break-even |", "|---|---|---|"]
