@@ -50,9 +50,12 @@ def assert_tables_close(a: pd.DataFrame, b: pd.DataFrame, what: str, tolerance: 
         assert np.allclose(x[finite], y[finite], rtol=tolerance, atol=1e-12), f"{what}.{column}"
 
 
-def test_own_loop_on_fits_batches_gives_fits_tables(blobs64):
-    """The same batches, model and optimizer by hand and through bl.track: the same three tables."""
-    config = TrainConfig(batch_size=48, epochs=3, lr=0.1, momentum=0.9, seed=3, eval_every=4)  # 500 = 10·48 + 20
+@pytest.mark.parametrize("eval_every", [4, None])
+def test_own_loop_on_fits_batches_gives_fits_tables(blobs64, eval_every):
+    """The same batches, model and optimizer by hand and through bl.track: the same three tables.
+    Without eval_every, bl.track reads back at epoch ends only: each read settles 11 steps' deferred
+    noise-scale reads, full and short batches among them."""
+    config = TrainConfig(batch_size=48, epochs=3, lr=0.1, momentum=0.9, seed=3, eval_every=eval_every or "epoch")  # 500 = 10·48 + 20
     probes = ["grad_norm", "dist_from_init", "update_norm", "noise_scale"]
     reference = fit(model_for(blobs64), blobs64, config, probes=probes, progress=False)
 
@@ -61,7 +64,7 @@ def test_own_loop_on_fits_batches_gives_fits_tables(blobs64):
     generator = torch.Generator().manual_seed(3)
     X, y = blobs64.train
     eval_data = {"train": blobs64.train, "val": blobs64.val}
-    with bl.track(model, optimizer, probes=probes, eval_every=4, eval_data=eval_data, loss_fn=F.cross_entropy,
+    with bl.track(model, optimizer, probes=probes, eval_every=eval_every, eval_data=eval_data, loss_fn=F.cross_entropy,
                   n_train=blobs64.n_train) as run:
         for _ in range(3):
             for index in batch_indices(epoch_order(blobs64.n_train, generator), 48, drop_last=False):
@@ -218,3 +221,23 @@ def test_bad_use_is_one_line(blobs64):
             out = conv(blobs64.train[0][:10])
             F.cross_entropy(out, blobs64.train[1][:10]).backward()
             run.step(0.0, outputs=out, targets=blobs64.train[1][:10])
+
+
+def test_outputs_changed_in_place_after_step_are_refused_not_miscounted(blobs64):
+    """Small CPU outputs are compared at the read-back: a loop that changes them in place before then
+    gets one clear error, not an accuracy of numbers that are no longer the model's."""
+    model = model_for(blobs64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    X, y = blobs64.train
+    with pytest.raises(bl.BatchlabError, match="changed in place"):
+        with bl.track(model, optimizer) as run:
+            for start in range(0, 480, 48):
+                out = model(X[start:start + 48])
+                loss = F.cross_entropy(out, y[start:start + 48])
+                optimizer.zero_grad()
+                loss.backward()
+                run.step(loss, outputs=out, targets=y[start:start + 48])
+                optimizer.step()
+                with torch.no_grad():
+                    out.neg_()  # e.g. a loop reusing its outputs' memory
+            run.end_epoch()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import weakref
 from collections.abc import Sequence
@@ -215,14 +216,15 @@ def _advance(state: NoiseState, grad_sq: float, trace_cov: float, beta: float, s
     smoothed_grad_sq, smoothed_trace = grad_sq_avg / correction, trace_cov_avg / correction
     # A ratio with a non-positive ‖G‖² estimate means nothing (early, noisy steps): NaN, not a sign flip.
     noise = smoothed_trace / smoothed_grad_sq if smoothed_grad_sq > 0 else math.nan
-    values = {
-        f"grad_sq{suffix}": smoothed_grad_sq,
-        f"trace_cov{suffix}": smoothed_trace,
-        f"noise_scale{suffix}": noise,
-        f"grad_sq{suffix}_raw": grad_sq,
-        f"trace_cov{suffix}_raw": trace_cov,
-    }
+    values = dict(zip(_noise_columns(suffix), (smoothed_grad_sq, smoothed_trace, noise, grad_sq, trace_cov)))
     return NoiseState(grad_sq_avg, trace_cov_avg, count), values
+
+
+@functools.lru_cache(maxsize=None)
+def _noise_columns(suffix: str) -> tuple[str, ...]:
+    """The step-table columns of a noise-scale estimate, in `_advance`'s order (made once per suffix)."""
+    return (f"grad_sq{suffix}", f"trace_cov{suffix}", f"noise_scale{suffix}", f"grad_sq{suffix}_raw",
+            f"trace_cov{suffix}_raw")
 
 
 def _unmeasured(suffix: str) -> dict[str, float]:
@@ -329,6 +331,25 @@ def per_sample_linear_layers(model: torch.nn.Module, params: Sequence[torch.nn.P
     return [(layer, id(layer.weight) in trained, layer.bias is not None and id(layer.bias) in trained) for layer in layers]
 
 
+# Slots of the block that a run's kept rows are written into (`LinearTaps.take_rows`): `bl.track`
+# reads every 64 steps.
+DEFERRED_SLOTS = 64
+# A step measured with deferred reads keeps its (B, Σout + Σin) rows until the driver reads (every
+# 64 steps in `bl.track`): kept when one step's rows hold at most this many numbers (64 steps of
+# them then hold at most 64 MiB in float32); larger runs compute each step's number as it comes.
+DEFER_ROWS_NUMEL = 1 << 18
+
+
+@dataclass(slots=True)
+class DeferredRead:
+    """A step's per-sample ingredients kept as tensors, replaced by its values in `ProbeSet.settle`:
+    the batch size, `LinearTaps.take_rows`, and the norms of the batch gradient's tensors (0-d)."""
+
+    batch: int
+    rows: torch.Tensor
+    norms: Sequence[torch.Tensor]
+
+
 class LinearTaps:
     """Forward hooks on a model's nn.Linear layers keeping, from the latest forward pass with a
     graph, each layer's input a (B, in) and the gradient reaching its output z (B, out).
@@ -362,6 +383,14 @@ class LinearTaps:
         # passes of their own through the step's graph (a retained z.grad would sum theirs with
         # the loop's). Both set by the ProbeSet.
         self.every_step = True
+        # Whether the driver reads many steps at once (`ProbeSet` made with ``defer_reads``), and,
+        # decided at the first measured step, whether this run's steps keep their rows until then.
+        self.may_defer = False
+        self.defer_reads: bool | None = None
+        # With deferred reads, the kept rows are written into slots of one (slots, B, W) tensor, so
+        # that the products see them as one block (no copy); slots free again when all are read.
+        self._block: torch.Tensor | None = None
+        self._used = 0  # slots of the block holding rows not read yet
         self.graph_shared = False
         inputs, outputs, deltas, taps = self.inputs, self.outputs, self.deltas, weakref.ref(self)
         self._keepers = []
@@ -372,7 +401,8 @@ class LinearTaps:
 
             def record(module, args, output):
                 if output.requires_grad:  # a training forward pass, not an evaluation under no_grad
-                    inputs[index], outputs[index], deltas[index] = args[0], output, None
+                    # The input without its graph: the products made of it are not to be recorded.
+                    inputs[index], outputs[index], deltas[index] = args[0].detach(), output, None
                     live = taps()
                     if live is None or not live.every_step:
                         return
@@ -392,20 +422,90 @@ class LinearTaps:
             if z is not None:
                 z.register_hook(keep)
 
-    @torch.no_grad()  # hidden layers' inputs carry the graph; nothing here is to be recorded
-    def per_sample_squares(self) -> torch.Tensor:
-        """Σ_i Σ_l ‖∇ ℓ_i‖²/B² over the batch's samples and the layers' trained parameters (0-d),
-        from the latest backward pass of the batch's mean loss; the taps are emptied."""
+    def take_rows(self, keep: bool = False) -> torch.Tensor:
+        """The latest backward pass's δ_i/B and a_i as one (B, Σout + Σin) tensor, layer after layer
+        (of the batch's mean loss); the taps are emptied.
+
+        Args:
+            keep: the rows are kept until `squares_of_rows` reads them with others: written into
+                the next free slot of a block when there is one of their shape.
+        """
         count = len(self.inputs)
         # A layer the loss does not reach gets no gradient: its per-sample gradients are 0.
-        deltas = [d if d is not None else z.grad if z.grad is not None else z.new_zeros(z.shape)
-                  for d, z in zip(self.deltas, self.outputs)]
-        rows = torch.cat(deltas + self.inputs, dim=1)  # (B, Σout + Σin): δ_i/B and a_i, layer after layer
-        for l in range(count):
-            self.inputs[l] = self.outputs[l] = self.deltas[l] = None  # drop the batch's tensors
-        squares = torch.addmm(self.bias_terms, self.sums, rows.mul_(rows).T)  # (2L, B)
-        # Σ_i Σ_l ‖δ_il‖²/B² · (‖a_il‖² + 1): the first L rows against the last L, contiguous halves.
-        return torch.vdot(squares[:count].view(-1), squares[count:].view(-1))
+        deltas = self.deltas if None not in self.deltas else [
+            d if d is not None else z.grad if z.grad is not None else z.new_zeros(z.shape)
+            for d, z in zip(self.deltas, self.outputs)]
+        parts = deltas + self.inputs
+        self.inputs[:] = self.outputs[:] = self.deltas[:] = [None] * count  # drop the batch's tensors
+        # The inputs are kept detached and the output gradients carry no graph: no grad mode to set.
+        if not keep:
+            return torch.cat(parts, dim=1)  # (B, Σout + Σin)
+        shape = (parts[0].shape[0], self.sums.shape[1])
+        if self._block is None and self._used == 0:
+            self._block = parts[0].new_empty((DEFERRED_SLOTS, *shape))
+        if self._block is None or self._used == len(self._block) or self._block.shape[1:] != shape:
+            return torch.cat(parts, dim=1)  # a short last batch, or no free slot
+        self._used += 1
+        return torch.cat(parts, dim=1, out=self._block[self._used - 1])
+
+    def per_sample_squares(self, grads: Sequence[torch.Tensor]) -> list[float]:
+        """Σ_i Σ_l ‖∇ ℓ_i‖²/B² over the batch's samples and the layers' trained parameters, from the
+        latest backward pass of the batch's mean loss, and the norm of each of ``grads`` (the batch
+        gradient's tensors), in one read; the taps are emptied.
+
+        Returns:
+            ``[Σ_i ‖g_i‖²/B², ‖grads[0]‖, ‖grads[1]‖, ...]`` (norms, not squared), float32 sums.
+        """
+        # Each op here costs a small model's step more in dispatch than in arithmetic: they are few.
+        rows = self.take_rows()
+        squares = torch.addmm(self.bias_terms, self.sums, rows.mul_(rows).T).view(2, -1)  # (2, L·B)
+        # Σ_i Σ_l ‖δ_il‖²/B² · (‖a_il‖² + 1): the first L rows against the last L.
+        return torch.stack([torch.vdot(*squares), *torch._foreach_norm(grads)]).tolist()
+
+    @torch.no_grad()
+    def squares_of_rows(self, kept: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`per_sample_squares`' first number for many batches' kept `take_rows`, in order: (S,).
+
+        Consecutive batches of one shape go through one product ((S·B, W) @ (W, 2L)), those in
+        consecutive slots of the block as they lie (no copy), so that a driver that reads many
+        steps at once pays a few ops per read, not per step. Every slot of the block is free after.
+        """
+        count = len(self.inputs)
+        sums, bias = self.sums.T, self.bias_terms.T  # (W, 2L), (1, 2L)
+        out = []
+        for stacked in self._blocks_of(kept):  # (S, B, W)
+            steps, batch, width = stacked.shape
+            terms = torch.addmm(bias, stacked.mul_(stacked).view(-1, width), sums)  # (S·B, 2L)
+            # Σ_i Σ_l ‖δ_il‖²/B² · (‖a_il‖² + 1) per batch: the first L columns against the last L.
+            out.append(terms.view(steps, batch, 2, count).prod(dim=2).sum(dim=(1, 2)))
+        self._used = 0
+        return torch.cat(out)
+
+    def _blocks_of(self, kept: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The kept rows as (S, B, W) blocks in order: runs of consecutive slots of the block as
+        views of it, runs of other rows of one shape stacked."""
+        def slot(rows: torch.Tensor) -> int | None:
+            block = self._block
+            if block is None or rows._base is not block:
+                return None
+            return (rows.data_ptr() - block.data_ptr()) // (block.stride(0) * block.element_size())
+
+        blocks, run = [], []  # run: consecutive rows of one kind (slots in order, or one shape)
+        for rows in kept:
+            at, first = slot(rows), run[0] if run else None
+            if run and (at is not None and slot(run[-1]) == at - 1 or
+                        at is None and slot(first) is None and rows.shape == first.shape):
+                run.append(rows)
+                continue
+            if run:
+                blocks.append(self._block_of(run, slot(run[0])))
+            run = [rows]
+        if run:
+            blocks.append(self._block_of(run, slot(run[0])))
+        return blocks
+
+    def _block_of(self, run: list[torch.Tensor], first_slot: int | None) -> torch.Tensor:
+        return torch.stack(run) if first_slot is None else self._block[first_slot:first_slot + len(run)]
 
 
 def _remove_hooks(handles) -> None:
@@ -528,11 +628,37 @@ class NoiseScale:
             taps.inputs[:] = taps.outputs[:] = taps.deltas[:] = [None] * len(taps.inputs)
             return state, _unmeasured("")
         batch = first.shape[0]
-        per_sample_sq = taps.per_sample_squares()  # Σ_i ‖g_i‖² / B², 0-d
-        norms = torch._foreach_norm([p.grad for p in ctx.params if p.grad is not None])  # ‖g_B‖ per tensor
-        values = torch.stack([per_sample_sq, *norms]).tolist()  # one read; float32 sums, float64 from here
-        mean_sq = values[0] * batch  # the mean of ‖g_i‖² over the batch
-        big_sq = math.fsum(v * v for v in values[1:])  # ‖g_B‖²
+        grads = [p.grad for p in ctx.params if p.grad is not None]
+        if taps.defer_reads is None:  # decided at the first step: whether 64 steps' rows stay small
+            taps.defer_reads = taps.may_defer and first.shape[0] * taps.sums.shape[1] <= DEFER_ROWS_NUMEL
+        if taps.defer_reads:
+            # Two ops now; the products and the one read for many steps at once, in `settle`.
+            return state, {self.name: DeferredRead(batch, taps.take_rows(keep=True), torch._foreach_norm(grads))}
+        # Σ_i ‖g_i‖² / B² and ‖g_B‖ per tensor, in one read; float32 sums, float64 from here.
+        values = taps.per_sample_squares(grads)
+        return self._estimate(state, ctx, batch, values[0], values[1:])
+
+    def settle(self, state: NoiseState, ctx: ProbeContext, reads: Sequence["DeferredRead"]):
+        """The estimates of steps measured with deferred reads, in step order, from one read.
+
+        Returns:
+            The state after the last of them, and each step's values.
+        """
+        taps = self._taps(ctx)
+        numbers = torch.cat([taps.squares_of_rows([read.rows for read in reads]),
+                             torch.stack([norm for read in reads for norm in read.norms]).to(taps.sums.dtype)]).tolist()
+        squares, norms = numbers[:len(reads)], iter(numbers[len(reads):])
+        results = []
+        for read, per_sample_sq in zip(reads, squares):
+            state, values = self._estimate(state, ctx, read.batch, per_sample_sq, [next(norms) for _ in read.norms])
+            results.append(values)
+        return state, results
+
+    def _estimate(self, state: NoiseState, ctx: ProbeContext, batch: int, per_sample_sq: float,
+                  norms: Sequence[float]):
+        """The step's estimates from Σ_i ‖g_i‖²/B² and the batch gradient's norms; the averages advance."""
+        mean_sq = per_sample_sq * batch  # the mean of ‖g_i‖² over the batch
+        big_sq = math.fsum(v * v for v in norms)  # ‖g_B‖²
         # two_batch_estimates with b = 1, its B one-sample estimates averaged (they are linear in ‖g_i‖²):
         # tr(Σ) = (mean ‖g_i‖² − ‖g_B‖²)/(1 − 1/B), ‖G‖² = (B‖g_B‖² − mean ‖g_i‖²)/(B − 1) + tr(Σ)/N.
         trace_cov = (mean_sq - big_sq) / (1.0 - 1.0 / batch)
@@ -747,7 +873,7 @@ def probe_points(probe: Probe, ctx: ProbeContext | None = None) -> tuple[tuple[P
 class ProbeSet:
     """The probes of one run, with their states, called by `train_step` at their points."""
 
-    def __init__(self, probes: Sequence[Probe], ctx: ProbeContext):
+    def __init__(self, probes: Sequence[Probe], ctx: ProbeContext, defer_reads: bool = False):
         self.probes = list(probes)
         names = [p.name for p in self.probes]
         if len(set(names)) != len(names):
@@ -770,12 +896,20 @@ class ProbeSet:
         for taps in ctx.scratch.values():
             if isinstance(taps, LinearTaps):
                 taps.graph_shared = self.wants_losses
+                taps.may_defer = defer_reads
 
     @classmethod
-    def create(cls, specs, model, dataset, config, loss_fn, state=None) -> "ProbeSet":
+    def create(cls, specs, model, dataset, config, loss_fn, state=None, defer_reads: bool = False) -> "ProbeSet":
+        """The probe set of a run.
+
+        Args:
+            defer_reads: the driver reads many steps' values at once (`take`, then `settle` before
+                reading): probes that can may then give a `DeferredRead` for a step, and read it
+                with others in `settle`.
+        """
         probes = [make_probe(s) for s in specs]
         ctx = ProbeContext(model, tuple(p for p in model.parameters() if p.requires_grad), dataset, config, loss_fn)
-        return cls(probes, ctx)
+        return cls(probes, ctx, defer_reads)
 
     def _measure(self, point: Point, losses: torch.Tensor | None = None) -> None:
         for i, probe, keyword in self._at[point]:
@@ -814,10 +948,30 @@ class ProbeSet:
         return values
 
     def take(self) -> dict[str, Any]:
-        """The values measured this step as the probes gave them (0-d tensors not read back yet),
-        for a driver that reads many steps' values at once."""
+        """The values measured this step as the probes gave them (0-d tensors not read back yet,
+        `DeferredRead` entries), for a driver that reads many steps' values at once (`settle`)."""
         values, self.pending = self.pending, {}
         return values
+
+    def settle(self, steps: Sequence[dict[str, Any]]) -> None:
+        """Replace, in place and in step order, each `DeferredRead` among the steps' `take` values
+        by the values it stands for, at its place among the columns; the probes' states advance."""
+        for i, probe in enumerate(self.probes):
+            deferred = [values for values in steps if isinstance(values.get(probe.name), DeferredRead)]
+            if not deferred:
+                continue
+            self.states[i], results = probe.settle(self.states[i], self.ctx, [values[probe.name] for values in deferred])
+            for values, result in zip(deferred, results):
+                if next(reversed(values)) == probe.name:  # the last column (a run's only probe): no reordering
+                    del values[probe.name]
+                    values.update(result)
+                    continue
+                columns = list(values.items())
+                at = next(k for k, (name, _) in enumerate(columns) if name == probe.name)
+                values.clear()
+                values.update(columns[:at])
+                values.update(result)
+                values.update(columns[at + 1:])
 
 
 def _plain_state(state: Any) -> Any:

@@ -89,8 +89,9 @@ class _Update:
     """One update whose numbers may still be tensors, read back in bulk by `Tracker._read_back`.
 
     ``micro`` holds each micro-batch's ``(loss, correct, size)``: the loss a 0-d tensor or a number,
-    the correct predictions a (b,) 0/1 tensor (arg-max == target), a count, or None (no accuracy).
-    ``values`` are the probes' values, 0-d tensors or numbers.
+    the correct predictions a (b,) 0/1 tensor (arg-max == target), kept `_Predictions`, a count, or
+    None (no accuracy). ``values`` are the probes' values: 0-d tensors, numbers, or
+    `batchlab.probes.DeferredRead` entries that `ProbeSet.settle` replaces at the read-back.
     """
 
     micro: list[tuple[Any, Any, int]]
@@ -284,7 +285,7 @@ class Tracker:
         example = args[0].detach()[:2]
         data = replace(self.dataset, train=(example, None))
         config = types.SimpleNamespace(probe_every=self.recorder.probe_every)
-        probe_set = ProbeSet.create(self.probe_specs, self.model, data, config, None)
+        probe_set = ProbeSet.create(self.probe_specs, self.model, data, config, None, defer_reads=True)
         for probe in probe_set.probes:
             if isinstance(probe, NoiseScale) and probe_set._at["forward"]:
                 raise ConfigError(
@@ -315,7 +316,12 @@ class Tracker:
             targets: the batch's targets (class indices for accuracy).
             batch_size: samples in the batch; default ``len(targets)`` or ``len(outputs)``.
         """
-        size = int(batch_size) if batch_size is not None else _batch_size(outputs, targets)
+        if batch_size is not None:
+            size = int(batch_size)
+        elif isinstance(targets, torch.Tensor) and targets.dim() > 0:
+            size = targets.shape[0]
+        else:
+            size = _batch_size(outputs, targets)
         if not self._begun:
             self._begin(size * self.accumulate)
         if self._pending is not None:
@@ -327,9 +333,7 @@ class Tracker:
             self._in_epoch = True
         correct = None
         if outputs is not None and targets is not None and self._is_classification(outputs, targets):
-            # (b,) 1 where the arg-max is the target, counted when read back; compared in place in
-            # the arg-max's own memory: one tensor made, not two.
-            correct = outputs.argmax(dim=1).eq_(targets)
+            correct = _correct(outputs, targets)
         self._micro.append((_loss_value(loss), correct, size))
         if self.noise is not None and self._measuring():
             self.noise.add_micro_batch(self._params(), size, self._grad_scale() * self.micro_loss_scale)
@@ -393,6 +397,8 @@ class Tracker:
         rec = self.recorder
         if not unread or not rec.going:
             return
+        if rec.probes is not None:
+            rec.probes.settle([update.values for update in unread])  # deferred probe reads, in step order
         steps = []
         for update, (losses, corrects, values) in zip(unread, _read_numbers(unread)):
             size, loss, correct = _whole_batch(update.micro, losses, corrects)
@@ -718,13 +724,58 @@ def _read_floats(items: Sequence[Any]) -> list[float]:
     return [next(read) if isinstance(item, torch.Tensor) and item.dim() == 0 else float(item) for item in items]
 
 
+# Outputs of at most this many elements are kept for one bulk arg-max at the read-back: on the CPU
+# an op's dispatch (~5-10 µs inside a training loop) costs more than its arithmetic at these sizes,
+# and keeping a batch costs one op (the targets' copy) where comparing it now costs two. Larger
+# outputs are compared at once.
+DEFER_ARGMAX_NUMEL = 1 << 14
+
+
+def _correct(outputs: torch.Tensor, targets: torch.Tensor) -> Any:
+    """What the read-back needs to count a batch's correct predictions: small CPU outputs as they are
+    and a copy of the targets (`_Predictions`), else the (b,) 0/1 mask of arg-max == target, made now."""
+    if outputs.is_cpu and outputs.numel() <= DEFER_ARGMAX_NUMEL:
+        # The targets are copied: a loader may refill its batch tensors in place before the read-back.
+        return _Predictions(outputs.detach(), targets.clone(), outputs._version)
+    # Compared in place in the arg-max's own memory: one tensor made, not two.
+    return outputs.argmax(dim=1).eq_(targets)
+
+
+@dataclass(slots=True)
+class _Predictions:
+    """A batch's (b, K) outputs and a copy of its (b,) targets, kept to be compared at the read-back;
+    ``version`` is the outputs' version counter when kept (an in-place change shows there)."""
+
+    outputs: torch.Tensor
+    targets: torch.Tensor
+    version: int
+
+
 def _read_counts(corrects: Sequence[Any]) -> list[int | None]:
-    """Correct counts: a (b,) 0/1 mask counted (all masks in one read), a count or None as is."""
-    masks = [c for c in corrects if isinstance(c, torch.Tensor)]
-    if not masks:
+    """Correct counts: (b,) 0/1 masks and kept `_Predictions` counted (all of them by one reduction
+    and one read), a count or None as is."""
+    pending = [c for c in corrects if isinstance(c, (torch.Tensor, _Predictions))]
+    if not pending:
         return list(corrects)
-    counts = iter(_mask_counts(masks))
-    return [next(counts) if isinstance(c, torch.Tensor) else c for c in corrects]
+    counts = iter(_hit_counts(pending))
+    return [next(counts) if isinstance(c, (torch.Tensor, _Predictions)) else c for c in corrects]
+
+
+def _hit_counts(pending: Sequence[torch.Tensor | _Predictions]) -> list[int]:
+    """The correct predictions of each batch, in order: its (b,) 0/1 mask's ones, or, for kept
+    predictions, its arg-max == target count; one arg-max and one comparison for all kept batches."""
+    kept = [item for item in pending if isinstance(item, _Predictions)]
+    if not kept:
+        return _mask_counts(pending)
+    if any(c.outputs._version != c.version for c in kept):
+        raise ConfigError("the outputs passed to run.step were changed in place before batchlab read them; "
+                          "pass a copy (outputs=out.detach().clone()) or leave them as the model made them")
+    hits = torch.cat([c.outputs for c in kept]).argmax(dim=1).eq_(torch.cat([c.targets for c in kept]))  # (Σ b_i,)
+    sizes = [len(c.targets) for c in kept]
+    if len(kept) < len(pending):  # masks and kept predictions in one read-back: each as its mask
+        parts = iter(hits.split(sizes))
+        return _mask_counts([next(parts) if isinstance(item, _Predictions) else item for item in pending])
+    return _segment_sums(hits, sizes)
 
 
 def _whole_batch(micro: Sequence[tuple[Any, Any, int]], losses: Sequence[float],
@@ -741,12 +792,17 @@ def _whole_batch(micro: Sequence[tuple[Any, Any, int]], losses: Sequence[float],
 
 def _mask_counts(masks: Sequence[torch.Tensor]) -> list[int]:
     """The number of ones in each (b_i,) 0/1 mask, all counted by one reduction and one read."""
-    if all(len(m) == len(masks[0]) for m in masks):
-        return torch.stack(masks).sum(dim=1).tolist()  # (S, b) -> (S,)
-    hits = torch.cat(masks).cumsum(0)  # (Σ b_i,) correct predictions so far; a short last batch
-    ends = torch.tensor([len(m) for m in masks], device=hits.device).cumsum(0) - 1
-    totals = hits[ends]  # (S,) correct predictions up to the end of each mask
-    return torch.diff(totals, prepend=totals.new_zeros(1)).tolist()
+    return _segment_sums(torch.cat(list(masks)), [len(m) for m in masks])
+
+
+def _segment_sums(hits: torch.Tensor, sizes: Sequence[int]) -> list[int]:
+    """Sums of consecutive segments of ``hits`` (Σ sizes,), of the given sizes: one reduction, one read."""
+    if all(size == sizes[0] for size in sizes):
+        return hits.view(len(sizes), sizes[0]).sum(dim=1).tolist()  # (S·b,) -> (S,)
+    totals = hits.cumsum(0)  # (Σ b_i,) correct predictions so far; a short last batch
+    ends = torch.tensor(sizes, device=hits.device).cumsum(0) - 1
+    at_ends = totals[ends]  # (S,) correct predictions up to the end of each segment
+    return torch.diff(at_ends, prepend=at_ends.new_zeros(1)).tolist()
 
 
 def _lr(optimizer: torch.optim.Optimizer) -> float:
