@@ -13,13 +13,15 @@ trained by:
 - ``keras``: Keras 3 on its torch backend, ``model.fit(X, y, batch_size=B, epochs=1, verbose=0)``;
 - ``plain+compile``: ``plain`` with the step compiled (`batchlab.compiled.CompiledStep`: forward,
   backward, update and the batch numbers as one graph); compile time reported separately;
-- ``batchlab+compile``: ``bl.fit`` with ``compile="on"`` (the same compiled step inside the loop,
-  every table recorded); compile time (first epoch minus a compiled epoch) reported separately;
+- ``batchlab+compile``: ``bl.fit`` with ``compile="on"`` (on the CPU four steps per graph where
+  nothing looks between them, every table recorded); compile time (first epoch minus a compiled
+  epoch) reported separately;
 - ``jax``: the same MLP and SGD in JAX, ``jit`` of a ``lax.scan`` over the epoch's steps (the
   anchor; needs ``pip install jax``, extra ``[bench]``); compile time reported separately.
 
-Every contender runs in this one process with one torch thread, alternating, ``--repeats`` times;
-the table shows the median seconds per epoch and the ratio to ``plain``.
+Every contender runs in this one process with one torch thread (JAX on one thread too, through
+``XLA_FLAGS``), alternating, ``--repeats`` times; the table shows the median seconds per epoch and
+the ratio to ``plain``, and the last lines ``batchlab+compile``'s time over ``jax``'s.
 
     python benchmarks/overhead.py [--repeats 5] [--skip keras,lightning]
 """
@@ -33,6 +35,8 @@ import time
 import warnings
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
+# JAX on one thread too, as torch is (XLA's CPU backend otherwise runs its ops on every core).
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -306,6 +310,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, 1 thread, MLP 40-100-100-10, MNIST-1D 4000 samples, one epoch, "
           f"median of {args.repeats}")
     print(f"{'B':>6} {'contender':>16} {'s/epoch':>9} {'x plain':>8} {'eval_s':>7}")
+    ratios: dict[int, float] = {}
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         times: dict[str, list[float]] = {k: [] for k in contenders}
         evals: dict[str, list[float]] = {k: [] for k in contenders}
@@ -323,7 +328,11 @@ def main() -> None:
             median = statistics.median(values)
             extra = f"{statistics.median(evals[name]):7.3f}" if evals[name] else ""
             print(f"{batch_size:>6} {name:>16} {median:9.4f} {median / base:8.2f} {extra}".rstrip())
+        if "batchlab+compile" in times and "jax" in times:
+            ratios[batch_size] = statistics.median(times["batchlab+compile"]) / statistics.median(times["jax"])
     print_compile_seconds(compile_s)
+    if ratios:
+        print("batchlab+compile / jax: " + ", ".join(f"B={b}: {r:.2f}x" for b, r in ratios.items()))
     if args.replicas:
         print_replica_rows(X, y, args.replicas, 32, args.repeats)
 

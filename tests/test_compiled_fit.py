@@ -120,3 +120,35 @@ def test_every_step_probed_trains_eagerly_and_says_so(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "batchlab.compiled"]
     assert len(lines) == 1 and "trains eagerly" in lines[0]
     assert run.steps["grad_norm"].notna().all()
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_several_steps_per_graph_give_the_eager_tables(kind):
+    """Without probes, ``compile="on"`` runs up to CHUNK steps per graph: stopping before each
+    evaluation (every 5 steps), before the short last batch (100 = 6·16 + 4), at epoch ends. Dropout
+    masks, batch-norm statistics, the per-step schedule and the optimizer state must all match the
+    eager run's, step by step."""
+    steps: list = []
+
+    class Seen(choose.CompiledStep):
+        def __init__(self, *args):
+            super().__init__(*args)
+            steps.append(self)
+
+    data = dataset()
+    generator = torch.Generator().manual_seed(11)
+    extra = torch.randn(4, 8, generator=generator, dtype=torch.float64)
+    data = Dataset("tiny", (torch.cat([data.train[0], extra]), torch.cat([data.train[1], (extra[:, 0] > 0).long()])),
+                   data.val, data.test, n_classes=3)
+    config = dict(batch_size=B, epochs=3, eval_every=5, seed=7, **CONFIGS[kind])
+    eager = bl.fit(model(), data, bl.TrainConfig(compile="off", **config), progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(choose, "CompiledStep", Seen)
+        compiled = bl.fit(model(), data, bl.TrainConfig(compile="on", **config), progress=False)
+    assert len(steps) == 1 and steps[0].chunk_reason is None and len(steps[0].chunks) == 1
+    for table in ("steps", "evals", "epochs"):
+        a, b = numbers(getattr(compiled, table)), numbers(getattr(eager, table))
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=0, atol=TOLERANCE)
+    final = dict(compiled.model.state_dict())
+    for name, tensor in eager.model.state_dict().items():
+        assert torch.allclose(final[name], tensor, rtol=0, atol=TOLERANCE), name

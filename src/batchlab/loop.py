@@ -362,10 +362,36 @@ def _run_epoch(state: _LoopState) -> None:
     step, total = clock.step, clock.total_steps
     current_lr = None
     order = data_lib.epoch_order(clock.n_train, state.generator, config.shuffle).to(X.device)
-    for index in data_lib.batch_indices(order, clock.batch_size, config.drop_last):
-        if step >= total:
-            break
+    batches = data_lib.batch_indices(order, clock.batch_size, config.drop_last)
+    chunking = compiled is not None and compiled.chunked
+    at = 0  # the next batch of the epoch
+    while at < len(batches) and step < total:
         started = time.perf_counter()
+        count = _chunk_length(state, step, batches, at) if chunking else 1
+        if count > 1:
+            # K steps as one graph: the batches are consecutive slices of the epoch's order.
+            index = order[at * clock.batch_size:(at + count) * clock.batch_size]
+            lrs = [lr_at(step + k, config, state.base_lr, clock.steps_per_epoch, total) for k in range(count)]
+            out = compiled.steps(X[index].view(count, clock.batch_size, *X.shape[1:]),
+                                 y[index].view(count, clock.batch_size, *y.shape[1:]),
+                                 torch.tensor(lrs, dtype=torch.float64, device=X.device))
+            if out is not None:
+                set_lr(optimizer, lrs[-1])
+                current_lr = None  # the single step's lr is set again before its next use
+                losses = out.loss.tolist()
+                corrects = out.correct.tolist() if classification else [None] * count
+                seconds = (time.perf_counter() - started) / count
+                # A loss that is not finite stops the rows there; the chunk's later updates are made
+                # (the run is diverged: its weights are not finite either).
+                rec.record_steps([(clock.batch_size, lr, loss, correct, seconds, None)
+                                  for lr, loss, correct in zip(lrs, losses, corrects)])
+                step, at = step + count, at + count
+                if not _after_step(state):
+                    return
+                continue
+            chunking = False  # the K-step graph cannot be compiled: one step at a time
+        index = batches[at]
+        at += 1
         lr = lr_at(step, config, state.base_lr, clock.steps_per_epoch, total)
         if lr != current_lr:
             set_lr(optimizer, lr)
@@ -383,9 +409,38 @@ def _run_epoch(state: _LoopState) -> None:
         rec.record_step(index.numel(), lr, batch_loss, batch_correct, time.perf_counter() - started,
                         probes.collect() if measuring else None)
         step += 1
-        if rec.status == "diverged":
+        if not _after_step(state):
             return
-        if rec.evaluation_due():
-            state.evaluate()
-        if rec.wants_attention and not rec.settle():
-            return
+
+
+def _after_step(state: _LoopState) -> bool:
+    """After a step's (or a chunk's) rows: evaluate where due, act on requests. False: the epoch ends here."""
+    rec = state.recorder
+    if rec.status == "diverged":
+        return False
+    if rec.evaluation_due():
+        state.evaluate()
+    return not (rec.wants_attention and not rec.settle())
+
+
+def _chunk_length(state: _LoopState, step: int, batches: list[torch.Tensor], at: int) -> int:
+    """How many of the next steps run as one compiled graph: `batchlab.compiled.CHUNK` when they are
+    full batches and no row but the last one is where something must see the live run (a probe
+    measuring the next step, an evaluation, a callback's declared step); else 1."""
+    from .compiled import CHUNK
+
+    rec, clock = state.recorder, state.recorder.clock
+    sync = rec.sync_steps if rec.per_step else frozenset()
+    if sync is None:  # a callback wants every step's live model
+        return 1
+    probing = rec.probes is not None and rec.probes.active
+    limit = min(CHUNK, clock.total_steps - step, len(batches) - at)
+    count = 0
+    while count < limit and batches[at + count].numel() == clock.batch_size:
+        before = step + count  # updates made before this one: the row just completed, if count > 0
+        if probing and before % rec.probe_every == 0:
+            break  # this step is measured: eager
+        if count and (before in sync or (rec.eval_every is not None and before % rec.eval_every == 0)):
+            break  # the previous row must be seen as it is
+        count += 1
+    return count if count == CHUNK else 1  # one graph of CHUNK steps; fewer go one at a time

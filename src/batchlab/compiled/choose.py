@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .policy import should_compile, should_compile_stacked
+from .policy import should_chunk, should_compile, should_compile_stacked
 from .stacked import StackedStep
-from .step import CompiledStep
+from .step import CHUNK, CompiledStep
 from .updates import CompileUnsupported, Hyper
 
 log = logging.getLogger("batchlab.compiled")
@@ -74,6 +74,10 @@ def fit_step(mode: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     if mode == "auto" and not should_compile(compiled_steps, sizes[0], shapes=len(sizes),
                                              compiled_before=step.compiled_before(batches)):
         return None
+    chunk = ((CHUNK, *batches[0][0]), X.dtype, (CHUNK, *batches[0][2]), y.dtype)
+    if mode == "auto" and step.chunk_reason is None and not should_chunk(
+            compiled_steps, sizes[0], compiled_before=step.compiled_before([chunk], chunked=True)):
+        step.chunk_reason = "auto: the run is too short to repay compiling several steps per graph"
     if probe_every is not None:
         say_once(f"compile: the steps probes measure (every {probe_every}) run eagerly, the others compiled")
     return step
