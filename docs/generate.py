@@ -375,17 +375,24 @@ def preset_mnist1d(cwd: Path) -> str:
 def compile_break_even(cwd: Path) -> str:
     """docs/compile.md: the steps after which `compile="auto"` compiles, from the policy itself."""
     import_batchlab()
-    from batchlab.compiled.policy import SAVING_PER_STEP, should_compile
+    from batchlab.compiled.policy import SAVING_PER_STEP, should_chunk, should_compile
 
-    rows = ["| B | saving per step | break-even |", "|---|---|---|"]
-    for batch_size, saving in SAVING_PER_STEP:
-        low, high = 1, 10**9  # the fewest steps should_compile accepts, by bisection
+    def fewest(accepts: Callable[[int], bool]) -> str:
+        """The fewest steps a policy accepts (by bisection), with their epochs of 4000 samples."""
+        low, high = 1, 10**9
         while low < high:
             middle = (low + high) // 2
-            low, high = (low, middle) if should_compile(middle, batch_size) else (middle + 1, high)
+            low, high = (low, middle) if accepts(middle) else (middle + 1, high)
+        if low == 10**9:
+            return "never"
         steps = float(f"{low:.2g}")
         epochs = float(f"{steps / math.ceil(4000 / batch_size):.2g}")
-        rows.append(f"| {batch_size} | {saving * 1e3:.2f} ms | ~{steps:,.0f} steps ({epochs:,.0f} epochs of 4000 samples) |")
+        return f"~{steps:,.0f} steps ({epochs:,.0f} epochs of 4000 samples)"
+
+    rows = ["| B | saving per step | break-even | four steps per graph from |", "|---|---|---|---|"]
+    for batch_size, saving in SAVING_PER_STEP:
+        rows.append(f"| {batch_size} | {saving * 1e3:.2f} ms | {fewest(lambda n: should_compile(n, batch_size))} | "
+                    f"{fewest(lambda n: should_chunk(n, batch_size))} |")
     return "\n".join(rows) + "\n"
 
 

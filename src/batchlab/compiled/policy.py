@@ -1,15 +1,16 @@
 """When compiling the step repays itself: ``compile="auto"``.
 
 Compiling costs seconds once; it saves a fraction of a millisecond on every step. The constants
-below were measured with ``python benchmarks/overhead.py --repeats 5 --skip keras,lightning,plain+log``
-(torch 2.13 CPU, one thread, MLP 40-100-100-10 on MNIST-1D, SGD; docs/compile.md has the table):
+below were measured with ``python benchmarks/overhead.py --repeats 5 --batch-sizes 1,32,1024
+--skip keras,lightning,plain+log`` (torch 2.13 CPU, one thread, MLP 40-100-100-10 on MNIST-1D, SGD,
+the machine otherwise idle; ``plain`` against ``plain+compile``, one step per graph):
 
 =====  ==================  =====================  ===================  =======================
-B      eager s/epoch       compiled s/epoch       saving per step      compile, cold / warm
+B      eager s/epoch       compiled s/epoch       saving per step      compile, cold
 =====  ==================  =====================  ===================  =======================
-1      2.419 (4000 steps)  1.175                  0.31 ms              20.3 s / 5.1 s
-32     0.116 (125 steps)   0.053                  0.50 ms              8.3 s / 0.5 s
-1024   0.045 (4 steps)     0.028                  4.3 ms               8.6 s / 1.3 s
+1      1.185 (4000 steps)  0.405                  0.195 ms             ~7 s (+5 s for a process's first)
+32     0.046 (125 steps)   0.021                  0.20 ms              ~7 s
+1024   0.0101 (4 steps)    0.0062                 0.98 ms              6.8 s
 =====  ==================  =====================  ===================  =======================
 
 "Cold" is a process whose on-disk compile cache is empty (the first run on a machine); "warm" one
@@ -22,12 +23,12 @@ from __future__ import annotations
 import math
 
 # (batch size, seconds saved per step) measured, interpolated linearly in log2(B) between them
-SAVING_PER_STEP = ((1, 0.31e-3), (32, 0.50e-3), (1024, 4.3e-3))
-COMPILE_SECONDS_PER_SHAPE = 10.0  # cold cache, rounded up from 8.3-8.6 s (20 s for a process's first graph)
+SAVING_PER_STEP = ((1, 0.195e-3), (32, 0.20e-3), (1024, 0.98e-3))
+COMPILE_SECONDS_PER_SHAPE = 10.0  # cold cache, rounded up from ~7 s (about 5 s more for a process's first graph)
 # R=64, B=32 (``python benchmarks/replicas.py --replicas 64 --batch-sizes 32 --compile on|off``):
-# the compiled stacked step saves ~2 ms per step over the eager stacked one, 0.06 of 64 single
+# the compiled stacked step saves ~2 ms per step over the eager stacked one, 0.16 of 64 single
 # steps' saving: the eager pass has already removed most of the per-replica dispatch.
-STACKED_SAVING_SHARE = 0.06
+STACKED_SAVING_SHARE = 0.16
 STACKED_COMPILE_FACTOR = 2.5  # a stacked (vmapped) graph compiled cold in ~25 s, vs ~10 s for one model's
 
 
@@ -54,12 +55,12 @@ def should_compile(total_steps: int, batch_size: int, shapes: int = 1, compiled_
 
     Returns:
         True when the measured saving over ``total_steps`` covers the cold compile time. At B=32
-        that is about 20,000 steps (160 epochs of 4000 samples); at B=1024 about 2,300.
+        that is about 50,000 steps (400 epochs of 4000 samples); at B=1024 about 10,000.
 
     Example:
         >>> should_compile(total_steps=1000, batch_size=32)
         False
-        >>> should_compile(total_steps=50_000, batch_size=32)
+        >>> should_compile(total_steps=60_000, batch_size=32)
         True
     """
     if compiled_before:
