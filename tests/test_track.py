@@ -175,6 +175,39 @@ def test_amp_gradients_are_unscaled_before_probing(blobs64):
     assert run.run.config.amp is True
 
 
+@pytest.mark.parametrize("read_back_every", [64, 1])
+def test_amp_loss_scale_leaves_the_noise_scale_unchanged(blobs64, monkeypatch, read_back_every):
+    """The per-sample taps read output gradients of the scaled loss; the estimate must be the one
+    of the same loop without a scaler (a power-of-two scale: exact in float64), whether the reads
+    are deferred to the read-back or made at each step."""
+    import batchlab.tracking as tracking
+
+    monkeypatch.setattr(tracking, "READ_BACK_EVERY", read_back_every)
+    X, y = blobs64.train
+    tables = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
+        model = model_for(blobs64)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        with bl.track(model, optimizer, probes=["noise_scale"], scaler=scaler, n_train=500) as run:
+            for start in range(0, 500, 50):
+                out = model(X[start:start + 50])
+                loss = F.cross_entropy(out, y[start:start + 50])
+                optimizer.zero_grad()
+                (loss if scaler is None else scaler.scale(loss)).backward()
+                run.step(loss, outputs=out, targets=y[start:start + 50])
+                if scaler is None:
+                    optimizer.step()
+                else:
+                    scaler.step(optimizer)
+                    scaler.update()
+            run.end_epoch()
+        tables.append(run.steps)
+    plain, scaled = tables
+    assert plain["noise_scale"].notna().sum() >= 8
+    for column in ("grad_sq_raw", "trace_cov_raw", "noise_scale"):
+        assert np.allclose(scaled[column], plain[column], rtol=1e-9, equal_nan=True), column
+
+
 def test_tracked_run_in_the_store_and_stops(tmp_path, blobs64):
     """The store holds the tracked run's tables; a divergence stops it with fit's message."""
     path = tmp_path / "b.db"

@@ -343,11 +343,19 @@ DEFER_ROWS_NUMEL = 1 << 18
 @dataclass(slots=True)
 class DeferredRead:
     """A step's per-sample ingredients kept as tensors, replaced by its values in `ProbeSet.settle`:
-    the batch size, `LinearTaps.take_rows`, and the norms of the batch gradient's tensors (0-d)."""
+    the batch size, `LinearTaps.take_rows`, the norms of the batch gradient's tensors (0-d), and the
+    loss scale its output gradients carry (`LOSS_SCALE`)."""
 
     batch: int
     rows: torch.Tensor
     norms: Sequence[torch.Tensor]
+    loss_scale: float = 1.0
+
+
+# ``ctx.scratch`` key: the factor the step's loss was multiplied by before its backward pass (an AMP
+# GradScaler's scale), set by `ProbeSet.after_backward`. The output gradients the taps read carry
+# it; ``p.grad`` has been unscaled by then.
+LOSS_SCALE = "loss_scale"
 
 
 class LinearTaps:
@@ -442,7 +450,7 @@ class LinearTaps:
             return torch.cat(parts, dim=1)  # (B, Σout + Σin)
         shape = (parts[0].shape[0], self.sums.shape[1])
         if self._block is None and self._used == 0:
-            self._block = parts[0].new_empty((DEFERRED_SLOTS, *shape))
+            self._block = self.sums.new_empty((DEFERRED_SLOTS, *shape))  # the parameters' dtype
         if self._block is None or self._used == len(self._block) or self._block.shape[1:] != shape:
             return torch.cat(parts, dim=1)  # a short last batch, or no free slot
         self._used += 1
@@ -631,12 +639,13 @@ class NoiseScale:
         grads = [p.grad for p in ctx.params if p.grad is not None]
         if taps.defer_reads is None:  # decided at the first step: whether 64 steps' rows stay small
             taps.defer_reads = taps.may_defer and first.shape[0] * taps.sums.shape[1] <= DEFER_ROWS_NUMEL
+        scale = ctx.scratch.get(LOSS_SCALE, 1.0)
         if taps.defer_reads:
             # Two ops now; the products and the one read for many steps at once, in `settle`.
-            return state, {self.name: DeferredRead(batch, taps.take_rows(keep=True), torch._foreach_norm(grads))}
+            return state, {self.name: DeferredRead(batch, taps.take_rows(keep=True), torch._foreach_norm(grads), scale)}
         # Σ_i ‖g_i‖² / B² and ‖g_B‖ per tensor, in one read; float32 sums, float64 from here.
         values = taps.per_sample_squares(grads)
-        return self._estimate(state, ctx, batch, values[0], values[1:])
+        return self._estimate(state, ctx, batch, values[0] / scale**2, values[1:])
 
     def settle(self, state: NoiseState, ctx: ProbeContext, reads: Sequence["DeferredRead"]):
         """The estimates of steps measured with deferred reads, in step order, from one read.
@@ -650,7 +659,8 @@ class NoiseScale:
         squares, norms = numbers[:len(reads)], iter(numbers[len(reads):])
         results = []
         for read, per_sample_sq in zip(reads, squares):
-            state, values = self._estimate(state, ctx, read.batch, per_sample_sq, [next(norms) for _ in read.norms])
+            state, values = self._estimate(state, ctx, read.batch, per_sample_sq / read.loss_scale**2,
+                                           [next(norms) for _ in read.norms])
             results.append(values)
         return state, results
 
@@ -922,7 +932,10 @@ class ProbeSet:
     def after_forward(self, losses: torch.Tensor) -> None:
         self._measure("forward", losses)
 
-    def after_backward(self) -> None:
+    def after_backward(self, loss_scale: float = 1.0) -> None:
+        """Measure after the backward pass; ``loss_scale``: what the loss was multiplied by before it
+        (an AMP GradScaler's scale), the parameters' gradients already unscaled."""
+        self.ctx.scratch[LOSS_SCALE] = loss_scale
         self._measure("backward")
 
     def after_update(self) -> None:

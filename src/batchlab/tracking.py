@@ -351,7 +351,8 @@ class Tracker:
             if self.noise is not None:
                 values.update(self.noise.finish())
             if self.recorder.probes is not None:
-                self.recorder.probes.after_backward()
+                # The scaler's scale: the taps' output gradients carry it (p.grad is unscaled).
+                self.recorder.probes.after_backward(self._grad_scale())
         elif self.noise is not None:
             self.noise.reset()
         self._pending = _Update(self._micro, _lr(self.optimizer), values, measuring)
