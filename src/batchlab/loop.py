@@ -372,8 +372,8 @@ def _run_epoch(state: _LoopState) -> None:
             # K steps as one graph: the batches are consecutive slices of the epoch's order.
             index = order[at * clock.batch_size:(at + count) * clock.batch_size]
             lrs = [lr_at(step + k, config, state.base_lr, clock.steps_per_epoch, total) for k in range(count)]
-            out = compiled.steps(X[index].view(count, clock.batch_size, *X.shape[1:]),
-                                 y[index].view(count, clock.batch_size, *y.shape[1:]),
+            out = compiled.steps(X.index_select(0, index).view(count, clock.batch_size, *X.shape[1:]),
+                                 y.index_select(0, index).view(count, clock.batch_size, *y.shape[1:]),
                                  torch.tensor(lrs, dtype=torch.float64, device=X.device))
             if out is not None:
                 set_lr(optimizer, lrs[-1])
