@@ -29,6 +29,7 @@ the ratio to ``plain``, and the last lines ``batchlab+compile``'s time over ``ja
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import time
@@ -250,6 +251,10 @@ def batchlab_fit(dataset, batch_size: int, compile: str = "off") -> tuple[float,
 def lightning(X, y, batch_size: int) -> float:
     import lightning as L
 
+    # Lightning sets its own loggers to INFO when first imported: quiet them after the import
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
     class Module(L.LightningModule):
         def __init__(self):
             super().__init__()
@@ -292,11 +297,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    import logging
-
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-
     full = bl.load_dataset("mnist1d")
     dataset = bl.Dataset("mnist1d", full.train, None, None, full.n_classes)  # no val: time the steps
     X, y = full.train

@@ -192,7 +192,7 @@ def benchmark(name: str, command: str) -> None:
 
 
 # docs/loop.md: seconds per epoch of bl.fit against a plain loop, Lightning and Keras
-benchmark("loop_overhead", "python benchmarks/overhead.py --repeats 3")
+benchmark("loop_overhead", "python benchmarks/overhead.py --repeats 3 --skip plain+compile,batchlab+compile,jax")
 # docs/replicas.md: vectorized replicas against one fit after another
 benchmark("replicas_benchmark", "python benchmarks/replicas.py --sequential-budget 10")
 # docs/compile.md: the compiled step against eager PyTorch and JAX; 64 replicas compiled and stacked
@@ -203,6 +203,14 @@ benchmark("compile_replicas", "python benchmarks/overhead.py --repeats 3 --batch
                               "--skip keras,lightning,plain+log,batchlab,jax --replicas 64")  # fmt: skip
 
 PROBES_OVERHEAD = "python benchmarks/probes_overhead.py --repeats 15"
+TRACK_OVERHEAD = "python benchmarks/track.py --repeats 15"
+
+
+@block(slow=True, benchmark=TRACK_OVERHEAD)
+def track_overhead(cwd: Path) -> str:
+    """docs/integrations.md: what bl.track costs a user's loop; the script prints a markdown table."""
+    header, _, table = run(TRACK_OVERHEAD, cwd).partition("\n")
+    return f"```console\n$ {TRACK_OVERHEAD}\n{header}\n```\n\n{table.strip()}"
 
 
 @block(slow=True, benchmark=PROBES_OVERHEAD)
@@ -501,7 +509,7 @@ def generate(block_: Block, keep_artifacts: bool) -> str:
     with tempfile.TemporaryDirectory(prefix="batchlab-docs-") as folder:
         cwd = Path(folder)
         (cwd / "docs" / "figures").mkdir(parents=True)
-        text = block_.make(cwd)
+        text = block_.make(cwd).rstrip("\n") + "\n"  # the end marker starts a line of its own
         if keep_artifacts:
             for artifact in block_.artifacts:
                 (ROOT / artifact).parent.mkdir(parents=True, exist_ok=True)
