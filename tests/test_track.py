@@ -50,6 +50,21 @@ def assert_tables_close(a: pd.DataFrame, b: pd.DataFrame, what: str, tolerance: 
         assert np.allclose(x[finite], y[finite], rtol=tolerance, atol=1e-12), f"{what}.{column}"
 
 
+def train_slices(run, model, optimizer, X, y, size: int, after_step=None) -> None:
+    """One epoch of a user's loop over consecutive slices of `size` samples, recorded by `run`;
+    `after_step(out)` runs after each update."""
+    for start in range(0, len(X) - len(X) % size, size):
+        out = model(X[start:start + size])
+        loss = F.cross_entropy(out, y[start:start + size])
+        optimizer.zero_grad()
+        loss.backward()
+        run.step(loss, outputs=out, targets=y[start:start + size])
+        optimizer.step()
+        if after_step is not None:
+            after_step(out)
+    run.end_epoch()
+
+
 @pytest.mark.parametrize("eval_every", [4, None])
 def test_own_loop_on_fits_batches_gives_fits_tables(blobs64, eval_every):
     """The same batches, model and optimizer by hand and through bl.track: the same three tables.
@@ -216,14 +231,7 @@ def test_tracked_run_in_the_store_and_stops(tmp_path, blobs64):
     X, y = blobs64.train
     with bl.track(model, optimizer, store=path, name="mine", eval_data=blobs64.val, loss_fn=F.cross_entropy) as run:
         for _ in range(2):
-            for start in range(0, 500, 100):
-                out = model(X[start:start + 100])
-                loss = F.cross_entropy(out, y[start:start + 100])
-                optimizer.zero_grad()
-                loss.backward()
-                run.step(loss, outputs=out, targets=y[start:start + 100])
-                optimizer.step()
-            run.end_epoch()
+            train_slices(run, model, optimizer, X[:500], y[:500], 100)
     with RunStore(path) as store:
         stored = store.load_run(run.run_id)
     assert stored.name == "mine" and stored.kind == "track" and stored.status == "finished"
@@ -264,13 +272,5 @@ def test_outputs_changed_in_place_after_step_are_refused_not_miscounted(blobs64)
     X, y = blobs64.train
     with pytest.raises(bl.BatchlabError, match="changed in place"):
         with bl.track(model, optimizer) as run:
-            for start in range(0, 480, 48):
-                out = model(X[start:start + 48])
-                loss = F.cross_entropy(out, y[start:start + 48])
-                optimizer.zero_grad()
-                loss.backward()
-                run.step(loss, outputs=out, targets=y[start:start + 48])
-                optimizer.step()
-                with torch.no_grad():
-                    out.neg_()  # e.g. a loop reusing its outputs' memory
-            run.end_epoch()
+            # e.g. a loop reusing its outputs' memory (a detached view shares their version counter)
+            train_slices(run, model, optimizer, X[:480], y[:480], 48, after_step=lambda out: out.detach().neg_())
