@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 import weakref
 from collections.abc import Sequence
@@ -331,23 +330,21 @@ def per_sample_linear_layers(model: torch.nn.Module, params: Sequence[torch.nn.P
     return [(layer, id(layer.weight) in trained, layer.bias is not None and id(layer.bias) in trained) for layer in layers]
 
 
-# Slots of the block that a run's kept rows are written into (`LinearTaps.take_rows`): `bl.track`
-# reads every 64 steps.
-DEFERRED_SLOTS = 64
-# A step measured with deferred reads keeps its (B, Σout + Σin) rows until the driver reads (every
-# 64 steps in `bl.track`): kept when one step's rows hold at most this many numbers (64 steps of
-# them then hold at most 64 MiB in float32); larger runs compute each step's number as it comes.
-DEFER_ROWS_NUMEL = 1 << 18
+# A step measured with deferred reads keeps its (2L, B) per-sample terms (`LinearTaps.take_terms`)
+# until the driver reads (every 64 steps in `bl.track`): kept when they hold at most this many
+# numbers (64 steps of them then hold at most 64 MiB in float32); larger runs read each step's
+# number as it comes.
+DEFER_TERMS_NUMEL = 1 << 18
 
 
 @dataclass(slots=True)
 class DeferredRead:
     """A step's per-sample ingredients kept as tensors, replaced by its values in `ProbeSet.settle`:
-    the batch size, `LinearTaps.take_rows`, the norms of the batch gradient's tensors (0-d), and the
+    the batch size, `LinearTaps.take_terms`, the norms of the batch gradient's tensors (0-d), and the
     loss scale its output gradients carry (`LOSS_SCALE`)."""
 
     batch: int
-    rows: torch.Tensor
+    terms: torch.Tensor
     norms: Sequence[torch.Tensor]
     loss_scale: float = 1.0
 
@@ -392,13 +389,9 @@ class LinearTaps:
         # the loop's). Both set by the ProbeSet.
         self.every_step = True
         # Whether the driver reads many steps at once (`ProbeSet` made with ``defer_reads``), and,
-        # decided at the first measured step, whether this run's steps keep their rows until then.
+        # decided at the first measured step, whether this run's steps keep their terms until then.
         self.may_defer = False
         self.defer_reads: bool | None = None
-        # With deferred reads, the kept rows are written into slots of one (slots, B, W) tensor, so
-        # that the products see them as one block (no copy); slots free again when all are read.
-        self._block: torch.Tensor | None = None
-        self._used = 0  # slots of the block holding rows not read yet
         self.graph_shared = False
         inputs, outputs, deltas, taps = self.inputs, self.outputs, self.deltas, weakref.ref(self)
         self._keepers = []
@@ -430,14 +423,9 @@ class LinearTaps:
             if z is not None:
                 z.register_hook(keep)
 
-    def take_rows(self, keep: bool = False) -> torch.Tensor:
+    def take_rows(self) -> torch.Tensor:
         """The latest backward pass's δ_i/B and a_i as one (B, Σout + Σin) tensor, layer after layer
-        (of the batch's mean loss); the taps are emptied.
-
-        Args:
-            keep: the rows are kept until `squares_of_rows` reads them with others: written into
-                the next free slot of a block when there is one of their shape.
-        """
+        (of the batch's mean loss); the taps are emptied."""
         count = len(self.inputs)
         # A layer the loss does not reach gets no gradient: its per-sample gradients are 0.
         deltas = self.deltas if None not in self.deltas else [
@@ -446,15 +434,16 @@ class LinearTaps:
         parts = deltas + self.inputs
         self.inputs[:] = self.outputs[:] = self.deltas[:] = [None] * count  # drop the batch's tensors
         # The inputs are kept detached and the output gradients carry no graph: no grad mode to set.
-        if not keep:
-            return torch.cat(parts, dim=1)  # (B, Σout + Σin)
-        shape = (parts[0].shape[0], self.sums.shape[1])
-        if self._block is None and self._used == 0:
-            self._block = self.sums.new_empty((DEFERRED_SLOTS, *shape))  # the parameters' dtype
-        if self._block is None or self._used == len(self._block) or self._block.shape[1:] != shape:
-            return torch.cat(parts, dim=1)  # a short last batch, or no free slot
-        self._used += 1
-        return torch.cat(parts, dim=1, out=self._block[self._used - 1])
+        return torch.cat(parts, dim=1)  # (B, Σout + Σin)
+
+    def take_terms(self) -> torch.Tensor:
+        """The latest backward pass's per-sample terms as one (2L, B) tensor: ‖δ_il‖²/B² in row l and
+        ‖a_il‖²·[weight trained] + [bias trained] in row L + l; the taps are emptied.
+
+        Σ_i Σ_l of row l times row L + l is Σ_i ‖∇ ℓ_i‖²/B² over the layers' trained parameters.
+        """
+        rows = self.take_rows()
+        return torch.addmm(self.bias_terms, self.sums, rows.mul_(rows).T)  # three ops, whatever L
 
     def per_sample_squares(self, grads: Sequence[torch.Tensor]) -> list[float]:
         """Σ_i Σ_l ‖∇ ℓ_i‖²/B² over the batch's samples and the layers' trained parameters, from the
@@ -465,55 +454,26 @@ class LinearTaps:
             ``[Σ_i ‖g_i‖²/B², ‖grads[0]‖, ‖grads[1]‖, ...]`` (norms, not squared), float32 sums.
         """
         # Each op here costs a small model's step more in dispatch than in arithmetic: they are few.
-        rows = self.take_rows()
-        squares = torch.addmm(self.bias_terms, self.sums, rows.mul_(rows).T).view(2, -1)  # (2, L·B)
+        squares = self.take_terms().view(2, -1)  # (2, L·B)
         # Σ_i Σ_l ‖δ_il‖²/B² · (‖a_il‖² + 1): the first L rows against the last L.
         return torch.stack([torch.vdot(*squares), *torch._foreach_norm(grads)]).tolist()
 
     @torch.no_grad()
-    def squares_of_rows(self, kept: Sequence[torch.Tensor]) -> torch.Tensor:
-        """`per_sample_squares`' first number for many batches' kept `take_rows`, in order: (S,).
+    def squares_of_terms(self, kept: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`per_sample_squares`' first number for many batches' kept `take_terms`, in order: (S,).
 
-        Consecutive batches of one shape go through one product ((S·B, W) @ (W, 2L)), those in
-        consecutive slots of the block as they lie (no copy), so that a driver that reads many
-        steps at once pays a few ops per read, not per step. Every slot of the block is free after.
+        Consecutive batches of one size are stacked and reduced together: a driver that reads many
+        steps at once pays a few ops per read, not per step.
         """
-        count = len(self.inputs)
-        sums, bias = self.sums.T, self.bias_terms.T  # (W, 2L), (1, 2L)
-        out = []
-        for stacked in self._blocks_of(kept):  # (S, B, W)
-            steps, batch, width = stacked.shape
-            terms = torch.addmm(bias, stacked.mul_(stacked).view(-1, width), sums)  # (S·B, 2L)
-            # Σ_i Σ_l ‖δ_il‖²/B² · (‖a_il‖² + 1) per batch: the first L columns against the last L.
-            out.append(terms.view(steps, batch, 2, count).prod(dim=2).sum(dim=(1, 2)))
-        self._used = 0
+        count, out, start = len(self.inputs), [], 0
+        while start < len(kept):
+            end = start + 1
+            while end < len(kept) and kept[end].shape == kept[start].shape:
+                end += 1
+            stacked = torch.stack(kept[start:end])  # (S, 2L, B)
+            out.append(stacked.view(end - start, 2, count, -1).prod(dim=1).sum(dim=(1, 2)))
+            start = end
         return torch.cat(out)
-
-    def _blocks_of(self, kept: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The kept rows as (S, B, W) blocks in order: runs of consecutive slots of the block as
-        views of it, runs of other rows of one shape stacked."""
-        def slot(rows: torch.Tensor) -> int | None:
-            block = self._block
-            if block is None or rows._base is not block:
-                return None
-            return (rows.data_ptr() - block.data_ptr()) // (block.stride(0) * block.element_size())
-
-        blocks, run = [], []  # run: consecutive rows of one kind (slots in order, or one shape)
-        for rows in kept:
-            at, first = slot(rows), run[0] if run else None
-            if run and (at is not None and slot(run[-1]) == at - 1 or
-                        at is None and slot(first) is None and rows.shape == first.shape):
-                run.append(rows)
-                continue
-            if run:
-                blocks.append(self._block_of(run, slot(run[0])))
-            run = [rows]
-        if run:
-            blocks.append(self._block_of(run, slot(run[0])))
-        return blocks
-
-    def _block_of(self, run: list[torch.Tensor], first_slot: int | None) -> torch.Tensor:
-        return torch.stack(run) if first_slot is None else self._block[first_slot:first_slot + len(run)]
 
 
 def _remove_hooks(handles) -> None:
@@ -637,12 +597,13 @@ class NoiseScale:
             return state, _unmeasured("")
         batch = first.shape[0]
         grads = [p.grad for p in ctx.params if p.grad is not None]
-        if taps.defer_reads is None:  # decided at the first step: whether 64 steps' rows stay small
-            taps.defer_reads = taps.may_defer and first.shape[0] * taps.sums.shape[1] <= DEFER_ROWS_NUMEL
+        if taps.defer_reads is None:  # decided at the first step: whether 64 steps' terms stay small
+            taps.defer_reads = taps.may_defer and first.shape[0] * taps.sums.shape[0] <= DEFER_TERMS_NUMEL
         scale = ctx.scratch.get(LOSS_SCALE, 1.0)
         if taps.defer_reads:
-            # Two ops now; the products and the one read for many steps at once, in `settle`.
-            return state, {self.name: DeferredRead(batch, taps.take_rows(keep=True), torch._foreach_norm(grads), scale)}
+            # The per-sample terms and the norms now (four ops); the reductions and the one read for
+            # many steps at once, in `settle`.
+            return state, {self.name: DeferredRead(batch, taps.take_terms(), torch._foreach_norm(grads), scale)}
         # Σ_i ‖g_i‖² / B² and ‖g_B‖ per tensor, in one read; float32 sums, float64 from here.
         values = taps.per_sample_squares(grads)
         return self._estimate(state, ctx, batch, values[0] / scale**2, values[1:])
@@ -654,7 +615,7 @@ class NoiseScale:
             The state after the last of them, and each step's values.
         """
         taps = self._taps(ctx)
-        numbers = torch.cat([taps.squares_of_rows([read.rows for read in reads]),
+        numbers = torch.cat([taps.squares_of_terms([read.terms for read in reads]),
                              torch.stack([norm for read in reads for norm in read.norms]).to(taps.sums.dtype)]).tolist()
         squares, norms = numbers[:len(reads)], iter(numbers[len(reads):])
         results = []
