@@ -43,6 +43,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import batchlab as bl  # noqa: E402
+from batchlab.data import gather_batches  # noqa: E402
 
 LR = 0.05
 
@@ -214,18 +215,13 @@ def replicas_compiled(X, y, n_replicas: int, batch_size: int) -> tuple[float, fl
     lr = torch.linspace(0.01, 0.1, n_replicas, dtype=torch.float64)
     generator = torch.Generator().manual_seed(0)
     orders = torch.stack([torch.randperm(X.shape[0], generator=generator) for _ in range(n_replicas)])
-    def batch(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (R, B) -> each replica's batch
-        flat = index.reshape(-1)  # a plain row copy (index_select) is several times cheaper than X[index]
-        return (X.index_select(0, flat).view(*index.shape, *X.shape[1:]),
-                y.index_select(0, flat).view(*index.shape))
-
     started = time.perf_counter()
-    step(params, [], state, lr, *batch(orders[:, :batch_size]))
+    step(params, [], state, lr, *gather_batches(X, y, orders[:, :batch_size]))
     compile_s = time.perf_counter() - started
     started = time.perf_counter()
     total = torch.zeros(n_replicas)
     for start in range(0, X.shape[0] - batch_size + 1, batch_size):  # full batches: one compiled shape
-        total += step(params, [], state, lr, *batch(orders[:, start:start + batch_size])).loss  # (R, B) batches
+        total += step(params, [], state, lr, *gather_batches(X, y, orders[:, start:start + batch_size])).loss
     total.sum().item()
     return time.perf_counter() - started, compile_s
 

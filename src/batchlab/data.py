@@ -84,6 +84,17 @@ def batch_indices(order: torch.Tensor, batch_size: int, drop_last: bool) -> list
     return batches
 
 
+def gather_batches(X: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples at ``index`` (K, B) as K batches: (K, B, *X's sample shape) and (K, B, *y's).
+
+    A plain row copy (``index_select``) of the flattened index: several times cheaper on the CPU
+    than advanced indexing (``X[index]``), which takes the general gather path.
+    """
+    flat = index.reshape(-1)
+    return (X.index_select(0, flat).view(*index.shape, *X.shape[1:]),
+            y.index_select(0, flat).view(*index.shape, *y.shape[1:]))
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading: built-in datasets, user arrays and files, splits, standardization.
 # ---------------------------------------------------------------------------------------------

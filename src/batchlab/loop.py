@@ -370,10 +370,9 @@ def _run_epoch(state: _LoopState) -> None:
         count = _chunk_length(state, step, batches, at) if chunking else 1
         if count > 1:
             # K steps as one graph: the batches are consecutive slices of the epoch's order.
-            index = order[at * clock.batch_size:(at + count) * clock.batch_size]
+            index = order[at * clock.batch_size:(at + count) * clock.batch_size].view(count, clock.batch_size)
             lrs = [lr_at(step + k, config, state.base_lr, clock.steps_per_epoch, total) for k in range(count)]
-            out = compiled.steps(X.index_select(0, index).view(count, clock.batch_size, *X.shape[1:]),
-                                 y.index_select(0, index).view(count, clock.batch_size, *y.shape[1:]),
+            out = compiled.steps(*data_lib.gather_batches(X, y, index),
                                  torch.tensor(lrs, dtype=torch.float64, device=X.device))
             if out is not None:
                 set_lr(optimizer, lrs[-1])

@@ -316,12 +316,7 @@ class Tracker:
             targets: the batch's targets (class indices for accuracy).
             batch_size: samples in the batch; default ``len(targets)`` or ``len(outputs)``.
         """
-        if batch_size is not None:
-            size = int(batch_size)
-        elif isinstance(targets, torch.Tensor) and targets.dim() > 0:
-            size = targets.shape[0]
-        else:
-            size = _batch_size(outputs, targets)
+        size = int(batch_size) if batch_size is not None else _batch_size(outputs, targets)
         if not self._begun:
             self._begin(size * self.accumulate)
         if self._pending is not None:

@@ -34,7 +34,11 @@ STACKED_COMPILE_FACTOR = 2.5  # a stacked (vmapped) graph compiled cold in ~25 s
 
 def saving_per_step(batch_size: int) -> float:
     """Seconds a compiled step saves over an eager one at ``batch_size`` (measured; see module doc)."""
-    points = SAVING_PER_STEP
+    return _interpolated(SAVING_PER_STEP, batch_size)
+
+
+def _interpolated(points: tuple[tuple[int, float], ...], batch_size: int) -> float:
+    """A saving measured at a few batch sizes, at ``batch_size``: linear in log2(B) between them."""
     if batch_size <= points[0][0]:
         return points[0][1]
     for (b0, s0), (b1, s1) in zip(points, points[1:]):
@@ -86,14 +90,7 @@ def should_chunk(total_steps: int, batch_size: int, compiled_before: bool = Fals
     """
     if compiled_before:
         return True
-    points = CHUNK_SAVING_PER_STEP
-    saving = points[-1][1]
-    for (b0, s0), (b1, s1) in zip(points, points[1:]):
-        if batch_size <= b1:
-            w = (math.log2(max(batch_size, b0)) - math.log2(b0)) / (math.log2(b1) - math.log2(b0))
-            saving = s0 + w * (s1 - s0)
-            break
-    return total_steps * saving >= CHUNK_COMPILE_SECONDS
+    return total_steps * _interpolated(CHUNK_SAVING_PER_STEP, batch_size) >= CHUNK_COMPILE_SECONDS
 
 
 def should_compile_stacked(total_steps: int, replicas: int, batch_size: int, shapes: int = 1,

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.func import vmap
 
+from ..data import gather_batches
 from ..events import Clock
 from ..metrics import evaluate_splits, evaluate_stacked, evaluation_splits, loss_function
 from ..optim import lr_at, stacked_update
@@ -125,9 +126,7 @@ class _Pass:
         X, y = self.dataset.train
         stack = self.stack
         b = index.shape[1]
-        flat = index.reshape(-1)  # (R·b,); index_select is a plain row copy, cheaper than X[index]
-        xb = X.index_select(0, flat).reshape(*index.shape, *X.shape[1:])  # (R, b, *shape)
-        yb = y.index_select(0, flat).reshape(*index.shape, *y.shape[1:])  # (R, b)
+        xb, yb = gather_batches(X, y, index)  # (R, b, *shape), (R, b)
         masks = draw_masks(self.sites, [r.dropout_generator for r in self.active], b, self.device, X.dtype)
         lr = self.lrs[clock.step][[self.column[r.index] for r in self.active]]  # (R,)
         if self.compiled is not None and not measuring:
