@@ -67,10 +67,12 @@ class RunningMean:
     correct: int = 0
     count: int = 0
 
-    def update(self, batch_loss: float, batch_correct: int, batch_size: int) -> None:
+    def update(self, batch_loss: float, batch_correct: int, batch_size: int) -> tuple[float, float]:
+        """Add a batch; the running loss and accuracy after it."""
         self.loss_total += batch_loss * batch_size
         self.correct += batch_correct
         self.count += batch_size
+        return self.loss, self.acc
 
     @property
     def loss(self) -> float:

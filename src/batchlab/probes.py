@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Protocol
 
 import torch
+from torch._utils import _flatten_dense_tensors
 
 from .errors import ConfigError
 
@@ -107,8 +108,13 @@ def squared_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """‖(t_1, ..., t_n)‖₂ over all elements of all tensors (a 0-d tensor, not synchronised)."""
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors))))
+    """‖(t_1, ..., t_n)‖₂ over all elements of all tensors (a 0-d tensor, not synchronised).
+
+    One flat copy and one norm: on the CPU a small model's step pays more for an operation's
+    dispatch than for its arithmetic, and ``torch._foreach_norm`` runs one norm per tensor there.
+    (``_flatten_dense_tensors`` is the one-call concatenation DDP's buckets use.)
+    """
+    return torch.linalg.vector_norm(_flatten_dense_tensors(list(tensors)))
 
 
 def _grads(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
@@ -133,9 +139,7 @@ class GradNorm:
         return None
 
     def measure(self, state, ctx, losses):
-        # One concatenation and one norm: on the CPU, fewer operations than a norm per tensor.
-        flat = torch.cat([p.grad.reshape(-1) for p in ctx.params if p.grad is not None])  # (P,)
-        return state, {"grad_norm": torch.linalg.vector_norm(flat)}
+        return state, {"grad_norm": global_norm([p.grad for p in ctx.params if p.grad is not None])}
 
 
 @dataclass(frozen=True)
@@ -208,15 +212,26 @@ def _n_train(ctx: ProbeContext) -> float:
 
 def _advance(state: NoiseState, grad_sq: float, trace_cov: float, beta: float, suffix: str) -> tuple[NoiseState, dict[str, float]]:
     """Fold one step's raw estimates into the moving averages; the step-table values."""
-    grad_sq_avg = beta * state.grad_sq_avg + (1 - beta) * grad_sq
-    trace_cov_avg = beta * state.trace_cov_avg + (1 - beta) * trace_cov
-    count = state.count + 1
-    correction = 1 - beta**count  # bias correction of an average started at 0
-    smoothed_grad_sq, smoothed_trace = grad_sq_avg / correction, trace_cov_avg / correction
-    # A ratio with a non-positive ‖G‖² estimate means nothing (early, noisy steps): NaN, not a sign flip.
-    noise = smoothed_trace / smoothed_grad_sq if smoothed_grad_sq > 0 else math.nan
-    values = dict(zip(_noise_columns(suffix), (smoothed_grad_sq, smoothed_trace, noise, grad_sq, trace_cov)))
-    return NoiseState(grad_sq_avg, trace_cov_avg, count), values
+    state, (values,) = _advance_all(state, [(grad_sq, trace_cov)], beta, suffix)
+    return state, values
+
+
+def _advance_all(state: NoiseState, estimates: Sequence[tuple[float, float]], beta: float,
+                 suffix: str) -> tuple[NoiseState, list[dict[str, float]]]:
+    """Fold steps' raw estimates ``(grad_sq, trace_cov)``, in step order, into the moving averages;
+    each step's table values. The averages are carried as floats and the state is made once."""
+    grad_sq_avg, trace_cov_avg, count = state.grad_sq_avg, state.trace_cov_avg, state.count
+    columns, rows = _noise_columns(suffix), []
+    for grad_sq, trace_cov in estimates:
+        grad_sq_avg = beta * grad_sq_avg + (1 - beta) * grad_sq
+        trace_cov_avg = beta * trace_cov_avg + (1 - beta) * trace_cov
+        count += 1
+        correction = 1 - beta**count  # bias correction of an average started at 0
+        smoothed_grad_sq, smoothed_trace = grad_sq_avg / correction, trace_cov_avg / correction
+        # A ratio with a non-positive ‖G‖² estimate means nothing (early, noisy steps): NaN, not a sign flip.
+        noise = smoothed_trace / smoothed_grad_sq if smoothed_grad_sq > 0 else math.nan
+        rows.append(dict(zip(columns, (smoothed_grad_sq, smoothed_trace, noise, grad_sq, trace_cov))))
+    return NoiseState(grad_sq_avg, trace_cov_avg, count), rows
 
 
 @functools.lru_cache(maxsize=None)
@@ -230,6 +245,18 @@ def _unmeasured(suffix: str) -> dict[str, float]:
     """NaN for every noise-scale column, for a batch that cannot give an estimate."""
     names = ("grad_sq", "trace_cov", "noise_scale", "grad_sq_raw", "trace_cov_raw")
     return {name.replace("_raw", f"{suffix}_raw") if name.endswith("_raw") else f"{name}{suffix}": math.nan for name in names}
+
+
+def _per_sample_estimates(batch: int, per_sample_sq: float, big_sq: float, n_train: float) -> tuple[float, float]:
+    """Unbiased ‖G‖² and tr(Σ) of one step from Σ_i ‖g_i‖²/B² over its B samples and ‖g_B‖².
+
+    `two_batch_estimates` with b = 1, its B one-sample estimates averaged (they are linear in
+    ‖g_i‖²): tr(Σ) = (mean ‖g_i‖² − ‖g_B‖²)/(1 − 1/B), ‖G‖² = (B‖g_B‖² − mean ‖g_i‖²)/(B − 1) + tr(Σ)/N.
+    """
+    mean_sq = per_sample_sq * batch  # the mean of ‖g_i‖² over the batch
+    trace_cov = (mean_sq - big_sq) / (1.0 - 1.0 / batch)
+    grad_sq = (batch * big_sq - mean_sq) / (batch - 1) + trace_cov / n_train
+    return grad_sq, trace_cov
 
 
 def part_sizes(batch_size: int, parts: int) -> list[int]:
@@ -340,12 +367,12 @@ DEFER_TERMS_NUMEL = 1 << 18
 @dataclass(slots=True)
 class DeferredRead:
     """A step's per-sample ingredients kept as tensors, replaced by its values in `ProbeSet.settle`:
-    the batch size, `LinearTaps.take_terms`, the norms of the batch gradient's tensors (0-d), and the
-    loss scale its output gradients carry (`LOSS_SCALE`)."""
+    the batch size, `LinearTaps.take_terms`, the batch gradient's norm ‖g_B‖ (0-d), and the loss
+    scale its output gradients carry (`LOSS_SCALE`)."""
 
     batch: int
     terms: torch.Tensor
-    norms: Sequence[torch.Tensor]
+    norm: torch.Tensor
     loss_scale: float = 1.0
 
 
@@ -447,16 +474,16 @@ class LinearTaps:
 
     def per_sample_squares(self, grads: Sequence[torch.Tensor]) -> list[float]:
         """Σ_i Σ_l ‖∇ ℓ_i‖²/B² over the batch's samples and the layers' trained parameters, from the
-        latest backward pass of the batch's mean loss, and the norm of each of ``grads`` (the batch
+        latest backward pass of the batch's mean loss, and the norm of ``grads`` (the batch
         gradient's tensors), in one read; the taps are emptied.
 
         Returns:
-            ``[Σ_i ‖g_i‖²/B², ‖grads[0]‖, ‖grads[1]‖, ...]`` (norms, not squared), float32 sums.
+            ``[Σ_i ‖g_i‖²/B², ‖g_B‖]`` (the norm, not squared), float32 sums.
         """
         # Each op here costs a small model's step more in dispatch than in arithmetic: they are few.
         squares = self.take_terms().view(2, -1)  # (2, L·B)
         # Σ_i Σ_l ‖δ_il‖²/B² · (‖a_il‖² + 1): the first L rows against the last L.
-        return torch.stack([torch.vdot(*squares), *torch._foreach_norm(grads)]).tolist()
+        return torch.stack([torch.vdot(*squares), global_norm(grads)]).tolist()
 
     @torch.no_grad()
     def squares_of_terms(self, kept: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -601,12 +628,12 @@ class NoiseScale:
             taps.defer_reads = taps.may_defer and first.shape[0] * taps.sums.shape[0] <= DEFER_TERMS_NUMEL
         scale = ctx.scratch.get(LOSS_SCALE, 1.0)
         if taps.defer_reads:
-            # The per-sample terms and the norms now (four ops); the reductions and the one read for
+            # The per-sample terms and the norm now (five ops); the reductions and the one read for
             # many steps at once, in `settle`.
-            return state, {self.name: DeferredRead(batch, taps.take_terms(), torch._foreach_norm(grads), scale)}
-        # Σ_i ‖g_i‖² / B² and ‖g_B‖ per tensor, in one read; float32 sums, float64 from here.
-        values = taps.per_sample_squares(grads)
-        return self._estimate(state, ctx, batch, values[0] / scale**2, values[1:])
+            return state, {self.name: DeferredRead(batch, taps.take_terms(), global_norm(grads), scale)}
+        # Σ_i ‖g_i‖² / B² and ‖g_B‖ in one read; float32 sums, float64 from here.
+        per_sample_sq, norm = taps.per_sample_squares(grads)
+        return self._estimate(state, ctx, batch, per_sample_sq / scale**2, norm * norm)
 
     def settle(self, state: NoiseState, ctx: ProbeContext, reads: Sequence["DeferredRead"]):
         """The estimates of steps measured with deferred reads, in step order, from one read.
@@ -615,25 +642,17 @@ class NoiseScale:
             The state after the last of them, and each step's values.
         """
         taps = self._taps(ctx)
-        numbers = torch.cat([taps.squares_of_terms([read.terms for read in reads]),
-                             torch.stack([norm for read in reads for norm in read.norms]).to(taps.sums.dtype)]).tolist()
-        squares, norms = numbers[:len(reads)], iter(numbers[len(reads):])
-        results = []
-        for read, per_sample_sq in zip(reads, squares):
-            state, values = self._estimate(state, ctx, read.batch, per_sample_sq / read.loss_scale**2,
-                                           [next(norms) for _ in read.norms])
-            results.append(values)
-        return state, results
+        # (2, S): Σ_i ‖g_i‖²/B² and ‖g_B‖² of each step, float64, in one read.
+        per_sample_sq, big_sq = torch.stack([taps.squares_of_terms([read.terms for read in reads]).double(),
+                                             torch.stack([read.norm for read in reads]).double().square()]).tolist()
+        n_train = _n_train(ctx)
+        estimates = [_per_sample_estimates(read.batch, sq / read.loss_scale**2, norm_sq, n_train)
+                     for read, sq, norm_sq in zip(reads, per_sample_sq, big_sq)]
+        return _advance_all(state, estimates, self.beta, "")
 
-    def _estimate(self, state: NoiseState, ctx: ProbeContext, batch: int, per_sample_sq: float,
-                  norms: Sequence[float]):
-        """The step's estimates from Σ_i ‖g_i‖²/B² and the batch gradient's norms; the averages advance."""
-        mean_sq = per_sample_sq * batch  # the mean of ‖g_i‖² over the batch
-        big_sq = math.fsum(v * v for v in norms)  # ‖g_B‖²
-        # two_batch_estimates with b = 1, its B one-sample estimates averaged (they are linear in ‖g_i‖²):
-        # tr(Σ) = (mean ‖g_i‖² − ‖g_B‖²)/(1 − 1/B), ‖G‖² = (B‖g_B‖² − mean ‖g_i‖²)/(B − 1) + tr(Σ)/N.
-        trace_cov = (mean_sq - big_sq) / (1.0 - 1.0 / batch)
-        grad_sq = (batch * big_sq - mean_sq) / (batch - 1) + trace_cov / _n_train(ctx)
+    def _estimate(self, state: NoiseState, ctx: ProbeContext, batch: int, per_sample_sq: float, big_sq: float):
+        """The step's estimates from Σ_i ‖g_i‖²/B² and ‖g_B‖²; the averages advance."""
+        grad_sq, trace_cov = _per_sample_estimates(batch, per_sample_sq, big_sq, _n_train(ctx))
         return _advance(state, grad_sq, trace_cov, self.beta, "")
 
     def _part_gradients(self, ctx: ProbeContext, losses: torch.Tensor):

@@ -317,20 +317,20 @@ class Recorder:
             ``wants_attention`` is then set, and the remaining updates are not recorded.
         """
         clock, running, classification = self.clock, self.running, self.classification
-        step, in_epoch, seen = clock.step, clock.step_in_epoch, clock.samples_seen
+        step, in_epoch, seen, epoch = clock.step, clock.step_in_epoch, clock.samples_seen, clock.epoch
         rows = []
         for batch_size, lr, batch_loss, batch_correct, seconds, probe_values in steps:
             step, in_epoch, seen = step + 1, in_epoch + 1, seen + batch_size
-            row = {"step": step, "epoch": clock.epoch, "samples_seen": seen, "batch_size": batch_size, "lr": lr,
-                   "batch_loss": batch_loss}
-            if classification:
-                running.update(batch_loss, batch_correct, batch_size)
-                row.update(batch_acc=batch_correct / batch_size, running_loss=running.loss, running_acc=running.acc)
-            else:
-                running.update(batch_loss, 0, batch_size)
-                row["running_loss"] = running.loss
             self.seconds += seconds
-            row["seconds"] = self.seconds
+            if classification:
+                running_loss, running_acc = running.update(batch_loss, batch_correct, batch_size)
+                row = {"step": step, "epoch": epoch, "samples_seen": seen, "batch_size": batch_size, "lr": lr,
+                       "batch_loss": batch_loss, "batch_acc": batch_correct / batch_size,
+                       "running_loss": running_loss, "running_acc": running_acc, "seconds": self.seconds}
+            else:
+                running_loss, _ = running.update(batch_loss, 0, batch_size)
+                row = {"step": step, "epoch": epoch, "samples_seen": seen, "batch_size": batch_size, "lr": lr,
+                       "batch_loss": batch_loss, "running_loss": running_loss, "seconds": self.seconds}
             if probe_values:
                 row.update(probe_values)
             self.steps.append(row)

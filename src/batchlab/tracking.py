@@ -396,11 +396,10 @@ class Tracker:
         if rec.probes is not None:
             rec.probes.settle([update.values for update in unread])  # deferred probe reads, in step order
         steps = []
-        for update, (losses, corrects, values) in zip(unread, _read_numbers(unread)):
-            size, loss, correct = _whole_batch(update.micro, losses, corrects)
+        for update, (size, loss, correct, values) in zip(unread, _read_updates(unread)):
             if self.ranks is not None:
                 size, loss, correct = self.ranks.reduce_step(size, loss, correct)
-            steps.append((size, update.lr, loss, correct, update.seconds, values or None))
+            steps.append((size, update.lr, loss, correct, update.seconds, values))
         if steps[0][3] is None and rec.classification and not rec.steps:
             rec.classification = self._classification = False  # no accuracy given: a loss-only run
         while steps and rec.going:
@@ -691,19 +690,24 @@ def _loss_value(loss: Any) -> Any:
     return loss.detach().reshape(()).clone()
 
 
-def _read_numbers(updates: Sequence[_Update]) -> list[tuple[list[float], list[int | None], dict[str, float]]]:
-    """Every update's micro-batch losses, correct counts and probe values as Python numbers: the
-    tensors among them are read in one go (`_read_floats`, `_read_counts`), whatever their number."""
-    losses = [loss for update in updates for loss, _, _ in update.micro]
+def _read_updates(updates: Sequence[_Update]) -> list[tuple[int, float, int | None, dict[str, float] | None]]:
+    """Each update's size, batch loss, correct count and probe values (None: none measured) as Python
+    numbers: the tensors among them are read in one go (`_read_floats`, `_read_counts`), whatever
+    their number."""
+    micro = [batch for update in updates for batch in update.micro]
     values = [value for update in updates for value in update.values.values()]
-    floats = _read_floats(losses + values)
-    corrects = _read_counts([correct for update in updates for _, correct, _ in update.micro])
-    numbers, at, at_value = [], 0, len(losses)
+    floats = _read_floats([loss for loss, _, _ in micro] + values)
+    corrects = _read_counts(micro)
+    numbers, at, at_value = [], 0, len(micro)
     for update in updates:
-        micro, named = len(update.micro), len(update.values)
-        numbers.append((floats[at:at + micro], corrects[at:at + micro],
-                        dict(zip(update.values, floats[at_value:at_value + named]))))
-        at, at_value = at + micro, at_value + named
+        count, named = len(update.micro), len(update.values)
+        if count == 1:
+            size, loss, correct = update.micro[0][2], floats[at], corrects[at]
+        else:
+            size, loss, correct = _whole_batch(update.micro, floats[at:at + count], corrects[at:at + count])
+        read = dict(zip(update.values, floats[at_value:at_value + named])) if named else None
+        numbers.append((size, loss, correct, read))
+        at, at_value = at + count, at_value + named
     return numbers
 
 
@@ -747,48 +751,42 @@ class _Predictions:
     version: int
 
 
-def _read_counts(corrects: Sequence[Any]) -> list[int | None]:
-    """Correct counts: (b,) 0/1 masks and kept `_Predictions` counted (all of them by one reduction
-    and one read), a count or None as is."""
-    pending = [c for c in corrects if isinstance(c, (torch.Tensor, _Predictions))]
+def _read_counts(micro: Sequence[tuple[Any, Any, int]]) -> list[int | None]:
+    """The micro-batches' correct counts: (b,) 0/1 masks and kept `_Predictions` counted (all of them
+    by one reduction and one read), a count or None as is."""
+    corrects = [correct for _, correct, _ in micro]
+    pending = [correct for correct in corrects if isinstance(correct, (torch.Tensor, _Predictions))]
     if not pending:
-        return list(corrects)
+        return corrects
     counts = iter(_hit_counts(pending))
     return [next(counts) if isinstance(c, (torch.Tensor, _Predictions)) else c for c in corrects]
 
 
 def _hit_counts(pending: Sequence[torch.Tensor | _Predictions]) -> list[int]:
     """The correct predictions of each batch, in order: its (b,) 0/1 mask's ones, or, for kept
-    predictions, its arg-max == target count; one arg-max and one comparison for all kept batches."""
+    predictions, its arg-max == target count; one arg-max and one comparison for all kept batches.
+    (A batch's b is its targets' length, which may differ from the ``batch_size`` given to run.step.)"""
     kept = [item for item in pending if isinstance(item, _Predictions)]
     if not kept:
-        return _mask_counts(pending)
+        return _segment_sums(torch.cat(list(pending)), [len(mask) for mask in pending])
     if any(c.outputs._version != c.version for c in kept):
         raise ConfigError("the outputs passed to run.step were changed in place before batchlab read them; "
                           "pass a copy (outputs=out.detach().clone()) or leave them as the model made them")
     hits = torch.cat([c.outputs for c in kept]).argmax(dim=1).eq_(torch.cat([c.targets for c in kept]))  # (Σ b_i,)
-    sizes = [len(c.targets) for c in kept]
     if len(kept) < len(pending):  # masks and kept predictions in one read-back: each as its mask
-        parts = iter(hits.split(sizes))
-        return _mask_counts([next(parts) if isinstance(item, _Predictions) else item for item in pending])
-    return _segment_sums(hits, sizes)
+        parts = iter(hits.split([len(c.targets) for c in kept]))
+        hits = torch.cat([next(parts) if isinstance(item, _Predictions) else item for item in pending])
+    return _segment_sums(hits, [len(item.targets if isinstance(item, _Predictions) else item) for item in pending])
 
 
 def _whole_batch(micro: Sequence[tuple[Any, Any, int]], losses: Sequence[float],
                  corrects: Sequence[int | None]) -> tuple[int, float, int | None]:
     """An update's size, batch loss and correct count from its micro-batches' (read back)."""
-    if len(micro) == 1:
-        return micro[0][2], losses[0], corrects[0]
     sizes = [size for _, _, size in micro]
     size = sum(sizes)
     # The step's batch loss: the sample-weighted mean of its micro-batches' mean losses.
     loss = math.fsum(l * b for l, b in zip(losses, sizes)) / size
     return size, loss, None if any(c is None for c in corrects) else sum(corrects)
-
-
-def _mask_counts(masks: Sequence[torch.Tensor]) -> list[int]:
-    """The number of ones in each (b_i,) 0/1 mask, all counted by one reduction and one read."""
-    return _segment_sums(torch.cat(list(masks)), [len(m) for m in masks])
 
 
 def _segment_sums(hits: torch.Tensor, sizes: Sequence[int]) -> list[int]:
