@@ -1,9 +1,9 @@
 """What measuring costs a user's own loop: bare loop vs `bl.track`, and plain torch vs `bl.fit`.
 
 One epoch of an MLP 40-100-100-10 on MNIST-1D (4000 samples) at B = 32, SGD lr 0.05, one torch
-thread, in this one process; each repeat runs every contender once, in turn, and the table gives
-the median seconds per epoch and the median of the per-repeat ratios to the reference (paired, so
-that a slow moment of a shared machine hits both sides of a ratio). Seconds are this process's CPU
+thread, in this one process; each repeat runs every contender once, in a shuffled order, and the
+table gives the median seconds per epoch and the median of the per-repeat ratios to the reference
+(paired, so that a slow moment of a shared machine hits both sides of a ratio). Seconds are this process's CPU
 time (``time.process_time``): everything here runs in it (one torch thread, the DataLoader without
 workers), and other processes' load on a shared machine then does not count as ours:
 
@@ -20,6 +20,7 @@ workers), and other processes' load on a shared machine then does not count as o
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -107,9 +108,12 @@ def main() -> None:
     for call in contenders.values():  # warm-up
         call()
     times: dict[str, list[float]] = {name: [] for name in contenders}
+    order = list(contenders)
+    shuffle = random.Random(0).shuffle
     for _ in range(args.repeats):
-        for name, call in contenders.items():
-            times[name].append(call())
+        shuffle(order)  # no contender always follows the same one (the one before leaves caches, garbage)
+        for name in order:
+            times[name].append(contenders[name]())
     print(f"torch {torch.__version__}, 1 thread, CPU seconds, MLP 40-100-100-10, MNIST-1D 4000 samples, B={B}, one epoch, "
           f"{args.repeats} paired repeats")
     print()
