@@ -203,7 +203,7 @@ benchmark("compile_replicas", "python benchmarks/overhead.py --repeats 3 --batch
                               "--skip keras,lightning,plain+log,batchlab,jax --replicas 64")  # fmt: skip
 
 PROBES_OVERHEAD = "python benchmarks/probes_overhead.py --repeats 15"
-TRACK_OVERHEAD = "python benchmarks/track.py --repeats 15"
+TRACK_OVERHEAD = "python benchmarks/track.py --repeats 30 --parts"
 
 
 @block(slow=True, benchmark=TRACK_OVERHEAD)
