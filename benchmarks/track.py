@@ -42,9 +42,13 @@ def mlp() -> torch.nn.Module:
                                torch.nn.ReLU(), torch.nn.Linear(100, 10))
 
 
-def user_loop(loader, probes=None) -> float:
+def user_loop(loader, probes=None, taps: bool = False) -> float:
+    """The user's loop, bare (``probes=None``) or inside ``bl.track``; ``taps``: bare, with only the
+    noise scale's forward hooks (`LinearTaps`), their tensors dropped each step as bl.track drops them."""
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    layers = [(layer, True, True) for layer in model if isinstance(layer, torch.nn.Linear)]
+    kept = LinearTaps(model, layers) if taps else None
     started = time.process_time()
     if probes is None:
         for x, y in loader:
@@ -53,6 +57,8 @@ def user_loop(loader, probes=None) -> float:
             optimizer.zero_grad()
             loss.backward()
             loss.item()
+            if kept is not None:
+                kept.inputs[:] = kept.outputs[:] = kept.deltas[:] = [None] * len(kept.inputs)
             optimizer.step()
         return time.process_time() - started
     with bl.track(model, optimizer, probes=probes) as run:
@@ -64,23 +70,6 @@ def user_loop(loader, probes=None) -> float:
             run.step(loss, outputs=out, targets=y)
             optimizer.step()
         run.end_epoch()
-    return time.process_time() - started
-
-
-def loop_with_taps(loader) -> float:
-    """The bare loop with the noise scale's forward hooks: what capturing the per-sample terms costs."""
-    model = mlp()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    taps = LinearTaps(model, [(layer, True, True) for layer in model if isinstance(layer, torch.nn.Linear)])
-    started = time.process_time()
-    for x, y in loader:
-        out = model(x)
-        loss = F.cross_entropy(out, y)
-        optimizer.zero_grad()
-        loss.backward()
-        loss.item()
-        taps.inputs[:] = taps.outputs[:] = taps.deltas[:] = [None] * len(taps.inputs)  # as bl.track drops them
-        optimizer.step()
     return time.process_time() - started
 
 
@@ -124,7 +113,7 @@ def main() -> None:
         "loop+track+noise": lambda: user_loop(loader, probes=["noise_scale"]),
     }
     if args.parts:
-        contenders["loop+taps"] = lambda: loop_with_taps(loader)
+        contenders["loop+taps"] = lambda: user_loop(loader, taps=True)
     contenders |= {"plain": lambda: plain(X, y), "bl.fit": lambda: fit(dataset)}
     reference = {"loop": "loop", "loop+track": "loop", "loop+track+noise": "loop", "loop+taps": "loop",
                  "plain": "plain", "bl.fit": "plain"}
