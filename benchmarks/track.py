@@ -18,14 +18,29 @@ workers), and other processes' load on a shared machine then does not count as o
 - ``bl.fit``: ``bl.fit`` on the same data, evaluation excluded.
 
     python benchmarks/track.py [--repeats 15] [--parts]
+
+Time on a shared machine moves by several percent from one run to the next, more than the 5 % a
+goal allows. ``--instructions`` counts instead what the CPU executes, which other processes do
+not change: each user-loop contender runs in a child process under ``valgrind --tool=callgrind``
+(one thread, ``PYTHONHASHSEED=0``, BLAS pools of one thread), once for one epoch and once for
+three, and the difference over the 250 steps between them is the count per step (start-up and
+first-epoch costs cancel). It needs valgrind on PATH and takes about ten minutes:
+
+    python benchmarks/track.py --instructions
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import re
+import shutil
 import statistics
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -96,28 +111,80 @@ def fit(dataset) -> float:
     return time.process_time() - started - run.eval_seconds
 
 
+def user_loader() -> torch.utils.data.DataLoader:
+    X, y = bl.load_dataset("mnist1d").train
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=B, shuffle=True,
+                                       generator=torch.Generator().manual_seed(0))
+
+
+# The user-loop contenders, by name: what a child process runs under valgrind.
+USER_LOOPS = {
+    "loop": lambda loader: user_loop(loader),
+    "loop+track": lambda loader: user_loop(loader, probes=[]),
+    "loop+track+noise": lambda loader: user_loop(loader, probes=["noise_scale"]),
+    "loop+taps": lambda loader: user_loop(loader, taps=True),
+}
+GOALS = {"loop+track": "<= 1.05", "loop+track+noise": "<= 1.25", "bl.fit": "<= 1.10"}
+
+
+def instructions_per_step(workers: int = 2) -> dict[str, float]:
+    """Each user loop's instructions per step: callgrind's count for three epochs minus that for one,
+    over the 250 steps between them; ``workers`` child processes at a time."""
+    if shutil.which("valgrind") is None:
+        sys.exit("error: --instructions needs valgrind on PATH (apt install valgrind)")
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "OPENBLAS_NUM_THREADS": "1"}  # no idle BLAS workers spinning: their count would depend on time
+
+    def count(name: str, epochs: int) -> int:
+        command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
+                   "--child", name, str(epochs)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+        return int(re.search(r"Collected : (\d+)", done.stderr).group(1))
+
+    with ThreadPoolExecutor(workers) as pool:
+        counts = {(name, epochs): pool.submit(count, name, epochs) for name in USER_LOOPS for epochs in (1, 3)}
+    steps = 2 * -(-4000 // B)  # two epochs of MNIST-1D's 4000 training samples
+    return {name: (counts[name, 3].result() - counts[name, 1].result()) / steps for name in USER_LOOPS}
+
+
+def print_instructions() -> None:
+    per_step = instructions_per_step()
+    print(f"torch {torch.__version__}, 1 thread, instructions per step (valgrind callgrind, 3 epochs minus 1), "
+          f"MLP 40-100-100-10, MNIST-1D 4000 samples, B={B}")
+    print()
+    print("| contender | M instructions per step | ratio to loop | goal (in time) |")
+    print("|---|---|---|---|")
+    for name, count in per_step.items():
+        print(f"| {name} | {count / 1e6:.3f} | {count / per_step['loop']:.3f} | {GOALS.get(name, '')} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--parts", action="store_true", help="also time the noise scale's capture alone (loop+taps)")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count instructions per step of the user loops under valgrind instead of timing")
+    parser.add_argument("--child", nargs=2, metavar=("LOOP", "EPOCHS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.child:  # one user loop's epochs, counted by the parent under valgrind
+        name, epochs = args.child
+        loader = user_loader()
+        for _ in range(int(epochs)):
+            USER_LOOPS[name](loader)
+        return
+    if args.instructions:
+        print_instructions()
+        return
     full = bl.load_dataset("mnist1d")
     dataset = bl.Dataset("mnist1d", full.train, None, None, full.n_classes)
     X, y = full.train
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=B, shuffle=True,
-                                         generator=torch.Generator().manual_seed(0))
-    contenders = {
-        "loop": lambda: user_loop(loader),
-        "loop+track": lambda: user_loop(loader, probes=[]),
-        "loop+track+noise": lambda: user_loop(loader, probes=["noise_scale"]),
-    }
-    if args.parts:
-        contenders["loop+taps"] = lambda: user_loop(loader, taps=True)
+    loader = user_loader()
+    names = [name for name in USER_LOOPS if args.parts or name != "loop+taps"]
+    contenders = {name: (lambda loop=USER_LOOPS[name]: loop(loader)) for name in names}
     contenders |= {"plain": lambda: plain(X, y), "bl.fit": lambda: fit(dataset)}
     reference = {"loop": "loop", "loop+track": "loop", "loop+track+noise": "loop", "loop+taps": "loop",
                  "plain": "plain", "bl.fit": "plain"}
-    goal = {"loop+track": "<= 1.05", "loop+track+noise": "<= 1.25", "bl.fit": "<= 1.10"}
     for call in contenders.values():  # warm-up
         call()
     times: dict[str, list[float]] = {name: [] for name in contenders}
@@ -135,7 +202,7 @@ def main() -> None:
     for name, values in times.items():
         base = times[reference[name]]
         ratio = statistics.median(v / b for v, b in zip(values, base))
-        print(f"| {name} | {statistics.median(values):.4f} | {reference[name]} | {ratio:.3f} | {goal.get(name, '')} |")
+        print(f"| {name} | {statistics.median(values):.4f} | {reference[name]} | {ratio:.3f} | {GOALS.get(name, '')} |")
 
 
 if __name__ == "__main__":

@@ -204,20 +204,32 @@ benchmark("compile_replicas", "python benchmarks/overhead.py --repeats 3 --batch
 
 PROBES_OVERHEAD = "python benchmarks/probes_overhead.py --repeats 15"
 TRACK_OVERHEAD = "python benchmarks/track.py --repeats 30 --parts"
+TRACK_INSTRUCTIONS = "python benchmarks/track.py --instructions"
+
+
+def table_block(command: str, cwd: Path) -> str:
+    """A benchmark that prints a header line and a markdown table: the header as console output, the
+    table rendered."""
+    header, _, table = run(command, cwd).partition("\n")
+    return f"```console\n$ {command}\n{header}\n```\n\n{table.strip()}"
 
 
 @block(slow=True, benchmark=TRACK_OVERHEAD)
 def track_overhead(cwd: Path) -> str:
-    """docs/integrations.md: what bl.track costs a user's loop; the script prints a markdown table."""
-    header, _, table = run(TRACK_OVERHEAD, cwd).partition("\n")
-    return f"```console\n$ {TRACK_OVERHEAD}\n{header}\n```\n\n{table.strip()}"
+    """docs/integrations.md: what bl.track costs a user's loop, in CPU time."""
+    return table_block(TRACK_OVERHEAD, cwd)
+
+
+@block(slow=True, benchmark=TRACK_INSTRUCTIONS)
+def track_instructions(cwd: Path) -> str:
+    """docs/integrations.md: what bl.track costs a user's loop, in instructions per step."""
+    return table_block(TRACK_INSTRUCTIONS, cwd)
 
 
 @block(slow=True, benchmark=PROBES_OVERHEAD)
 def probes_overhead(cwd: Path) -> str:
-    """docs/probes.md: the cost of each probe set; the script prints a markdown table."""
-    header, _, table = run(PROBES_OVERHEAD, cwd).partition("\n")
-    return f"```console\n$ {PROBES_OVERHEAD}\n{header}\n```\n\n{table}"
+    """docs/probes.md: the cost of each probe set."""
+    return table_block(PROBES_OVERHEAD, cwd)
 
 
 STUDY_BENCHMARK = "python benchmarks/study.py"
