@@ -3,9 +3,10 @@
 One epoch of an MLP 40-100-100-10 on MNIST-1D (4000 samples) at B = 32, SGD lr 0.05, one torch
 thread, in this one process; each repeat runs every contender once, in a shuffled order, and the
 table gives the median seconds per epoch and the median of the per-repeat ratios to the reference
-(paired, so that a slow moment of a shared machine hits both sides of a ratio). Seconds are this process's CPU
-time (``time.process_time``): everything here runs in it (one torch thread, the DataLoader without
-workers), and other processes' load on a shared machine then does not count as ours:
+(paired, so that a slow moment of a shared machine hits both sides of a ratio). Seconds are this
+process's CPU time (``time.process_time``): everything here runs in it (one torch thread, the
+DataLoader without workers), and other processes' load on a shared machine then does not count as
+ours:
 
 - ``loop``: a user's loop over a DataLoader (batch_size=32, shuffle) reading ``loss.item()`` per step;
 - ``loop+track``: the same loop inside ``bl.track`` (default views: batch, running, lr);
@@ -143,7 +144,7 @@ def instructions_per_step(workers: int = 2) -> dict[str, float]:
 
     with ThreadPoolExecutor(workers) as pool:
         counts = {(name, epochs): pool.submit(count, name, epochs) for name in USER_LOOPS for epochs in (1, 3)}
-    steps = 2 * -(-4000 // B)  # two epochs of MNIST-1D's 4000 training samples
+    steps = 2 * len(user_loader())  # the two epochs between the counts
     return {name: (counts[name, 3].result() - counts[name, 1].result()) / steps for name in USER_LOOPS}
 
 

@@ -247,8 +247,9 @@ def _unmeasured(suffix: str) -> dict[str, float]:
     return {name.replace("_raw", f"{suffix}_raw") if name.endswith("_raw") else f"{name}{suffix}": math.nan for name in names}
 
 
-def _per_sample_estimates(batch: int, per_sample_sq: float, big_sq: float, n_train: float) -> tuple[float, float]:
-    """Unbiased ‖G‖² and tr(Σ) of one step from Σ_i ‖g_i‖²/B² over its B samples and ‖g_B‖².
+def _estimates_from_norms(batch: int, per_sample_sq: float, big_sq: float, n_train: float) -> tuple[float, float]:
+    """Unbiased ‖G‖² and tr(Σ) of one step from Σ_i ‖g_i‖²/B² over its B samples and ‖g_B‖²: the
+    estimates of `per_sample_estimates` from squared norms alone, without the per-sample gradients.
 
     `two_batch_estimates` with b = 1, its B one-sample estimates averaged (they are linear in
     ‖g_i‖²): tr(Σ) = (mean ‖g_i‖² − ‖g_B‖²)/(1 − 1/B), ‖G‖² = (B‖g_B‖² − mean ‖g_i‖²)/(B − 1) + tr(Σ)/N.
@@ -633,7 +634,8 @@ class NoiseScale:
             return state, {self.name: DeferredRead(batch, taps.take_terms(), global_norm(grads), scale)}
         # Σ_i ‖g_i‖² / B² and ‖g_B‖ in one read; float32 sums, float64 from here.
         per_sample_sq, norm = taps.per_sample_squares(grads)
-        return self._estimate(state, ctx, batch, per_sample_sq / scale**2, norm * norm)
+        grad_sq, trace_cov = _estimates_from_norms(batch, per_sample_sq / scale**2, norm * norm, _n_train(ctx))
+        return _advance(state, grad_sq, trace_cov, self.beta, "")
 
     def settle(self, state: NoiseState, ctx: ProbeContext, reads: Sequence["DeferredRead"]):
         """The estimates of steps measured with deferred reads, in step order, from one read.
@@ -646,14 +648,9 @@ class NoiseScale:
         per_sample_sq, big_sq = torch.stack([taps.squares_of_terms([read.terms for read in reads]).double(),
                                              torch.stack([read.norm for read in reads]).double().square()]).tolist()
         n_train = _n_train(ctx)
-        estimates = [_per_sample_estimates(read.batch, sq / read.loss_scale**2, norm_sq, n_train)
+        estimates = [_estimates_from_norms(read.batch, sq / read.loss_scale**2, norm_sq, n_train)
                      for read, sq, norm_sq in zip(reads, per_sample_sq, big_sq)]
         return _advance_all(state, estimates, self.beta, "")
-
-    def _estimate(self, state: NoiseState, ctx: ProbeContext, batch: int, per_sample_sq: float, big_sq: float):
-        """The step's estimates from Σ_i ‖g_i‖²/B² and ‖g_B‖²; the averages advance."""
-        grad_sq, trace_cov = _per_sample_estimates(batch, per_sample_sq, big_sq, _n_train(ctx))
-        return _advance(state, grad_sq, trace_cov, self.beta, "")
 
     def _part_gradients(self, ctx: ProbeContext, losses: torch.Tensor):
         """The sizes, and the gradients of the first K−1 parts' summed losses (graph retained for the loop)."""
