@@ -14,11 +14,13 @@ Example::
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from ..errors import StoreError
 from .codec import dumps
@@ -27,6 +29,7 @@ from .tensorboard import BOOKKEEPING
 
 _STATUS = {"finished": "FINISHED", "stopped": "FINISHED", "running": "RUNNING"}  # else FAILED
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy tracking stores
 
 
 def export_mlflow(
@@ -41,8 +44,9 @@ def export_mlflow(
 
     Args:
         runs: the runs (one, or a group's).
-        tracking_uri: where MLflow keeps runs: ``http://host:5000``, ``sqlite:///mlflow.db``,
-            ``file:./mlruns`` (MLflow 3 wants ``MLFLOW_ALLOW_FILE_STORE=true`` for a folder).
+        tracking_uri: where MLflow keeps runs: ``http://host:5000``, ``sqlite:///mlflow.db`` (needs
+            sqlalchemy and alembic, which the ``[mlflow]`` extra installs), ``file:./mlruns`` (MLflow 3
+            keeps a folder only with ``MLFLOW_ALLOW_FILE_STORE=true`` set).
         experiment: the MLflow experiment (made if missing).
         store_path: the batchlab store the runs come from, kept as a tag so a later export of the
             same run replaces this one.
@@ -50,20 +54,19 @@ def export_mlflow(
             and a scratch folder to write them in, removed afterwards.
 
     Raises:
-        StoreError: mlflow is not installed, or the tracking server refused (one line). A run that
-            fails half-way is deleted again.
+        StoreError: mlflow (or, for a database URI, sqlalchemy) is not installed, or the tracking
+            store refused (one line). A run that fails half-way is deleted again.
     """
-    client = _client(tracking_uri)
     source = str(Path(store_path).resolve()) if store_path is not None else ""
     try:
+        client = _client(tracking_uri)
         found = client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
         return [_log_run(client, experiment_id, run, source, artifacts) for run in runs]
     except StoreError:
         raise
     except Exception as error:  # MlflowException, connection errors: one line for the user
-        message = " ".join(str(error).split())[:300]
-        raise StoreError(f"cannot export to MLflow at {tracking_uri}: {message}") from None
+        raise StoreError(_refusal(tracking_uri, error)) from None
 
 
 def mlflow_metrics(run: StoredRun) -> list[tuple[str, float, int, int]]:
@@ -132,7 +135,22 @@ def _client(tracking_uri: str):
         from mlflow.tracking import MlflowClient
     except ImportError:
         raise StoreError("the mlflow export needs mlflow; install it with `pip install 'batchlab[mlflow]'`") from None
+    scheme = urlparse(tracking_uri).scheme.partition("+")[0]  # postgresql+psycopg2 -> postgresql
+    # mlflow-skinny registers its database stores only when sqlalchemy can be imported; without it
+    # MlflowClient fails deep inside with a model-registry error that names neither package.
+    if scheme in _DATABASE_SCHEMES and importlib.util.find_spec("sqlalchemy") is None:
+        raise StoreError(f"MLflow's {scheme} store needs sqlalchemy and alembic, which mlflow-skinny lacks; install "
+                         "them with `pip install 'batchlab[mlflow]'`, or export to a tracking server (http://...)")
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _refusal(tracking_uri: str, error: Exception) -> str:
+    """MLflow's error as one line; its refusal of a folder store as the remedy itself."""
+    message = " ".join(str(error).split())
+    if "MLFLOW_ALLOW_FILE_STORE" in message:  # MLflow 3: folders are kept only on request
+        return (f"MLflow refuses the folder store {tracking_uri} unless MLFLOW_ALLOW_FILE_STORE=true is set; "
+                "set it, or export to sqlite:///mlflow.db")
+    return f"cannot export to MLflow at {tracking_uri}: {message[:300]}"
 
 
 def _ms(iso: str) -> int:
