@@ -21,6 +21,15 @@ The check compares the committed and the generated text after `mask_timings`, wh
 differs from run to run (seconds, rates, dates, durations); every other number must match.
 Benchmark blocks are nothing but timings, so their check only asserts that the block shows the
 command that made it. `tests/test_docs.py` runs the check.
+
+Numbers from training are pinned, not tolerated: hundreds of float32 steps on another CPU's vector
+kernels (AVX-512 instead of AVX2, another MKL code path) round differently, and sooner or later a
+sample near the decision boundary is scored the other way. So every command behind a block of
+numbers runs on the portable kernels (PORTABLE_KERNELS: ATen's scalar kernels, MKL's compatible
+code path), which every x86-64 CPU computes alike, and the block's command line says so. A user who
+runs that line gets the block exactly; without the settings, the last digits may differ. Benchmark
+blocks measure the machine's own kernels and are not pinned. docs/architecture.md ("Testing")
+states the rule for every test.
 """
 
 from __future__ import annotations
@@ -59,6 +68,12 @@ TIMING_MASKS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"Fastest here: B = \w+"), "Fastest here: B = <fastest>"),  # the study's pick by seconds
 ]
 
+# The kernels every x86-64 CPU computes alike (see the module docstring): ATen's default (scalar)
+# kernels instead of the CPU's own AVX2/AVX-512 ones, and MKL's conditional numerical
+# reproducibility in its compatible code path, alignment-independent (STRICT) for the matrix products.
+PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE,STRICT"}
+PORTABLE_PREFIX = " ".join(f"{name}={value}" for name, value in PORTABLE_KERNELS.items())
+
 # Table columns that hold timings: the cells under these headers are masked as a whole.
 TIMING_COLUMNS = {"seconds", "s/epoch", "ms/step", "vectorized_s", "sequential_s", "wall time"}
 CELL = re.compile(r"[│┃|]")
@@ -79,9 +94,12 @@ class Block:
         make: temporary folder -> the region's text (ends with a newline).
         slow: made only with ``--slow`` (minutes); the test of its numbers is marked slow.
         benchmark: the benchmark command when the block is all timings; the check then only
-            asserts that the committed block shows this command.
+            asserts that the committed block shows this command. Benchmarks run on the machine's
+            own kernels; every other block on PORTABLE_KERNELS.
         artifacts: files (relative to the temporary folder and to the repository alike) the
             command writes, copied into the repository when the block is rewritten (figures).
+        pinned: its commands run on PORTABLE_KERNELS and show them; False for a benchmark and for
+            a command that prints no number computed by training (counts alone).
     """
 
     name: str
@@ -89,16 +107,17 @@ class Block:
     slow: bool = False
     benchmark: str | None = None
     artifacts: tuple[str, ...] = ()
+    pinned: bool = True
 
 
 BLOCKS: dict[str, Block] = {}
 
 
-def block(slow: bool = False, benchmark: str | None = None, artifacts: tuple[str, ...] = ()):
+def block(slow: bool = False, benchmark: str | None = None, artifacts: tuple[str, ...] = (), pinned: bool = True):
     """Register the decorated function as the maker of the region of the same name."""
 
     def register(make: Callable[[Path], str]) -> Callable[[Path], str]:
-        BLOCKS[make.__name__] = Block(make.__name__, make, slow, benchmark, artifacts)
+        BLOCKS[make.__name__] = Block(make.__name__, make, slow, benchmark, artifacts, pinned and benchmark is None)
         return make
 
     return register
@@ -108,16 +127,24 @@ def block(slow: bool = False, benchmark: str | None = None, artifacts: tuple[str
 # Running commands
 
 
-def command_env() -> dict[str, str]:
-    """The environment every command runs in: this checkout's source, one thread, no user store."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHLAB_")}
+def command_env(pinned: bool = True) -> dict[str, str]:
+    """The environment every command runs in: this checkout's source, one thread, no user store,
+    and (`pinned`) the portable kernels; otherwise the machine's own, whatever the caller set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHLAB_") and k not in PORTABLE_KERNELS}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0", PYTHONUNBUFFERED="1",
                PYTHONWARNINGS="ignore", COLUMNS="100", NO_COLOR="1", TERM="dumb")  # fmt: skip
+    if pinned:
+        env.update(PORTABLE_KERNELS)
     return env
 
 
-def run(command: str, cwd: Path, head: int | None = None) -> str:
+def is_pinned() -> bool:
+    """Whether this process runs on the portable kernels (for the blocks made in-process)."""
+    return all(os.environ.get(name) == value for name, value in PORTABLE_KERNELS.items())
+
+
+def run(command: str, cwd: Path, head: int | None = None, pinned: bool = True) -> str:
     """Run one documented command line as a user would and return what it printed (stdout and stderr).
 
     Args:
@@ -125,6 +152,7 @@ def run(command: str, cwd: Path, head: int | None = None) -> str:
             (this checkout's script).
         cwd: the folder it runs in.
         head: stop the command once it has printed this many lines, and return those.
+        pinned: run it on PORTABLE_KERNELS (False for a benchmark, which measures this CPU's own).
 
     Raises GenerationError when the command fails.
     """
@@ -133,7 +161,7 @@ def run(command: str, cwd: Path, head: int | None = None) -> str:
         argv = [sys.executable, "-m", "batchlab", *argv[1:]]
     elif argv[0] == "python":
         argv = [sys.executable, *[str(ROOT / a) if a.startswith("benchmarks/") else a for a in argv[1:]]]
-    with subprocess.Popen(argv, cwd=cwd, env=command_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    with subprocess.Popen(argv, cwd=cwd, env=command_env(pinned), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as process:  # fmt: skip
         assert process.stdout is not None
         lines = []
@@ -151,21 +179,23 @@ def run(command: str, cwd: Path, head: int | None = None) -> str:
     return "\n".join(line.rstrip() for line in output.strip("\n").splitlines()) + "\n"
 
 
-def console(cwd: Path, *commands: str, head: int | None = None) -> str:
+def console(cwd: Path, *commands: str, head: int | None = None, pinned: bool = True) -> str:
     """A fenced console block: each command after ``$ `` and its output.
 
     Args:
         cwd: the folder the commands run in (they share it, and so its store).
         commands: documented command lines, run in order.
         head: show only the first `head` lines of each command's output (and stop it there).
+        pinned: run them on PORTABLE_KERNELS, shown before each command as the settings a user
+            gives to get the same output (False for a benchmark).
 
     Returns:
         The block's text, fences included.
     """
     parts = ["```console\n"]
     for command in commands:
-        output = run(command, cwd, head)
-        parts += [f"$ {command}\n", output]
+        output = run(command, cwd, head, pinned)
+        parts += [f"$ {PORTABLE_PREFIX + ' ' if pinned else ''}{command}\n", output]
     return "".join(parts) + "```\n"
 
 
@@ -173,10 +203,10 @@ def console(cwd: Path, *commands: str, head: int | None = None) -> str:
 # The blocks, in the order of the docs
 
 
-@block()
+@block(pinned=False)
 def loop_accounting(cwd: Path) -> str:
-    """docs/loop.md: the accounting line every run prints first."""
-    return console(cwd, "batchlab fit --dataset mnist1d --batch-size 32 --epochs 20", head=1)
+    """docs/loop.md: the accounting line every run prints first (counts, before any training)."""
+    return console(cwd, "batchlab fit --dataset mnist1d --batch-size 32 --epochs 20", head=1, pinned=False)
 
 
 @block(artifacts=("docs/figures/batchlab-explain-1.png",))
@@ -188,7 +218,8 @@ def explain_default(cwd: Path) -> str:
 
 def benchmark(name: str, command: str) -> None:
     """Register a benchmark block: the console output of `command`, made only with --slow."""
-    BLOCKS[name] = Block(name, lambda cwd: console(cwd, command), slow=True, benchmark=command)
+    BLOCKS[name] = Block(name, lambda cwd: console(cwd, command, pinned=False), slow=True, benchmark=command,
+                         pinned=False)
 
 
 # docs/loop.md: seconds per epoch of bl.fit against a plain loop, Lightning and Keras
@@ -210,7 +241,7 @@ TRACK_INSTRUCTIONS = "python benchmarks/track.py --instructions"
 def table_block(command: str, cwd: Path) -> str:
     """A benchmark that prints a header line and a markdown table: the header as console output, the
     table rendered."""
-    header, _, table = run(command, cwd).partition("\n")
+    header, _, table = run(command, cwd, pinned=False).partition("\n")
     return f"```console\n$ {command}\n{header}\n```\n\n{table.strip()}"
 
 
@@ -239,7 +270,7 @@ STUDY_BENCHMARK = "python benchmarks/study.py"
 def study_benchmark(cwd: Path) -> str:
     """docs/study.md: run_study against a plain PyTorch loop doing the same trials, on one and on all
     cores; the script's `table` prints the markdown table between its first line and its last lines."""
-    header, _, rest = run(STUDY_BENCHMARK, cwd).partition("\n")
+    header, _, rest = run(STUDY_BENCHMARK, cwd, pinned=False).partition("\n")
     table = "\n".join(line for line in rest.splitlines() if line.startswith("|"))
     notes = "\n".join(line for line in rest.splitlines() if line and not line.startswith("|"))
     return f"```console\n$ {STUDY_BENCHMARK}\n{header}\n```\n\n{table}\n\n{notes}"
@@ -251,7 +282,7 @@ DDP_BENCHMARK = "python benchmarks/ddp.py --repeats 3 --epochs 4"
 @block(slow=True, benchmark=DDP_BENCHMARK)
 def ddp_benchmark(cwd: Path) -> str:
     """docs/distributed.md: seconds per epoch at 1 and 2 ranks; the script prints a markdown table."""
-    return f"```console\n$ {DDP_BENCHMARK}\n```\n\n{run(DDP_BENCHMARK, cwd)}"
+    return f"```console\n$ {DDP_BENCHMARK}\n```\n\n{run(DDP_BENCHMARK, cwd, pinned=False)}"
 
 
 GRADNORM = "batchlab gradnorm --out docs/figures/gradnorm"
@@ -482,38 +513,26 @@ def mask_timing_columns(text: str) -> str:
 
 
 NUMBER = re.compile(r"(?<![\w.])(-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)(?![\w])")
-RELATIVE_TOLERANCE = 1e-3  # float32 training drifts by about 1e-5 from one CPU to another
 
 
 def differs(region: Region, generated: str) -> bool:
     """Whether the committed region says something else than the generated text, timings aside.
 
-    Words, layout and whole numbers (counts, steps, batch sizes) must match exactly. Decimals may
-    differ by the rounding of their last printed digit, or by RELATIVE_TOLERANCE: the numbers come
-    from float32 training, which rounds differently from one CPU to the next (vector width,
-    reduction order), and a doc must not fail its check on another machine for that.
+    Words, numbers and layout must match exactly, except that a table's column may widen or narrow
+    (runs of spaces and rules collapse). No tolerance for decimals: the blocks' commands run on
+    PORTABLE_KERNELS, which compute the same bits on every x86-64 CPU, so any difference in a
+    number is a change in what the code computes.
     """
     committed, fresh = NUMBER.split(mask_timings(region.body)), NUMBER.split(mask_timings(generated))
     if len(committed) != len(fresh):
         return True
-    for index, (old, new) in enumerate(zip(committed, fresh)):
-        agree = _numbers_agree(old, new) if index % 2 else _layout(old) == _layout(new)
-        if not agree:
-            return True
-    return False
+    return any(old != new if index % 2 else _layout(old) != _layout(new)
+               for index, (old, new) in enumerate(zip(committed, fresh)))
 
 
 def _layout(text: str) -> str:
     """Text with runs of spaces and of box-drawing rules collapsed (a column may widen by a digit)."""
     return re.sub(r"([ ─━-])\1+", r"\1", text)
-
-
-def _numbers_agree(old: str, new: str) -> bool:
-    if not any(mark in old + new for mark in ".eE"):
-        return old == new  # whole numbers are counts: exact
-    x, y = float(old), float(new)
-    decimals = max(len(old.partition(".")[2]), len(new.partition(".")[2]))
-    return abs(x - y) <= max(2 * 10.0**-decimals, RELATIVE_TOLERANCE * max(abs(x), abs(y)))
 
 
 def generate(block_: Block, keep_artifacts: bool) -> str:
@@ -584,6 +603,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slow", action="store_true", help="include the slow blocks (many minutes)")
     parser.add_argument("--only", help="comma-separated block names (slow ones included)")
     args = parser.parse_args(argv)
+    if not is_pinned():  # the studies and other blocks made in this process train on the portable kernels too
+        arguments = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, __file__, *arguments], {**os.environ, **PORTABLE_KERNELS})
     only = set(args.only.split(",")) if args.only else None
     try:
         if only is not None and only - BLOCKS.keys():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.metadata
 import importlib.util
 import subprocess
 import sys
@@ -29,12 +31,33 @@ def _type_checking_names() -> set[str]:
     return {alias.asname or alias.name for node in block.body for alias in node.names}
 
 
+def _type_checking_sources() -> dict[str, str]:
+    """Each name the ``if TYPE_CHECKING:`` block imports -> the module it imports it from."""
+    tree = ast.parse(INIT.read_text())
+    block = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
+    sources = {}
+    for node in block.body:
+        for alias in node.names:
+            module = f"batchlab.{node.module}" if isinstance(node, ast.ImportFrom) and node.module else None
+            sources[alias.asname or alias.name] = module or f"batchlab.{alias.name}"
+    return sources
+
+
 def test_the_typed_names_the_lazy_names_and_all_agree():
     lazy = set(batchlab._EXPORTS)
     assert _type_checking_names() == lazy | batchlab._SUBMODULES
     assert set(batchlab.__all__) == lazy | {"__version__"}
-    for name in batchlab.__all__:
-        assert getattr(batchlab, name) is not None
+
+
+def test_each_public_name_is_the_object_type_checkers_are_told_it_is():
+    # What `import batchlab as bl; bl.fit` resolves to at run time must be the very object that the
+    # TYPE_CHECKING imports name (the lazy table could point a name at another module's namesake).
+    for name, module in _type_checking_sources().items():
+        if name in batchlab._SUBMODULES:
+            assert getattr(batchlab, name) is importlib.import_module(module), name
+        else:
+            assert getattr(batchlab, name) is getattr(importlib.import_module(module), name), name
+    assert batchlab.__version__ == importlib.metadata.version("batchlab")
 
 
 def test_package_ships_py_typed():
