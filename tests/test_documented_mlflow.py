@@ -109,3 +109,16 @@ def test_the_documented_database_command_exports_the_runs_losses(stored, cli, tm
     assert status == 0, err
     [mlflow_id] = json.loads(out)["files"]
     assert_same_curve(logged_losses("sqlite:///mlflow.db", mlflow_id), stored_losses(stored))
+
+
+def test_a_server_that_does_not_answer_is_one_line_within_seconds(stored, cli):
+    import socket
+    import time
+
+    with socket.create_server(("127.0.0.1", 0)) as probe:  # a port that is free once closed
+        port = probe.getsockname()[1]
+    started = time.perf_counter()
+    status, out, err = export(cli, stored, f"http://127.0.0.1:{port}")
+    assert time.perf_counter() - started < 30  # not MLflow's four minutes of retries
+    assert status == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: no MLflow tracking server answers at http://127.0.0.1:{port}")

@@ -230,4 +230,104 @@ def test_an_unreachable_ray_address_is_one_line_within_seconds(address):
     if ray_available():  # refused when the executor is made, before a study stores anything
         with pytest.raises(ConfigError):
             RayExecutor(address=address)
-    check_reachable("auto")  # Ray's own discovery is not second-guessed
+    check_reachable("local")  # Ray starts a cluster of its own: nothing to ask
+
+
+@pytest.fixture
+def listener():
+    """``listen(reply)``: a local TCP port whose server answers each connection with ``reply``
+    (None: accepts and stays silent), as a service that is not Ray would."""
+    import socket
+    import threading
+
+    servers = []
+
+    def listen(reply: bytes | None) -> int:
+        server = socket.create_server(("127.0.0.1", 0))
+        servers.append(server)
+
+        def serve():
+            while True:
+                try:
+                    connection, _ = server.accept()
+                except OSError:  # closed at the end of the test
+                    return
+                connection.recv(64)
+                if reply is not None:
+                    connection.sendall(reply)
+                servers.append(connection)  # kept open: a silent server must not look closed
+
+        threading.Thread(target=serve, daemon=True).start()
+        return server.getsockname()[1]
+
+    yield listen
+    for server in servers:
+        server.close()
+
+
+HTTP_REPLY = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"
+GRPC_SETTINGS = bytes(3) + b"\x04" + bytes(5)  # an HTTP/2 server's first frame: an empty SETTINGS
+
+
+@pytest.mark.parametrize("reply", [HTTP_REPLY, None], ids=["http-server", "silent-server"])
+def test_a_port_that_is_not_ray_is_refused_in_seconds(listener, reply):
+    from batchlab.study.executors import check_reachable
+
+    address = f"127.0.0.1:{listener(reply)}"
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as refused:
+        check_reachable(address, timeout=2)
+    assert time.perf_counter() - started < 4  # not ray.init's minutes of retries
+    message = str(refused.value)
+    assert "\n" not in message and address in message and "ray start --head" in message
+    assert ("not Ray" in message) == (reply is not None) and ("within 2 s" in message) == (reply is None)
+
+
+def test_a_grpc_server_passes_the_check(listener):
+    from batchlab.study.executors import check_reachable
+
+    check_reachable(f"127.0.0.1:{listener(GRPC_SETTINGS)}", timeout=2)
+    check_reachable(f"ray://127.0.0.1:{listener(GRPC_SETTINGS)}", timeout=2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ray_available(), reason="ray is not installed")
+def test_a_running_ray_clusters_address_passes_the_check():
+    import ray
+
+    from batchlab.study.executors import check_reachable
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        check_reachable(ray.get_runtime_context().gcs_address, timeout=5)
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.skipif(not ray_available(), reason="ray is not installed")
+def test_auto_follows_ray_address_and_refuses_a_dead_one(monkeypatch):
+    from batchlab.study.executors import check_reachable
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # what `auto` (and no address) connects to
+    for address in ("auto", None):
+        with pytest.raises(ConfigError, match=r"no Ray cluster answers at '127.0.0.1:1' \(from RAY_ADDRESS\)"):
+            check_reachable(address, timeout=2)
+
+
+@pytest.mark.skipif(not ray_available(), reason="ray is not installed")
+def test_study_with_ray_auto_and_no_cluster_is_one_line_and_stores_nothing(cli, tmp_path, monkeypatch):
+    import ray._private.services as services
+
+    def nothing_running(address, temp_dir):  # Ray's discovery on a machine without a cluster
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    # Another Ray on this machine (a parallel test) must not be found: discovery is made to find none.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(services, "get_ray_address_from_environment", nothing_running)
+    store = tmp_path / "s.db"
+    status, out, err = cli(["study", "--dataset", "blobs", "--batch-sizes", "16", "--lrs", "0.1", "--seeds", "1",
+                            "--max-steps", "5", "--executor", "ray", "--ray-address", "auto", "--store", str(store),
+                            "--quiet"])
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: --ray-address auto found no running Ray cluster")
+    assert "ray start --head" in err and not store.exists()

@@ -29,6 +29,7 @@ from .tensorboard import BOOKKEEPING
 
 _STATUS = {"finished": "FINISHED", "stopped": "FINISHED", "running": "RUNNING"}  # else FAILED
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
+CONNECT_TIMEOUT = 10.0  # seconds for a tracking server to accept a connection
 _DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy tracking stores
 
 
@@ -136,12 +137,31 @@ def _client(tracking_uri: str):
     except ImportError:
         raise StoreError("the mlflow export needs mlflow; install it with `pip install 'batchlab[mlflow]'`") from None
     scheme = urlparse(tracking_uri).scheme.partition("+")[0]  # postgresql+psycopg2 -> postgresql
+    if scheme in ("http", "https"):
+        _check_server(tracking_uri)
     # mlflow-skinny registers its database stores only when sqlalchemy can be imported; without it
     # MlflowClient fails deep inside with a model-registry error that names neither package.
     if scheme in _DATABASE_SCHEMES and importlib.util.find_spec("sqlalchemy") is None:
         raise StoreError(f"MLflow's {scheme} store needs sqlalchemy and alembic, which mlflow-skinny lacks; install "
                          "them with `pip install 'batchlab[mlflow]'`, or export to a tracking server (http://...)")
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _check_server(tracking_uri: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Refuse a server URI where nothing accepts a connection within ``timeout`` seconds.
+
+    MLflow's client retries such a server with growing pauses for about four minutes.
+    """
+    import socket
+
+    parsed = urlparse(tracking_uri)
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        socket.create_connection((parsed.hostname or "", port), timeout=timeout).close()
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or str(error) or f"nothing answered within {timeout:g} s"
+        raise StoreError(f"no MLflow tracking server answers at {tracking_uri} ({reason}); "
+                         "start it (`mlflow server`), or check the URI") from None
 
 
 def _refusal(tracking_uri: str, error: Exception) -> str:

@@ -203,8 +203,9 @@ class RayExecutor:
     Workers' output is shown in the driver.
 
     Args:
-        address: a Ray cluster address (``ray://host:10001``, ``auto``), or None to start or join
-            a local one.
+        address: a Ray cluster address (``host:6379``, ``ray://host:10001``, ``auto`` for the one
+            ``ray start`` left on this machine or ``RAY_ADDRESS``), or None to start a local one.
+            An address where no Ray cluster answers is refused within `CONNECT_TIMEOUT` seconds.
         cpus_per_group: CPUs per group (torch threads follow it).
         gpus_per_group: GPUs per group; fractional values let several groups share one GPU.
         max_failures: retries of a group whose worker crashed.
@@ -224,7 +225,7 @@ class RayExecutor:
                               "or use --executor processes")
         if cpus_per_group <= 0 or gpus_per_group < 0 or max_failures < 0:
             raise ConfigError("--cpus-per-group must be > 0, --gpus-per-group and --max-failures >= 0")
-        check_reachable(address)  # before anything is stored: ray.init would wait minutes for a wrong address
+        check_reachable(address)  # before anything is stored: ray.init would wait many minutes for a wrong address
         self.address, self.num_cpus, self.num_gpus = address, cpus_per_group, gpus_per_group
         self.max_failures, self.runtime_env, self.ship_code = max_failures, dict(runtime_env or {}), ship_code
         self.init_options = dict(init or {})
@@ -275,7 +276,11 @@ class RayExecutor:
             if not self._started_ray or env == self._env:
                 return  # the caller's own connection (and runtime environment), or ours with this code
             ray.shutdown()  # Ray ships local code per job only: a study with another model module reconnects
-        ray.init(address=self.address, runtime_env=env, log_to_driver=True, **self.init_options)
+        try:
+            ray.init(address=self.address, runtime_env=env, log_to_driver=True, **self.init_options)
+        except (ConnectionError, RuntimeError, ImportError) as error:  # a cluster gone since check_reachable
+            line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ConfigError(f"cannot connect to Ray at {self.address or 'a local cluster'}: {line}") from None
         self._started_ray, self._env = True, env
 
     def _runtime_env(self, plan) -> dict[str, Any]:
@@ -293,30 +298,79 @@ class RayExecutor:
 
 
 CONNECT_TIMEOUT = 10.0  # seconds to wait for a Ray cluster's address to answer
+# A client's HTTP/2 connection preface and an empty SETTINGS frame (RFC 9113 §3.4). Ray's GCS and its
+# client server speak gRPC, which is HTTP/2: their first frame in reply is SETTINGS (type 4).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes(3) + b"\x04" + bytes(5)
+_SETTINGS_FRAME = 4
 
 
 def check_reachable(address: str | None, timeout: float = CONNECT_TIMEOUT) -> None:
-    """Refuse a Ray address (``host:port`` or ``ray://host:port``) that does not accept a connection.
+    """Refuse a Ray address where no Ray cluster answers, within ``timeout`` seconds.
 
-    `ray.init` waits for an unreachable cluster for minutes; this answers within ``timeout``.
-    ``auto``, ``local`` and None (Ray finds or starts the cluster itself) are not checked.
+    `ray.init` waits for an unreachable cluster, or a port that is not Ray's, for many minutes;
+    this asks the address (``host:port``, ``ray://host:port``, or the one ``auto`` finds, as Ray
+    finds it: ``RAY_ADDRESS``, else the cluster ``ray start`` left on this machine) for a gRPC
+    (HTTP/2) handshake, which Ray's head answers at once. ``local`` and None (Ray starts a cluster
+    of its own) are not checked, unless ``RAY_ADDRESS`` names one for None.
 
     Raises:
-        ConfigError: a malformed address, or nothing answering at it.
+        ConfigError: a malformed address, none found for ``auto``, or no Ray cluster answering.
     """
-    import socket
-
-    if address in (None, "auto", "local"):
+    if address == "local" or (address is None and not os.environ.get("RAY_ADDRESS")):
         return
-    text = address.removeprefix("ray://")
+    found = _find_address(address)
+    if found is None:
+        return
+    text = found.removeprefix("ray://")
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError(f"--ray-address {address!r} is not host:port, ray://host:port or auto")
+        raise ConfigError(f"--ray-address {found!r} is not host:port, ray://host:port or auto")
+    problem = _grpc_problem(host.strip("[]"), int(port), timeout)
+    if problem:
+        source = "" if found == address else " (from RAY_ADDRESS)" if found == os.environ.get("RAY_ADDRESS") \
+            else " (found by --ray-address auto)"
+        raise ConfigError(f"no Ray cluster answers at {found!r}{source}: {problem}; start one with "
+                          "`ray start --head`, or check the address")
+
+
+def _find_address(address: str | None) -> str | None:
+    """The address `ray.init` would connect to: the one given, ``RAY_ADDRESS``, or Ray's discovery."""
+    if address not in (None, "auto"):
+        return address
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:  # Ray's own discovery for `auto` (private: when it moves, ray.init's own error applies)
+        from ray._private.services import get_ray_address_from_environment
+    except ImportError:
+        return None
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        return get_ray_address_from_environment("auto", None)
+    except ConnectionError:
+        raise ConfigError("--ray-address auto found no running Ray cluster on this machine; start one with "
+                          "`ray start --head`, give the cluster's address, or leave --ray-address out for a "
+                          "local one") from None
+    except Exception:  # another Ray version's signature: leave the decision to ray.init
+        return None
+
+
+def _grpc_problem(host: str, port: int, timeout: float) -> str | None:
+    """Why ``host:port`` is not a gRPC server (None when it is), decided within ``timeout`` seconds."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as connection:
+            connection.settimeout(max(0.1, deadline - time.monotonic()))  # one budget for both waits
+            connection.sendall(_HTTP2_PREFACE)
+            header = connection.recv(9)  # the first frame's header: length (3), type (1), flags, stream
+    except TimeoutError:
+        return f"nothing answered within {timeout:g} s"
     except (OSError, ValueError) as error:
-        raise ConfigError(f"no Ray cluster answers at {address!r} within {timeout:g} s "
-                          f"({error.strerror or error}); start one with `ray start --head`, or check the address") from None
+        return getattr(error, "strerror", None) or str(error) or type(error).__name__
+    if len(header) < 4 or header[3] != _SETTINGS_FRAME:
+        return "something answers there, but not Ray (its reply is not gRPC)"
+    return None
 
 
 def _code_to_ship(model_spec: str) -> list[str]:
