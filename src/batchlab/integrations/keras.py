@@ -10,6 +10,19 @@ batch's own value from two consecutive running means,
 and hands it to the measurement core, which rebuilds the running mean from the batch values: the
 stored ``running_*`` equal Keras' logs, ``batch_*`` are Keras' per-batch values. Keras computes in
 float32, so a recovered batch value carries the running mean's rounding times n_t/b_t.
+
+Each b_t is learned, not assumed: Keras' loss tracker counts the samples behind its running loss
+(n_t, reset with the metrics at each epoch start), so a short last batch has its true size without
+``n_train``. The training-set size is then the first epoch's sample count. A ``batch_size`` or
+``n_train`` that contradicts what Keras reports is refused in one line.
+
+Keras 3 calls no hook when an exception leaves ``fit`` (Ctrl-C in a notebook), so the callback
+guards the calls ``fit`` makes into its callbacks and its train and test steps: an exception there
+ends the run ``interrupted`` (Ctrl-C) or ``failed`` (an error) in the store at once, its message
+naming the step the rows end at, and then goes on. A Ctrl-C that lands while Keras reads the next
+batch is not seen at once: the run ends ``interrupted`` at the callback's next ``fit``, or is shown
+so by the store once the process is gone.
+
 Validation metrics (``val_loss``, ``val_accuracy``) join each epoch's evaluation row; ``eval_data``
 adds full passes (``train`` densely for ``batchlab explain --run``). Probes need the gradients, which
 Keras keeps to itself: use `batchlab.track` or `bl.fit` for them.
@@ -18,9 +31,11 @@ Keras keeps to itself: use `batchlab.track` or `bl.fit` for them.
 from __future__ import annotations
 
 import math
+import sys
 import time
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import keras
@@ -53,8 +68,10 @@ class BatchlabCallback(keras.callbacks.Callback):
 
     Args:
         store: a `batchlab.store.RunStore` or a path; the run is recorded there (kind ``keras``).
-        batch_size: the ``batch_size`` given to ``fit`` (Keras does not tell its callbacks).
-        n_train: training samples (default: ``batch_size × steps``, exact unless the last batch is short).
+        batch_size: the ``batch_size`` given to ``fit`` (Keras does not tell its callbacks); every
+            batch but an epoch's last must hold this many samples.
+        n_train: training samples per epoch, checked against what Keras reports (default: learned
+            from the first epoch).
         name: the run's name in the store.
         eval_every: evaluate ``eval_data`` every this many steps (and at every epoch end).
         eval_data: ``{"train": (X, y), "val": (X, y)}`` arrays, evaluated with the model's compiled loss.
@@ -66,8 +83,11 @@ class BatchlabCallback(keras.callbacks.Callback):
                  eval_every: int | None = None, eval_data: Any = None, callbacks: Sequence[Callback] = (),
                  dataset: str = ""):
         super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not _is_count(batch_size):
             raise ConfigError(f"batch_size must be the integer batch size given to fit, got {batch_size!r}")
+        if n_train is not None and not _is_count(n_train):
+            raise ConfigError(f"n_train must be the number of training samples, a whole number >= 1, got {n_train!r}; "
+                              "leave it out to learn it from the first epoch")
         self.store, self.name, self.batch_size, self.n_train = store, name, batch_size, n_train
         self.eval_every, self.dataset = eval_every, dataset or "user data"
         self.eval_data = dict(eval_data) if isinstance(eval_data, dict) else ({"val": eval_data} if eval_data else {})
@@ -76,14 +96,26 @@ class BatchlabCallback(keras.callbacks.Callback):
         self.run: Run | None = None
         self.run_id: int | None = None
         self._store_callback = None
+        self._loss_counter = None
+        self._guard: _FitGuard | None = None
 
     # -- keras hooks -----------------------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
-        steps, epochs = int(self.params["steps"]), int(self.params["epochs"])
-        n_train = self.n_train or self.batch_size * steps
-        clock = Clock(n_train=n_train, batch_size=self.batch_size, steps_per_epoch=steps, total_steps=steps * epochs,
-                      epochs=epochs)
+        if self.recorder is not None and self.run is None:  # the last fit left without a word (see the module)
+            self._end_on_error(KeyboardInterrupt())
+        steps, epochs = self.params.get("steps"), int(self.params["epochs"])
+        if steps is None:
+            raise ConfigError("Keras does not know how many steps an epoch of this data has; pass steps_per_epoch "
+                              "to fit so that BatchlabCallback can count epochs")
+        steps = int(steps)
+        if self.n_train is not None:
+            _check_n_train(self.n_train, self.batch_size, steps)
+        self.run, self.run_id, self._store_callback = None, None, None
+        self._loss_counter = _loss_counter(self.model)
+        # n_train 0 until known: given, or counted over the first epoch (the store reads 0 as unknown).
+        clock = Clock(n_train=self.n_train or 0, batch_size=self.batch_size, steps_per_epoch=steps,
+                      total_steps=steps * epochs, epochs=epochs)
         config = KerasConfig(optimizer=type(self.model.optimizer).__name__, lr=self._lr(), batch_size=self.batch_size,
                              epochs=epochs, eval_every=self.eval_every)
         callbacks = list(self.extra_callbacks)
@@ -96,10 +128,15 @@ class BatchlabCallback(keras.callbacks.Callback):
         self.recorder = Recorder(clock, model=_KerasWeights(self.model), classification=True, callbacks=callbacks,
                                  config=config, dataset=self.dataset, eval_every=self.eval_every, save=None,
                                  save_refusal="the Keras callback writes no checkpoints; use Keras' ModelCheckpoint")
-        self.recorder.start_run()
-        if self.eval_data:
-            self._evaluate()
-        self._settle()
+        self._guard = _FitGuard(self.model, _callback_list_holding(self), self._end_on_error)
+        try:  # this hook is not guarded: Keras is calling it now
+            self.recorder.start_run()
+            if self.eval_data:
+                self._evaluate()
+            self._settle()
+        except BaseException as error:
+            self._end_on_error(error)
+            raise
         self._mark = time.perf_counter()
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -111,11 +148,11 @@ class BatchlabCallback(keras.callbacks.Callback):
         rec = self.recorder
         if not rec.going:
             return
-        running_loss, size = float(logs["loss"]), self._batch_size(rec.clock.step_in_epoch)
+        previous_loss, previous_acc, seen = self._previous
+        running_loss, size = float(logs["loss"]), self._batch_size(rec.clock.step_in_epoch, seen)
         accuracy_key = next((k for k in ACCURACY_KEYS if k in logs), None)
         if rec.classification and accuracy_key is None and not rec.steps:
             rec.classification = False
-        previous_loss, previous_acc, seen = self._previous
         total = seen + size
         batch_loss = (running_loss * total - previous_loss * seen) / size
         correct = None
@@ -147,23 +184,76 @@ class BatchlabCallback(keras.callbacks.Callback):
         elif given:
             rec.record_evaluation(given)
         rec.end_epoch()
+        clock = rec.clock
+        if clock.n_train == 0 and clock.step_in_epoch == clock.steps_per_epoch:  # a whole epoch: its samples
+            rec.clock = replace(clock, n_train=self._previous[2])
         self._settle()
         self._mark = time.perf_counter()
 
+    def on_test_begin(self, logs=None):
+        if self._guard is not None:  # Keras makes its test step just before: guard it too
+            self._guard.wrap_steps()
+
     def on_train_end(self, logs=None):
+        self._end()
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    def _end(self, status: str | None = None, message: str | None = None) -> None:
+        """End the run once (``status`` overrides), and hand Keras back its own steps and callbacks."""
+        if self._guard is not None:
+            self._guard.remove()
+            self._guard = None
         if self.recorder is not None and self.run is None:
-            self.run = self.recorder.finish()
+            self.run = self.recorder.finish(status, message)
             if self._store_callback is not None:
                 self.run_id = self._store_callback.run_id
 
+    def _end_on_error(self, error: BaseException) -> None:
+        """An exception is leaving ``fit``: the run ends ``interrupted`` (Ctrl-C) or ``failed`` (an
+        error) with the rows recorded so far, and the message names the step they end at."""
+        if self.recorder is None or self.run is not None:
+            return
+        rows = self.recorder.steps
+        step = rows[-1]["step"] if rows else 0
+        if isinstance(error, KeyboardInterrupt):
+            status, message = "interrupted", f"interrupted at step {step}"
+        else:
+            text = str(error).strip().splitlines()
+            what = f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+            status, message = "failed", f"{what} (the rows end at step {step})"
+        try:
+            self._end(status, message)
+        except Exception as failure:  # the user's exception must still reach them
+            warnings.warn(f"batchlab could not end the run as {status}: {failure}", RuntimeWarning, stacklevel=2)
+
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _batch_size(self, step_in_epoch: int) -> int:
-        """The size of the next batch: ``batch_size``, the last one of an epoch what is left of n_train."""
+    def _batch_size(self, batch: int, seen: int) -> int:
+        """The size of the epoch's batch ``batch`` (0-based), after ``seen`` samples of the epoch:
+        what Keras' loss tracker counted for it, checked against ``batch_size`` and ``n_train``.
+
+        Without a counting loss tracker (a custom ``train_step``) the sizes follow from ``n_train``;
+        without that either they are unknown, and the run is refused rather than guessed.
+        """
         clock = self.recorder.clock
-        if step_in_epoch == clock.steps_per_epoch - 1:
-            return clock.n_train - step_in_epoch * self.batch_size
-        return self.batch_size
+        last = batch == clock.steps_per_epoch - 1
+        counted = _samples_counted(self._loss_counter)
+        if counted is not None and counted > seen:
+            size = counted - seen
+        elif self.n_train is not None:
+            size = self.n_train - batch * self.batch_size if last else self.batch_size
+        else:
+            raise ConfigError(f"Keras' loss tracker counted no samples for batch {batch + 1} (a custom train_step?), "
+                              "so its size is unknown; give BatchlabCallback n_train, the number of training samples")
+        where = f"Keras' batch {batch + 1} of epoch {clock.epoch}"
+        if size > self.batch_size or (size < self.batch_size and not last):
+            raise ConfigError(f"{where} held {size} samples, not batch_size={self.batch_size} (only an epoch's last "
+                              "batch may be smaller): give BatchlabCallback the batch_size passed to fit")
+        if self.n_train is not None and (seen + size > self.n_train or (last and seen + size != self.n_train)):
+            raise ConfigError(f"n_train={self.n_train} contradicts Keras: by {where} the epoch held {seen + size} "
+                              "samples; leave n_train out to learn it")
+        return size
 
     def _lr(self) -> float:
         value = self.model.optimizer.learning_rate
@@ -186,6 +276,101 @@ class BatchlabCallback(keras.callbacks.Callback):
                 metrics[f"{split}_acc"] = acc
         metrics.update({k: v for k, v in (extra or {}).items() if k not in metrics})
         self.recorder.record_evaluation(metrics, time.perf_counter() - started)
+
+
+class _FitGuard:
+    """Sees an exception leave Keras' ``fit``, which calls no hook then: wraps the calls ``fit`` makes
+    (its callback list's hooks, the model's train and test steps) so that ``on_error`` runs before
+    the exception goes on. `remove` makes the wrappers inert and unwraps what it can (another
+    guard's wrapper may sit on top of one; it unwraps the inert ones beneath it when it goes)."""
+
+    HOOKS = ("on_epoch_begin", "on_epoch_end", "on_train_batch_begin", "on_train_batch_end", "on_test_begin",
+             "on_test_end", "on_test_batch_begin", "on_test_batch_end", "on_train_end")
+    STEPS = ("train_function", "test_function")
+
+    def __init__(self, model, callback_list, on_error):
+        self.model, self.on_error, self.active = model, on_error, True
+        self.wrapped: list[tuple[Any, str]] = []
+        if callback_list is not None:
+            for name in self.HOOKS:
+                self._wrap(callback_list, name)
+        self.wrap_steps()
+
+    def wrap_steps(self) -> None:
+        """Wrap the model's steps that exist and are not wrapped yet (Keras makes the test step late)."""
+        for name in self.STEPS:
+            current = getattr(self.model, name, None)
+            if current is not None and getattr(current, "batchlab_guard", None) is not self:
+                self._wrap(self.model, name)
+
+    def _wrap(self, owner, name: str) -> None:
+        original, guard = getattr(owner, name), self
+
+        def guarded(*args, **kwargs):
+            try:
+                return original(*args, **kwargs)
+            except BaseException as error:
+                if guard.active:
+                    guard.on_error(error)
+                raise
+
+        guarded.batchlab_guard, guarded.batchlab_original = self, original  # type: ignore[attr-defined]
+        setattr(owner, name, guarded)
+        self.wrapped.append((owner, name))
+
+    def remove(self) -> None:
+        self.active = False
+        for owner, name in self.wrapped:
+            current = getattr(owner, name, None)
+            bare: Any = current
+            while getattr(bare, "batchlab_guard", None) is not None and not bare.batchlab_guard.active:
+                bare = bare.batchlab_original
+            if bare is not current:
+                setattr(owner, name, bare)
+        self.wrapped = []
+
+
+def _callback_list_holding(callback) -> Any:
+    """The `keras.callbacks.CallbackList` that is calling ``callback``'s hook now (None if none is):
+    ``fit`` keeps it to itself, and it is the only way into the calls ``fit`` makes."""
+    frame: Any = sys._getframe(1)
+    for _ in range(8):
+        if frame is None:
+            break
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, keras.callbacks.CallbackList) and any(c is callback for c in owner.callbacks):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def _loss_counter(model) -> Any:
+    """Keras' loss tracker (a ``Mean`` named ``loss``): its ``count`` is the samples behind the running
+    loss, reset at each epoch start. None when the model has none."""
+    for metric in getattr(model, "metrics", ()):
+        if getattr(metric, "name", None) == "loss" and hasattr(metric, "count"):
+            return metric
+    return None
+
+
+def _samples_counted(counter) -> int | None:
+    """The samples Keras' loss tracker has counted this epoch (None without a tracker)."""
+    if counter is None:
+        return None
+    return int(round(float(np.asarray(keras.ops.convert_to_numpy(counter.count)))))
+
+
+def _is_count(value: Any) -> bool:
+    """A whole number >= 1 (not a bool)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value >= 1)
+
+
+def _check_n_train(n_train: int, batch_size: int, steps: int) -> None:
+    """Refuse an ``n_train`` that cannot give Keras' ``steps`` batches of ``batch_size`` per epoch."""
+    low, high = (steps - 1) * batch_size + 1, steps * batch_size
+    if not low <= n_train <= high:
+        raise ConfigError(f"n_train={n_train} contradicts Keras: {steps} steps per epoch of batch {batch_size} hold "
+                          f"{low} to {high} samples; leave n_train out to learn it from the first epoch")
 
 
 class _KerasWeights:
