@@ -170,3 +170,49 @@ class _Endless(keras.utils.PyDataset):
     def __getitem__(self, index):
         start = (index % 2) * 32
         return self.X[start:start + 32], self.y[start:start + 32]
+
+
+def test_lr_is_the_one_each_update_used_under_a_schedule():
+    """Keras' optimizer reports the next update's rate once a step is done; a step row holds its own."""
+    from batchlab.integrations.keras import BatchlabCallback
+
+    X, y = _data(100)
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=1, decay_rate=0.5)
+    model = _model()
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=schedule),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    callback = BatchlabCallback(batch_size=32)
+    model.fit(X, y, batch_size=32, epochs=2, verbose=0, callbacks=[callback])
+    steps = callback.run.steps
+    np.testing.assert_allclose(steps["lr"], [0.1 * 0.5**i for i in range(8)], rtol=1e-6)  # update t used 0.1·0.5^(t-1)
+    assert callback.run.epochs["lr"].tolist() == [steps["lr"].iloc[3], steps["lr"].iloc[7]]
+
+
+@pytest.mark.parametrize("loss", ["sparse_categorical_crossentropy", keras.losses.sparse_categorical_crossentropy,
+                                  keras.losses.SparseCategoricalCrossentropy()])
+def test_eval_data_loss_equals_keras_validation_loss_however_the_loss_is_given(loss):
+    """eval_data's val_loss and val_acc are Keras' own validation numbers on the same arrays and weights."""
+    from batchlab.integrations.keras import BatchlabCallback
+
+    X, y = _data(100)
+    Xv, yv = _data(70, seed=2)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), loss=loss, metrics=["accuracy"])
+    callback = BatchlabCallback(batch_size=32, eval_data={"val": (Xv, yv)})
+    history = model.fit(X, y, batch_size=32, epochs=2, verbose=0, validation_data=(Xv, yv), callbacks=[callback])
+    evals = callback.run.evals.dropna(subset=["val_loss"]).iloc[1:]  # the epoch ends (step 0 is before training)
+    np.testing.assert_allclose(evals["val_loss"], history.history["val_loss"], rtol=1e-6)
+    np.testing.assert_allclose(evals["val_acc"], history.history["val_accuracy"], rtol=1e-6)
+
+
+def test_eval_data_with_a_model_of_several_losses_is_refused_before_the_run():
+    from batchlab.integrations.keras import BatchlabCallback
+
+    X, y = _data(64)
+    model = _model()
+    model.loss = {"a": "mse", "b": "mse"}  # as compile leaves it for a model of two named outputs
+    callback = BatchlabCallback(batch_size=32, eval_data={"val": (X, y)})
+    with pytest.raises(BatchlabError, match="one loss"):
+        model.fit(X, y, batch_size=32, epochs=1, verbose=0, callbacks=[callback])
+    assert callback.recorder is None

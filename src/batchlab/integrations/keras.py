@@ -98,6 +98,7 @@ class BatchlabCallback(keras.callbacks.Callback):
         self._store_callback = None
         self._loss_counter = None
         self._guard: _FitGuard | None = None
+        self._update_lr = math.nan
 
     # -- keras hooks -----------------------------------------------------------------------------
 
@@ -111,6 +112,8 @@ class BatchlabCallback(keras.callbacks.Callback):
         steps = int(steps)
         if self.n_train is not None:
             _check_n_train(self.n_train, self.batch_size, steps)
+        if self.eval_data:
+            _compiled_loss(self.model)  # refused before the run starts, not at its first evaluation
         self.run, self.run_id, self._store_callback = None, None, None
         self._loss_counter = _loss_counter(self.model)
         # n_train 0 until known: given, or counted over the first epoch (the store reads 0 as unknown).
@@ -143,6 +146,10 @@ class BatchlabCallback(keras.callbacks.Callback):
         self.recorder.start_epoch()
         self._previous = (0.0, 0.0, 0)  # running loss, running accuracy, samples, before this batch
 
+    def on_train_batch_begin(self, batch, logs=None):
+        # The rate this update uses: once it is done, Keras' optimizer reports the next one's.
+        self._update_lr = self._lr()
+
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
         rec = self.recorder
@@ -163,7 +170,7 @@ class BatchlabCallback(keras.callbacks.Callback):
         else:
             self._previous = (running_loss, 0.0, total)
         now = time.perf_counter()
-        rec.record_step(size, self._lr(), batch_loss, correct, now - self._mark)
+        rec.record_step(size, self._update_lr, batch_loss, correct, now - self._mark)
         if rec.status != "diverged" and rec.evaluation_due() and self.eval_data:
             self._evaluate()
         self._settle()
@@ -395,15 +402,30 @@ class _KerasWeights:
 def _evaluate_arrays(model, X, y, batch_size: int = 8192) -> tuple[float, float]:
     """Mean compiled loss and accuracy of a Keras model over arrays, in inference mode."""
     X, y = np.asarray(X), np.asarray(y)
+    loss_fn = _compiled_loss(model)
     loss_sum, correct = 0.0, 0
+    classification = y.ndim == 1 and np.issubdtype(y.dtype, np.integer)
     for start in range(0, len(X), batch_size):
         xb, yb = X[start:start + batch_size], y[start:start + batch_size]
         output = keras.ops.convert_to_numpy(model(xb, training=False))
-        loss = float(keras.ops.convert_to_numpy(model.loss(yb, output)))  # the batch's mean loss
+        loss = float(keras.ops.convert_to_numpy(loss_fn(yb, output)))  # the batch's mean loss
         loss_sum += loss * len(xb)
-        if output.ndim == 2 and yb.ndim == 1 and np.issubdtype(yb.dtype, np.integer):
+        classification = classification and output.ndim == 2
+        if classification:
             correct += int((output.argmax(axis=1) == yb).sum())
-        else:
-            correct = -1
-    classification = correct >= 0
     return loss_sum / len(X), (correct / len(X) if classification else math.nan)
+
+
+def _compiled_loss(model) -> Any:
+    """The model's compiled loss as ``(y_true, y_pred) -> the batch's mean loss``: a `keras.losses.Loss`
+    as it is; a name or a function (per-sample values) averaged over the batch, as Keras reduces it."""
+    loss = model.loss
+    if isinstance(loss, keras.losses.Loss):
+        return loss
+    if isinstance(loss, str) or callable(loss):
+        function = keras.losses.get(loss) if isinstance(loss, str) else loss
+        if isinstance(function, keras.losses.Loss):
+            return function
+        return lambda y_true, y_pred: keras.ops.mean(function(y_true, y_pred))
+    raise ConfigError(f"eval_data needs a model compiled with one loss, not a {type(loss).__name__}; "
+                      "leave eval_data out and give fit validation_data")
