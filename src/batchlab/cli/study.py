@@ -15,7 +15,7 @@ from .train import check_import_allowed, field_option, given, train_options
 
 
 STUDY_FLAGS = {  # StudyConfig field -> (flag, help)
-    "batch_sizes": ("--batch-sizes", "Comma-separated batch sizes, 'full' for B=N (default: powers of two up to N, and full)."),
+    "batch_sizes": ("--batch-sizes", "Comma-separated batch sizes, 'full' for B=N, or 'auto': powers of two up to N, and full."),
     "lrs": ("--lrs", "'auto' (a grid around --lr-rule, extended at its edge) or comma-separated learning rates."),
     "lr_rule": ("--lr-rule", "How the auto grid's centre moves with B: sqrt, linear or none."),
     "reference_lr": ("--reference-lr", "The auto grid's lr at --reference-batch-size."),
@@ -226,6 +226,7 @@ def _study_command(**options: Any) -> None:
         if comparison is not None:
             out["brownlee"] = comparison.to_dict(orient="records")
         print_json({**out, "files": [str(f) for f in files]})
+        _exit_if_failed(study)
         return
     if not quiet:
         title = (f"study {study.group_id}: {study.plan.dataset_name}, {config.model}, target {study.plan.target} "
@@ -240,12 +241,21 @@ def _study_command(**options: Any) -> None:
               f"B_crit = {fit.b_crit:.4g} ± {fit.b_crit_err:.2g}, E_min = {fit.e_min:.4g} samples")
     elif fit.message:
         say(f"fit: {fit.message}")
-    for key, error in study.failed.items():
-        say(f"failed: {key}: {error} (rerun the command to retry it)")
     say(f"stored as group {study.group_id} in {store}")
     if not quiet:
         for file in files:
             say(f"wrote {file}")
+    _exit_if_failed(study)
+
+
+def _exit_if_failed(study) -> None:
+    """A study with a failed group is incomplete: each failure on stderr (even with --quiet or
+    --json), then exit status 1, so that scripts do not take its answer for a finished one."""
+    if not study.failed:
+        return
+    for key, error in study.failed.items():
+        click.echo(shown(f"failed: {key}: {' '.join(str(error).split())} (rerun the command to retry it)"), err=True)
+    click.get_current_context().exit(1)
 
 
 def _executor_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .analysis import Analysis, Recommendation, analyse, mark_regimes, recommend, summarize, trials_table, unsupported
+from .analysis import (Analysis, Recommendation, analyse, mark_regimes, recommend, steps_interval_label, summarize,
+                       trials_table, unsupported)
 from .scaling import NO_GAIN_EFFICIENCY, PERFECT_EFFICIENCY, ScalingFit, fit_scaling, regime
 from .executors import InProcessExecutor, RayExecutor, make_executor, ray_available
 from .plan import (
@@ -53,7 +54,8 @@ __all__ = [
     "TargetWatcher", "TrialRecord", "analyse", "best_lr", "brownlee_comparison", "evaluation_steps",
     "fit_scaling", "initial_groups", "load_dataset_for", "lr_centre_index", "lr_from_index", "lr_table",
     "make_executor", "mark_regimes", "median_steps", "next_groups", "plan_study", "preset_values",
-    "ray_available", "recommend", "regime", "resolve_batch_sizes", "run_study", "study_id", "summarize", "train_group",
+    "ray_available", "recommend", "regime", "resolve_batch_sizes", "run_study", "steps_interval_label", "study_id",
+    "summarize", "train_group",
     "trial_summary", "trials_table", "unsupported", "write_study_outputs",
 ]  # fmt: skip
 

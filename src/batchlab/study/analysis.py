@@ -2,18 +2,19 @@
 
 Best learning rate per batch size (median steps-to-target over seeds, `batchlab.study.ranking`)
 and how much better it was than its neighbours, what it took to reach the target there (median,
-spread and a bootstrap interval over seeds), the fit S = S_min (1 + B_crit/B) of McCandlish et al.
-2018 with its uncertainty and quality (`batchlab.study.scaling`), the regimes of Shallue et al.
-2019, the generalization gap (Keskar et al. 2017) and a recommendation, or, when the data cannot
-support one, the sentence that says so and what to change. Nothing here trains, stores or draws:
-tables and numbers in, tables and numbers out; the bootstrap is seeded, so the same stored trials
+spread, and an exact interval for the median over seeds named with its true confidence), the fit
+S = S_min (1 + B_crit/B) of McCandlish et al. 2018 with its uncertainty and quality
+(`batchlab.study.scaling`), the regimes of Shallue et al. 2019, the generalization gap (Keskar et
+al. 2017) and a recommendation, or, when the data cannot support one or a group failed, the
+sentence that says so and what to change. Nothing here trains, stores or draws: tables and
+numbers in, tables and numbers out; the bootstrap is seeded, so the same stored trials
 always give the same answer.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,8 @@ from .scaling import (
     efficiency,
     fit_scaling,
     fitted_band,
-    interval,
+    interval_label,
+    median_interval,
     regime,
 )
 
@@ -152,18 +154,24 @@ def best_lr_cells(trials: pd.DataFrame, summary: pd.DataFrame) -> list[np.ndarra
 
 
 def with_intervals(summary: pd.DataFrame, trials: pd.DataFrame, fit: ScalingFit) -> tuple[pd.DataFrame, ScalingFit]:
-    """The bootstrap intervals: steps-to-target per batch size, B_crit and S_min, the fitted band.
+    """The intervals: steps-to-target per batch size, B_crit and S_min, the fitted band.
 
-    Adds ``steps_ci_lo``/``steps_ci_hi`` (95% percentile interval of the best lr's median over
-    seeds at the best lr, see `best_lr_cells`; inf when at least half the replicates miss the
-    target), ``fit_residual`` (log S − log S_fit) and the fitted curve with its bootstrap band at
-    each batch size (``steps_fit``, ``steps_fit_lo``, ``steps_fit_hi``).
+    Adds ``steps_ci_lo``/``steps_ci_hi``, the exact order-statistic interval for the median over
+    the ``steps_ci_seeds`` seeds at the best lr (`median_interval`; inf at the top when too few
+    seeds reached the target), with its true confidence ``steps_ci_level`` (75% for 3 seeds: their
+    range; `steps_interval_label` names it); ``fit_residual`` (log S − log S_fit); and the fitted
+    curve with its 95% bootstrap band at each batch size (``steps_fit``, ``steps_fit_lo``,
+    ``steps_fit_hi``). The bootstrap over seeds and batch sizes also gives B_crit's and S_min's
+    95% intervals (their coverage is checked by simulation in tests/test_study_coverage.py).
     """
     summary = summary.copy()
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     values = summary["batch_size_value"].to_numpy(dtype=float)
-    replicates = bootstrap_steps(best_lr_cells(trials, summary), rng)  # (R, n)
-    summary["steps_ci_lo"], summary["steps_ci_hi"] = interval(replicates)
+    cells = best_lr_cells(trials, summary)
+    bounds = [median_interval(np.where(np.isfinite(cell[0]), cell[0], np.inf)) for cell in cells]
+    summary["steps_ci_lo"], summary["steps_ci_hi"], summary["steps_ci_level"] = (list(column) for column in zip(*bounds))
+    summary["steps_ci_seeds"] = [cell.shape[1] if np.isfinite(cell).any() else 0 for cell in cells]
+    replicates = bootstrap_steps(cells, rng)  # (R, n)
     fit, kept = bootstrap_fit(fit, values, replicates, rng)
     band = fitted_band(fit, kept, values, points=len(values)) if len(values) > 1 else {}
     if band:
@@ -172,6 +180,18 @@ def with_intervals(summary: pd.DataFrame, trials: pd.DataFrame, fit: ScalingFit)
         at = lambda column: np.exp(np.interp(np.log(values), np.log(band["batch_size_value"]), np.log(band[column])))  # noqa: E731
         summary["steps_fit_lo"], summary["steps_fit_hi"] = at("steps_fit_lo"), at("steps_fit_hi")
     return summary, fit
+
+
+def steps_interval_label(row: Any) -> str:
+    """The name of one batch size's steps interval (a summary row): "75% CI, range of 3 seeds"."""
+    return interval_label(float(row["steps_ci_level"]), int(row["steps_ci_seeds"]))
+
+
+def _steps_interval_words(row: Any) -> str:
+    """"75% CI, range of 3 seeds: 68–86", or the label alone when one seed gives no interval."""
+    if not row["steps_ci_level"] > 0:
+        return steps_interval_label(row)
+    return f"{steps_interval_label(row)}: {_fmt(row['steps_ci_lo'])}–{_fmt(row['steps_ci_hi'])}"
 
 
 def mark_regimes(summary: pd.DataFrame, fit: ScalingFit) -> pd.DataFrame:
@@ -200,13 +220,39 @@ def no_gain_from(reached: pd.DataFrame) -> Any:
     return start
 
 
-def unsupported(summary: pd.DataFrame, fit: ScalingFit, target: str) -> str | None:
+def failure_sentence(failed: Mapping[str, str]) -> str | None:
+    """The recommendation's sentence when groups failed (their training raised): which, and why.
+
+    A failed group's trials are missing, not slow, so no batch size is recommended from the rest
+    and the step budget is not blamed. None when nothing failed.
+    """
+    if not failed:
+        return None
+    named = [f"{_group_words(key)}: {' '.join(str(error).split()).rstrip('.')}" for key, error in sorted(failed.items())]
+    shown = "; ".join(named[:3]) + (f"; and {len(named) - 3} more" if len(named) > 3 else "")
+    groups = "1 group" if len(named) == 1 else f"{len(named)} groups"
+    return (f"The study is incomplete: {groups} failed ({shown}), so no batch size is recommended; "
+            "mend the cause and rerun the same command, which retries the failed groups only.")
+
+
+def _group_words(key: str) -> str:
+    """``lrs:B=64:lrs=...:seeds=...`` as "the lr search at B = 64" (the key's own text if not that shape)."""
+    kind, _, rest = key.partition(":")
+    batch = rest.partition(":")[0].removeprefix("B=")
+    what = {LR_GROUP: "the lr search", NOISE_GROUP: "the noise-scale trial"}.get(kind)
+    return f"{what} at B = {batch}" if what and rest.startswith("B=") else key
+
+
+def unsupported(summary: pd.DataFrame, fit: ScalingFit, target: str, failed: Mapping[str, str] | None = None) -> str | None:
     """Why the data cannot support a recommendation, and what to change; None when they can.
 
-    In order: fewer than 3 batch sizes reached the target; a best lr at the edge of the lrs tried
-    (after all extensions); a B_crit interval that spans every batch size measured; no bend in the
-    curve (B_crit outside the batch sizes measured).
+    In order: a group failed (`failure_sentence`); fewer than 3 batch sizes reached the target; a
+    best lr at the edge of the lrs tried (after all extensions); a B_crit interval that spans every
+    batch size measured; no bend in the curve (B_crit outside the batch sizes measured).
     """
+    failure = failure_sentence(failed or {})
+    if failure is not None:
+        return failure
     reached = summary[summary["steps_to_target"].notna()] if not summary.empty else summary
     if reached.empty:
         return (f"No batch size reached {target} within the budget; raise the budget (epochs, max_steps), "
@@ -222,7 +268,7 @@ def unsupported(summary: pd.DataFrame, fit: ScalingFit, target: str) -> str | No
     smallest, largest = reached["batch_size"].iloc[0], reached["batch_size"].iloc[-1]
     values = reached["batch_size_value"].to_numpy(float)
     if fit.ok and fit.b_crit_lo <= values.min() and fit.b_crit_hi >= values.max():
-        return (f"The critical batch size is not resolved: its 95% interval ({_fmt(fit.b_crit_lo)} to "
+        return (f"The critical batch size is not resolved: its 95% bootstrap interval ({_fmt(fit.b_crit_lo)} to "
                 f"{_fmt(fit.b_crit_hi)}) spans every batch size measured; run more seeds or choose a target "
                 "every batch size reaches more steadily.")
     if fit.ok and fit.at_edge and fit.b_crit > values.max():
@@ -281,9 +327,14 @@ def regime_words(reached: pd.DataFrame) -> str:
     return f"batches of {start} and above are in the no-gain regime: they buy no fewer steps"
 
 
-def recommend(summary: pd.DataFrame, fit: ScalingFit, target: str) -> Recommendation:
-    """The recommendation (see `Recommendation`) from the summary (with ``regime``) and the fit."""
-    reason = unsupported(summary, fit, target)
+def recommend(summary: pd.DataFrame, fit: ScalingFit, target: str,
+              failed: Mapping[str, str] | None = None) -> Recommendation:
+    """The recommendation (see `Recommendation`) from the summary (with ``regime``) and the fit.
+
+    Args:
+        failed: group key -> error of the groups whose training raised; any makes it unsupported.
+    """
+    reason = unsupported(summary, fit, target, failed)
     if reason is not None or not fit.ok:
         return Recommendation(reason or f"No recommendation: {fit.message}.")
     reached = summary[summary["steps_to_target"].notna()]
@@ -295,11 +346,11 @@ def recommend(summary: pd.DataFrame, fit: ScalingFit, target: str) -> Recommenda
     comparable = len(timed) == len(reached) and timed["seconds_to_target"].notna().any()
     fastest = timed.loc[timed["seconds_to_target"].idxmin()] if comparable else None
     text = (f"B = {best['batch_size']}, lr = {best['best_lr']:.3g}: reaches {target} in {_fmt(best['steps_to_target'])} "
-            f"steps (95% CI {_fmt(best['steps_ci_lo'])}–{_fmt(best['steps_ci_hi'])}; "
+            f"steps ({_steps_interval_words(best)}; "
             f"{best['epochs_to_target']:.3g} epochs, {_fmt(best['samples_to_target'])} samples), "
             f"{best['steps_to_target'] / s_min:.1f}× the fewest steps and {best['samples_to_target'] / e_min:.1f}× "
             f"the fewest samples of any batch size; {regime_words(reached)}. "
-            f"Critical batch size B_crit = {_fmt(fit.b_crit)} (95% CI {_fmt(fit.b_crit_lo)}–{_fmt(fit.b_crit_hi)}; "
+            f"Critical batch size B_crit = {_fmt(fit.b_crit)} (95% bootstrap CI {_fmt(fit.b_crit_lo)}–{_fmt(fit.b_crit_hi)}; "
             f"± {_fmt(fit.b_crit_err)} by the delta method), S_min = {_fmt(fit.s_min)} steps, "
             f"E_min = {_fmt(fit.e_min)} samples; the fit explains R² = {fit.r2:.2f} of log S")
     if math.isfinite(fit.b_simple):
@@ -326,14 +377,19 @@ class Analysis:
     recommendation: Recommendation
 
 
-def analyse(trials: pd.DataFrame, target: str) -> Analysis:
-    """Summary, fit with its intervals, regimes and recommendation from the trials' summaries alone."""
+def analyse(trials: pd.DataFrame, target: str, failed: Mapping[str, str] | None = None) -> Analysis:
+    """Summary, fit with its intervals, regimes and recommendation from the trials' summaries alone.
+
+    Args:
+        failed: group key -> error of the study's failed groups (their trials are missing); the
+            recommendation then names them instead of recommending from the rest.
+    """
     summary = summarize(trials)
     if summary.empty:
-        return Analysis(summary, ScalingFit(message="no trials"), recommend(summary, ScalingFit(), target))
+        return Analysis(summary, ScalingFit(message="no trials"), recommend(summary, ScalingFit(), target, failed))
     measured = summary.loc[summary["batch_size_value"] >= 2, "noise_scale"].dropna()
     fit = fit_scaling(summary["batch_size_value"], summary["steps_to_target"],
                       float(measured.median()) if len(measured) else math.nan)
     summary, fit = with_intervals(summary, trials, fit)
     summary = mark_regimes(summary, fit)
-    return Analysis(summary, fit, recommend(summary, fit, target))
+    return Analysis(summary, fit, recommend(summary, fit, target, failed))

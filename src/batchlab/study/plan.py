@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import pandas as pd
@@ -194,6 +195,30 @@ def next_groups(plan: StudyPlan, trials: pd.DataFrame) -> list[GroupPlan]:
         if noise is not None and noise.key not in done:
             pending.append(noise)
     return pending
+
+
+def groups_left_at_most(plan: StudyPlan, trials: pd.DataFrame, skipped: Collection[str] = ()) -> int:
+    """At most how many groups remain to run, given the trials stored so far.
+
+    Per batch size: its pending lr group of round r may still be followed by every extension up
+    to ``lr_extensions`` and a noise group; a pending noise group is the last; a batch size whose
+    pending group is ``skipped`` (it failed in this run) gets nothing more. Each group stored
+    lowers the bound by at least one, so groups done + this bound never grows: a progress total
+    known from the start that only ever shrinks towards the truth.
+    """
+    from ..probes import PROBES
+
+    extensions = plan.config.lr_extensions if plan.config.lrs == "auto" else 0
+    noise_on = plan.vectorized and plan.config.noise_scale and "noise_scale" in PROBES
+    left = 0
+    for group in next_groups(plan, trials):
+        if group.key in skipped:
+            continue
+        if group.kind == NOISE_GROUP:
+            left += 1
+        else:
+            left += extensions - group.round + 1 + int(noise_on and group.batch_size_value >= 2)
+    return left
 
 
 def _extension(plan: StudyPlan, batch_size: int | str, trials: pd.DataFrame) -> GroupPlan | None:

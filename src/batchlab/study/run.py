@@ -24,7 +24,7 @@ import pandas as pd
 from ..config import StudyConfig, check_import_allowed
 from ..store.codec import normalized
 from .analysis import Recommendation, ScalingFit, analyse, trials_table
-from .plan import GroupPlan, StudyPlan, load_dataset_for, next_groups, plan_study
+from .plan import GroupPlan, StudyPlan, groups_left_at_most, load_dataset_for, next_groups, plan_study
 from .trials import TrialRecord, train_group
 
 TRIAL_KIND = "study-trial"
@@ -43,7 +43,8 @@ class Study:
         recommendation: a `Recommendation` (``.text`` and its numbers).
         group_id: the study's group in the store (None without a store).
         groups_run, groups_resumed: groups trained by this call, and found already stored.
-        failed: the groups whose training raised, with the error; the study went on without them.
+        failed: the groups whose training raised, with the error; the study went on without them,
+            and its recommendation names them instead of recommending from the rest.
     """
 
     config: StudyConfig
@@ -77,8 +78,8 @@ class Study:
 class StudyProgress:
     """What a progress display needs after each stored group."""
 
-    groups_done: int
-    groups_known: int  # done + pending now (extensions may add more)
+    groups_done: int  # stored or failed, by this call or found stored
+    groups_known: int  # done + at most what remains (`groups_left_at_most`): it never grows
     trials_done: int
     group: GroupPlan | None
     elapsed: float
@@ -351,6 +352,7 @@ class _Driver:
 
     def run(self, config: StudyConfig) -> Study:
         with self.claims or _no_claims():
+            self._progress(None)
             while True:
                 pending = [g for g in next_groups(self.plan, trials_table(self.summaries)) if g.key not in self.failed]
                 if not pending:
@@ -377,11 +379,16 @@ class _Driver:
                 self.failed[group.key] = outcome.message
                 if self.claims is not None:
                     self.claims.finish(group.key, error=outcome.message)
-            if self.on_progress is not None:
-                done = self.resumed + self.groups_run
-                self.on_progress(StudyProgress(done, done + len(pending) - ran, len(self.summaries), group,
-                                               time.perf_counter() - self.started))
+            self._progress(group)
         return ran
+
+    def _progress(self, group: GroupPlan | None) -> None:
+        """Tell the progress display: groups done of a total that is an upper bound and never grows."""
+        if self.on_progress is None:
+            return
+        done = self.resumed + self.groups_run + len(self.failed)
+        left = groups_left_at_most(self.plan, trials_table(self.summaries), self.failed)
+        self.on_progress(StudyProgress(done, done + left, len(self.summaries), group, time.perf_counter() - self.started))
 
     def _store(self, group: GroupPlan, records: list[TrialRecord]) -> None:
         for record in records:  # seconds of groups that ran side by side are not comparable timings
@@ -389,8 +396,8 @@ class _Driver:
         if self.store is not None:
             _store_group(self.store, self.group_id, self.plan, records)
             self.claims.finish(group.key)
-        else:
-            self.summaries += [normalized(r.summary) for r in records]
+        # Read back from the store after each wave; until then the progress bound needs them too.
+        self.summaries += [normalized(r.summary) for r in records]
         self.records += records
         self.groups_run += 1
         if self.kill_after and self.groups_run >= self.kill_after:
@@ -398,11 +405,10 @@ class _Driver:
 
     def _finish(self, config: StudyConfig) -> Study:
         trials = trials_table(self.summaries)
-        analysis = analyse(trials, str(self.plan.target))
-        failed = dict(self.failed)
-        if self.store is not None:
-            failed = self.claims.failures()
-            self.store.finish_group(self.group_id, "finished", summary={
+        failed = self.claims.failures() if self.store is not None else dict(self.failed)
+        analysis = analyse(trials, str(self.plan.target), failed)
+        if self.store is not None:  # a study with a failed group is not finished: a rerun retries it
+            self.store.finish_group(self.group_id, "failed" if failed else "finished", summary={
                 "summary": analysis.summary.to_dict(orient="records"), "fit": analysis.fit.as_dict(),
                 "recommendation": analysis.recommendation.as_dict(), "failed_groups": failed})
         return Study(config, self.plan, analysis.summary, trials, analysis.fit, analysis.recommendation,

@@ -171,7 +171,7 @@ class TrialRecord:
     group: GroupPlan
     config: TrainConfig
     summary: dict[str, Any]
-    status: str  # the loop's: finished, stopped, diverged
+    status: str  # as stored (`stored_status`): finished, stopped (pruned), diverged
     message: str | None
     steps: list[dict] = field(repr=False)
     evals: list[dict] = field(repr=False)
@@ -235,11 +235,39 @@ def _record(plan: StudyPlan, group: GroupPlan, run, watcher: TargetWatcher, star
     clock = run.clock
     summary = trial_summary(plan, group, run.config, run.status, evals, run.step_rows, watcher.reached,
                             clock.steps_per_epoch, run.seconds, watcher.pruned_at)
-    return TrialRecord(group, run.config, summary, run.status, run.message, list(run.step_rows), evals,
-                       list(run.epoch_rows),
+    return TrialRecord(group, run.config, summary, stored_status(summary["status"], run.status),
+                       _message(plan, run, summary), list(run.step_rows), evals, list(run.epoch_rows),
                        {"n_train": clock.n_train, "batch_size": clock.batch_size, "steps_per_epoch": clock.steps_per_epoch,
                         "total_steps": clock.total_steps, "epochs": clock.epochs}, started, ended,
                        collect_provenance(run.config.model_dump(mode="json")))
+
+
+def _message(plan: StudyPlan, run, summary: dict[str, Any]) -> str | None:
+    """The stored run's message: the loop's (why it stopped or diverged), else how the trial ended."""
+    if run.message:
+        return run.message
+    if summary["status"] == "reached":
+        return f"target {plan.target} reached at step {summary['steps_to_target']:g}"
+    return f"target {plan.target} not reached within the budget ({summary['steps']} steps)"
+
+
+def stored_status(trial_status: str, loop_status: str) -> str:
+    """A trial's run status in the store, true to what the study asked of it.
+
+    The study asks a trial to train until its target (with ``stop_at_target``) or its budget ends,
+    so reaching either is ``finished``, although the loop calls a target stop ``stopped`` (a
+    callback asked). ``stopped`` is kept for the trials the study cut short: pruned, their lr
+    could no longer be the best. ``diverged`` stays ``diverged``.
+
+    Args:
+        trial_status: the summary's ``status`` (`trial_summary`).
+        loop_status: the loop's run status.
+    """
+    if trial_status == "reached":
+        return "finished"
+    if trial_status == "pruned":
+        return "stopped"
+    return loop_status
 
 
 def _gap(row: dict[str, float]) -> float:
