@@ -355,11 +355,14 @@ def short_number(value: float, digits: int = 3) -> str:
 def summary_table(study: Study) -> str:
     """Steps-to-target per batch size with its interval, the best lr and its margin, the regime."""
     num = short_number
-    lines = ["| B | best lr | margin | steps (median) | 95% CI | fit | regime |", "|---:|---:|---:|---:|---|---:|---|"]
+    from batchlab.study import steps_interval_label
+
+    lines = ["| B | best lr | margin | steps (median) | interval | fit | regime |", "|---:|---:|---:|---:|---|---:|---|"]
     for row in study.summary.to_dict("records"):
         bound = "≥" if row.get("lr_margin_is_bound") else ""
         lines.append(f"| {row['batch_size']} | {row['best_lr']:.3g} | {bound}{row['lr_margin']:.2f}× | "
-                     f"{num(row['steps_to_target'])} | {num(row['steps_ci_lo'])}–{num(row['steps_ci_hi'])} | "
+                     f"{num(row['steps_to_target'])} | {num(row['steps_ci_lo'])}–{num(row['steps_ci_hi'])} "
+                     f"({steps_interval_label(row)}) | "
                      f"{num(row.get('steps_fit', math.nan))} | {row['regime']} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -367,8 +370,8 @@ def summary_table(study: Study) -> str:
 def fit_line(study: Study) -> str:
     """The scaling fit in one sentence: B_crit and S_min with their intervals, R², B_simple."""
     fit, num = study.fit, short_number
-    return (f"B_crit = {num(fit.b_crit)} (95% CI {num(fit.b_crit_lo)}–{num(fit.b_crit_hi)}; ± {num(fit.b_crit_err)} "
-            f"delta method), S_min = {num(fit.s_min)} steps (95% CI {num(fit.s_min_lo)}–{num(fit.s_min_hi)}), "
+    return (f"B_crit = {num(fit.b_crit)} (95% bootstrap CI {num(fit.b_crit_lo)}–{num(fit.b_crit_hi)}; ± {num(fit.b_crit_err)} "
+            f"delta method), S_min = {num(fit.s_min)} steps (95% bootstrap CI {num(fit.s_min_lo)}–{num(fit.s_min_hi)}), "
             f"R² = {fit.r2:.3f} on log S, B_simple ≈ {num(fit.b_simple)}")  # fmt: skip
 
 
