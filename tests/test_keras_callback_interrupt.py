@@ -172,3 +172,18 @@ def test_two_callbacks_in_one_fit_each_end_their_run_and_hand_keras_back_its_ste
     model.fit(X, y, batch_size=16, epochs=1, verbose=0, callbacks=[first, second])
     assert first.run.status == second.run.status == "finished"
     assert not hasattr(model.train_function, "batchlab_guard")  # no wrapper left behind
+
+
+def test_a_keras_callback_that_stops_training_leaves_the_run_stopped(tmp_path):
+    """Keras' EarlyStopping ends fit early: the run is ``stopped`` (not ``finished``) with History's epochs."""
+    from batchlab.integrations.keras import BatchlabCallback
+
+    X, y = _data()
+    path = tmp_path / "k.db"
+    callback = BatchlabCallback(store=path, batch_size=16)
+    early = keras.callbacks.EarlyStopping(monitor="loss", min_delta=10.0, patience=1)  # no epoch improves by 10
+    history = _model().fit(X, y, batch_size=16, epochs=6, verbose=0, callbacks=[callback, early])
+    with RunStore(path) as store:
+        stored = store.load_run(callback.run_id)
+    assert len(history.history["loss"]) == len(stored.epochs) == 2 < 6
+    assert stored.status == "stopped" and "step 14" in stored.message

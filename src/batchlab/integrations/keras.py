@@ -202,7 +202,12 @@ class BatchlabCallback(keras.callbacks.Callback):
             self._guard.wrap_steps()
 
     def on_train_end(self, logs=None):
-        self._end()
+        rec = self.recorder
+        if rec is not None and rec.going and self.model.stop_training and rec.clock.step < rec.clock.total_steps:
+            # Another callback (Keras' EarlyStopping) ended fit early: ours ask through the recorder.
+            self._end("stopped", f"a Keras callback stopped training at step {rec.clock.step}")
+        else:
+            self._end()
 
     # -- the end ---------------------------------------------------------------------------------
 
