@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -34,10 +35,22 @@ def test_the_doc_has_the_three_examples():
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)), ids=["own-loop", "lightning", "keras"])
-def test_example_runs(index, tmp_path, monkeypatch):
+def test_example_runs_and_batchlab_explain_reads_its_run(index, tmp_path, monkeypatch, cli, capsys):
     pytest.importorskip({1: "lightning", 2: "keras"}.get(index, "torch"))
     monkeypatch.chdir(tmp_path)
-    exec(compile(BLOCKS[index], f"{DOC.name}[{index}]", "exec"), {"__name__": "__doc_example__"})
+    namespace = {"__name__": "__doc_example__"}
+    exec(compile(BLOCKS[index], f"{DOC.name}[{index}]", "exec"), namespace)
+    capsys.readouterr()  # the example's own prints
     with RunStore(tmp_path / "batchlab.db") as store:
         runs = store.list_runs()
+        stored = store.load_run(int(runs["id"].iloc[0]))
     assert runs["status"].tolist() == ["finished"] and runs["epochs"].iloc[0] >= 3
+    # The doc says `batchlab explain --run <id>` explains the example's run: it does, in one go.
+    status, out, err = cli(["explain", "--run", str(stored.id), "--store", "batchlab.db", "--json", "--out", "figs"])
+    assert status == 0, err
+    explained = json.loads(out)
+    assert explained["steps_per_epoch"] == 16 and len(explained["boundaries"]["loss"]) == stored.epochs.shape[0] - 1
+    if index == 2:  # Keras' own History holds the running mean at each epoch's end
+        history = namespace["model"].history.history["loss"]
+        ends = [b["running_end"] for b in explained["boundaries"]["loss"]]
+        assert ends == pytest.approx(history[: len(ends)], rel=1e-5)

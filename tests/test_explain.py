@@ -236,6 +236,36 @@ def test_runs_the_numbers_cannot_be_taken_from_are_one_line_errors(run):
 # -- the store and the command line ----------------------------------------------------------------
 
 
+ADVICE = {  # what each kind of run is told to add, in the terms of what recorded it
+    "keras": ["Keras BatchlabCallback(..., eval_every=1, eval_data={'train': (X, y)})"],
+    "track": ["bl.track(..., eval_every=1, eval_data={'train': (X, y)}, loss_fn=...)",
+              "Lightning BatchlabCallback(..., eval_every=1"],
+    "fit": ["run `batchlab explain`, or `batchlab fit --eval-every 1`"],
+    "study-trial": ["a study evaluates its trials sparsely"],
+}
+
+
+@pytest.mark.parametrize("kind", list(ADVICE))
+@pytest.mark.parametrize("eval_train", [False, True], ids=["no-train-pass", "sparse"])
+def test_a_stored_run_explain_cannot_read_gets_advice_for_what_recorded_it(kind, eval_train, tmp_path, cli):
+    store = tmp_path / "runs.db"
+    rec = recorder(store, kind=kind)
+    fit(net(), toy(), TrainConfig(batch_size=8, epochs=2, lr=0.1, eval_train=eval_train), callbacks=[rec],
+        progress=False)  # 20 steps per epoch, evaluated at epoch ends only: explain would want every step
+    status, out, err = cli(["explain", "--run", str(rec.run_id), "--store", str(store)])
+    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert ("dense evaluation" if eval_train else "no full-pass acc on the training set") in err
+    for advice in ADVICE[kind]:
+        assert advice in err
+    others = [advice for other, advices in ADVICE.items() if other != kind for advice in advices]
+    assert not any(advice in err for advice in others)  # no advice meant for another tool
+
+
+def test_a_run_that_ended_before_its_first_step_is_one_line(run):
+    with pytest.raises(DataError, match="no steps to explain"):
+        explain_tables(run.steps.iloc[:0], run.evals)
+
+
 def test_stored_run_gives_the_same_numbers_as_the_run_in_memory(tmp_path):
     rec = recorder(tmp_path / "runs.db", kind="explain")
     in_memory = explain_fit(epochs=3, callbacks=[rec])
@@ -272,6 +302,47 @@ def test_command_prints_the_paragraph_writes_the_figure_and_reads_it_back(tmp_pa
     assert stored["paragraph"] == expected["paragraph"]
     first = expected["boundaries"]["acc"][0]
     assert stored["boundaries"]["acc"][0]["running_jump"] == pytest.approx(first["running_jump"])
+
+
+def shown_default(value, name: str) -> str:
+    """How click's help shows ``value`` as the default of the flag of field ``name``."""
+    if isinstance(value, bool):
+        return name.replace("_", "-") if value else "no-" + name.replace("_", "-")
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def test_explain_help_shows_the_defaults_it_trains_with(tmp_path, cli):
+    import re
+
+    import click
+
+    from batchlab.cli import cli as batchlab_cli
+    from batchlab.cli.explain import explain_command
+    from batchlab.data import load_dataset, steps_per_epoch
+
+    root = click.Context(batchlab_cli, info_name="batchlab", **batchlab_cli.context_settings)  # as --help shows
+    context = click.Context(explain_command, info_name="explain", parent=root)
+    helps = {option.name: option.get_help_record(context)[1] for option in explain_command.params
+             if isinstance(option, click.Option) and option.name in TrainConfig.model_fields}
+    status, out, err = cli(["explain", "--dataset", "blobs", "--model", "mlp:hidden=4", "--quiet",
+                            "--store", str(tmp_path / "s.db"), "--out", str(tmp_path)])
+    assert status == 0, err
+    with RunStore(tmp_path / "s.db") as store:
+        trained = store.load_run(1).config  # the TrainConfig the run was trained with, no flag given
+    assert trained["eval_train"] and "eval_train" not in helps  # always on: no flag that does nothing
+    assert "10" not in helps["epochs"] and trained["epochs"] == 6  # not fit's "10 unless --max-steps"
+    spe = steps_per_epoch(load_dataset("blobs").n_train, trained["batch_size"], False)
+    assert trained["eval_every"] == max(1, spe // 25)
+    assert helps["eval_every"].endswith("[default: (steps per epoch // 25, at least 1)]")
+    compared = 0
+    for name, text in helps.items():
+        default = re.search(r"\[default: (.*)\]$", text)
+        if name != "eval_every" and default is not None:
+            assert default.group(1) == shown_default(trained[name], name), name
+            compared += 1
+    assert compared >= len(helps) - 3  # every flag shows its default but eval_every, max_steps (None)
 
 
 @pytest.mark.parametrize(("args", "expected"), [

@@ -248,10 +248,44 @@ class Explanation:
 
 def explain_run(run: Any, metric: str = "acc") -> Explanation:
     """`explain_tables` over a `Run` (in memory) or a `StoredRun` (from the store)."""
-    return explain_tables(run.steps, run.evals, metric)
+    return explain_tables(run.steps, run.evals, metric, source=run_source(run))
 
 
-def explain_tables(steps: pd.DataFrame, evals: pd.DataFrame, metric: str = "acc") -> Explanation:
+def run_source(run: Any) -> str:
+    """What recorded a run, as the store's kinds name it: ``keras``, ``track`` (``bl.track`` and the
+    Lightning callback), ``study-trial``, ``fit``, ... (a run in memory: from its config's type)."""
+    from .tracking import TrackConfig
+
+    kind = getattr(run, "kind", None)
+    if isinstance(kind, str):
+        return kind
+    config = run.config
+    framework = config.get("framework") if isinstance(config, dict) else getattr(config, "framework", None)
+    return "keras" if framework == "keras" else "track" if isinstance(config, TrackConfig) else "fit"
+
+
+def dense_evaluation_advice(source: str, steps_per_epoch: int | None = None) -> str:
+    """How to record a run that explain can measure, in the terms of what recorded it.
+
+    Args:
+        source: what recorded the run (`run_source`).
+        steps_per_epoch: the run's steps per epoch, to suggest an ``eval_every`` of about
+            `DEFAULT_EVALS_PER_EPOCH` evaluations per epoch.
+    """
+    every = dense_eval_every(steps_per_epoch) if steps_per_epoch else "K"
+    train = "eval_data={'train': (X, y)}"
+    if source == "keras":
+        return f"record it with the Keras BatchlabCallback(..., eval_every={every}, {train}) (docs/integrations.md)"
+    if source == "track":
+        return (f"record it with bl.track(..., eval_every={every}, {train}, loss_fn=...), or the Lightning "
+                f"BatchlabCallback(..., eval_every={every}, {train}, loss_fn=...) (docs/integrations.md)")
+    if source == "study-trial":
+        return "a study evaluates its trials sparsely; train the trial's settings with `batchlab explain` instead"
+    return f"run `batchlab explain`, or `batchlab fit --eval-every {every}` (with --eval-train, the default)"
+
+
+def explain_tables(steps: pd.DataFrame, evals: pd.DataFrame, metric: str = "acc", *, source: str = "fit"
+                   ) -> Explanation:
     """Measure the epoch-boundary jump of a run from its step and evaluation tables.
 
     Args:
@@ -259,6 +293,7 @@ def explain_tables(steps: pd.DataFrame, evals: pd.DataFrame, metric: str = "acc"
         evals: one row per evaluation with ``step`` and ``train_*`` (optionally ``train_mode_*``),
             at step 0, every epoch end and densely in between.
         metric: ``acc`` or ``loss``: the one the paragraph explains (both are measured).
+        source: what recorded the run (`run_source`): an error's advice is given in its terms.
 
     Returns:
         An `Explanation`.
@@ -269,7 +304,7 @@ def explain_tables(steps: pd.DataFrame, evals: pd.DataFrame, metric: str = "acc"
     """
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; use acc or loss")
-    steps, evals = _check_tables(steps, evals, metric)
+    steps, evals = _check_tables(steps, evals, metric, source)
     per_epoch = steps.groupby("epoch")["step"].count()
     steps_per_epoch = int(per_epoch.max())
     full_epochs = [int(e) for e, n in per_epoch.items() if n == steps_per_epoch]
@@ -295,29 +330,39 @@ def explain_tables(steps: pd.DataFrame, evals: pd.DataFrame, metric: str = "acc"
     return replace(result, paragraph=explanation_paragraph(result))
 
 
-def _check_tables(steps: pd.DataFrame, evals: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+_NO_ACCURACY = {  # why a run of each source may have no accuracy
+    "keras": "a regression task, or a model compiled without metrics=['accuracy']",
+    "track": "a regression task, run.step without outputs and targets, or a Lightning training_step "
+             "that returns no logits",
+}
+
+
+def _check_tables(steps: pd.DataFrame, evals: pd.DataFrame, metric: str, source: str
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if steps is None or steps.empty:
+        raise DataError("the run has no steps to explain (it ended before its first update)")
     needed = {"step", "epoch", "batch_size", f"batch_{metric}", f"running_{metric}"}
-    if steps is None or steps.empty or not needed <= set(steps.columns):
-        missing = sorted(needed - set(steps.columns)) if steps is not None else sorted(needed)
-        if metric == "acc" and missing == ["batch_acc", "running_acc"]:
-            raise ConfigError("this run has no accuracy (a regression task); use --metric loss")
-        raise DataError(f"the run's step table lacks {', '.join(missing) or 'rows'}; "
-                        "explain needs a run of batchlab's loop")
-    if evals is None or evals.empty or f"train_{metric}" not in evals or evals[f"train_{metric}"].isna().all():
-        raise DataError("the run has no full-pass training metric; train it with eval_train on (batchlab explain does)")
-    evals = evals[evals[f"train_{metric}"].notna()].sort_values("step").drop_duplicates("step", keep="last")
+    missing = sorted(needed - set(steps.columns))
+    if metric == "acc" and missing == ["batch_acc", "running_acc"]:
+        cause = _NO_ACCURACY.get(source, "a regression task")
+        raise ConfigError(f"this run recorded no accuracy ({cause}); use --metric loss")
+    if missing:
+        raise DataError(f"the run's step table lacks {', '.join(missing)}; explain needs a run recorded by batchlab")
     steps = steps.sort_values("step").reset_index(drop=True)
+    advice = dense_evaluation_advice(source, int(steps.groupby("epoch")["step"].count().max()))
+    if evals is None or evals.empty or f"train_{metric}" not in evals or evals[f"train_{metric}"].isna().all():
+        raise DataError(f"the run has no full-pass {metric} on the training set, which explain needs; {advice}")
+    evals = evals[evals[f"train_{metric}"].notna()].sort_values("step").drop_duplicates("step", keep="last")
     ends = steps.groupby("epoch")["step"].max()
     starts = steps.groupby("epoch")["step"].min() - 1
     evaluated = set(evals["step"].astype(int))
     unbracketed = [int(e) for e in ends.index if int(ends[e]) not in evaluated or int(starts[e]) not in evaluated]
     if unbracketed:
-        raise DataError(f"epoch {unbracketed[0]} has no evaluation at its start or end; explain needs a run "
-                        "evaluated at every epoch end (batchlab's loop does this)")  # fmt: skip
+        raise DataError(f"epoch {unbracketed[0]} has no evaluation at its start or end; explain needs one "
+                        f"on the training set at every epoch end: {advice}")  # fmt: skip
     inside = evaluated - set(int(s) for s in ends) - {0}
     if not inside and int(steps.groupby("epoch")["step"].count().max()) > 1:
-        raise DataError("the run has no evaluation inside its epochs; explain needs dense evaluation: "
-                        "run `batchlab explain`, or fit with --eval-every a few steps")  # fmt: skip
+        raise DataError(f"the run has no evaluation inside its epochs; explain needs dense evaluation: {advice}")
     return steps, evals
 
 

@@ -125,6 +125,27 @@ def _explain_defaults_config():
     return make_train_config({k: v for k, v in EXPLAIN_DEFAULTS.items() if k in TrainConfig.model_fields})
 
 
+# The training flags whose meaning differs for explain, in explain's words: epochs has a default of
+# its own (fit's "10 unless --max-steps" does not apply), and evaluation is dense unless asked denser.
+_EXPLAIN_HELP = {
+    "epochs": "Passes over the training set (with --max-steps, whichever ends first).",
+    "eval_every": "Full-pass evaluation at most K steps apart (a larger K, or 'epoch', is made denser: "
+                  "explain needs the true curve inside each epoch).",
+}
+
+
+def _explain_train_options() -> list:
+    """The TrainConfig flags with explain's defaults, and help that states what explain does."""
+    from ..explain import DEFAULT_EVALS_PER_EPOCH
+
+    options = train_options(_explain_defaults_config(), exclude=("eval_train",))  # always on: it explains
+    for option in options:
+        option.help = _EXPLAIN_HELP.get(option.name, option.help)
+        if option.name == "eval_every":  # what explain_config decides for a run that does not say
+            option.show_default = f"steps per epoch // {DEFAULT_EVALS_PER_EPOCH}, at least 1"
+    return options
+
+
 def _explain_options() -> list:
     options = run_options()
     for option in options:  # explain's own defaults for the data and the model
@@ -137,7 +158,7 @@ def _explain_options() -> list:
         out_option("Folder for the figure (PNG and SVG). Default: the store's folder."),
         click.Option(["--metric"], type=click.Choice(["acc", "loss"]), default="acc",
                      help="The metric the paragraph explains (the numbers cover both)."),
-        *train_options(_explain_defaults_config()),
+        *_explain_train_options(),
     ]
 
 
