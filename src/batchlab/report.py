@@ -332,7 +332,7 @@ def study_report(
     s_min: float | None = None,
     b_crit: float | None = None,
     e_min: float | None = None,
-    recommendation: str | None = None,
+    recommendation: str | Mapping[str, Any] | None = None,
     target: str | None = None,
     n_train: int | None = None,
     fit: Mapping[str, Any] | None = None,
@@ -344,7 +344,8 @@ def study_report(
         runs: the study's trials.
         summary: one row per batch size, with the columns of `batchlab.plots.study`.
         s_min, b_crit, e_min: the fitted parameters of S = S_min(1 + B_crit/B) and E = E_min(1 + B/B_crit).
-        recommendation: the study's advice, shown first.
+        recommendation: the study's advice, shown first: its text, or `Recommendation.as_dict()`
+            (then the figures mark its batch size too).
         target: the target condition (``val_acc>=0.8``), for titles.
         n_train: the training-set size, the value of batch size ``full``.
         fit: the whole fit (`ScalingFit.as_dict`): its intervals, R² and B_simple are shown too.
@@ -361,14 +362,16 @@ def study_report(
               else (s_min * b_crit if s_min is not None and b_crit is not None else None)}  # fmt: skip
     fitted.update(_fit_uncertainty(fit))
     parts = []
-    if recommendation:
-        parts.append(section("Recommendation", paragraph(recommendation, "recommendation")))
+    advice = recommendation if isinstance(recommendation, Mapping) else None
+    text = advice.get("text") if advice is not None else recommendation
+    if text:
+        parts.append(section("Recommendation", paragraph(str(text), "recommendation")))
     parts.append(section("Summary by batch size", frame_table(study_key_table(summary)),
                          details("all columns", frame_table(summary)),
                          mapping_table({k: v for k, v in fitted.items() if v is not None}, "fitted trade-off")))
     interval = _pair(fit.get("b_crit_lo"), fit.get("b_crit_hi"))
     figures = plots.study_figures(summary, s_min=s_min, b_crit=b_crit, e_min=e_min, n_train=n_train, target=target,
-                                  b_crit_interval=interval)
+                                  b_crit_interval=interval, recommendation=advice)
     captions = {
         "steps_to_target": "Steps to target vs batch size (log-log): medians with 95% bootstrap intervals, perfect "
                            "scaling, the fitted curve and its bootstrap band",
@@ -381,7 +384,7 @@ def study_report(
     by_batch = best_lr_runs(runs, summary)
     if by_batch and target:
         blocks += _figures([("Learning curves at each batch size's best lr: median over seeds, band: range over seeds",
-                             lambda: _curves_figure(by_batch, target, n_train))])
+                             lambda: _curves_figure(by_batch, target, n_train, advice))])
     parts.append(section("Figures", *blocks))
     parts.append(section("Trials", details(f"{len(runs)} trials", frame_table(runs_table(runs)))))
     parts.append(section("Configuration", mapping_table(group.get("config") or {}, "study config")))
@@ -411,11 +414,12 @@ def _pair(lo: Any, hi: Any) -> tuple[float, float] | None:
     return (low, high) if low is not None and high is not None else None
 
 
-def _curves_figure(by_batch: dict, target: str, n_train: int | None) -> Figure:
+def _curves_figure(by_batch: dict, target: str, n_train: int | None, advice: Mapping[str, Any] | None = None) -> Figure:
     from .config import parse_target
 
     condition = parse_target(target)
-    return plots.best_lr_curves(by_batch, condition.metric, target=condition.value, target_text=target, n_train=n_train)
+    return plots.best_lr_curves(by_batch, condition.metric, target=condition.value, target_text=target, n_train=n_train,
+                                recommended=(advice or {}).get("batch_size"))
 
 
 def best_lr_runs(runs: Sequence[StoredRun], summary: pd.DataFrame) -> dict[Any, list[StoredRun]]:
@@ -466,7 +470,7 @@ def build_report(store: RunStore, ident: str | int) -> Report:
         return study_report(
             group, runs, pd.DataFrame.from_records(records),
             s_min=_number(info.get("s_min")), b_crit=_number(info.get("b_crit")), e_min=_number(info.get("e_min")),
-            recommendation=info.get("recommendation") if isinstance(info.get("recommendation"), str) else None,
+            recommendation=info.get("recommendation") if isinstance(info.get("recommendation"), (str, Mapping)) else None,
             target=str(info["target"]) if info.get("target") else None, n_train=_n_train(info, runs),
             fit=group["summary"].get("fit") if isinstance(group["summary"].get("fit"), Mapping) else None,
         )  # fmt: skip
@@ -527,9 +531,10 @@ def write_study_outputs(study: Study, folder: str | Path, *, report: bool = True
     written += [folder / "summary.csv", folder / "trials.csv"]
     fit, n_train, target = study.fit, study.plan.n_train, str(study.plan.target)
     interval = (fit.b_crit_lo, fit.b_crit_hi) if fit.ok else None
+    advice = study.recommendation.as_dict()
     figures = plots.study_figures(study.summary, s_min=fit.s_min if fit.ok else None,
                                   b_crit=fit.b_crit if fit.ok else None, n_train=n_train, target=target,
-                                  b_crit_interval=interval)
+                                  b_crit_interval=interval, recommendation=advice)
     for name, figure in figures.items():
         written += plots.save_figure(figure, folder / name)
     if study.store is None:
@@ -538,7 +543,7 @@ def write_study_outputs(study: Study, folder: str | Path, *, report: bool = True
         runs = [store.load_run(run_id) for run_id in store.group_runs(study.group_id)]
         by_batch = best_lr_runs(runs, study.summary)
         if by_batch:
-            written += plots.save_figure(_curves_figure(by_batch, target, n_train), folder / "learning_curves")
+            written += plots.save_figure(_curves_figure(by_batch, target, n_train, advice), folder / "learning_curves")
         if report:
             written += _write_report(store, study, runs, folder)
     return written
@@ -548,7 +553,7 @@ def _write_report(store, study: Study, runs: Sequence[StoredRun], folder: Path) 
     fit = study.fit
     built = study_report(store.get_group(study.group_id), runs, study.summary,
                          s_min=fit.s_min if fit.ok else None, b_crit=fit.b_crit if fit.ok else None,
-                         e_min=fit.e_min if fit.ok else None, recommendation=study.recommendation.text,
+                         e_min=fit.e_min if fit.ok else None, recommendation=study.recommendation.as_dict(),
                          target=str(study.plan.target), n_train=study.plan.n_train, fit=fit.as_dict())
     path = folder / "report.html"
     path.write_text(built.html, encoding="utf-8")

@@ -6,7 +6,9 @@ changes the user's matplotlib backend and works headless; `save_figure` writes P
 
 A shared style keeps them comparable: one colour scale that orders batch sizes (viridis over
 log2 B, small batches dark, large ones bright), axes labelled with their units, fonts readable at
-100% zoom.
+100% zoom. Every figure is fitted to its canvas when built (`fit_to_canvas`): long titles wrap,
+crowded batch-size labels are thinned, legends go below the axes (`legend_below`); user strings are
+drawn as written, while tick labels keep matplotlib's mathtext (10³ on log axes).
 
 Modules:
     curves: learning curves of any metric view, several runs on one axis, the views overlay of
@@ -19,13 +21,16 @@ from __future__ import annotations
 
 import functools
 import math
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 import matplotlib.text
+from matplotlib.axis import Axis
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedFormatter, NullFormatter, NullLocator
 
 PNG_DPI = 150
 FIGURE_SIZE = (6.4, 4.0)  # inches: 960 x 600 pixels at PNG_DPI
@@ -65,35 +70,56 @@ _STYLE = {
     "axes.spines.right": False,
     "lines.linewidth": 1.6,
     "svg.fonttype": "none",  # text stays text in SVG: smaller and searchable
-    "text.parse_math": False,  # see as_plain_text
     "text.usetex": False,
 }
+LEGEND_FONT_POINTS = 9
+
+
+def formatted_texts(fig: Figure) -> set[matplotlib.text.Text]:
+    """The tick labels and offset texts of ``fig``: texts matplotlib's formatters write, not batchlab.
+
+    A log axis's formatter writes its labels as mathtext (``$\\mathdefault{10^{3}}$``); they must
+    stay mathtext, or the figure shows that markup instead of 10³.
+    """
+    texts: set[matplotlib.text.Text] = set()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            texts.add(axis.offsetText)
+            for tick in [*axis.get_major_ticks(), *axis.get_minor_ticks()]:
+                texts.update((tick.label1, tick.label2))
+    return texts
 
 
 def as_plain_text(fig: Figure) -> Figure:
-    """Show every text of ``fig`` as written: no mathtext, no TeX.
+    """Show every text batchlab or the user wrote in ``fig`` as written: no mathtext, no TeX.
 
     Titles and legends carry user strings (run and study names, dataset paths); matplotlib would
-    read ``$...$`` in them as mathtext and fail to draw the figure on ``$\\undefinedcmd$``. No
-    batchlab label uses mathtext (they use Unicode: ‖g_B‖₂), so nothing is lost.
+    read ``$...$`` in them as mathtext and fail to draw the figure on ``$\\undefinedcmd$``, or draw
+    ``a$x^2$b`` as a formula. No batchlab label uses mathtext (they use Unicode: ‖g_B‖₂), so nothing
+    is lost. Tick labels and offset texts (`formatted_texts`) keep mathtext: matplotlib's log
+    formatter writes 10³ in it. (Turning mathtext off for the whole figure, as the rc parameter
+    ``text.parse_math`` does, printed ``$\\mathdefault{10^{3}}$`` on every log axis.)
 
     Returns:
         ``fig``, changed in place.
     """
+    formatted = formatted_texts(fig)
     for text in fig.findobj(matplotlib.text.Text):
-        text.set_parse_math(False)
+        if text not in formatted:
+            text.set_parse_math(False)
         text.set_usetex(False)
     return fig
 
 
 def styled(make_figure: Callable[..., Figure]) -> Callable[..., Figure]:
     """Build the figure under batchlab's style (matplotlib applies most style when artists are made),
-    with all its text shown as plain text (`as_plain_text`)."""
+    with its written text shown as plain text (`as_plain_text`) and laid out to fit the canvas
+    (`fit_to_canvas`)."""
 
     @functools.wraps(make_figure)
     def wrapper(*args: Any, **kwargs: Any) -> Figure:
         with matplotlib.rc_context(_STYLE):
-            return as_plain_text(make_figure(*args, **kwargs))
+            return fit_to_canvas(as_plain_text(make_figure(*args, **kwargs)))
 
     return wrapper
 
@@ -108,9 +134,146 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, size: tuple[float, float] = FI
     return fig, axes
 
 
-def legend_outside(ax: Any, **kwargs: Any) -> Any:
-    """The legend to the right of the axes, outside the data (constrained layout makes room for it)."""
-    return ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kwargs)
+def legend_below(ax: Any, **kwargs: Any) -> Any:
+    """The legend of ``ax`` below the axes, across the figure, in as many columns as fit its width.
+
+    Beside the axes a legend of long labels took half the figure from the data; below them it
+    takes a few lines of height. Constrained layout makes room for it.
+
+    Returns:
+        The figure legend.
+    """
+    fig = ax.get_figure()
+    handles, labels = ax.get_legend_handles_labels()
+    # About 0.6 em per character, plus the handle: how many labels fit side by side.
+    chars_per_row = fig.get_figwidth() * 72 / (0.6 * LEGEND_FONT_POINTS)
+    widest = max((len(label) for label in labels), default=1) + 8
+    ncols = max(1, min(len(labels), int(chars_per_row // widest)))
+    rows = math.ceil(len(labels) / ncols)
+    if rows > 3:  # taller, rather than squeezing the axes: about 0.2 inch per legend line
+        fig.set_figheight(fig.get_figheight() + 0.2 * (rows - 3))
+    return fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=LEGEND_FONT_POINTS,
+                      **kwargs)
+
+
+def batch_size_axis(ax: Any, sizes: Sequence[float], labels: Sequence[str] | None = None) -> None:
+    """A log2 x axis with a tick at each measured batch size, written plainly (``16``, not 2⁴).
+
+    Only the x axis loses its minor ticks: a log y axis that spans less than a decade has its only
+    labels there.
+    """
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(sizes), list(labels) if labels is not None else [f"{b:g}" for b in sizes])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel(metric_label("batch_size"))
+
+
+# --- fitting the texts to the canvas -------------------------------------------------------------
+
+_CANVAS_MARGIN = 4.0  # pixels kept free at the canvas edge
+_FIT_ROUNDS = 5
+
+
+def fit_to_canvas(fig: Figure) -> Figure:
+    """Wrap titles wider than their room and thin tick labels that overlap, measured on the laid-out figure.
+
+    A title is centred over its axes; a long one (a run name, a dataset path) ran off the canvas.
+    Each round lays the figure out, measures, and changes what does not fit; constrained layout
+    then makes room for the wrapped lines.
+
+    Returns:
+        ``fig``, changed in place.
+    """
+    originals: dict[Axis, list[str]] = {}
+    for _ in range(_FIT_ROUNDS):
+        fig.draw_without_rendering()
+        changed = _wrap_titles(fig)
+        for ax in fig.axes:
+            for axis in (ax.xaxis, ax.yaxis):
+                changed |= _thin_tick_labels(axis, originals)
+        if not changed:
+            break
+    return fig
+
+
+def _wrap_titles(fig: Figure) -> bool:
+    """Wrap each axes title and the suptitle to its room; True when one changed."""
+    width = fig.bbox.width
+    changed = False
+    for ax in fig.axes:
+        centre = ax.title.get_window_extent().x0 + ax.title.get_window_extent().width / 2
+        alone = not any(_beside(ax, other) for other in fig.axes if other is not ax)
+        room = 2 * min(centre, width - centre) if alone else ax.get_window_extent().width
+        changed |= _wrap(ax.title, room - 2 * _CANVAS_MARGIN)
+    if fig._suptitle is not None:
+        changed |= _wrap(fig._suptitle, width - 2 * _CANVAS_MARGIN)
+    return changed
+
+
+def _beside(ax: Any, other: Any) -> bool:
+    """Whether two axes share a row (their vertical spans overlap), so that titles could collide."""
+    a, b = ax.get_position(), other.get_position()
+    return a.y0 < b.y1 and b.y0 < a.y1
+
+
+def _wrap(text: matplotlib.text.Text, room: float) -> bool:
+    """Break ``text`` into lines no wider than ``room`` pixels; True when it changed."""
+    content = text.get_text()
+    extent = text.get_window_extent()
+    if not content or extent.width <= room:
+        return False
+    lines = content.split("\n")
+    per_char = extent.width / max(len(line) for line in lines)
+    limit = max(8, int(room / per_char) - 1)
+    wrapped = "\n".join(textwrap.fill(line, limit, break_on_hyphens=False) for line in lines)
+    if wrapped == content:
+        return False
+    text.set_text(wrapped)
+    return True
+
+
+def drawn_tick_labels(axis: Axis, minor: bool = False) -> list[matplotlib.text.Text]:
+    """The tick labels of ``axis`` that the last draw showed: inside the view, visible, not empty."""
+    locs = axis.get_minorticklocs() if minor else axis.get_majorticklocs()
+    ticks = axis.get_minor_ticks(len(locs)) if minor else axis.get_major_ticks(len(locs))
+    low, high = sorted(axis.get_view_interval())
+    slack = 1e-9 * max(abs(low), abs(high), 1e-300)
+    labels = []
+    for tick in ticks:
+        if low - slack <= tick.get_loc() <= high + slack:
+            labels += [label for label in (tick.label1, tick.label2) if label.get_visible() and label.get_text()]
+    return labels
+
+
+def overlapping(labels: Sequence[matplotlib.text.Text]) -> bool:
+    """Whether any two of ``labels`` overlap on the canvas (touching edges allowed)."""
+    boxes = [label.get_window_extent() for label in labels]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            if a.x0 < b.x1 - 0.5 and b.x0 < a.x1 - 0.5 and a.y0 < b.y1 - 0.5 and b.y0 < a.y1 - 0.5:
+                return True
+    return False
+
+
+def _thin_tick_labels(axis: Axis, originals: dict[Axis, list[str]]) -> bool:
+    """Leave out labels of an axis whose labels overlap; True when it changed.
+
+    Fixed labels (the measured batch sizes) keep every k-th, counted from the largest, with k the
+    smallest that stops the overlap; overlapping minor labels of a formatter are left out.
+    """
+    changed = False
+    if overlapping(drawn_tick_labels(axis, minor=True)):
+        axis.set_minor_formatter(NullFormatter())
+        changed = True
+    formatter = axis.get_major_formatter()
+    if not isinstance(formatter, FixedFormatter) or not overlapping(drawn_tick_labels(axis)):
+        return changed
+    labels = originals.setdefault(axis, list(formatter.seq))
+    shown = sum(1 for label in formatter.seq if label)
+    step = max(2, math.ceil(len(labels) / max(shown - 1, 1)))
+    n = len(labels)
+    axis.set_major_formatter(FixedFormatter([label if (n - 1 - i) % step == 0 else "" for i, label in enumerate(labels)]))
+    return True
 
 
 def metric_label(column: str) -> str:
@@ -137,6 +300,11 @@ def batch_size_label(batch_size: Any, n_train: int | None = None) -> str:
         return f"B=full ({n_train})" if n_train else "B=full"
     value = float(batch_size)
     return f"B={int(value)}" if value == int(value) else f"B={value:g}"
+
+
+def recommended_label(batch_size: Any) -> str:
+    """``recommended B = 256``: how every figure names the batch size a study recommends."""
+    return f"recommended B = {batch_size}"
 
 
 def batch_size_colors(batch_sizes: Iterable[Any], n_train: int | None = None, cmap: str = "viridis") -> dict[Any, tuple]:
@@ -191,6 +359,7 @@ from .study import (  # noqa: E402
 
 __all__ = [
     "AXIS_LABELS",
+    "batch_size_axis",
     "batch_size_colors",
     "batch_size_label",
     "batch_size_value",
@@ -200,7 +369,7 @@ __all__ = [
     "generalization_gap_figure",
     "gradnorm_figure",
     "learning_curves",
-    "legend_outside",
+    "legend_below",
     "metric_label",
     "new_figure",
     "probe_traces",

@@ -24,12 +24,13 @@ from matplotlib.figure import Figure
 from ..errors import DataError
 from . import (
     VIEW_NAMES,
-    legend_outside,
     batch_size_colors,
     batch_size_label,
     batch_size_value,
+    legend_below,
     metric_label,
     new_figure,
+    recommended_label,
     styled,
 )
 
@@ -245,7 +246,7 @@ def compare_runs(
         if logy:
             ax.set_yscale("log")
     axes[0].set_ylabel(metric_label(metrics[0]))
-    legend_outside(axes[-1], title="batch size, lr")
+    legend_below(axes[-1], title="batch size, lr")
     if title is not None:
         fig.suptitle(title)
     return fig
@@ -347,6 +348,7 @@ def best_lr_curves(
     target: float | None = None,
     target_text: str | None = None,
     n_train: int | None = None,
+    recommended: Any = None,
 ) -> Figure:
     """Learning curves of each batch size at its best lr: median over seeds with a min–max band.
 
@@ -359,6 +361,8 @@ def best_lr_curves(
         metric: the column (``val_acc``, ``train_loss``, ...).
         target: the target's value; ``target_text`` its condition (``val_acc>=0.5``) for the title.
         n_train: the training-set size, the value of batch size ``full``.
+        recommended: the batch size the study recommends: its line is drawn thicker and its
+            legend entry ends in ``recommended B = ...``.
 
     Returns:
         A figure with one median line (and band) per batch size, smallest B first.
@@ -375,8 +379,10 @@ def best_lr_curves(
         if band.empty:
             continue
         label = f"{batch_size_label(batch_size, n_train)} ({int(band['seeds'].max())} seeds)"
+        chosen = recommended is not None and str(batch_size) == str(recommended)
         ax.fill_between(band["x"], band["lo"], band["hi"], color=colors[batch_size], alpha=0.18, linewidth=0)
-        ax.plot(band["x"], band["median"], color=colors[batch_size], label=label)
+        ax.plot(band["x"], band["median"], color=colors[batch_size], linewidth=3.2 if chosen else None,
+                label=f"{label}: {recommended_label(recommended)}" if chosen else label)
         if target is not None:
             crossings[batch_size] = _first_crossing(band, target, metric)
     if target is not None:
@@ -385,7 +391,7 @@ def best_lr_curves(
     ax.set_xlabel(metric_label("step") + ", log scale")
     ax.set_ylabel(metric_label(metric))
     ax.set_title(_crossing_title(crossings, metric, target_text, n_train))
-    legend_outside(ax, title="batch size (best lr)")
+    legend_below(ax, title="batch size (best lr)")
     return fig
 
 

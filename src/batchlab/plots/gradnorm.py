@@ -27,7 +27,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..errors import DataError
-from . import metric_label, new_figure, styled
+from . import batch_size_axis, metric_label, new_figure, styled
 
 
 @styled
@@ -70,12 +70,8 @@ def gradnorm_figure(table: pd.DataFrame, theory: Mapping[str, tuple[float, float
                 grid = np.geomspace(sizes.min(), sizes.max(), 100)
                 ax.plot(grid, g_sq + trace / grid, color=colors[point], linestyle="--",
                         label=f"{point}: ‖G‖² + tr(Σ)/B")  # fmt: skip
-        ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        sizes = np.unique(table["batch_size"].to_numpy(float))
-        ax.set_xticks(sizes, [f"{b:g}" for b in sizes])  # the measured sizes, written plainly
-        ax.minorticks_off()
-        ax.set_xlabel(metric_label("batch_size"))
+        batch_size_axis(ax, np.unique(table["batch_size"].to_numpy(float)))
         ax.set_ylabel(ylabel)
         ax.legend(title="point of training")
     axes[0].set_title("Gradient norm vs batch size (mean loss)")
@@ -114,25 +110,26 @@ def loss_conventions_figure(table: pd.DataFrame) -> Figure:
         color = f"C{i}"
         mean_ax.errorbar(sizes, rows["grad_norm_mean"], yerr=rows["grad_norm_std"], marker="o", capsize=3,
                          color=color, label=f"{point}: measured")  # fmt: skip
-        mean_ax.plot(sizes, theory, color=color, linestyle="--", label=f"{point}: theory √E‖g_B‖² = √(‖G‖² + tr(Σ)(1/B − 1/N))")
+        mean_ax.plot(sizes, theory, color=color, linestyle="--", label=f"{point}: theory")
         if "theory_sq_norm_iid" in rows:
             mean_ax.plot(sizes, np.sqrt(rows["theory_sq_norm_iid"].to_numpy(float)), color=color, linestyle=":",
-                         label=f"{point}: √(‖G‖² + tr(Σ)/B), i.i.d.")  # fmt: skip
+                         label=f"{point}: theory, i.i.d. batches")  # fmt: skip
         sum_ax.errorbar(sizes, rows["sum_norm_mean"], yerr=rows["sum_norm_std"], marker="s", capsize=3,
                         color=color, label=f"{point}: measured")  # fmt: skip
-        sum_ax.plot(sizes, sizes * theory, color=color, linestyle="--", label=f"{point}: theory B·√E‖g_B‖²")
+        sum_ax.plot(sizes, sizes * theory, color=color, linestyle="--", label=f"{point}: theory")
     mean_ax.set_title("mean loss: ‖g_B‖ falls as B grows")
     mean_ax.set_ylabel("‖g_B‖₂, gradient of the mean loss")
     sum_ax.set_title("summed loss: ‖B·g_B‖ grows with B")
     sum_ax.set_ylabel("‖B·g_B‖₂, gradient of the summed loss")
     trials = int(table["trials"].iloc[0]) if "trials" in table else None
     for ax in (mean_ax, sum_ax):
-        ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel(metric_label("batch_size"))
-        ax.legend(fontsize=7)
+        batch_size_axis(ax, np.unique(table["batch_size"].to_numpy(float)))
+        ax.legend(fontsize=8)
     note = f"error bars: ±1 std over {trials} random batches per size" if trials else "error bars: ±1 std over trials"
-    fig.suptitle(f"Gradient norm vs batch size, two loss conventions ({note}; dashed: theory)", fontsize=10)
+    iid = "; dotted: √(‖G‖² + tr(Σ)/B), i.i.d. batches" if "theory_sq_norm_iid" in table else ""
+    fig.suptitle(f"Gradient norm vs batch size, two loss conventions ({note}). Dashed: theory "
+                 f"√E‖g_B‖² = √(‖G‖² + tr(Σ)(1/B − 1/N)), times B on the right{iid}", fontsize=10)
     return fig
 
 
@@ -171,8 +168,7 @@ def distance_figure(curves: pd.DataFrame, final: pd.DataFrame) -> Figure:
         final_ax.plot(rows["batch_size"], rows["dist_from_init"], marker="o", linestyle=styles.get(lr, "-"),
                       color="black", label=f"lr {lr:g}")  # fmt: skip
     samples = int(final["samples_seen"].iloc[0]) if "samples_seen" in final and len(final) else None
-    final_ax.set_xscale("log", base=2)
-    final_ax.set_xlabel(metric_label("batch_size"))
+    batch_size_axis(final_ax, np.unique(final["batch_size"].to_numpy(float)))
     final_ax.set_ylabel(metric_label("dist_from_init"))
     final_ax.set_title(f"after the same {samples} samples seen" if samples else "at the end of training")
     final_ax.legend()

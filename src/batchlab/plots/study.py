@@ -19,12 +19,18 @@ Every function takes the summary as a DataFrame with one row per batch size. The
 The fitted parameters come from the steps/data trade-off of McCandlish et al. 2018
 (arXiv 1812.06162): S = S_min (1 + B_crit / B) and E = E_min (1 + B / B_crit), with
 E_min = S_min · B_crit.
+
+Where the study recommends a batch size (`batchlab.study.Recommendation`, or its ``as_dict()`` as
+the store keeps it), every figure marks it with a vertical line labelled ``recommended B = ...``;
+the seconds figure names a fastest batch size only where the recommendation does.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,11 +38,58 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..errors import DataError
-from . import FULL_BATCH, batch_size_colors, batch_size_value, legend_outside, metric_label, new_figure, styled
+from . import (
+    FULL_BATCH,
+    batch_size_axis,
+    batch_size_colors,
+    batch_size_value,
+    legend_below,
+    metric_label,
+    new_figure,
+    recommended_label,
+    styled,
+)
 
-STUDY_FIGURE_SIZE = (8.2, 4.0)  # inches: room for the legend beside the axes
+STUDY_FIGURE_SIZE = (7.0, 5.0)  # inches: the axes span the width; the legend goes below them
+RECOMMENDED_STYLE = {"color": "tab:green", "linewidth": 2.5, "alpha": 0.45, "zorder": 1}
 
 POINT_STYLE = {"color": "black", "marker": "o", "markersize": 5, "capsize": 3, "linestyle": "none", "zorder": 3}
+
+
+@dataclass(frozen=True)
+class Advice:
+    """What the figures show of the study's recommendation: the batch size it recommends (None
+    where the data cannot support one) and the batch size it calls fastest (None where it calls
+    none, e.g. seconds measured while trials shared the cores)."""
+
+    batch_size: Any = None
+    fastest_batch_size: Any = None
+    fastest_seconds: float = math.nan
+
+
+def advice_of(recommendation: Any) -> Advice:
+    """The `Advice` of a `Recommendation`, of its ``as_dict()`` (as stored), or of None (no advice)."""
+    if recommendation is None or isinstance(recommendation, str):
+        return Advice()
+    read = recommendation.get if isinstance(recommendation, Mapping) else lambda k: getattr(recommendation, k, None)
+    seconds = read("fastest_seconds")
+    return Advice(batch_size=read("batch_size"), fastest_batch_size=read("fastest_batch_size"),
+                  fastest_seconds=float(seconds) if seconds is not None else math.nan)
+
+
+def _mark_recommended(ax: Axes, advice: Advice, n_train: int | None, sizes: np.ndarray) -> None:
+    """A vertical line at the recommended batch size, in the legend as ``recommended B = ...``."""
+    if advice.batch_size is None:
+        return
+    at = batch_size_value(advice.batch_size, n_train)
+    if not math.isfinite(at):
+        return
+    ax.axvline(at, label=recommended_label(advice.batch_size), **RECOMMENDED_STYLE)
+    # Named at the line's top too, on the side with more room (the x axis is log2 over the sizes).
+    right = at < math.sqrt(sizes.min() * sizes.max())
+    ax.annotate(recommended_label(advice.batch_size), xy=(at, 1.0), xycoords=ax.get_xaxis_transform(),
+                xytext=(4 if right else -4, -4), textcoords="offset points", ha="left" if right else "right",
+                va="top", fontsize=8, color=RECOMMENDED_STYLE["color"])
 
 
 def _sizes(summary: pd.DataFrame, n_train: int | None) -> np.ndarray:
@@ -66,11 +119,8 @@ def _spread(summary: pd.DataFrame, prefix: str, centre: np.ndarray) -> np.ndarra
 
 def _batch_axis(ax: Axes, summary: pd.DataFrame, sizes: np.ndarray, n_train: int | None) -> None:
     """Log2 x axis with a tick at every batch size of the study (``full`` written as such)."""
-    ax.set_xscale("log", base=2)
     labels = [f"full\n({n_train})" if b == FULL_BATCH else f"{v:g}" for b, v in zip(summary["batch_size"], sizes)]
-    ax.set_xticks(sizes, labels)
-    ax.minorticks_off()
-    ax.set_xlabel(metric_label("batch_size"))
+    batch_size_axis(ax, sizes, labels)
 
 
 def _span(sizes: np.ndarray) -> np.ndarray:
@@ -103,6 +153,7 @@ def steps_to_target_figure(
     n_train: int | None = None,
     target: str | None = None,
     b_crit_interval: tuple[float, float] | None = None,
+    recommendation: Any = None,
 ) -> Figure:
     """Steps to target vs batch size, log-log, against perfect scaling and the fitted curve.
 
@@ -117,6 +168,7 @@ def steps_to_target_figure(
         n_train: the training-set size, the value of batch size ``full``.
         target: the target condition, for the title (``val_acc>=0.8``).
         b_crit_interval: B_crit's 95% bootstrap interval, for the title.
+        recommendation: the study's `Recommendation` (or its ``as_dict()``): its batch size is marked.
 
     Returns:
         A figure whose error bars (``ax.containers[0]``) hold the measured points (x = batch sizes,
@@ -142,11 +194,12 @@ def steps_to_target_figure(
                             alpha=0.15, linewidth=0, label="fit: 95% bootstrap band")
         ax.axhline(s_min, color="tab:red", linestyle=":", linewidth=1.0)
         ax.axvline(b_crit, color="tab:red", linestyle=":", linewidth=1.0)
+    _mark_recommended(ax, advice_of(recommendation), n_train, sizes)
     ax.set_yscale("log")
     _batch_axis(ax, summary, sizes, n_train)
     ax.set_ylabel("steps to target (parameter updates)")
     ax.set_title(_steps_finding(sizes, steps, summary, b_crit if fitted else None, b_crit_interval, target, n_train))
-    legend_outside(ax)
+    legend_below(ax)
     return fig
 
 
@@ -173,6 +226,7 @@ def samples_to_target_figure(
     *,
     n_train: int | None = None,
     target: str | None = None,
+    recommendation: Any = None,
 ) -> Figure:
     """Samples to target vs batch size, log-log, with the fit E = E_min (1 + B / B_crit).
 
@@ -183,6 +237,7 @@ def samples_to_target_figure(
     Args:
         summary: ``batch_size``, ``samples_to_target`` and optionally ``samples_lo``/``samples_hi``.
         e_min, b_crit: the fitted minimum number of samples and critical batch size.
+        recommendation: the study's `Recommendation` (or its ``as_dict()``): its batch size is marked.
 
     Returns:
         A figure whose error bars (``ax.containers[0]``) hold the measured points (y = samples_to_target).
@@ -199,41 +254,61 @@ def samples_to_target_figure(
         ax.plot(grid, e_min * (1 + grid / b_crit), color="tab:red",
                 label=f"fit E = E_min(1 + B/B_crit): E_min={e_min:.3g}, B_crit={b_crit:.3g}")
         ax.axvline(b_crit, color="tab:red", linestyle=":", linewidth=1.0)
+    _mark_recommended(ax, advice_of(recommendation), n_train, sizes)
     ax.set_yscale("log")
     _batch_axis(ax, summary, sizes, n_train)
     ax.set_ylabel("samples to target (samples seen)")
     ax.set_title(_ratio_title(summary, samples, "samples", target))
-    legend_outside(ax)
+    legend_below(ax)
     return fig
 
 
 @styled
-def seconds_to_target_figure(summary: pd.DataFrame, *, n_train: int | None = None, target: str | None = None) -> Figure:
+def seconds_to_target_figure(
+    summary: pd.DataFrame, *, n_train: int | None = None, target: str | None = None, recommendation: Any = None
+) -> Figure:
     """Training seconds to target vs batch size, log-log (wall-clock cost on this machine).
 
+    The title names the fastest batch size only where the recommendation does: seconds measured
+    while trials shared the cores (the summary's ``seconds_shared``) say more about the sharing
+    than about the batch size, and then the title says so instead.
+
     Args:
-        summary: ``batch_size``, ``seconds_to_target`` and optionally ``seconds_lo``/``seconds_hi``.
+        summary: ``batch_size``, ``seconds_to_target`` and optionally ``seconds_lo``/``seconds_hi``
+            and ``seconds_shared``.
+        recommendation: the study's `Recommendation` (or its ``as_dict()``): its batch size is
+            marked, and its ``fastest_batch_size`` (if any) named in the title.
 
     Returns:
         A figure whose error bars (``ax.containers[0]``) hold the measured points (y = seconds_to_target).
     """
     sizes, seconds = _sizes(summary, n_train), _column(summary, "seconds_to_target")
+    advice = advice_of(recommendation)
     fig, ax = new_figure(size=STUDY_FIGURE_SIZE)
     _points(ax, sizes, seconds, _spread(summary, "seconds", seconds), "measured (median, spread over seeds)")
+    _mark_recommended(ax, advice, n_train, sizes)
     ax.set_yscale("log")
     _batch_axis(ax, summary, sizes, n_train)
     ax.set_ylabel("training time to target (s)")
-    finite = np.flatnonzero(np.isfinite(seconds))
-    fastest = finite[np.argmin(seconds[finite])] if finite.size else None
-    ax.set_title("Seconds to " + (target or "target") + " vs batch size" if fastest is None else
-                 f"Fastest to {target or 'target'} on this machine: B={summary['batch_size'].iloc[fastest]} "
-                 f"({seconds[fastest]:.3g} s of training)")
-    legend_outside(ax)
+    ax.set_title(_seconds_title(summary, advice, target))
+    legend_below(ax)
     return fig
 
 
+def _seconds_title(summary: pd.DataFrame, advice: Advice, target: str | None) -> str:
+    """The fastest batch size as the recommendation names it, or why none is named."""
+    what = target or "target"
+    if advice.fastest_batch_size is not None:
+        seconds = f" ({advice.fastest_seconds:.3g} s of training)" if math.isfinite(advice.fastest_seconds) else ""
+        return f"Fastest to {what} on this machine: B={advice.fastest_batch_size}{seconds}"
+    if "seconds_shared" in summary and summary["seconds_shared"].fillna(False).astype(bool).any():
+        return (f"Training seconds to {what}, measured while trials shared the cores: "
+                "no batch size is called fastest")
+    return f"Training seconds to {what} vs batch size (this machine)"
+
+
 @styled
-def best_lr_figure(summary: pd.DataFrame, *, n_train: int | None = None) -> Figure:
+def best_lr_figure(summary: pd.DataFrame, *, n_train: int | None = None, recommendation: Any = None) -> Figure:
     """The best learning rate per batch size against the linear and square-root scaling rules.
 
     Both rules start from the smallest batch size's best lr: linear lr ∝ B (Goyal et al. 2017)
@@ -241,6 +316,7 @@ def best_lr_figure(summary: pd.DataFrame, *, n_train: int | None = None) -> Figu
 
     Args:
         summary: ``batch_size`` and ``best_lr``.
+        recommendation: the study's `Recommendation` (or its ``as_dict()``): its batch size is marked.
 
     Returns:
         A figure with the measured points (``ax.containers[0]``), the linear rule and the square-root rule.
@@ -254,20 +330,22 @@ def best_lr_figure(summary: pd.DataFrame, *, n_train: int | None = None) -> Figu
         b0, lr0 = anchor
         ax.plot(grid, lr0 * grid / b0, color="tab:blue", linestyle="--", label="linear rule: lr ∝ B")
         ax.plot(grid, lr0 * np.sqrt(grid / b0), color="tab:orange", linestyle="-.", label="square-root rule: lr ∝ √B")
+    _mark_recommended(ax, advice_of(recommendation), n_train, sizes)
     ax.set_yscale("log")
     _batch_axis(ax, summary, sizes, n_train)
     ax.set_ylabel(metric_label("lr"))
     ax.set_title(_range_title(summary, lrs, "Best learning rate"))
-    legend_outside(ax)
+    legend_below(ax)
     return fig
 
 
 @styled
-def generalization_gap_figure(summary: pd.DataFrame, *, n_train: int | None = None) -> Figure:
+def generalization_gap_figure(summary: pd.DataFrame, *, n_train: int | None = None, recommendation: Any = None) -> Figure:
     """The generalization gap (train − validation accuracy) per batch size (Keskar et al. 2017).
 
     Args:
         summary: ``batch_size``, ``gen_gap`` and optionally ``gen_gap_lo``/``gen_gap_hi``.
+        recommendation: the study's `Recommendation` (or its ``as_dict()``): its batch size is marked.
 
     Returns:
         A figure whose error bars (``ax.containers[0]``) hold the measured points (y = gen_gap), with a line at zero.
@@ -276,10 +354,11 @@ def generalization_gap_figure(summary: pd.DataFrame, *, n_train: int | None = No
     fig, ax = new_figure(size=STUDY_FIGURE_SIZE)
     _points(ax, sizes, gaps, _spread(summary, "gen_gap", gaps), "measured (median, spread over seeds)")
     ax.axhline(0.0, color="0.5", linewidth=0.8)
+    _mark_recommended(ax, advice_of(recommendation), n_train, sizes)
     _batch_axis(ax, summary, sizes, n_train)
     ax.set_ylabel("generalization gap (train − val accuracy)")
     ax.set_title(_range_title(summary, gaps, "Generalization gap"))
-    legend_outside(ax)
+    legend_below(ax)
     return fig
 
 
@@ -315,21 +394,25 @@ def study_figures(
     target: str | None = None,
     which: Sequence[str] | None = None,
     b_crit_interval: tuple[float, float] | None = None,
+    recommendation: Any = None,
 ) -> dict[str, Figure]:
     """Every study figure the summary has the columns for, by name.
 
     Names: ``steps_to_target``, ``samples_to_target``, ``seconds_to_target``, ``best_lr``,
     ``gen_gap``. ``e_min`` defaults to ``s_min * b_crit`` (B_crit = E_min / S_min).
+    ``recommendation`` (a `Recommendation` or its ``as_dict()``) is marked on every figure.
     """
     if e_min is None and s_min is not None and b_crit is not None:
         e_min = s_min * b_crit
+    advice = advice_of(recommendation)
+    common = {"n_train": n_train, "recommendation": advice}
     makers = {
-        "steps_to_target": lambda: steps_to_target_figure(summary, s_min, b_crit, n_train=n_train, target=target,
-                                                          b_crit_interval=b_crit_interval),
-        "samples_to_target": lambda: samples_to_target_figure(summary, e_min, b_crit, n_train=n_train, target=target),
-        "seconds_to_target": lambda: seconds_to_target_figure(summary, n_train=n_train, target=target),
-        "best_lr": lambda: best_lr_figure(summary, n_train=n_train),
-        "gen_gap": lambda: generalization_gap_figure(summary, n_train=n_train),
+        "steps_to_target": lambda: steps_to_target_figure(summary, s_min, b_crit, target=target,
+                                                          b_crit_interval=b_crit_interval, **common),
+        "samples_to_target": lambda: samples_to_target_figure(summary, e_min, b_crit, target=target, **common),
+        "seconds_to_target": lambda: seconds_to_target_figure(summary, target=target, **common),
+        "best_lr": lambda: best_lr_figure(summary, **common),
+        "gen_gap": lambda: generalization_gap_figure(summary, **common),
     }
     needed = {"steps_to_target": "steps_to_target", "samples_to_target": "samples_to_target",
               "seconds_to_target": "seconds_to_target", "best_lr": "best_lr", "gen_gap": "gen_gap"}  # fmt: skip
