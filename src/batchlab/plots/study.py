@@ -8,7 +8,8 @@ Every function takes the summary as a DataFrame with one row per batch size. The
 ``steps_to_target``    median over seeds (at ``best_lr``) of the first evaluation step meeting the
                        target (Shallue et al. 2019); NaN where no trial reached it
 ``steps_lo/steps_hi``  the spread of ``steps_to_target`` over seeds (e.g. min/max), optional
-``steps_ci_lo/_hi``    its 95% bootstrap interval, optional (drawn instead of the spread)
+``steps_ci_lo/_hi``    its order-statistic interval, optional (drawn instead of the spread), named
+                       by ``steps_ci_level``/``steps_ci_seeds`` ("75% CI, range of 3 seeds")
 ``steps_fit_lo/_hi``   the fitted curve's 95% bootstrap band at each batch size, optional
 ``samples_to_target``  median samples seen at that step; ``samples_lo/samples_hi`` optional
 ``seconds_to_target``  median training seconds at that step; ``seconds_lo/seconds_hi`` optional
@@ -178,7 +179,7 @@ def steps_to_target_figure(
     sizes, steps = _sizes(summary, n_train), _column(summary, "steps_to_target")
     fig, ax = new_figure(size=STUDY_FIGURE_SIZE)
     interval = _spread(summary, "steps_ci", steps)
-    what = "median over seeds, 95% bootstrap CI" if interval is not None else "median, spread over seeds"
+    what = f"median over seeds, {_interval_name(summary)}" if interval is not None else "median, spread over seeds"
     _points(ax, sizes, steps, interval if interval is not None else _spread(summary, "steps", steps), f"measured ({what})")
     grid = _span(sizes)
     anchor = _anchor(sizes, steps)
@@ -203,6 +204,17 @@ def steps_to_target_figure(
     return fig
 
 
+def _interval_name(summary: pd.DataFrame) -> str:
+    """What the steps intervals are, by their true level: one label when every batch size has the
+    same (the usual case: the same seeds), else the kind alone."""
+    from ..study.analysis import steps_interval_label
+
+    if "steps_ci_level" not in summary or "steps_ci_seeds" not in summary:
+        return "interval over seeds"
+    names = {steps_interval_label(row) for _, row in summary.iterrows() if row["steps_ci_level"] > 0}
+    return names.pop() if len(names) == 1 else "order-statistic CI"
+
+
 def _steps_finding(sizes, steps, summary, b_crit, b_crit_interval, target, n_train) -> str:
     """The title: how far steps fall over the batch sizes, and where they flatten."""
     finite = np.flatnonzero(np.isfinite(steps))
@@ -214,7 +226,7 @@ def _steps_finding(sizes, steps, summary, b_crit, b_crit_interval, target, n_tra
     if b_crit is not None:
         text += f"; they flatten past B_crit ≈ {b_crit:.3g}"
         if b_crit_interval is not None and all(map(math.isfinite, b_crit_interval)):
-            text += f" (95% CI {b_crit_interval[0]:.3g}–{b_crit_interval[1]:.3g})"
+            text += f" (95% bootstrap CI {b_crit_interval[0]:.3g}–{b_crit_interval[1]:.3g})"
     return text
 
 
