@@ -78,6 +78,9 @@ def test_fit_then_report_in_a_terminal(tmp_path):
     assert status == 0, screen
     assert BAR in screen and "epoch 1/3" in screen and "epoch 3: " in screen  # the bar and its epoch lines
     assert "Traceback" not in screen and "finished: run 1" in screen
+    frames = re.findall(r"epoch (\d+)/3 .*? (\d+)/(\d+) ", screen)  # the bar's epoch and its step i/steps
+    assert frames and frames[-1][0] == "3" and frames[-1][1] == frames[-1][2], frames[-3:]  # the true last epoch, full
+    assert all(int(epoch) <= 3 for epoch, _, _ in frames), frames
     status, screen = run_in_terminal(["report", "1", "--store", "s.db"], tmp_path)
     assert status == 0 and "report written to" in screen, screen
     assert (tmp_path / "s-run-1.html").exists()

@@ -182,13 +182,18 @@ class ProgressBar(Callback):
             row = event.row
             shown = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.endswith(("_loss", "_acc")))
             self.progress.console.print(f"epoch {event.clock.epoch}: {shown}")
-            # reset(**fields) would replace every field (rich drops the others); set them by update.
-            self.progress.reset(self.epoch_task, total=event.clock.steps_per_epoch)
-            self.progress.update(self.epoch_task, epoch=event.clock.epoch + 1, values="")
+            if event.clock.step < event.clock.total_steps:  # the bar moves on only to an epoch that will run
+                # reset(**fields) would replace every field (rich drops the others); set them by update.
+                self.progress.reset(self.epoch_task, total=event.clock.steps_per_epoch)
+                self.progress.update(self.epoch_task, epoch=event.clock.epoch + 1, values="")
         return None
 
     def on_run_end(self, event: RunEnd):
         if self.progress is not None:
+            # stop() draws one last frame: the epoch and step where the run really ended (an early
+            # stop or an interruption ends before the planned last epoch).
+            self.progress.update(self.epoch_task, epoch=max(event.clock.epoch, 1),
+                                 completed=event.clock.step_in_epoch)
             self.progress.stop()
             self.progress = None
         return None
