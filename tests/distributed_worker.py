@@ -1,12 +1,13 @@
 """What each rank runs in tests/test_distributed.py (started by torchrun, 2 gloo ranks, one thread each).
 
-Usage: ``torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py SCENARIO[,SCENARIO] OUT_DIR``.
-Rank 0 writes its runs' step tables as JSON into OUT_DIR and records into OUT_DIR/runs.db.
+Usage: ``torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py SCENARIO[,SCENARIO] OUT_DIR [TIMEOUT]``
+(TIMEOUT: seconds any collective may wait, default 30). Rank 0 writes its runs' step tables as JSON into OUT_DIR and records into OUT_DIR/runs.db.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -87,6 +88,34 @@ def track(out: Path) -> None:
     (out / f"track-rank{rank}.json").write_text(run.steps.to_json(orient="records"))
 
 
+class StallsOnRank1(torch.nn.Module):
+    """A model whose rank 1 stops answering (a long sleep, as a stuck rank) at its 4th training call."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if dist.get_rank() == 1 and self.calls == 4:
+                time.sleep(120)  # the launcher ends this rank once rank 0 has failed the run
+        return self.inner(x)
+
+
+def stall(out: Path) -> None:
+    """Rank 1 stalls: rank 0's next collective times out (the process group's timeout) and fails the run."""
+    ds = dataset()
+    config = bl.TrainConfig(batch_size=PER_RANK_BATCH, epochs=1, seed=0)
+    callbacks = [bl.recorder(out / "runs.db", name="stalls")] if dist.get_rank() == 0 else []
+    started = time.monotonic()
+    try:
+        distributed.fit(StallsOnRank1(model(ds, 0)), ds, config, callbacks=callbacks, progress=False)
+    except distributed.RankFailure as error:
+        (out / f"error-rank{dist.get_rank()}.txt").write_text(f"{time.monotonic() - started:.1f} {error}")
+        raise SystemExit(1)
+
+
 def failure(out: Path) -> None:
     ds = dataset()
     config = bl.TrainConfig(batch_size=PER_RANK_BATCH, epochs=1, seed=0)
@@ -101,10 +130,11 @@ def failure(out: Path) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     scenario, folder = sys.argv[1], Path(sys.argv[2])
-    distributed.start("cpu", timeout=30)
+    timeout = float(sys.argv[3]) if len(sys.argv) > 3 else 30.0  # seconds any collective may wait
+    distributed.start("cpu", timeout=timeout)
     try:
         for name in scenario.split(","):  # a failure breaks the process group: it comes last
-            {"equivalence": equivalence, "track": track, "failure": failure}[name](folder)
+            {"equivalence": equivalence, "track": track, "failure": failure, "stall": stall}[name](folder)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -34,11 +34,11 @@ LAUNCH_TIMEOUT = 240  # seconds for the whole launch on a busy 2-core machine
 WORLD = 2
 
 
-def _launch(scenarios: str, out: Path) -> subprocess.Popen:
+def _launch(scenarios: str, out: Path, timeout: float = 30) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(bl.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
-               "--monitor-interval", "0.1", str(Path(worker.__file__)), scenarios, str(out)]
+               "--monitor-interval", "0.1", str(Path(worker.__file__)), scenarios, str(out), str(timeout)]
     # A session of its own, so that on a timeout the launcher and its ranks are killed together.
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -182,6 +182,20 @@ def test_a_rank_that_raises_fails_the_run_and_no_rank_hangs(launched):
         assert (out / f"error-rank{rank}.txt").read_text() == "rank 1: ValueError: boom on rank 1"
 
 
+def test_a_stalled_rank_fails_the_run_within_the_collective_timeout(tmp_path):
+    """Rank 1 stops answering mid-run (no error, no exit): rank 0's collective gives up after the
+    process group's timeout (3 s here) and stores the run as failed, rather than waiting forever."""
+    status, output = _wait(_launch("stall", tmp_path, timeout=3))
+    assert status != 0
+    with RunStore(tmp_path / "runs.db") as store:
+        stalled = store.load_run(int(store.list_runs()["id"].iloc[0]))
+    assert stalled.status == "failed", output[-2000:]
+    assert stalled.message == ("rank 0: timed out waiting for the other ranks in a collective: another rank is "
+                               "stuck or gone")
+    seconds, message = (tmp_path / "error-rank0.txt").read_text().split(" ", 1)
+    assert message == stalled.message and float(seconds) < 60  # the timeout, not rank 1's 120 s sleep, ended it
+
+
 # --- without processes ------------------------------------------------------------------------------
 
 
@@ -206,6 +220,20 @@ def test_probes_needing_the_whole_batch_are_refused():
         with pytest.raises(ConfigError, match="data-parallel"):
             distributed.rank_probe(spec)
     assert isinstance(distributed.rank_probe("noise_scale"), bl.probes.RankNoiseScale)
+
+
+def test_noise_scale_from_one_rank_is_refused():
+    """With one rank, its share of the batch is the global batch: the two-batch estimate has no second size."""
+    with pytest.raises(ConfigError, match="needs 2 or more ranks"):
+        distributed.rank_probe("noise_scale", world_size=1)
+    assert distributed.rank_probe("grad_norm", world_size=1).name == "grad_norm"
+
+
+def test_more_ranks_than_cores_are_refused():
+    cores = len(os.sched_getaffinity(0))
+    distributed.check_nproc(cores, "cpu")
+    with pytest.raises(ConfigError, match=f"more than this machine's {cores} CPU cores"):
+        distributed.check_nproc(cores + 1, "cpu")
 
 
 def test_fit_outside_a_launch_says_how_to_launch(monkeypatch):

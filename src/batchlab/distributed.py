@@ -18,17 +18,21 @@ each global batch; the global batch is what a single process at batch B×N would
 - callbacks (the store's recorder, the progress bar) run on rank 0 only; their stop requests are
   broadcast to the other ranks where they can arise (evaluations, epoch ends, per-step callbacks);
 - a rank that raises tells rank 0 through the process group's key-value store; rank 0 ends the run
-  as ``failed`` with that message; every collective has a timeout, so no rank waits forever.
+  as ``failed`` with that message (or, for a rank killed without a word, what its failed collective
+  showed); every collective has a timeout, so no rank waits forever; Ctrl-C (SIGINT, which the
+  launcher passes to every rank) ends it as ``interrupted``.
 
 Dropout masks are drawn per rank (rank 0 from the run's seed): runs with dropout are data-parallel
 but not bit-equal to one process. Batch norm normalises per rank (use ``SyncBatchNorm`` for the
-global batch's statistics).
+global batch's statistics); `batchlab.loop.plan_batch_norm` refuses a per-rank batch of one and drops
+a last global batch that would give a rank fewer than 2 samples.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -45,7 +49,7 @@ from . import data as data_lib
 from .config import TrainConfig
 from .errors import BatchlabError, ConfigError
 from .events import Callback, Clock, RestoreWeights
-from .loop import check_model, plan_run, resolve_device
+from .loop import check_model, plan_batch_norm, plan_run, resolve_device
 from .metrics import correct_count, evaluation_splits, loss_function, pass_totals
 from .optim import build_optimizer, lr_at, scaled_lr, set_lr
 from .probes import NoiseScale, NoiseScaleExact, ProbeSet, RankGradients, RankNoiseScale, make_probe, part_sizes
@@ -55,7 +59,8 @@ DEFAULT_TIMEOUT = 300.0  # seconds any collective may wait before the run fails
 FAILURE_KEY = "batchlab/failure/{rank}"  # where a failing rank leaves its message for rank 0
 HOST_BYTES = 256  # hostnames travel as fixed-size byte tensors (no pickling between ranks)
 
-__all__ = ["Ranks", "RankFailure", "TrackedRanks", "fit", "launch", "launched", "plan_global", "rank_part", "rank_probe", "start", "stop"]
+__all__ = ["Ranks", "RankFailure", "TrackedRanks", "check_nproc", "fit", "launch", "launched", "plan_global", "rank_part",
+           "rank_probe", "start", "stop"]
 
 
 class RankFailure(BatchlabError):
@@ -187,6 +192,9 @@ def fit(
 
     config = config or TrainConfig()
     ranks = start(config.device, timeout)
+    for spec in probes:  # bad probes fail here, in every rank alike, before any collective
+        rank_probe(spec, world_size=ranks.world_size)
+    config, _ = plan_batch_norm(model, dataset.n_train, config, ranks.world_size)
     global_config, clock = plan_global(dataset, config, ranks.world_size)
     device = _rank_device(config.device, ranks)
     dataset = dataset.to(device)
@@ -195,31 +203,57 @@ def fit(
     callbacks = list(callbacks) if ranks.is_main else []
     if ranks.is_main and (progress if progress is not None else progress_wanted()):
         callbacks.append(ProgressBar())
-    _add_provenance(callbacks, _provenance(ranks, config, clock))
-    with _seeded(config.seed + 1_000_003 * ranks.rank, device), _failure_signals(ranks):
-        state = _DistributedState.start(model, dataset, global_config, clock, ranks)
-        probe_set = ProbeSet.create([rank_probe(p, state.rank_gradients) for p in probes], model, dataset,
-                                    global_config, state.loss_fn)
-        state.recorder = Recorder(
-            clock, model=model, classification=dataset.n_classes is not None, callbacks=callbacks,
-            config=global_config, dataset=dataset.name, probes=probe_set, probe_every=config.probe_every,
-            eval_every=None if config.eval_every == "epoch" else config.eval_every, save=None,
-            save_refusal="data-parallel runs write no checkpoints yet")
-        try:
+    recorder = None
+    with _seeded(config.seed + 1_000_003 * ranks.rank, device), _Signals(ranks) as signals:
+        try:  # from the first collective on, a rank that fails or leaves ends the run in one line
+            _add_provenance(callbacks, _provenance(ranks, config, clock))
+            state = _DistributedState.start(model, dataset, global_config, clock, ranks)
+            probe_set = ProbeSet.create([rank_probe(p, state.rank_gradients, ranks.world_size) for p in probes],
+                                        model, dataset, global_config, state.loss_fn)
+            state.recorder = recorder = Recorder(
+                clock, model=model, classification=dataset.n_classes is not None, callbacks=callbacks,
+                config=global_config, dataset=dataset.name, probes=probe_set, probe_every=config.probe_every,
+                eval_every=None if config.eval_every == "epoch" else config.eval_every, save=None,
+                save_refusal="data-parallel runs write no checkpoints yet")
             return _train(state)
         except BaseException as error:
-            message = _failure(error, ranks)
-            if ranks.is_main:
-                state.recorder.finish("interrupted" if isinstance(error, KeyboardInterrupt) else "failed", message)
-            if isinstance(error, (KeyboardInterrupt, RankFailure)):
+            signals.shield()  # the launcher's signals wait until the run's end is recorded
+            ending = _ended(recorder, ranks, error, signals.interrupted)
+            if ending is error:
                 raise
-            raise RankFailure(message) from error
+            raise ending from error
 
 
-def rank_probe(spec: Any, gradients: RankGradients | None = None) -> Any:
+def _ended(rec: Recorder | None, ranks: Ranks, error: BaseException, interrupted: bool) -> BaseException:
+    """Record how the run ended (rank 0, once its core exists) and return what ``fit`` raises:
+    KeyboardInterrupt for a Ctrl-C (the launcher passes it to every rank; a rank may first see it as
+    a failed collective, when another rank has already left), else one `RankFailure` with the run's
+    one-line message."""
+    interrupted = interrupted or isinstance(error, KeyboardInterrupt)
+    if rec is None and isinstance(error, BatchlabError) and not interrupted:
+        return error  # bad input, found alike in every rank before the run started
+    step = rec.clock.step if rec is not None else 0
+    message = f"interrupted at step {step}" if interrupted else _failure(error, ranks)
+    if ranks.is_main and rec is not None:
+        rec.finish("interrupted" if interrupted else "failed", message)
+    if interrupted:
+        return error if isinstance(error, KeyboardInterrupt) else KeyboardInterrupt()
+    return error if isinstance(error, RankFailure) else RankFailure(message)
+
+
+def rank_probe(spec: Any, gradients: RankGradients | None = None, world_size: int = 2) -> Any:
     """The probe a data-parallel run measures for ``spec``: the noise scale comes from the ranks
-    (``gradients``, the run's `RankGradients`)."""
+    (``gradients``, the run's `RankGradients`).
+
+    Raises:
+        ConfigError: a probe that needs the whole batch in one process, or ``noise_scale`` with one
+            rank (its two batch sizes, a rank's share and the global batch, are then the same).
+    """
     if spec == "noise_scale":
+        if world_size < 2:
+            raise ConfigError("noise_scale in a data-parallel run compares the ranks' gradients and needs 2 or more "
+                              "ranks; with one process train without --nproc (or torchrun), where it is measured "
+                              "from per-sample gradients")
         return RankNoiseScale(gradients=gradients)
     probe = make_probe(spec)
     if isinstance(probe, (NoiseScale, NoiseScaleExact)):
@@ -298,20 +332,15 @@ def _train(state: _DistributedState) -> Run:
     state.evaluate()
     _agree(state)
     state.model.train()
-    try:
-        while rec.going and rec.clock.step < rec.clock.total_steps:
-            rec.start_epoch()
-            _run_epoch(state)
-            if rec.status == "diverged":
-                break
-            if not rec.evaluated_now():
-                state.evaluate()
-            rec.end_epoch()
-            _agree(state)
-    except KeyboardInterrupt:
-        if state.ranks.is_main:
-            rec.finish("interrupted", f"interrupted at step {rec.clock.step}")
-        raise
+    while rec.going and rec.clock.step < rec.clock.total_steps:  # an exception ends the run in `fit`
+        rec.start_epoch()
+        _run_epoch(state)
+        if rec.status == "diverged":
+            break
+        if not rec.evaluated_now():
+            state.evaluate()
+        rec.end_epoch()
+        _agree(state)
     return rec.finish()
 
 
@@ -496,44 +525,97 @@ class _Terminated(Exception):
     """The launcher ended this rank (torchrun stops the others when one rank fails)."""
 
 
-@contextmanager
-def _failure_signals(ranks: Ranks):
-    """Rank 0 turns SIGTERM into an exception, so that it records the run as failed before it exits."""
-    if not ranks.is_main or signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
-        yield
-        return
+class _Signals:
+    """The signals a rank meets while it trains, in the main thread (elsewhere Python cannot catch them).
 
-    def terminated(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the failure is being recorded
-        raise _Terminated("the launcher stopped this rank")
+    - SIGINT (Ctrl-C; the launcher passes it on to every rank) raises KeyboardInterrupt and is
+      remembered: a rank may first see it as a failed collective, when another rank has already left.
+    - SIGTERM (the launcher stopping the ranks after one failed) becomes `_Terminated` in rank 0, so
+      that it records the run as failed before it exits; other ranks keep the default (they end).
 
-    previous = signal.signal(signal.SIGTERM, terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    Once `shield` is called (the run is ending), neither raises any more: a second signal must not
+    cut short the recording of the first.
+    """
+
+    def __init__(self, ranks: Ranks):
+        self.ranks, self.interrupted, self.shielded = ranks, False, False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Signals":
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+        if self.ranks.is_main and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._terminate)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def shield(self) -> None:
+        self.shielded = True
+
+    def _interrupt(self, signum: int, frame: Any) -> None:
+        self.interrupted = True
+        if not self.shielded:
+            raise KeyboardInterrupt
+
+    def _terminate(self, signum: int, frame: Any) -> None:
+        if not self.shielded:
+            self.shielded = True  # once: the failure is being recorded
+            raise _Terminated("the launcher stopped this rank")
 
 
 def _failure(error: BaseException, ranks: Ranks) -> str:
-    """The run's failure message: this rank's own error, or (rank 0, after a failed collective) the
-    message a failing rank left in the process group's store."""
+    """The run's failure message, one line: this rank's own error, or (rank 0, after a failed
+    collective) the message a failing rank left in the process group's store, or what rank 0 saw
+    of a rank that ended without leaving one (killed, out of memory)."""
     store = _key_value_store()
-    own = f"rank {ranks.rank}: {type(error).__name__}: {_first_line(error)}"
-    collective = isinstance(error, (_Terminated, dist.DistError, RuntimeError)) and not isinstance(error, RankFailure)
+    lost = _lost_peer(error)
+    own = _lost_message(error, ranks) if lost else f"rank {ranks.rank}: {type(error).__name__}: {_first_line(error)}"
     if not ranks.is_main:
-        if store is not None and not isinstance(error, _Terminated):
+        if store is not None and not lost:  # a root cause, not the echo of another rank's
             try:
                 store.set(FAILURE_KEY.format(rank=ranks.rank), own)
-            except Exception:  # the store went with rank 0: nothing more to tell
+            except Exception:  # the store went with the launcher: nothing more to tell
                 pass
         return own
     if isinstance(error, RankFailure):
         return str(error)
-    if collective and store is not None:
-        told = _told(store, ranks, wait=5.0)
+    if (lost or isinstance(error, RuntimeError)) and store is not None:
+        # A rank that raised leaves its message before it exits, i.e. before its peers' collectives fail.
+        told = _told(store, ranks, wait=2.0)
         if told is not None:
             return told
     return own
+
+
+# What a collective says when a peer is gone: gloo's "Connection reset/closed by peer", timeouts, NCCL errors.
+_LOST_PEER = re.compile(r"connection (reset|closed|refused)|broken pipe|timed? ?out|timeout|gloo|nccl", re.IGNORECASE)
+
+
+def _lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because another rank left or stopped answering."""
+    if isinstance(error, (_Terminated, dist.DistError)):
+        return True
+    if not isinstance(error, RuntimeError) or isinstance(error, RankFailure):
+        return False
+    return bool(_LOST_PEER.search(str(error)))
+
+
+def _lost_message(error: BaseException, ranks: Ranks) -> str:
+    """One line for a failed collective, in place of the backend's many (its text names C++ files)."""
+    if isinstance(error, _Terminated):
+        what = "the launcher stopped the ranks: another rank ended without a message (killed, or out of memory?)"
+    elif re.search(r"timed? ?out|timeout", str(error), re.IGNORECASE):
+        what = "timed out waiting for the other ranks in a collective: another rank is stuck or gone"
+    else:
+        what = ("lost the connection to another rank in a collective: it ended without a message "
+                "(killed, or out of memory?)")
+    return f"rank {ranks.rank}: {what}"
 
 
 def _told(store: Any, ranks: Ranks, wait: float) -> str | None:
@@ -569,19 +651,82 @@ def _first_line(error: BaseException) -> str:
 # --- launching ------------------------------------------------------------------------------------
 
 
+def check_nproc(nproc: int, device: str = "auto") -> None:
+    """Refuse more ranks than this machine has places for: a CPU core per rank (gloo), a GPU per rank (NCCL).
+
+    More ranks than cores would time-share the cores (each rank's steps wait for the slowest), and
+    NCCL needs a GPU of its own per rank.
+
+    Raises:
+        ConfigError: ``nproc`` is above the machine's cores (or GPUs), with the largest that fits.
+    """
+    if resolve_device(device).type == "cuda":
+        available, what = torch.cuda.device_count(), "GPUs"
+    else:
+        available, what = _cpu_cores(), "CPU cores"
+    if nproc > available:
+        raise ConfigError(f"--nproc {nproc} is more than this machine's {available} {what} (one per rank); "
+                          f"use --nproc {available} or fewer, or torchrun to train across machines")
+
+
+def _cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def launch(arguments: Sequence[str], nproc: int) -> int:
     """Run ``batchlab <arguments>`` in ``nproc`` ranks on this machine, as ``torchrun --standalone
-    --nproc-per-node nproc -m batchlab <arguments>`` would; returns the exit status (0 when every rank succeeded)."""
+    --nproc-per-node nproc -m batchlab <arguments>`` would.
+
+    Rank 0 prints the run's one line when it ends in error; the launcher adds nothing (no log lines,
+    no traceback) unless rank 0 could not speak.
+
+    Returns:
+        The exit status: 0 when every rank succeeded, 1 when a rank failed (rank 0 recorded the run
+        as ``failed`` and said why), 128 + the signal's number when the launcher was signalled
+        (130 for Ctrl-C: it passes SIGINT on to the ranks, and rank 0 records ``interrupted``).
+
+    Raises:
+        RankFailure: rank 0 itself was killed by a signal, so nothing recorded the run's end.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--monitor-interval", "0.1",
                                           "-m", "batchlab", *arguments])
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # The ranks report their own errors; the launcher's log lines would repeat them as tracebacks.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
-        run(args)
-    except ChildFailedError:
+        with _launcher_silenced():
+            run(args)
+    except SignalException as signalled:
+        return 128 + int(signalled.sigval)
+    except ChildFailedError as failed:
+        _check_rank0_spoke(failed.failures)
         return 1
     return 0
+
+
+@contextmanager
+def _launcher_silenced():
+    """The ranks report their own errors: the launcher's log lines (torch.distributed.elastic gives
+    each of its modules a logger at WARNING) would repeat them, as tracebacks."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _check_rank0_spoke(failures: dict[int, Any]) -> None:
+    """Raise `RankFailure` when rank 0 ended by a signal (it printed nothing, and recorded nothing)."""
+    rank0 = failures.get(0)
+    exitcode = getattr(rank0, "exitcode", 0)
+    if rank0 is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name if -exitcode in signal.Signals._value2member_map_ else str(-exitcode)
+        raise RankFailure(f"rank 0 was killed by {name}: the run's end could not be recorded (the store may still "
+                          "show it as running)")

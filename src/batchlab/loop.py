@@ -23,13 +23,14 @@ import torch
 
 from . import data as data_lib
 from .config import TrainConfig
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, error_line
 from .events import Callback, Clock
 from .metrics import correct_count, evaluate_splits, evaluation_splits, loss_function, mean_loss_function
 from .optim import build_optimizer, lr_at, scaled_lr, set_lr
 from .record import Recorder, Run, step_table, summarize_evals
 
-__all__ = ["Run", "check_model", "fit", "plan_run", "resolve_device", "step_table", "summarize_evals", "train_step"]
+__all__ = ["Run", "check_model", "fit", "has_batch_norm", "plan_batch_norm", "plan_run", "resolve_device", "step_table",
+           "summarize_evals", "train_step"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -68,6 +69,56 @@ def plan_run(dataset: data_lib.Dataset, config: TrainConfig) -> Clock:
         total_steps=total,
         epochs=math.ceil(total / per_epoch),
     )
+
+
+def has_batch_norm(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds a batch-norm layer (any ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, lazy ones)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def plan_batch_norm(model: torch.nn.Module, n_train: int, config: TrainConfig,
+                    world_size: int = 1) -> tuple[TrainConfig, str | None]:  # fmt: skip
+    """Fit the run to batch norm, which in train mode needs at least 2 samples per batch in each process.
+
+    A batch of one sample has no variance to normalise by (torch raises inside the step), so:
+
+    - a batch size that gives a process 1 sample (``batch_size=1``, or ``full`` split over more
+      ranks than half the samples) is refused before training;
+    - a last batch of an epoch that would give some process fewer than 2 samples (N mod B = 1 in
+      one process; under DDP, a last global batch smaller than 2 per rank) is dropped, as
+      ``drop_last`` does: the returned config has ``drop_last=True`` (stored with the run), and
+      the note says so for the accounting line.
+
+    Args:
+        model: the model to train; without batch norm the config is returned unchanged.
+        n_train: N, the training set's size.
+        config: the run's config; ``batch_size`` is per process (per rank under DDP).
+        world_size: the processes sharing each global batch (1 outside data-parallel training).
+
+    Returns:
+        The config to train with, and a one-line note when the last batch is dropped (else None).
+
+    Raises:
+        ConfigError: a batch gives some process a single sample.
+    """
+    if not has_batch_norm(model):
+        return config, None
+    per_process = -(-n_train // world_size) if config.batch_size == "full" else config.batch_size
+    smallest = n_train // world_size if config.batch_size == "full" else per_process
+    if smallest < 2:
+        where = f"batch_size {config.batch_size}" + (f" over {world_size} ranks" if world_size > 1 else "")
+        raise ConfigError(f"the model has batch norm, which needs at least 2 samples per batch in training; "
+                          f"{where} gives a process 1 sample: use a batch size of 2 or more per process, or a "
+                          "model without batch norm")
+    if config.batch_size == "full" or config.drop_last:
+        return config, None
+    last = n_train % (per_process * world_size)  # the last global batch, split over the processes
+    if last == 0 or last // world_size >= 2:
+        return config, None
+    short = f"{last} sample" + ("s" if last != 1 else "")
+    note = (f"the last batch of {short} is dropped each epoch (batch norm needs at least 2 samples"
+            + (" per rank)" if world_size > 1 else ")"))
+    return config.model_copy(update={"drop_last": True}), note
 
 
 def check_model(model: torch.nn.Module, dataset: data_lib.Dataset) -> None:
@@ -166,7 +217,9 @@ def fit(
     Args:
         model: any ``torch.nn.Module`` mapping a batch of inputs to logits (or regression outputs).
         dataset: a `batchlab.data.Dataset`; its tensors are moved to the config's device.
-        config: a `TrainConfig` (defaults: batch 32, SGD lr 0.01, 10 epochs).
+        config: a `TrainConfig` (defaults: batch 32, SGD lr 0.01, 10 epochs). With batch norm in
+            the model, a batch of one sample is refused and a last batch of one is dropped
+            (`plan_batch_norm`; the run's config then says ``drop_last=True``).
         probes: names (``"grad_norm"``, ``"noise_scale"``, ...) or probe objects, measured every
             ``config.probe_every`` steps into the step table.
         callbacks: `batchlab.events.Callback` objects (EarlyStopping, Checkpoint, a store recorder).
@@ -190,6 +243,7 @@ def fit(
                     config=(config, (TrainConfig, type(None))))
     check_items("fit", "callbacks", callbacks, Callback)
     config = config or TrainConfig()
+    config, _ = plan_batch_norm(model, dataset.n_train, config)  # its note is the command line's to print
     clock = plan_run(dataset, config)
     device = resolve_device(config.device)
     dataset = dataset.to(device)
@@ -348,6 +402,9 @@ def _train(state: _LoopState) -> Run:
             rec.settle()
     except KeyboardInterrupt:
         rec.finish("interrupted", f"interrupted at step {rec.clock.step}")
+        raise
+    except Exception as error:  # the run is stored as failed, with the rows it made, and the error goes on
+        rec.finish("failed", error_line(error))
         raise
     return rec.finish()
 

@@ -185,7 +185,7 @@ def prepare_run(spec, allow_import: bool = False):
     Nothing touches the store before this returns.
     """
     from ..data import load_dataset
-    from ..loop import check_model, plan_run, resolve_device
+    from ..loop import check_model, plan_batch_norm, plan_run, resolve_device
     from ..models import model_from_spec
     from ..probes import make_probe
 
@@ -197,9 +197,10 @@ def prepare_run(spec, allow_import: bool = False):
     clock = plan_run(dataset, spec.train)
     model = model_from_spec(spec.model, dataset, seed=spec.train.seed, allow_import=allow_import)
     check_model(model.to(device), dataset)
+    train, _ = plan_batch_norm(model, dataset.n_train, spec.train)  # a batch of one with batch norm fails here
     for probe in spec.probes:
         make_probe(probe)
-    return dataset, model, clock
+    return dataset, model, plan_run(dataset, train)
 
 
 def epoch_table(epochs, title: str = "epochs"):
@@ -220,7 +221,8 @@ def _fit_command(**options: Any) -> None:
     import torch
 
     from .. import distributed
-    from ..loop import fit
+    from ..errors import BatchlabError
+    from ..loop import fit, plan_batch_norm
     from ..store import recorder
 
     if options["nproc"] is not None and not distributed.launched():
@@ -230,24 +232,31 @@ def _fit_command(**options: Any) -> None:
     spec = spec_from_options(given(click.get_current_context()))
     dataset, model, clock = prepare_run(spec, options["allow_import"])
     ranks = distributed.start(spec.train.device) if distributed.launched() else None
+    world_size = ranks.world_size if ranks is not None else 1
+    train, batch_norm_note = plan_batch_norm(model, dataset.n_train, spec.train, world_size)
     if ranks is not None:  # only rank 0 prints and records
-        clock = distributed.plan_global(dataset, spec.train, ranks.world_size)[1]
+        clock = distributed.plan_global(dataset, train, world_size)[1]
         quiet, as_json = quiet or not ranks.is_main, as_json and ranks.is_main
     store = store_path(options["store"])
     check_store_folder(store)
     check_out_folder(options["tensorboard"], "--tensorboard")
     ranks_note = f" over {ranks.world_size} ranks ({ranks.backend})" if ranks is not None else ""
-    say(f"{dataset.name}: {clock.describe()}{ranks_note}", quiet, as_json)
+    say(f"{dataset.name}: {clock.describe()}{ranks_note}" + (f"; {batch_norm_note}" if batch_norm_note else ""),
+        quiet, as_json)
     rec = recorder(store, name=spec.name, kind="fit", spec=spec.model_dump(mode="json", exclude={"train"}))
     callbacks = [rec] if ranks is None or ranks.is_main else []
     if options["tensorboard"] is not None and callbacks:  # live TensorBoard files in DIR/run-<id>/
         from ..store import TensorBoard
 
-        callbacks.append(TensorBoard(options["tensorboard"], run_name=lambda: f"run-{rec.run_id}"))
+        callbacks.append(TensorBoard(options["tensorboard"], run_name=lambda: f"run-{rec.run_id}", spec=rec.spec))
     try:
         run = (distributed.fit if ranks is not None else fit)(
-            model, dataset, spec.train, probes=spec.probes, callbacks=callbacks,
+            model, dataset, train, probes=spec.probes, callbacks=callbacks,
             progress=not quiet and sys.stderr.isatty())
+    except (BatchlabError, KeyboardInterrupt) as error:
+        if ranks is not None and not ranks.is_main:  # rank 0 says it, once for all ranks
+            raise SystemExit(130 if isinstance(error, KeyboardInterrupt) else 2) from None
+        raise
     finally:
         distributed.stop()
     if not quiet:
@@ -263,15 +272,19 @@ def _fit_command(**options: Any) -> None:
 def _launch_ranks(options: dict[str, Any]) -> None:
     """`fit --nproc N`: check the input once, then run the same command in N ranks (torchrun) and exit."""
     from .. import distributed
+    from ..loop import plan_batch_norm
 
+    nproc = options["nproc"]
     spec = spec_from_options(given(click.get_current_context()))
-    dataset, _, _ = prepare_run(spec, options["allow_import"])
-    distributed.plan_global(dataset, spec.train, options["nproc"])  # bad input fails here, once
+    distributed.check_nproc(nproc, spec.train.device)
+    dataset, model, _ = prepare_run(spec, options["allow_import"])
+    train, _ = plan_batch_norm(model, dataset.n_train, spec.train, nproc)  # bad input fails here, once
+    distributed.plan_global(dataset, train, nproc)
     for probe in spec.probes:
-        distributed.rank_probe(probe)
+        distributed.rank_probe(probe, world_size=nproc)
     check_store_folder(store_path(options["store"]))
     sys.exit(distributed.launch(["fit", *_flags(given(click.get_current_context()), skip=("nproc",))],
-                                options["nproc"]))
+                                nproc))
 
 
 def _flags(options: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
