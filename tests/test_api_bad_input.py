@@ -99,7 +99,19 @@ OTHER_CONFIGS = [  # (id, call, words)
     ("datasetspec-seed", lambda c: bl.DatasetSpec(split_seed=2**64), "split_seed"),
 ]
 
+def _track(c, **options):
+    """bl.track on the corpus' model with a plain SGD optimizer and the given options."""
+    return bl.track(c["model"], torch.optim.SGD(c["model"].parameters(), lr=0.1), **options)
+
+
 ENTRY_POINTS = [  # (id, call, kind, words)
+    ("track-store-number", lambda c: _track(c, store=123), ArgumentError, ("store", "int")),
+    ("track-probe-every-zero", lambda c: _track(c, probe_every=0), ConfigError, ("probe_every",)),
+    ("track-loss-fn-name", lambda c: _track(c, loss_fn="ce"), ArgumentError, ("loss_fn", "function")),
+    ("track-eval-data-text", lambda c: _track(c, eval_data="xy", loss_fn=torch.nn.functional.cross_entropy), ArgumentError, ("eval_data",)),
+    ("track-probes-text", lambda c: _track(c, probes="grad_norm"), ArgumentError, ("probes", "list")),
+    ("track-probe-unknown", lambda c: _track(c, probes=["grad_nrom"]), ConfigError, ("grad_nrom", "grad_norm")),
+    ("track-optimizer-missing", lambda c: bl.track(c["model"], None), ArgumentError, ("optimizer",)),
     ("fit-dict-config", lambda c: bl.fit(c["model"], c["ds"], {"batch_size": 32}), ArgumentError, ("config", "TrainConfig", "dict")),
     ("fit-split-for-dataset", lambda c: bl.fit(c["model"], c["ds"].train, c["cfg"]), ArgumentError, ("dataset", "ds.train", "tuple")),
     ("fit-swapped", lambda c: bl.fit(c["ds"], c["model"], c["cfg"]), ArgumentError, ("model", "nn.Module")),

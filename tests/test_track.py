@@ -168,26 +168,48 @@ def test_accumulated_noise_scale_agrees_with_brute_force(blobs64):
     assert abs(steps["trace_cov_raw"].mean() / exact.trace_cov - 1) < 0.10
 
 
-def test_amp_gradients_are_unscaled_before_probing(blobs64):
-    model = model_for(blobs64)
+def test_amp_rows_are_the_loops_own_numbers_and_a_skipped_update_keeps_its_row():
+    """A real AMP loop on the CPU (bfloat16 autocast, a GradScaler): each row's loss, accuracy, running
+    mean and gradient norm are those the loop computes itself, the gradient norm unscaled. At step 3
+    the gradients are made infinite: the scaler skips that update and lowers its scale, and the
+    batch keeps its row (its loss was computed, its samples seen), with an infinite gradient norm."""
+    ds = load_dataset("blobs")
+    X, y = ds.train
+    model = build_model("mlp", ds, hidden=[16], seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    X, y = blobs64.train
-    norms = []
+    seen = []  # (loss, correct, size, gradient norm unscaled, scale after the update) by the loop itself
     with bl.track(model, optimizer, probes=["grad_norm"], scaler=scaler) as run:
-        for start in range(0, 500, 100):
-            out = model(X[start:start + 100])
-            loss = F.cross_entropy(out, y[start:start + 100])
+        for step, start in enumerate(range(0, 500, 100), start=1):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(X[start:start + 100])
+                loss = F.cross_entropy(out.float(), y[start:start + 100])
             optimizer.zero_grad()
             scaler.scale(loss).backward()
+            if step == 3:
+                for p in model.parameters():
+                    p.grad.fill_(float("inf"))
             scale = scaler.get_scale()
-            norms.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm().item() / scale)
+            norm = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double().norm().item() / scale
             run.step(loss, outputs=out, targets=y[start:start + 100])
+            before = [p.detach().clone() for p in model.parameters()]
             scaler.step(optimizer)
             scaler.update()
+            moved = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+            seen.append((loss.item(), (out.argmax(1) == y[start:start + 100]).sum().item(), 100, norm, moved))
         run.end_epoch()
-    assert np.allclose(run.steps["grad_norm"], norms, rtol=1e-9)
-    assert run.run.config.amp is True
+    steps = run.steps
+    loss, correct, size, norm, moved = (np.array(c, dtype=float) for c in zip(*seen))
+    assert moved.tolist() == [1, 1, 0, 1, 1]  # the scaler skipped the third update, and only it
+    assert scaler.get_scale() == 2.0**9
+    assert steps["step"].tolist() == [1, 2, 3, 4, 5] and steps["samples_seen"].iloc[-1] == 500
+    assert np.allclose(steps["batch_loss"], loss, rtol=1e-7)
+    assert np.allclose(steps["batch_acc"], correct / size, rtol=1e-12)
+    assert np.allclose(steps["running_acc"], np.cumsum(correct) / np.cumsum(size), rtol=1e-12)
+    assert np.allclose(steps["running_loss"], np.cumsum(loss * size) / np.cumsum(size), rtol=1e-6)
+    assert np.isinf(steps["grad_norm"].iloc[2]) and np.isinf(norm[2])
+    finite = np.arange(5) != 2
+    assert np.allclose(steps["grad_norm"][finite], norm[finite], rtol=1e-5)
 
 
 @pytest.mark.parametrize("read_back_every", [64, 1])
@@ -254,14 +276,6 @@ def test_bad_use_is_one_line(blobs64):
         bl.track(model, torch.optim.SGD(model.parameters(), lr=0.1), accumulate=0)
     with pytest.raises(ConfigError, match="loss_fn"):
         bl.track(model, torch.optim.SGD(model.parameters(), lr=0.1), eval_data=blobs64.val)
-    conv = torch.nn.Sequential(torch.nn.Unflatten(1, (1, 2)), torch.nn.Conv1d(1, 2, 1), torch.nn.Flatten(),
-                               torch.nn.Linear(4, 3)).double()
-    optimizer = torch.optim.SGD(conv.parameters(), lr=0.1)
-    with pytest.raises(ConfigError, match="accumulate=k"):
-        with bl.track(conv, optimizer, probes=["noise_scale"]) as run:
-            out = conv(blobs64.train[0][:10])
-            F.cross_entropy(out, blobs64.train[1][:10]).backward()
-            run.step(0.0, outputs=out, targets=blobs64.train[1][:10])
 
 
 def test_outputs_changed_in_place_after_step_are_refused_not_miscounted(blobs64):

@@ -38,3 +38,10 @@ class ModelError(BatchlabError):
 
 class StoreError(BatchlabError):
     """The run store cannot be opened or does not hold what was asked for."""
+
+
+def error_line(error: BaseException) -> str:
+    """Any error as one line for a run's message or a warning: ``RuntimeError: what it said``
+    (its first line; the type's name alone where it said nothing)."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

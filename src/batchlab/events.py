@@ -95,7 +95,8 @@ class EpochEnd:
 
 @dataclass(frozen=True)
 class RunEnd:
-    """Training is over. ``status`` is finished, stopped, diverged or interrupted.
+    """Training is over. ``status`` is finished, stopped, diverged, interrupted (Ctrl-C) or failed
+    (an error in the training code); ``message`` says why.
 
     ``steps`` and ``evals`` hold rows not yet delivered by an `EpochEnd` (a partial last epoch).
     """

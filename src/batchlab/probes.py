@@ -24,6 +24,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import sys
+import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,10 +35,14 @@ from typing import Any, Callable, Literal, Protocol
 import torch
 from torch._utils import _flatten_dense_tensors
 
-from .errors import ConfigError
+from .errors import ConfigError, error_line
 
 Point = Literal["forward", "backward", "update"]
 POINTS: tuple[Point, ...] = ("forward", "backward", "update")
+
+
+class ProbeWarning(RuntimeWarning):
+    """A probe could not measure a run: its columns are NaN from then on, and training goes on."""
 
 
 @dataclass(frozen=True)
@@ -556,6 +563,10 @@ class NoiseScale:
     parts: int = 2
     method: Literal["auto", "parts"] = "auto"
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return _noise_columns("")
+
     def __post_init__(self) -> None:
         if self.method not in ("auto", "parts"):
             raise ConfigError(f"noise_scale method must be 'auto' or 'parts', got {self.method!r}")
@@ -721,6 +732,10 @@ class NoiseScaleExact:
     point: Point = "forward"
     beta: float = 0.99
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return _noise_columns("_exact")
+
     def init(self, ctx: ProbeContext) -> NoiseState:
         return NoiseState()
 
@@ -796,6 +811,13 @@ class RankNoiseScale:
     point: Point = "backward"
     beta: float = 0.99
     gradients: RankGradients | None = field(default=None, compare=False, repr=False)
+    # Every rank measures together (an all-reduce): a failure on one rank must fail the run on all,
+    # not leave the others waiting in the collective.
+    collective = True
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return _noise_columns("")
 
     def init(self, ctx: ProbeContext) -> NoiseState:
         if self.gradients is None:
@@ -857,8 +879,30 @@ def probe_points(probe: Probe, ctx: ProbeContext | None = None) -> tuple[tuple[P
     return (probe.point,), False
 
 
+def probe_columns(probe: Probe) -> tuple[str, ...]:
+    """The step-table columns a probe fills: its ``columns`` where it declares them, else its name."""
+    return tuple(getattr(probe, "columns", (probe.name,)))
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` of the first caller outside batchlab and torch (for a warning raised from a
+    hook inside the user's forward pass or optimizer step: the line of the user's loop)."""
+    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(2), 2  # 1 is the function that warns
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class ProbeSet:
-    """The probes of one run, with their states, called by `train_step` at their points."""
+    """The probes of one run, with their states, called by `train_step` at their points.
+
+    A measurement never stops the training it watches: a probe that raises while it is made or
+    measures (a model it cannot handle, a shape it did not expect) is dropped from the run with one
+    `ProbeWarning`; its columns are NaN at every measured step from then on, and ``failures`` says
+    why (the run's message carries it). Probes that measure together across ranks (``collective``)
+    are the exception: their errors propagate, so that no rank waits for one that gave up.
+    """
 
     def __init__(self, probes: Sequence[Probe], ctx: ProbeContext, defer_reads: bool = False):
         self.probes = list(probes)
@@ -866,14 +910,18 @@ class ProbeSet:
         if len(set(names)) != len(names):
             raise ConfigError(f"probes {names} name one probe twice; give each probe once")
         self.ctx = ctx
-        self.states = [p.init(ctx) for p in self.probes]
+        self.failures: dict[str, str] = {}  # probe name -> why it could not measure
+        self._unmeasured: dict[str, float] = {}  # NaN for the columns of the probes that failed
+        self.states = [self._init(i, probe) for i, probe in enumerate(self.probes)]
         self.pending: dict[str, Any] = {}
         self.names = tuple(names)
         self.active = bool(self.probes)
         # Per point, the probes measuring there: (index, probe, takes point=), precomputed for the hot path.
         self._at: dict[Point, list[tuple[int, Probe, bool]]] = {point: [] for point in POINTS}
         for i, probe in enumerate(self.probes):
-            points, keyword = probe_points(probe, ctx)
+            if probe.name in self.failures:
+                continue
+            points, keyword = self._points(i, probe)
             for point in points:
                 if point not in self._at:
                     raise ConfigError(f"probe {probe.name!r} measures at {point!r}; points are {', '.join(POINTS)}")
@@ -884,6 +932,44 @@ class ProbeSet:
             if isinstance(taps, LinearTaps):
                 taps.graph_shared = self.wants_losses
                 taps.may_defer = defer_reads
+
+    def _init(self, index: int, probe: Probe) -> Any:
+        try:
+            return probe.init(self.ctx)
+        except Exception as error:
+            if getattr(probe, "collective", False):
+                raise
+            self.fail(index, error)
+            return None
+
+    def _points(self, index: int, probe: Probe) -> tuple[tuple[Point, ...], bool]:
+        try:
+            return probe_points(probe, self.ctx)
+        except Exception as error:
+            if getattr(probe, "collective", False):
+                raise
+            self.fail(index, error)
+            return (), False
+
+    def fail(self, index: int, why: BaseException | str) -> None:
+        """Drop probe ``index`` from the run: one warning, NaN in its columns from now on.
+
+        Args:
+            index: the probe's place in ``probes``.
+            why: the error it raised, or a sentence saying why it cannot measure.
+        """
+        probe = self.probes[index]
+        if probe.name in self.failures:
+            return
+        reason = why if isinstance(why, str) else error_line(why)
+        self.failures[probe.name] = reason
+        # New lists, not edited ones: `_measure` may be iterating over the old list of this point.
+        self._at = {point: [entry for entry in entries if entry[0] != index]
+                    for point, entries in getattr(self, "_at", {}).items()}
+        self.wants_losses = bool(self._at.get("forward"))
+        self._unmeasured.update(dict.fromkeys(probe_columns(probe), math.nan))
+        warnings.warn(f"{probe.name} cannot measure this run ({reason}); its columns are NaN and training goes on",
+                      ProbeWarning, stacklevel=_outside_stacklevel())
 
     @classmethod
     def create(cls, specs, model, dataset, config, loss_fn, state=None, defer_reads: bool = False) -> "ProbeSet":
@@ -900,10 +986,16 @@ class ProbeSet:
 
     def _measure(self, point: Point, losses: torch.Tensor | None = None) -> None:
         for i, probe, keyword in self._at[point]:
-            if keyword:
-                self.states[i], values = probe.measure(self.states[i], self.ctx, losses, point=point)
-            else:
-                self.states[i], values = probe.measure(self.states[i], self.ctx, losses)
+            try:
+                if keyword:
+                    self.states[i], values = probe.measure(self.states[i], self.ctx, losses, point=point)
+                else:
+                    self.states[i], values = probe.measure(self.states[i], self.ctx, losses)
+            except Exception as error:  # a measurement never stops the training (see the class)
+                if getattr(probe, "collective", False):
+                    raise
+                self.fail(i, error)
+                continue
             self.pending.update(values)
 
     def after_forward(self, losses: torch.Tensor) -> None:
@@ -932,25 +1024,39 @@ class ProbeSet:
                        else state for current, state in zip(self.states, saved)]
 
     def collect(self) -> dict[str, float]:
-        """The values measured this step, as floats (this is where tensors are synchronised)."""
+        """The values measured this step, as floats (this is where tensors are synchronised); NaN for
+        the probes that failed."""
         values = {k: float(v) for k, v in self.pending.items()}
         self.pending.clear()
+        if self._unmeasured:
+            values.update(self._unmeasured)
         return values
 
     def take(self) -> dict[str, Any]:
         """The values measured this step as the probes gave them (0-d tensors not read back yet,
-        `DeferredRead` entries), for a driver that reads many steps' values at once (`settle`)."""
+        `DeferredRead` entries), for a driver that reads many steps' values at once (`settle`); NaN
+        for the probes that failed."""
         values, self.pending = self.pending, {}
+        if self._unmeasured:
+            values.update(self._unmeasured)
         return values
 
     def settle(self, steps: Sequence[dict[str, Any]]) -> None:
         """Replace, in place and in step order, each `DeferredRead` among the steps' `take` values
-        by the values it stands for, at its place among the columns; the probes' states advance."""
+        by the values it stands for, at its place among the columns; the probes' states advance.
+        A probe whose reads fail gives NaN for them (and is dropped, as in `_measure`)."""
         for i, probe in enumerate(self.probes):
             deferred = [values for values in steps if isinstance(values.get(probe.name), DeferredRead)]
             if not deferred:
                 continue
-            self.states[i], results = probe.settle(self.states[i], self.ctx, [values[probe.name] for values in deferred])
+            try:
+                self.states[i], results = probe.settle(self.states[i], self.ctx,
+                                                       [values[probe.name] for values in deferred])
+            except Exception as error:
+                if getattr(probe, "collective", False):
+                    raise
+                self.fail(i, error)
+                results = [dict.fromkeys(probe_columns(probe), math.nan) for _ in deferred]
             for values, result in zip(deferred, results):
                 if next(reversed(values)) == probe.name:  # the last column (a run's only probe): no reordering
                     del values[probe.name]

@@ -3,9 +3,9 @@
 A `Recorder` owns a run's bookkeeping: the step rows and their columns, the Keras-exact running
 mean, the evaluation rows (with callbacks' `AddMetrics`), the probe values, the callbacks' events
 and requests, the epoch rows, the end of the run and its status (finished, stopped, diverged,
-interrupted). It trains nothing and evaluates nothing: a driver computes a step or an evaluation
-and hands the numbers over. Rows leave the core only through callbacks (the store's recorder is
-one) and as the finished `Run`.
+interrupted, failed). It trains nothing and evaluates nothing: a driver computes a step or an
+evaluation and hands the numbers over. Rows leave the core only through callbacks (the store's
+recorder is one) and as the finished `Run`.
 
 Drivers: `batchlab.loop.fit` (one model, batches from a seeded permutation), `batchlab.replicas`
 (R models stacked, one `Recorder` per replica), `batchlab.track` (the user's own loop) and the
@@ -72,8 +72,9 @@ class Run:
         epochs: one row per epoch: ``epoch, step, samples_seen, lr, running_loss, running_acc``
             (the epoch-end aggregate Keras stores in ``History``), ``train_*, val_*, test_*`` at the
             epoch's end, ``seconds``.
-        status: ``finished``, ``stopped`` (a callback asked), ``diverged`` (NaN/inf loss) or
-            ``interrupted``.
+        status: ``finished``, ``stopped`` (a callback asked), ``diverged`` (NaN/inf loss),
+            ``interrupted`` (Ctrl-C) or ``failed`` (an error in the training code); ``message``
+            says why, and names the probes that could not measure the run (their columns NaN).
         seconds: training time, full-pass evaluations excluded (they are in ``eval_seconds``).
 
     The tables are built from the recorded rows (``step_rows``, ``eval_rows``, ``epoch_rows``) on
@@ -161,6 +162,13 @@ def evaluation_due(clock: Clock, eval_every: int | None) -> bool:
     known yet (``steps_per_epoch`` 0: a tracked loop's first epoch), every multiple is due."""
     return (eval_every is not None and clock.step % eval_every == 0
             and (clock.steps_per_epoch == 0 or clock.step_in_epoch < clock.steps_per_epoch))
+
+
+def _with_probe_failures(message: str | None, failures: Mapping[str, str] | None) -> str | None:
+    """The run's message, with a note for each probe that could not measure (once, however often asked)."""
+    notes = [f"{name} not measured: {why}" for name, why in (failures or {}).items()]
+    notes = [note for note in notes if not message or note not in message]
+    return "; ".join([message, *notes] if message else notes) or message
 
 
 def overrides_step_end(callback: Callback) -> bool:
@@ -415,10 +423,12 @@ class Recorder:
                    step_rows=self.steps, eval_rows=self.evals, epoch_rows=self.epochs)
 
     def finish(self, status: str | None = None, message: str | None = None) -> Run:
-        """End the run (``status`` overrides, e.g. ``interrupted``): the `RunEnd` event with the rows not
-        yet delivered, then the callbacks' last requests (`RestoreWeights`)."""
+        """End the run (``status`` overrides, e.g. ``interrupted`` or ``failed``): the `RunEnd` event
+        with the rows not yet delivered, then the callbacks' last requests (`RestoreWeights`). The
+        message names the probes that could not measure the run, whatever the status."""
         if status is not None:
             self.status, self.message = status, message
+        self.message = _with_probe_failures(self.message, getattr(self.probes, "failures", None))
         run = self.run()
         event = RunEnd(self.clock, self.status, self.message, run.summary, tuple(self.steps[self.delivered_steps:]),
                        tuple(self.evals[self.delivered_evals:]), self.model)

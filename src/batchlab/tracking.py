@@ -20,8 +20,18 @@ update. The row is completed when ``optimizer.step()`` returns (a post-step hook
 "update" point (``dist_from_init``, ``update_norm``) see the new weights.
 
 Gradient accumulation: ``accumulate=k`` and one `Tracker.step` per micro-batch; a step row covers k
-micro-batches (``batch_size`` their total, ``batch_loss`` their sample-weighted mean). AMP: pass the
-``GradScaler`` as ``scaler=`` and the unscaled loss; gradients are unscaled before probing.
+micro-batches (``batch_size`` their total, ``batch_loss`` their sample-weighted mean), or fewer where
+the optimizer steps sooner (an epoch's short last group: a pre-step hook ends the update there).
+AMP: pass the ``GradScaler`` as ``scaler=`` and the unscaled loss; gradients are unscaled before
+probing, and an update the scaler skipped keeps its row.
+
+Mistakes are refused at the call that made them, in one `batchlab.errors.BatchlabError` line (bad
+options in `track`; in `Tracker.step`: a bad loss or batch size, outputs and targets of different
+lengths, a second call before ``optimizer.step()``, a call before ``backward`` with gradient
+probes, a call after the run ended); the rows recorded before stay. A measurement never stops the
+training: a probe that cannot measure the model gives NaN with one warning (`batchlab.probes.ProbeSet`),
+and the run's message names it. A loop that raises ends the run as ``failed`` (Ctrl-C:
+``interrupted``).
 
 The noise scale (``noise_scale`` probe) comes without an extra backward pass where it can:
 
@@ -31,21 +41,25 @@ The noise scale (``noise_scale`` probe) comes without an extra backward pass whe
 - otherwise, for models of nn.Linear layers and per-sample maps, from per-sample gradient norms
   read off the backward pass (`batchlab.probes.LinearTaps`), as `fit` does;
 - otherwise the half-batch method of `fit` needs the live graph, which a loop that has already
-  called ``backward`` no longer has: `track` refuses with a clear message (use ``accumulate``).
+  called ``backward`` no longer has: the noise-scale columns are NaN, with one warning saying so
+  (use ``accumulate``).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import os
 import time
 import types
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from .errors import ArgumentError, ConfigError, error_line
 from .events import Callback, Clock
 from .metrics import evaluate, pass_totals
 from .probes import NoiseScale, NoiseState, ProbeSet, _advance, _unmeasured, make_probe, two_batch_estimates
@@ -100,6 +114,7 @@ class _Update:
     measuring: bool
     updated: bool = False  # optimizer.step() has run for it
     seconds: float = 0.0
+    scale: torch.Tensor | None = None  # the GradScaler's scale when the update was made (AMP)
 
 
 def track(
@@ -155,15 +170,15 @@ def track(
 
     check_arguments("track", model=(model, torch.nn.Module), optimizer=(optimizer, torch.optim.Optimizer))
     check_items("track", "callbacks", callbacks, Callback)
-    if not isinstance(accumulate, int) or accumulate < 1:
-        raise ConfigError(f"accumulate must be an integer >= 1, got {accumulate!r}")
-    if eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1):
-        raise ConfigError(f"eval_every must be an integer >= 1 or None, got {eval_every!r}")
-    if eval_data is not None and loss_fn is None:
-        raise ConfigError("eval_data needs loss_fn=... to compute the evaluation's loss")
+    if isinstance(probes, Iterable) and not isinstance(probes, (str, bytes)):
+        probes = list(probes)  # a generator is read once by the check, once by the tracker
+    _check_options(store=store, name=name, probes=probes, eval_every=eval_every, eval_data=eval_data,
+                   loss_fn=loss_fn, accumulate=accumulate, scaler=scaler, n_train=n_train, dataset=dataset,
+                   probe_every=probe_every, seed=seed)
     if micro_loss_scale is None:
         micro_loss_scale = 1.0 / accumulate
-    if not (isinstance(micro_loss_scale, (int, float)) and math.isfinite(micro_loss_scale) and micro_loss_scale > 0):
+    if not (isinstance(micro_loss_scale, (int, float)) and not isinstance(micro_loss_scale, bool)
+            and math.isfinite(micro_loss_scale) and micro_loss_scale > 0):
         raise ConfigError(f"micro_loss_scale must be a positive number, got {micro_loss_scale!r}")
     return Tracker(model, optimizer, store=store, name=name, probes=probes, eval_every=eval_every,
                    eval_data=eval_data, loss_fn=loss_fn, accumulate=accumulate, scaler=scaler,
@@ -188,11 +203,13 @@ class Tracker:
         # In a process group: global-batch step numbers, rank 0 records, the noise scale from the ranks.
         self.ranks, self.probe_specs = TrackedRanks.create(model, [make_probe(p) for p in probes], accumulate)
         self.callbacks = list(callbacks)
+        self._store_recorder: Any = None
         if store is not None and (self.ranks is None or self.ranks.is_main):
             from .store import recorder
 
-            self.callbacks.append(recorder(store, name=name, kind="track",
-                                           provenance=self.ranks.provenance if self.ranks else None))
+            self._store_recorder = recorder(store, name=name, kind="track",
+                                            provenance=self.ranks.provenance if self.ranks else None)
+            self.callbacks.append(self._store_recorder)
         config = TrackConfig(optimizer=type(optimizer).__name__, lr=_lr(optimizer), accumulate=accumulate,
                              eval_every=eval_every, probe_every=probe_every, amp=scaler is not None, seed=seed)
         clock = Clock(n_train=n_train or 0, batch_size=0, steps_per_epoch=0, total_steps=0, epochs=0)
@@ -214,6 +231,8 @@ class Tracker:
         self._unread: list[_Update] = []  # completed updates whose numbers are not read back yet
         self._updates = 0  # completed updates, read back or not: the step count the probes go by
         self._forward_hook: Any = None
+        self._gradient_probes: list[str] = []  # probes that read p.grad (set at `_start`)
+        self._reads_gradients = False  # whether run.step still checks that backward came first
         # When the unread updates must be recorded at once: every step where a per-step callback wants
         # the row or the ranks reduce each step together; at multiples of eval_every when evaluating.
         self._read_each_step = self.ranks is not None or bool(self.recorder.per_step)
@@ -228,13 +247,22 @@ class Tracker:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        if kind is KeyboardInterrupt:
-            self.finish("interrupted", f"interrupted at step {self.recorder.clock.step}")
-        elif kind is not None:
-            # The store knows finished, stopped, diverged and interrupted: an error interrupted the run.
-            self.finish("interrupted", f"{kind.__name__}: {error}".splitlines()[0])
-        else:
+        if kind is None:
             self.finish()
+        elif issubclass(kind, KeyboardInterrupt):
+            self.end_abruptly("interrupted", f"interrupted at step {self.recorder.clock.step}")
+        else:
+            self.end_abruptly("failed", error_line(error))  # the loop raised: the run failed, its rows are kept
+
+    def end_abruptly(self, status: str, message: str) -> None:
+        """End a run that the loop's own error (``failed``) or Ctrl-C (``interrupted``) cut short, with
+        the rows it made. The loop's error is what the user must see: one that recording the end
+        meets (the store's disk is full, say) is a warning, not a replacement for it."""
+        try:
+            self.finish(status, message)
+        except Exception as error:
+            warnings.warn(f"batchlab could not record the end of this {status} run: {error_line(error)}",
+                          RuntimeWarning, stacklevel=3)
 
     def _start(self) -> None:
         """Install the hooks; the run itself begins at the first training forward pass or step."""
@@ -242,13 +270,17 @@ class Tracker:
             return
         self._started = True
         wanted = [p.name for p in self.probe_specs]
+        # Probes that read p.grad: run.step must come after backward (checked at each measured step).
+        self._gradient_probes = [name for name in wanted if name in GRADIENT_PROBES]
         if "noise_scale" in wanted and self.accumulate > 1:
             self.noise = MicroBatchNoise(n_train=float(self.n_train) if self.n_train else math.inf)
             self.probe_specs = [p for p in self.probe_specs if p.name != "noise_scale"]
         self._probe_set_pending = bool(self.probe_specs)
         self._forward_hook = self.model.register_forward_pre_hook(self._first_forward)
         self._hooks.append(self._forward_hook)
+        self._hooks.append(self.optimizer.register_step_pre_hook(self._before_update))
         self._hooks.append(self.optimizer.register_step_post_hook(self._after_update))
+        self._reads_gradients = bool(self._gradient_probes)
 
     def _begin(self, batch_size: int | None) -> None:
         """The run begins: `RunStart` (with the nominal batch size, now known) and the step-0 evaluation,
@@ -261,6 +293,11 @@ class Tracker:
         if batch_size:
             rec.config = replace(rec.config, batch_size=batch_size)
             rec.clock = replace(rec.clock, batch_size=batch_size)
+        if self._store_recorder is not None:
+            # What the store keeps of the accounting at the start: the epoch's length and the run's are
+            # not known yet (a tracked loop tells them as it goes; the summary has them at the end).
+            self._store_recorder.spec["clock"] = {"n_train": self.n_train, "batch_size": batch_size or None,
+                                                  "steps_per_epoch": None, "total_steps": None, "epochs": None}
         rec.start_run()
         if self.eval_data:
             self._evaluate_data()
@@ -279,19 +316,28 @@ class Tracker:
         elif not self._probe_set_pending:
             # Its work is done: a module with a hook leaves PyTorch's fast call path, every forward.
             self._forward_hook.remove()
-        if not self._probe_set_pending:
-            return
+        if self._probe_set_pending:
+            self._make_probe_set(args[0].detach()[:2])
+
+    def _make_probe_set(self, example: torch.Tensor | None) -> None:
+        """The probe set, made at the first training forward pass of the model (``example``: two of its
+        inputs), or, where the loop never calls the model itself (a LightningModule whose
+        training_step calls a submodule), at the first step, without one."""
         self._probe_set_pending = False
-        example = args[0].detach()[:2]
-        data = replace(self.dataset, train=(example, None))
-        config = types.SimpleNamespace(probe_every=self.recorder.probe_every)
+        data = replace(self.dataset, train=(example, None) if example is not None else None)
+        # The taps keep every forward pass's output gradients: the loop runs no "forward" point at
+        # which they could be armed for the measured steps only (probe_every > 1).
+        config = types.SimpleNamespace(probe_every=1)
         probe_set = ProbeSet.create(self.probe_specs, self.model, data, config, None, defer_reads=True)
-        for probe in probe_set.probes:
-            if isinstance(probe, NoiseScale) and probe_set._at["forward"]:
-                raise ConfigError(
-                    "noise_scale in bl.track needs per-sample gradients, which this model does not give "
-                    "(it is not made of nn.Linear layers); use gradient accumulation (accumulate=k, the "
-                    "micro-batch estimate) or measure with bl.fit")
+        for index, probe in enumerate(probe_set.probes):
+            if isinstance(probe, NoiseScale) and any(entry[1] is probe for entry in probe_set._at["forward"]):
+                # The half-batch method needs the live graph, which the loop's own backward frees before
+                # run.step: this model cannot be measured here, and its training goes on regardless.
+                probe_set.fail(index, "bl.track reads per-sample gradients only from models of nn.Linear layers "
+                                      "and per-sample maps, called as the model given to it; use accumulate=k "
+                                      "(the micro-batch estimate) or bl.fit" if example is not None else
+                                      "the model given to bl.track never ran a forward pass itself, so no "
+                                      "per-sample gradients could be read; call it as model(x), or use accumulate=k")
         self.recorder.probes = probe_set
 
     # -- steps -----------------------------------------------------------------------------------
@@ -310,31 +356,96 @@ class Tracker:
              batch_size: int | None = None) -> None:
         """Record one (micro-)batch; call it after ``loss.backward()`` and before ``optimizer.step()``.
 
+        Once per batch: a second call before ``optimizer.step()`` is refused (with ``accumulate=k``,
+        once per micro-batch, k per update). Under AMP, an update the ``GradScaler`` skipped (its
+        gradients were not finite, and ``scaler.update()`` lowered the scale) still makes its row:
+        the batch's loss was computed and its samples seen. An optimizer step before ``accumulate``
+        micro-batches (an epoch's last, short group, as Lightning makes) ends the update there.
+
         Args:
             loss: the batch's mean loss (a tensor or a number), unscaled under AMP.
             outputs: the model's outputs on the batch (for accuracy: (B, K) logits).
-            targets: the batch's targets (class indices for accuracy).
-            batch_size: samples in the batch; default ``len(targets)`` or ``len(outputs)``.
+            targets: the batch's targets (class indices for accuracy), one per output.
+            batch_size: samples in the batch (a whole number >= 1); default ``len(targets)`` or
+                ``len(outputs)``, and it must agree with them where they are given.
+
+        Raises:
+            ConfigError: a mistake in the call or in the loop around it (after the run ended, twice
+                per update, before ``backward`` with gradient probes), named in one line.
         """
-        size = int(batch_size) if batch_size is not None else _batch_size(outputs, targets)
+        if self._finished is not None:
+            self._refuse_after_end("run.step")
+        size = _step_size(batch_size, outputs, targets)
+        value = _loss_value(loss)
         if not self._begun:
             self._begin(size * self.accumulate)
+        if self._probe_set_pending and self.ranks is None:
+            self._make_probe_set(None)
         if self._pending is not None:
+            self._check_update_ran()
             self._complete()  # optimizer.step() did not run for the previous step (an AMP skip)
         if not self.recorder.going:
             return
         if not self._in_epoch:
             self.recorder.start_epoch()
             self._in_epoch = True
+        if self._reads_gradients:
+            self._check_gradients()
         correct = None
         if outputs is not None and targets is not None and self._is_classification(outputs, targets):
+            _check_counted(outputs, targets, size)
             correct = _correct(outputs, targets)
-        self._micro.append((_loss_value(loss), correct, size))
+        self._micro.append((value, correct, size))
         if self.noise is not None and self._measuring():
             self.noise.add_micro_batch(self._params(), size, self._grad_scale() * self.micro_loss_scale)
         if len(self._micro) < self.accumulate:
             return
         self._end_of_update()
+
+    def _check_update_ran(self) -> None:
+        """Refuse a second run.step for one update: the loop's optimizer did not step since the last
+        one. Lightning (``defer_completion``) and AMP skips are the updates that legitimately did not
+        run: those are completed as they are."""
+        pending = self._pending
+        if pending.updated or self.defer_completion or self._amp_skipped(pending):
+            return
+        raise ConfigError(
+            "run.step was called again before optimizer.step() ran for the previous batch; call it once per "
+            "batch, after backward and before optimizer.step() (with bl.track's optimizer), or, to accumulate "
+            f"gradients over k batches per update, pass accumulate=k to bl.track (now {self.accumulate})")
+
+    def _amp_skipped(self, pending: _Update) -> bool:
+        """Whether the GradScaler skipped the update: its scale fell since the update was made (it
+        falls exactly when the gradients were not finite and the step was skipped)."""
+        if pending.scale is None:
+            return False
+        now = getattr(self.scaler, "_scale", None)
+        return not isinstance(now, torch.Tensor) or float(now) < float(pending.scale)
+
+    def _check_gradients(self) -> None:
+        """Gradient probes read p.grad: a run.step before backward finds none. Checked until the first
+        step passes: a loop makes this mistake at every step, and at the first one it always shows,
+        since no gradient exists before the first backward."""
+        if any(p.grad is not None for group in self.optimizer.param_groups for p in group["params"]):
+            self._reads_gradients = False  # checked
+            return
+        raise ConfigError(f"run.step came before loss.backward(): the probes {', '.join(self._gradient_probes)} read "
+                          "the gradients; call run.step after backward and before optimizer.step()")
+
+    def _before_update(self, optimizer, args, kwargs) -> None:
+        """Before ``optimizer.step()`` of the user's loop: an update with fewer than ``accumulate``
+        micro-batches (an epoch's short last group) ends here, its gradients whole and the weights not
+        yet moved. (A framework may step with a closure that runs the last micro-batch's backward
+        inside ``optimizer.step()``, after this hook: its callback calls `end_update` instead.)"""
+        if self._micro and self._pending is None and not self.defer_completion:
+            self._end_of_update()
+
+    def end_update(self) -> None:
+        """End the update now, with the micro-batches given so far: for a framework callback that
+        knows when its optimizer is about to step (Lightning's ``on_before_optimizer_step``), which
+        it does on an epoch's last group even when that group is short."""
+        if self._micro and self._pending is None:
+            self._end_of_update()
 
     def _end_of_update(self) -> None:
         """The last micro-batch of an update: the gradients are whole; probe them, then wait for the update."""
@@ -350,8 +461,16 @@ class Tracker:
                 self.recorder.probes.after_backward(self._grad_scale())
         elif self.noise is not None:
             self.noise.reset()
-        self._pending = _Update(self._micro, _lr(self.optimizer), values, measuring)
+        self._pending = _Update(self._micro, _lr(self.optimizer), values, measuring, scale=self._scale_copy())
         self._micro = []
+
+    def _scale_copy(self) -> torch.Tensor | None:
+        """The GradScaler's scale at this update, copied without waiting for the device (None without
+        an enabled scaler), for `_amp_skipped`."""
+        if self.scaler is None or not self.scaler.is_enabled():
+            return None
+        scale = getattr(self.scaler, "_scale", None)
+        return scale.detach().clone() if isinstance(scale, torch.Tensor) else None
 
     def _after_update(self, optimizer, args, kwargs) -> None:
         pending = self._pending
@@ -424,9 +543,14 @@ class Tracker:
         Returns:
             ``{"loss": ..., "acc": ...}`` (``acc`` for classification).
         """
+        self._refuse_after_end("run.evaluate")
         loss_fn = loss_fn or self.loss_fn
         if loss_fn is None:
             raise ConfigError("evaluate needs loss_fn=... (or give loss_fn to bl.track)")
+        if not callable(loss_fn):
+            raise ArgumentError(f"run.evaluate: loss_fn must be a function (outputs, targets) -> loss, "
+                                f"got {_kind(loss_fn)}")
+        _check_eval_data(split, data)
         self._settle_steps()
         started = time.perf_counter()
         loss, acc = _evaluate_one(self.model, data, loss_fn, self._classification is not False)
@@ -439,17 +563,19 @@ class Tracker:
     def end_epoch(self, **splits: Mapping[str, float]) -> None:
         """End the epoch: evaluate ``eval_data`` (unless done at this step), add the metrics given
         (``val={"loss": vl, "acc": va}``, ``train=...``, ``test=...``), and write the epoch row."""
+        self._refuse_after_end("run.end_epoch")
+        given = _given_metrics(splits)
         self._begin(None)
         self._settle_steps()
         if self._micro:
-            raise ConfigError(f"end_epoch came after {len(self._micro)} of {self.accumulate} micro-batches; "
-                              "an epoch must end on a whole update")
+            raise ConfigError(f"end_epoch came after {len(self._micro)} of {self.accumulate} micro-batches with no "
+                              "optimizer.step() for them; step the optimizer on the epoch's last group, even when "
+                              "it is short, before end_epoch")
         if not self._in_epoch:
             return
         rec = self.recorder
         if self.eval_data and not rec.evaluated_now():
             self._evaluate_data()
-        given = {f"{split}_{name}": float(value) for split, metrics in splits.items() for name, value in metrics.items()}
         if given:
             self._record_metrics(given, 0.0)
         rec.end_epoch()
@@ -487,23 +613,44 @@ class Tracker:
         """End the run (the context manager does this): the last step and epoch, `RunEnd`, hooks removed."""
         if self._finished is not None:
             return self._finished
-        self._begin(None)
+        error, ending_well = None, status is None
         try:
+            self._begin(None)
             self._settle_steps()
-            rec = self.recorder
+            if self._micro:  # micro-batches that no optimizer step applied: no update, so no row
+                self._micro = []
+                if self.noise is not None:
+                    self.noise.reset()
             if self._in_epoch and status is None:
                 self.end_epoch()
-            clock = rec.clock
-            steps_per_epoch = clock.steps_per_epoch or clock.step_in_epoch
-            sizes = [row["batch_size"] for row in rec.steps]
-            rec.clock = replace(clock, total_steps=clock.step, epochs=clock.epoch, steps_per_epoch=steps_per_epoch,
-                                batch_size=max(sizes) if sizes else 0, n_train=clock.n_train or clock.samples_seen)
+        except Exception as caught:
+            # The run ends regardless, with what was read: failed with this error, or, when it is
+            # ending for another reason already (the loop's own error), with that one.
+            error = caught
+            if status is None:
+                status, message = "failed", error_line(caught)
         finally:
             for hook in self._hooks:
                 hook.remove()
             self._hooks = []
+        self._account()
         self._finished = self.recorder.finish(status, message)
+        if error is not None and ending_well:
+            raise error
         return self._finished
+
+    def _account(self) -> None:
+        """The run's accounting as observed: steps, epochs, the first epoch's length, the largest batch."""
+        rec = self.recorder
+        clock = rec.clock
+        steps_per_epoch = clock.steps_per_epoch or clock.step_in_epoch
+        sizes = [row["batch_size"] for row in rec.steps]
+        rec.clock = replace(clock, total_steps=clock.step, epochs=clock.epoch, steps_per_epoch=steps_per_epoch,
+                            batch_size=max(sizes) if sizes else 0, n_train=clock.n_train or clock.samples_seen)
+
+    def _refuse_after_end(self, call: str) -> None:
+        if self._finished is not None:
+            raise ConfigError(f"{call} after the run ended: call it inside the `with bl.track(...) as run:` block")
 
     @property
     def run(self) -> Run:
@@ -557,8 +704,7 @@ class Tracker:
 
     def _is_classification(self, outputs: torch.Tensor, targets: torch.Tensor) -> bool:
         if self._classification is None:
-            self._classification = (outputs.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point()
-                                    and not targets.is_complex())
+            self._classification = _accuracy_shaped(outputs, targets)
             self.recorder.classification = self._classification
         return self._classification
 
@@ -621,6 +767,83 @@ class MicroBatchNoise:
         return values
 
 
+# --- the arguments' checks -----------------------------------------------------------------------
+# Each mistake is refused at the call that made it, in one line: not as a TypeError from the first
+# forward pass (where the run begins and the store opens) or from an epoch's read-back.
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_options(*, store, name, probes, eval_every, eval_data, loss_fn, accumulate, scaler, n_train, dataset,
+                   probe_every, seed) -> None:
+    """Refuse `track`'s options that cannot work, each with one line naming it."""
+    from .store import RunStore
+
+    if store is not None and not isinstance(store, (str, os.PathLike, RunStore)):
+        raise ArgumentError(f"track: store must be a path (str or pathlib.Path) or a RunStore, got {_kind(store)}")
+    if name is not None and not isinstance(name, str):
+        raise ArgumentError(f"track: name must be a string, got {_kind(name)}")
+    if not isinstance(dataset, str):
+        raise ArgumentError(f"track: dataset must be a string (a name for the data), got {_kind(dataset)}")
+    _check_probes(probes)
+    for option, value in (("accumulate", accumulate), ("probe_every", probe_every)):
+        if not _whole(value) or value < 1:
+            raise ConfigError(f"{option} must be an integer >= 1, got {value!r}")
+    if eval_every is not None and (not _whole(eval_every) or eval_every < 1):
+        raise ConfigError(f"eval_every must be an integer >= 1 or None, got {eval_every!r}")
+    if n_train is not None and (not _whole(n_train) or n_train < 1):
+        raise ConfigError(f"n_train must be the training set's size, an integer >= 1, got {n_train!r}")
+    if seed is not None and not _whole(seed):
+        raise ConfigError(f"seed must be an integer or None, got {seed!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise ArgumentError(f"track: loss_fn must be a function (outputs, targets) -> loss such as "
+                            f"torch.nn.functional.cross_entropy, got {_kind(loss_fn)}")
+    if eval_data is not None and loss_fn is None:
+        raise ConfigError("eval_data needs loss_fn=... to compute the evaluation's loss")
+    for split, data in _eval_splits(eval_data).items():
+        _check_eval_data(split, data)
+    if scaler is not None and not all(hasattr(scaler, m) for m in ("scale", "unscale_", "get_scale", "is_enabled")):
+        raise ArgumentError(f"track: scaler must be a torch.amp.GradScaler, got {_kind(scaler)}")
+
+
+def _kind(value: Any) -> str:
+    """What was given, for a message: ``an int (123)``, ``a str ('ce')``, ``a DataLoader``."""
+    name = type(value).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    return f"{article} {name} ({value!r:.40})" if isinstance(value, (str, int, float)) else f"{article} {name}"
+
+
+def _check_probes(probes: Any) -> None:
+    if isinstance(probes, (str, bytes)) or not isinstance(probes, Iterable):
+        raise ArgumentError(f"track: probes must be a list such as [\"grad_norm\"], got {_kind(probes)}")
+    for probe in probes:
+        if not isinstance(probe, str) and not (isinstance(getattr(probe, "name", None), str)
+                                               and callable(getattr(probe, "measure", None))):
+            raise ArgumentError(f"track: each probe must be a probe's name (\"grad_norm\", \"noise_scale\", ...) "
+                                f"or a probe object, got {_kind(probe)}")
+        make_probe(probe)  # an unknown name: one line naming the probes there are
+
+
+def _check_eval_data(split: str, data: Any) -> None:
+    """``(X, y)`` tensors of one length, or an iterable of ``(x, y)`` batches (a DataLoader)."""
+    if not isinstance(split, str):
+        raise ArgumentError(f"track: eval_data's keys must be split names such as \"val\", got {_kind(split)}")
+    if isinstance(data, (tuple, list)) and len(data) == 2 and any(hasattr(t, "shape") for t in data):
+        X, y = data
+        if not (isinstance(X, torch.Tensor) and isinstance(y, torch.Tensor)) or X.dim() == 0 or y.dim() == 0:
+            raise ArgumentError(f"track: eval_data {split!r} must be (X, y) with both tensors of samples, "
+                                f"got ({type(X).__name__}, {type(y).__name__})")
+        if len(X) != len(y):
+            raise ConfigError(f"eval_data {split!r} has {len(X)} inputs but {len(y)} targets; "
+                              "give one target per sample")
+        return
+    if isinstance(data, (str, bytes, torch.Tensor, Mapping)) or not isinstance(data, Iterable):
+        raise ArgumentError(f"track: eval_data must be (X, y) tensors, an iterable of (x, y) batches (a DataLoader) "
+                            f"or a dict of them by split, got {_kind(data)} for {split!r}")
+
+
 # --- data ---------------------------------------------------------------------------------------
 
 
@@ -670,11 +893,57 @@ def _per_sample(loss_fn):
     return losses
 
 
-def _batch_size(outputs, targets) -> int:
+def _given_metrics(splits: Mapping[str, Any]) -> dict[str, float]:
+    """``end_epoch(val={"loss": 0.3, "acc": 0.9})`` as ``{"val_loss": 0.3, "val_acc": 0.9}``; each
+    split a mapping of names to numbers (one-element tensors too), else one line naming it."""
+    given = {}
+    for split, metrics in splits.items():
+        if not isinstance(metrics, Mapping):
+            raise ArgumentError(f"run.end_epoch: {split}= must be a dict such as {{\"loss\": 0.3, \"acc\": 0.9}}, "
+                                f"got {_kind(metrics)}")
+        for name, value in metrics.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise ArgumentError(f"run.end_epoch: {split}[{name!r}] must be a number, got {_kind(value)}")
+            given[f"{split}_{name}"] = float(value)
+    return given
+
+
+def _step_size(batch_size: Any, outputs: Any, targets: Any) -> int:
+    """The batch's size for `Tracker.step`: ``batch_size`` if given, else the targets' or outputs'
+    length; refused in one line where it is not a whole number >= 1 or they are not tensors. (Where
+    the accuracy is counted, `_check_counted` holds the lengths to it.) On the hot path: few ops."""
+    if outputs is not None and not isinstance(outputs, torch.Tensor):
+        raise ArgumentError(f"run.step: outputs must be a tensor (the model's outputs), got {_kind(outputs)}")
+    if targets is not None and not isinstance(targets, torch.Tensor):
+        raise ArgumentError(f"run.step: targets must be a tensor (the batch's targets), got {_kind(targets)}")
+    if batch_size is not None:
+        if not (type(batch_size) is int or _whole(batch_size)) or batch_size < 1:
+            raise ConfigError(f"run.step: batch_size must be a whole number >= 1 (the samples in the batch), "
+                              f"got {batch_size!r}")
+        return int(batch_size)
     for tensor in (targets, outputs):
-        if isinstance(tensor, torch.Tensor) and tensor.dim() > 0:
-            return int(tensor.shape[0])
+        if tensor is not None and tensor.dim() > 0:
+            return tensor.shape[0]
     raise ConfigError("run.step needs the batch's size: pass outputs=, targets= or batch_size=")
+
+
+def _check_counted(outputs: torch.Tensor, targets: torch.Tensor, size: int) -> None:
+    """A batch whose accuracy is counted: its correct predictions over its targets are divided by
+    ``size``, so the outputs, the targets and the size must agree on the batch's length."""
+    if len(outputs) != len(targets):
+        raise ConfigError(f"run.step got {len(outputs)} outputs but {len(targets)} targets; pass the outputs and "
+                          "targets of the same batch, one target per output row")
+    if size != len(targets):
+        raise ConfigError(f"run.step: batch_size={size} but the batch has {len(targets)} targets, over which its "
+                          "accuracy is counted; leave batch_size out, or pass the whole batch's outputs and targets")
+
+
+def _accuracy_shaped(outputs: Any, targets: Any) -> bool:
+    """Whether a batch's accuracy is counted: (b, K) outputs and (b,) class indices."""
+    return (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor) and outputs.dim() == 2
+            and targets.dim() == 1 and not targets.is_floating_point() and not targets.is_complex())
 
 
 def _loss_value(loss: Any) -> Any:
@@ -682,6 +951,8 @@ def _loss_value(loss: Any) -> Any:
     number, a CPU tensor), else a 0-d copy on the device. A copy, not the tensor itself: a loop may
     overwrite its loss in place (a CUDA graph's static output) before the read-back."""
     if not isinstance(loss, torch.Tensor):
+        if not isinstance(loss, numbers.Real) or isinstance(loss, bool):
+            raise ArgumentError(f"run.step needs the batch's mean loss, a tensor or a number; got {_kind(loss)}")
         return float(loss)
     if loss.numel() != 1:
         raise ConfigError(f"run.step needs the batch's mean loss, one number; got a tensor of shape {tuple(loss.shape)}")
