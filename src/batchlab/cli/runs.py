@@ -19,7 +19,7 @@ def _run_id_argument() -> click.Argument:
 @runs_group.command("list", params=[
     click.Option(["--kind"], default=None, help="Only runs of this kind (fit, explain, replica, study-trial)."),
     click.Option(["--group"], type=whole(1), default=None, help="Only runs of this group (a study or ensemble)."),
-    click.Option(["--status"], type=click.Choice(["running", "finished", "stopped", "diverged", "interrupted"]),
+    click.Option(["--status"], type=click.Choice(["running", "finished", "stopped", "diverged", "interrupted", "failed"]),
                  default=None, help="Only runs with this status."),
     store_option(),
     json_option(),
@@ -145,7 +145,7 @@ def _check_export_out(out: Path, fmt: str) -> None:
 
 _RUNS_NUMERIC_COLUMNS = {"id", "group", "batch_size", "lr", "epochs", "steps", "train_loss", "train_acc",
                          "val_loss", "val_acc", "duration"}  # fmt: skip
-_RUNS_STATUS_STYLES = {"running": "cyan", "finished": "green", "stopped": "yellow", "diverged": "red", "interrupted": "magenta"}
+_RUNS_STATUS_STYLES = {"running": "cyan", "finished": "green", "stopped": "yellow", "diverged": "red", "interrupted": "magenta", "failed": "red"}
 
 
 def _runs_table(title: str, show_header: bool = True) -> "rich.table.Table":  # noqa: F821
