@@ -3,8 +3,9 @@
 One torchrun launch of 2 gloo ranks (tests/distributed_worker.py) trains the SGD-with-momentum and
 Adam runs and then a run whose rank 1 raises; its outputs are compared here with `bl.fit` at the
 global batch, in float64, and with the two-batch noise-scale formula computed from the parts'
-gradients. The launch has a timeout and its process group is killed on expiry, and every
-collective in the ranks has one too, so a failing rank cannot hang the suite.
+gradients. A second launch (slow) stalls rank 1 and checks that the collective timeout fails the
+run. Each launch has a timeout and its process group is killed on expiry, and every collective in
+the ranks has one too, so a failing rank cannot hang the suite.
 """
 
 from __future__ import annotations
@@ -182,6 +183,7 @@ def test_a_rank_that_raises_fails_the_run_and_no_rank_hangs(launched):
         assert (out / f"error-rank{rank}.txt").read_text() == "rank 1: ValueError: boom on rank 1"
 
 
+@pytest.mark.slow  # a launch of its own (~20 s on two busy cores) for a guard the default suite needs less
 def test_a_stalled_rank_fails_the_run_within_the_collective_timeout(tmp_path):
     """Rank 1 stops answering mid-run (no error, no exit): rank 0's collective gives up after the
     process group's timeout (3 s here) and stores the run as failed, rather than waiting forever."""

@@ -218,22 +218,26 @@ def fit(
             return _train(state)
         except BaseException as error:
             signals.shield()  # the launcher's signals wait until the run's end is recorded
-            ending = _ended(recorder, ranks, error, signals.interrupted)
+            ending = _ended(recorder, ranks, error, signals)
             if ending is error:
                 raise
             raise ending from error
 
 
-def _ended(rec: Recorder | None, ranks: Ranks, error: BaseException, interrupted: bool) -> BaseException:
+def _ended(rec: Recorder | None, ranks: Ranks, error: BaseException, signals: "_Signals") -> BaseException:
     """Record how the run ended (rank 0, once its core exists) and return what ``fit`` raises:
     KeyboardInterrupt for a Ctrl-C (the launcher passes it to every rank; a rank may first see it as
     a failed collective, when another rank has already left), else one `RankFailure` with the run's
     one-line message."""
-    interrupted = interrupted or isinstance(error, KeyboardInterrupt)
+    interrupted = signals.interrupted or isinstance(error, KeyboardInterrupt)
     if rec is None and isinstance(error, BatchlabError) and not interrupted:
         return error  # bad input, found alike in every rank before the run started
-    step = rec.clock.step if rec is not None else 0
-    message = f"interrupted at step {step}" if interrupted else _failure(error, ranks)
+    message = "" if interrupted else _failure(error, ranks)
+    # _failure waits a little after a failed collective: a Ctrl-C that reached the other ranks first
+    # has arrived here too by then.
+    interrupted = interrupted or signals.interrupted
+    if interrupted:
+        message = f"interrupted at step {rec.clock.step if rec is not None else 0}"
     if ranks.is_main and rec is not None:
         rec.finish("interrupted" if interrupted else "failed", message)
     if interrupted:
