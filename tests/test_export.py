@@ -355,3 +355,34 @@ def test_mlflow_missing_is_one_line(two_runs, monkeypatch, tmp_path):
     with pytest.raises(StoreError, match=r"needs mlflow; install it with `pip install 'batchlab\[mlflow\]'`"):
         export_mlflow(runs, (tmp_path / "m").as_uri())
     assert not (tmp_path / "m").exists()
+
+
+def test_live_tensorboard_names_the_model_as_the_store_does(tmp_path, cli):
+    code, out, err = cli(["fit", "--dataset", "blobs", "--model", "mlp", "--epochs", "1", "--quiet", "--json",
+                          "--store", str(tmp_path / "s.db"), "--tensorboard", str(tmp_path / "live")])  # fmt: skip
+    assert code == 0, err
+    run_id = json.loads(out)["run_id"]
+    with RunStore(tmp_path / "s.db") as store:
+        run = store.load_run(run_id)
+    export_run(run, tmp_path / "exported", "tensorboard")
+    live = session_hparams(tmp_path / "live" / f"run-{run_id}")
+    stored_model = run.spec["model"]["name"] if isinstance(run.spec["model"], dict) else run.spec["model"]
+    assert live["model"] == stored_model == "mlp"  # not the module's class, Sequential
+    assert live == session_hparams(tmp_path / "exported" / f"run-{run_id}")  # one set of hparams, both ways
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_exports_get_the_users_umask(two_runs, tmp_path, umask):
+    _, _, runs = two_runs
+    previous = os.umask(umask)
+    try:
+        written = export_runs(runs, tmp_path / "csv", "csv") + export_runs(runs, tmp_path / "tb", "tensorboard")
+        written += export_runs(runs, tmp_path / "runs.json", "json")
+        written += export_runs(runs, tmp_path / "runs.json", "json")  # replacing an export: a new file too
+    finally:
+        os.umask(previous)
+    folders = {tmp_path / "csv", tmp_path / "tb", *(p.parent for p in written if p.parent != tmp_path)}
+    for folder in folders:
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~umask, (folder, oct(folder.stat().st_mode))
+    for file in written:
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask, (file, oct(file.stat().st_mode))

@@ -2,7 +2,9 @@
 
 Every file export is built in a temporary folder beside its destination and moved into place at
 the end, so a failed export (a missing optional package, a full disk) leaves nothing behind, and
-exporting again replaces the previous export instead of adding to it.
+exporting again replaces the previous export instead of adding to it. Exported files and folders
+get the permissions of any file the user makes (0666/0777 less the umask), not the private ones
+of the temporary folder and file they are built in.
 
 Tables carry ``run_id``, ``group_id`` and the run's key hyperparameters (`KEY_HPARAMS`) in front of
 the row's own columns, so exports of several runs concatenate into one tidy table::
@@ -141,6 +143,7 @@ def _write_folder_atomically(path: Path, write: Callable[[Path], list[str]]) -> 
     except OSError as error:
         raise StoreError(f"cannot write the export to {path}: {error.strerror or error}") from None
     try:
+        os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp makes it 0700; it becomes the export folder
         names = write(temporary)
         if not path.exists():
             os.rename(temporary, path)
@@ -170,6 +173,7 @@ def _write_file_atomically(path: Path, text: str) -> Path:
     try:
         handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".export")
         temporary = Path(name)
+        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp makes it 0600; it becomes the export file
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
         os.replace(temporary, path)
@@ -179,6 +183,20 @@ def _write_file_atomically(path: Path, text: str) -> Path:
     finally:
         if temporary is not None:
             temporary.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (os.umask can only set
+    it, and setting it twice would briefly leave other threads' new files with the wrong one)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _require(fmt: str) -> None:

@@ -100,6 +100,13 @@ def run_points(run: StoredRun) -> list[Point]:
     return points
 
 
+def run_hparams(config: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The HParams of a run from its config and spec (what the store keeps): the one source of the
+    live callback's and the export's hyperparameters, so both name the model as the store does."""
+    extra = {"target": spec.get("target")} if spec.get("target") else None
+    return hparams_of(config, spec.get("dataset"), spec.get("model"), extra)
+
+
 def hparams_of(config: Mapping[str, Any], dataset: Any, model: Any, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The hyperparameters shown in the HParams table: the config's values, dataset and model.
 
@@ -127,7 +134,7 @@ def export_tensorboard(runs: Iterable[StoredRun], folder: Path) -> list[Path]:
         files: dict[str, EventFile] = {}
         try:
             files[""] = EventFile(root / name, started)
-            files[""].hparams(_stored_hparams(run), started)
+            files[""].hparams(run_hparams(run.config, run.spec), started)
             for point in run_points(run):
                 if point.folder not in files:
                     files[point.folder] = EventFile(root / point.folder / name, started)
@@ -156,13 +163,18 @@ class TensorBoard(Callback):
         log_dir: the folder TensorBoard is pointed at (made if missing).
         run_name: the run's sub-folder; a callable is called when the run starts (so it can name
             the run after the store's run id). None writes into ``log_dir`` itself, as Keras does.
+        spec: what the run was given, as for `batchlab.store.recorder`: its ``dataset``, ``model``
+            (a name such as ``mlp``, or a mapping with one) and ``target`` override the dataset
+            name and model class name of the run-start event, so the HParams table names the
+            model as the store does. Pass the recorder's ``spec`` when both watch a run.
 
     Example::
 
         bl.fit(model, ds, cfg, callbacks=[bl.TensorBoard("tb", run_name="lr0.1")])
     """
 
-    def __init__(self, log_dir: str | Path, run_name: str | Callable[[], str] | None = None):
+    def __init__(self, log_dir: str | Path, run_name: str | Callable[[], str] | None = None, *,
+                 spec: Mapping[str, Any] | None = None):  # fmt: skip
         _require_tensorboard()
         self.log_dir = Path(log_dir)
         try:  # checked now, before any training
@@ -170,6 +182,7 @@ class TensorBoard(Callback):
         except OSError as error:
             raise StoreError(f"cannot write TensorBoard files to {self.log_dir}: {error.strerror or error}") from None
         self.run_name = run_name
+        self.spec = dict(spec or {})
         self.root: Path | None = None
         self._files: dict[str, EventFile] = {}
 
@@ -179,7 +192,9 @@ class TensorBoard(Callback):
         self.root = self.log_dir / name if name else self.log_dir
         now = time.time()
         config = event.config.model_dump(mode="json")
-        self._file("").hparams(hparams_of(config, event.dataset, type(event.model).__name__), now)
+        # merged as the recorder merges them, so the store and these files name the same model
+        spec = {"dataset": event.dataset, "model": type(event.model).__name__, **self.spec}
+        self._file("").hparams(run_hparams(config, spec), now)
         self._files[""].flush()
         return None
 
@@ -296,11 +311,6 @@ class EventFile:
 
     def _write(self, event: Any) -> None:
         self._records.write(event.SerializeToString())
-
-
-def _stored_hparams(run: StoredRun) -> dict[str, Any]:
-    extra = {"target": run.spec.get("target")} if run.spec.get("target") else None
-    return hparams_of(run.config, run.spec.get("dataset"), run.spec.get("model"), extra)
 
 
 def _require_tensorboard() -> None:
