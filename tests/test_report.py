@@ -244,3 +244,28 @@ def test_study_tables_fit_the_page_in_headless_chromium(store_file, tmp_path):
         assert right_edge <= result["viewport"], "a table runs off the right edge of the page"
     key_width = shown[0][0]
     assert key_width <= result["viewport"]
+
+
+def test_study_id_of_a_group_that_is_not_a_study_is_one_line(tmp_path, cli):
+    path = tmp_path / "s.db"
+    with RunStore(path) as store:
+        group = store.create_group("gradnorm", "gradnorm blobs mlp", {"trials": 2})
+        store.record_runs(group, [{"name": "B=4", "kind": "gradnorm", "config": {"batch_size": 4}, "status": "finished",
+                                   "steps": [{"step": 1, "grad_norm": 0.5}]}])  # fmt: skip
+        store.finish_group(group)
+    for args in (["report", f"study:{group}", "--out", str(tmp_path / "r.html")],
+                 ["runs", "export", f"study:{group}", "--format", "csv", "--out", str(tmp_path / "csv")]):  # fmt: skip
+        code, out, err = cli([*args, "--store", str(path)])
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert err == f"error: group {group} is a gradnorm group, not a study; give group:{group}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.db"]
+    code, _, err = cli(["report", f"group:{group}", "--out", str(tmp_path / "r.html"), "--store", str(path)])
+    assert code == 0 and "gradnorm" in (tmp_path / "r.html").read_text(), err
+
+
+def test_report_ids_beyond_64_bits_fail_before_the_store_is_read():
+    assert parse_report_id(str(2**63 - 1)) == ("run", 2**63 - 1)
+    for bad in (str(2**63), f"group:{2**64}", "study:²"):
+        with pytest.raises(ConfigError, match="report id") as error:
+            parse_report_id(bad)
+        assert "\n" not in str(error.value)

@@ -18,6 +18,7 @@ import base64
 import html
 import io
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,8 +30,9 @@ from matplotlib.figure import Figure
 
 from . import __version__
 from . import plots
-from .errors import BatchlabError, ConfigError
+from .errors import BatchlabError, ConfigError, StoreError
 from .store import RunStore, StoredRun
+from .store.db import MAX_ID
 from .study.plan import NOISE_GROUP
 
 if TYPE_CHECKING:
@@ -315,7 +317,8 @@ def study_key_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def _short(value: Any) -> str:
-    number = float(value)
+    """A bound of an interval, short: a missing one (NaN, or null as a stored summary holds it) is blank."""
+    number = math.nan if value is None else float(value)
     return "∞" if math.isinf(number) else "" if math.isnan(number) else f"{number:,.0f}" if number >= 100 else f"{number:.3g}"
 
 
@@ -442,13 +445,28 @@ def best_lr_runs(runs: Sequence[StoredRun], summary: pd.DataFrame) -> dict[Any, 
 
 
 def parse_report_id(ident: str) -> tuple[str, int]:
-    """``3`` -> ("run", 3); ``group:3`` / ``study:3`` -> ("group", 3)."""
+    """``3`` -> ("run", 3); ``group:3`` / ``study:3`` -> ("group", 3) (`report_group` tells them apart)."""
     text = str(ident).strip()
     kind, _, number = text.rpartition(":")
     kind = kind or "run"
-    if kind not in ("run", "group", "study") or not number.isdigit():
+    if kind not in ("run", "group", "study") or not re.fullmatch(r"[0-9]+", number):
         raise ConfigError(f"cannot read report id {ident!r}; give a run id (3), or group:N / study:N for a group")
+    if int(number) > MAX_ID:
+        raise ConfigError(f"report id {ident!r} is out of range; ids are whole numbers from 1 to 2**63-1")
     return ("run" if kind == "run" else "group"), int(number)
+
+
+def report_group(store: RunStore, ident: str | int) -> dict[str, Any]:
+    """The group that ``group:N`` or ``study:N`` names, from `RunStore.get_group`.
+
+    Raises:
+        ConfigError: ``study:N`` names a group that is not a study (a gradnorm or replica group).
+    """
+    _, number = parse_report_id(str(ident))
+    group = store.get_group(number)
+    if str(ident).strip().startswith("study:") and group["kind"] != "study":
+        raise ConfigError(f"group {number} is a {group['kind']} group, not a study; give group:{number}")
+    return group
 
 
 def build_report(store: RunStore, ident: str | int) -> Report:
@@ -458,14 +476,34 @@ def build_report(store: RunStore, ident: str | int) -> Report:
     ``summary``): the per-batch-size records with the columns of `batchlab.plots.study`; and
     optionally ``s_min``, ``b_crit``, ``e_min`` (top level or under ``fit``), ``recommendation``,
     ``target`` and ``n_train`` (also read from the group's config). Any other group gets a group report.
+
+    Raises:
+        StoreError: the store holds a value of a kind the report cannot show (a damaged store, or
+            one batchlab did not write), in one line.
     """
+    try:
+        return _build_report(store, ident)
+    except BatchlabError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError) as error:
+        # The store is untrusted input and a page is drawn from many of its values: one that slipped
+        # past the checks is still one line, which names what went wrong.
+        raise StoreError(f"cannot build the report of {ident} from {store.path}: a stored value has an unexpected "
+                         f"kind ({type(error).__name__}: {_first_line(error)}); the store may be damaged or not "
+                         "written by batchlab") from None  # fmt: skip
+
+
+def _build_report(store: RunStore, ident: str | int) -> Report:
     kind, number = parse_report_id(str(ident))
     if kind == "run":
-        return run_report(store.load_run(number))
-    group = store.get_group(number)
-    runs = [store.load_run(i) for i in store.group_runs(number)]
+        return run_report(_checked(store.load_run(number)))
+    group = report_group(store, ident)
+    runs = [_checked(store.load_run(i)) for i in store.group_runs(number)]
     records = group["summary"].get("table") or group["summary"].get("summary")
     if group["kind"] == "study" and isinstance(records, list) and records:
+        if not all(isinstance(record, Mapping) for record in records):
+            raise StoreError(f"group {number}'s summary table holds an entry that is not a record; the store "
+                             "is damaged or was not written by batchlab")  # fmt: skip
         info = {**(group.get("config") or {}), **group["summary"], **(group["summary"].get("fit") or {})}
         return study_report(
             group, runs, pd.DataFrame.from_records(records),
@@ -477,6 +515,35 @@ def build_report(store: RunStore, ident: str | int) -> Report:
     return group_report(group, runs)
 
 
+def _checked(run: StoredRun) -> StoredRun:
+    """The run, after checking the stored values its report is drawn from: the config's batch size
+    and lr, the spec's clock, the step table's epochs. A crafted value is a one-line StoreError."""
+    def bad(what: str, value: Any, expected: str) -> StoreError:
+        return StoreError(f"run {run.id}'s {what} is {value!r:.40}, not {expected}; the store is damaged "
+                          "or was not written by batchlab")  # fmt: skip
+
+    lr, batch_size, clock = run.config.get("lr"), run.config.get("batch_size"), run.spec.get("clock")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))):
+        raise bad("lr", lr, "a number")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, str))):
+        raise bad("batch_size", batch_size, "a whole number or a name")
+    if clock is not None and not isinstance(clock, Mapping):
+        raise bad("clock", clock, "a mapping")
+    for key in ("n_train", "steps_per_epoch"):
+        value = (clock or {}).get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise bad(f"clock's {key}", value, "a whole number of at least 1")
+    epochs = run.steps["epoch"].dropna().astype(float) if "epoch" in run.steps else pd.Series(dtype=float)
+    wrong = epochs[epochs % 1 != 0]  # inf % 1 is NaN: not whole either
+    if not wrong.empty:
+        raise bad("step table's epoch", float(wrong.iloc[0]), "a whole number")
+    return run
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [""])[0][:120]
+
+
 def _number(value: Any) -> float | None:
     try:
         number = float(value)
@@ -486,13 +553,24 @@ def _number(value: Any) -> float | None:
 
 
 def _n_train(info: Mapping[str, Any], runs: Sequence[StoredRun]) -> int | None:
+    """The training-set size of a study: its summary's or config's, else its first trial's clock's."""
     if info.get("n_train"):
-        return int(info["n_train"])
+        return _count(info["n_train"], "the study's n_train")
     for run in runs:
-        n = (run.spec.get("clock") or {}).get("n_train")
+        clock = run.spec.get("clock")
+        n = clock.get("n_train") if isinstance(clock, Mapping) else None
         if n:
-            return int(n)
+            return _count(n, f"run {run.id}'s n_train")
     return None
+
+
+def _count(value: Any, what: str) -> int:
+    """A stored count, checked: a whole number of at least 1, else a one-line StoreError."""
+    number = _number(value)
+    if number is None or number < 1 or number != int(number):
+        raise StoreError(f"{what} is {value!r:.40}, not a whole number; the store is damaged "
+                         "or was not written by batchlab")  # fmt: skip
+    return int(number)
 
 
 def default_report_path(store_path: str | Path, report: Report) -> Path:

@@ -103,7 +103,7 @@ def runs_export(ident: str, fmt: str, out: Path | None, tracking_uri: str | None
                 as_json: bool) -> None:
     """Export runs' tables (and config and provenance) of ID: a run (3) or a group (group:N), or log them to MLflow."""
     from ..errors import ConfigError
-    from ..report import parse_report_id
+    from ..report import parse_report_id, report_group
     from ..store import RunStore, check_format, export_mlflow, export_runs
 
     check_format(fmt)  # checked before the store is read
@@ -114,7 +114,7 @@ def runs_export(ident: str, fmt: str, out: Path | None, tracking_uri: str | None
         _check_export_out(out, fmt)
     path = store_path(store)
     with RunStore(path, create=False) as run_store:
-        ids = [number] if kind == "run" else run_store.group_runs(run_store.get_group(number)["id"])
+        ids = [number] if kind == "run" else run_store.group_runs(report_group(run_store, ident)["id"])
         runs = [run_store.load_run(i) for i in ids]
     if fmt == "mlflow":
         written = export_mlflow(runs, tracking_uri, store_path=path, artifacts=_run_report)

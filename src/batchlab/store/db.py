@@ -12,7 +12,15 @@ Runs that belong together (the replicas of an ensemble, the trials of a study) s
 
 The store is written in WAL mode and one transaction per epoch, so a process killed at any moment
 leaves a store that opens, with every completed epoch's rows. A run left ``running`` by a process
-that no longer exists is shown, and marked, ``interrupted`` when runs are listed or loaded.
+that no longer exists is shown ``interrupted`` when runs are listed or loaded, and marked so when
+the store is open for writing.
+
+A store file may come from anyone, so it is read as untrusted input. A store opened for reading
+(``create=False``) is opened with SQLite's ``query_only`` (and ``mode=ro`` where the user may not
+write it) and never written, not even the status of an interrupted run. A store whose schema holds
+an object batchlab did not make (a trigger, a view, a table) is refused before its tables are read,
+so no SQL of the file's author ever runs. Every stored value is checked as it is decoded: a
+malformed one is a one-line `StoreError`.
 
 Example::
 
@@ -23,9 +31,9 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import re
 import socket
 import sqlite3
 import tempfile
@@ -40,7 +48,8 @@ from typing import Any
 import pandas as pd
 
 from ..errors import StoreError
-from .codec import NotANumber, decode_row, dumps, encode_row, frame, loads, records
+from .codec import (Malformed, NotANumber, decode_row, dumps, encode_row, frame, load_object, loads, records,
+                    short_repr)  # fmt: skip
 
 SCHEMA_VERSION = 1
 RUN_STATUSES = ("running", "finished", "stopped", "diverged", "interrupted", "failed")
@@ -99,6 +108,16 @@ CREATE TABLE epochs (
 CREATE INDEX epochs_run ON epochs(run_id, epoch);
 """
 
+# Every object of a store's schema, as (type, name): those of `_SCHEMA`, SQLite's own for them, and
+# the study's claims table (made by `batchlab.study.run` in the same file). A store holding anything
+# else is refused: a trigger or view would run its author's SQL when batchlab reads or writes.
+_OBJECTS = frozenset(
+    {(kind.lower(), name) for kind, name in re.findall(r"CREATE (TABLE|INDEX) (\w+)", _SCHEMA)}
+    | {("table", "sqlite_sequence"), ("table", "study_claims"), ("index", "sqlite_autoindex_study_claims_1")}
+)
+# The largest id SQLite holds (a 64-bit signed integer).
+MAX_ID = 2**63 - 1
+
 # Columns of `RunStore.list_runs`, in order.
 LIST_COLUMNS = [
     "id", "name", "kind", "group", "status", "dataset", "model", "batch_size", "lr", "epochs",
@@ -151,17 +170,22 @@ class RunStore:
         path: the database file. Its directory must exist.
         create: make the file if it does not exist; with ``False`` a missing file is a
             `StoreError` and nothing is created (for commands that only read).
+        read_only: open the file for reading only (SQLite's ``query_only``, and ``mode=ro`` where
+            the user may not write it): nothing is ever written, and a store in a folder or file
+            the user cannot write is readable.
+            By default a store opened with ``create=False`` is read-only.
 
     One process writes at a time (SQLite's rule); within a process the store may be shared
     between threads, as every operation holds a lock.
     """
 
-    def __init__(self, path: str | Path, *, create: bool = True):
+    def __init__(self, path: str | Path, *, create: bool = True, read_only: bool | None = None):
         self.path = Path(path)
+        self.read_only = (not create) if read_only is None else read_only
         self._lock = threading.RLock()
-        if create and not self.path.exists():
+        if create and not self.read_only and not self.path.exists():
             _create(self.path)
-        self._db = _connect(self.path)
+        self._db = _connect(self.path, self.read_only)
         try:
             self._check_schema()
         except BaseException:
@@ -171,21 +195,27 @@ class RunStore:
     # -- opening -------------------------------------------------------------------------------
 
     def _check_schema(self) -> None:
-        """Refuse a SQLite file that is not a batchlab store, or one from a newer batchlab."""
+        """Refuse a SQLite file that is not a batchlab store, one from a newer batchlab, or one whose
+        schema holds objects batchlab did not make (checked before any of its tables is read)."""
         try:
-            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            version = None
-            if {"schema_version", "runs"} <= tables:
-                (version,) = self._db.execute("SELECT max(version) FROM schema_version").fetchone()
+            objects = self._db.execute("SELECT type, name, sql FROM sqlite_master").fetchall()
+            versions = None
+            if {("table", "schema_version"), ("table", "runs")} <= {(kind, name) for kind, name, _ in objects}:
+                versions = [r[0] for r in self._db.execute("SELECT version FROM schema_version")]
         except sqlite3.DatabaseError as error:
             raise StoreError(f"{self.path} is not a batchlab store ({error}); pass another --store") from None
-        if version is None:
+        if not versions:
             raise StoreError(f"{self.path} is a SQLite database but not a batchlab store; pass another --store")
-        if version > SCHEMA_VERSION:
+        bad = next((v for v in versions if type(v) is not int), None)
+        if bad is not None:
+            raise StoreError(f"{self.path} has a malformed store schema version {short_repr(bad)}, not a whole "
+                             "number; the file is damaged or was not written by batchlab")  # fmt: skip
+        if max(versions) > SCHEMA_VERSION:
             raise StoreError(
-                f"{self.path} was written by a newer batchlab (store schema {version}, this one reads "
+                f"{self.path} was written by a newer batchlab (store schema {max(versions)}, this one reads "
                 f"{SCHEMA_VERSION}); upgrade batchlab"
             )
+        _check_objects(self.path, objects)
 
     def close(self) -> None:
         with self._lock:
@@ -227,6 +257,48 @@ class RunStore:
             except sqlite3.Error as error:
                 raise StoreError(f"cannot read the store {self.path}: {error}") from None
 
+    def _malformed(self, what: str, error: Malformed | str) -> StoreError:
+        """The one-line error for a stored value that batchlab cannot have written."""
+        return StoreError(f"cannot read the store {self.path}: {what} {error}; the store is damaged "
+                          "or was not written by batchlab")  # fmt: skip
+
+    def _object(self, text: Any, what: str) -> dict[str, Any]:
+        """A stored JSON object (config, spec, provenance, summary), checked; {} for NULL."""
+        try:
+            return load_object(text)
+        except Malformed as error:
+            raise self._malformed(what, error) from None
+
+    def _row(self, text: Any, table: str, owner: str) -> dict[str, Any]:
+        """One stored row of ``table`` decoded to numbers, checked."""
+        try:
+            return decode_row(text, ROW_KEYS[table])
+        except Malformed as error:
+            raise self._malformed(f"{owner}'s {table} row", error) from None
+
+    def _text(self, value: Any, what: str, *, optional: bool = True, choices: Iterable[str] | None = None) -> Any:
+        """A stored text column (name, kind, status, message), checked: text, or NULL where ``optional``."""
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or (choices is not None and value not in choices):
+            expected = f"one of {', '.join(choices)}" if choices is not None else "text"
+            raise self._malformed(what, f"is {short_repr(value)}, not {expected}")
+        return value
+
+    def _id(self, value: Any, what: str, *, optional: bool = True) -> int | None:
+        """A stored id or count column, checked: a whole number, or NULL where ``optional``."""
+        if (value is None and optional) or type(value) is int:
+            return value
+        raise self._malformed(what, f"is {short_repr(value)}, not a whole number")
+
+    def _time(self, value: Any, what: str) -> str:
+        """A stored time column (ISO 8601), checked; returned as stored."""
+        try:
+            _parse_time(value)
+        except (TypeError, ValueError):
+            raise self._malformed(what, f"is {short_repr(value)}, not an ISO 8601 time") from None
+        return value
+
     # -- groups --------------------------------------------------------------------------------
 
     def create_group(self, kind: str, name: str | None, config: Mapping[str, Any]) -> int:
@@ -251,6 +323,7 @@ class RunStore:
 
     def get_group(self, group_id: int) -> dict[str, Any]:
         """A group's id, kind, name, config, status, summary, created_at and ended_at."""
+        _check_id(group_id, "group")
         rows = self._query(
             "SELECT id, kind, name, config, status, summary, created_at, ended_at FROM groups WHERE id = ?",
             (group_id,),
@@ -258,8 +331,13 @@ class RunStore:
         if not rows:
             raise StoreError(f"no group {group_id} in {self.path}")
         gid, kind, name, config, status, summary, created, ended = rows[0]
-        return {"id": gid, "kind": kind, "name": name, "config": loads(config), "status": status,
-                "summary": loads(summary) or {}, "created_at": created, "ended_at": ended}  # fmt: skip
+        what = f"group {gid}'s"
+        return {"id": gid, "kind": self._text(kind, f"{what} kind", optional=False),
+                "name": self._text(name, f"{what} name"), "config": self._object(config, f"{what} config"),
+                "status": self._text(status, f"{what} status", optional=False, choices=RUN_STATUSES),
+                "summary": self._object(summary, f"{what} summary"),
+                "created_at": self._time(created, f"{what} created_at"),
+                "ended_at": None if ended is None else self._time(ended, f"{what} ended_at")}  # fmt: skip
 
     def group_runs(self, group_id: int) -> list[int]:
         """The ids of a group's runs, in the order they began."""
@@ -278,8 +356,12 @@ class RunStore:
         sql = ("SELECT id, name, kind, status, config, spec, summary, message FROM runs WHERE group_id = ?"
                + (" AND kind = ?" if kind is not None else "") + " ORDER BY id")
         params = (group_id, kind) if kind is not None else (group_id,)
-        return [{"id": rid, "name": name, "kind": kind_, "status": status, "config": loads(config) or {},
-                 "spec": loads(spec) or {}, "summary": loads(summary) or {}, "message": message}
+        return [{"id": rid, "name": self._text(name, f"run {rid}'s name"),
+                 "kind": self._text(kind_, f"run {rid}'s kind", optional=False),
+                 "status": self._text(status, f"run {rid}'s status", optional=False, choices=RUN_STATUSES),
+                 "config": self._object(config, f"run {rid}'s config"), "spec": self._object(spec, f"run {rid}'s spec"),
+                 "summary": self._object(summary, f"run {rid}'s summary"),
+                 "message": self._text(message, f"run {rid}'s message")}
                 for rid, name, kind_, status, config, spec, summary, message in self._query(sql, params)]  # fmt: skip
 
     def record_runs(self, group_id: int | None, runs: Iterable[Mapping[str, Any]]) -> list[int]:
@@ -410,23 +492,30 @@ class RunStore:
     def mark_interrupted(self) -> list[int]:
         """Mark as ``interrupted`` the runs left running by a process of this host that is gone.
 
-        Returns the ids marked. A store that cannot be written (read-only file) is left as is.
+        Returns the ids of those runs. A store open read-only is never written: the runs are
+        returned (and shown interrupted by `list_runs` and `load_run`) but stay as stored.
         """
         host = socket.gethostname()
         rows = self._query("SELECT id, pid, pid_started FROM runs WHERE status = 'running' AND host = ?", (host,))
-        gone = [run_id for run_id, pid, started in rows if not _process_alive(pid, started)]
-        if gone:
+        gone = [run_id for run_id, pid, started in rows if not self._alive(run_id, pid, started)]
+        if gone and not self.read_only:
             try:
                 with self._transaction() as db:
                     db.executemany(
                         "UPDATE runs SET status = 'interrupted', ended_at = coalesce(ended_at, ?), "
-                        "message = coalesce(message, 'the training process ended without finishing the run') "
-                        "WHERE id = ? AND status = 'running'",
-                        [(_now(), run_id) for run_id in gone],
+                        "message = coalesce(message, ?) WHERE id = ? AND status = 'running'",
+                        [(_now(), _INTERRUPTED_MESSAGE, run_id) for run_id in gone],
                     )
             except StoreError:
-                pass  # read-only store: the status is still corrected in what we show
+                pass  # a file the user cannot write: the status is still corrected in what we show
         return gone
+
+    def _alive(self, run_id: int, pid: Any, started: Any) -> bool:
+        """Whether the process that writes a running run lives; its stored pid and start are checked."""
+        if pid is not None and (type(pid) is not int or not 0 < pid < 2**31):  # os.kill takes a C int
+            raise self._malformed(f"run {run_id}'s pid", f"is {short_repr(pid)}, not a process id")
+        self._text(started, f"run {run_id}'s pid_started")
+        return _process_alive(pid, started)
 
     def list_runs(
         self, *, kind: str | None = None, group: int | None = None, status: str | None = None
@@ -454,16 +543,21 @@ class RunStore:
         listed = []
         for (run_id, name, kind_, group_id, status_, config, spec, started, ended,
              last_step, n_epochs, last_eval, last_epoch) in self._query(sql, tuple(params)):  # fmt: skip
-            config, spec = loads(config) or {}, loads(spec) or {}
-            final = {**decode_row(last_epoch), **decode_row(last_eval)}
+            what = f"run {run_id}"
+            config, spec = self._object(config, f"{what}'s config"), self._object(spec, f"{what}'s spec")
+            final = {**self._row(last_epoch, "epochs", what), **self._row(last_eval, "evals", what)}
             listed.append({
-                "id": run_id, "name": name, "kind": kind_, "group": group_id,
-                "status": "interrupted" if run_id in gone else status_,
+                "id": run_id, "name": self._text(name, f"{what}'s name"),
+                "kind": self._text(kind_, f"{what}'s kind", optional=False),
+                "group": self._id(group_id, f"{what}'s group_id"),
+                "status": "interrupted" if run_id in gone else self._text(
+                    status_, f"{what}'s status", optional=False, choices=RUN_STATUSES),
                 "dataset": spec_name(spec.get("dataset")), "model": spec_name(spec.get("model")),
                 "batch_size": config.get("batch_size"), "lr": config.get("lr"),
-                "epochs": n_epochs, "steps": last_step or 0,
+                "epochs": n_epochs, "steps": self._id(last_step, f"{what}'s last step") or 0,
                 **{m: _float(final.get(m)) for m in _FINAL_METRICS},
-                "started": started, "duration": _duration(started, ended),
+                "started": self._time(started, f"{what}'s started_at"),
+                "duration": _duration(started, None if ended is None else self._time(ended, f"{what}'s ended_at")),
             })  # fmt: skip
         table = pd.DataFrame.from_records(listed, columns=LIST_COLUMNS)
         for column in _WHOLE_NUMBER_COLUMNS:  # ints stay ints where some are missing (no group)
@@ -472,32 +566,52 @@ class RunStore:
         return table
 
     def load_run(self, run_id: int) -> StoredRun:
-        """A run with its tables; an unknown id is a `StoreError`."""
-        self.mark_interrupted()
+        """A run with its tables; an unknown id is a `StoreError`, and so is a malformed stored value."""
+        run_id = _check_id(run_id, "run")
+        gone = self.mark_interrupted()
         rows = self._query(
             "SELECT id, name, kind, group_id, status, config, spec, provenance, summary, message, "
             "started_at, ended_at FROM runs WHERE id = ?",
-            (int(run_id),),
+            (run_id,),
         )
         if not rows:
             raise StoreError(f"no run {run_id} in {self.path}; `batchlab runs list` shows the runs")
         rid, name, kind, group_id, status, config, spec, provenance, summary, message, started, ended = rows[0]
+        what = f"run {rid}"
+        status = self._text(status, f"{what}'s status", optional=False, choices=RUN_STATUSES)
+        message = self._text(message, f"{what}'s message")
+        if rid in gone:  # shown as `mark_interrupted` would have stored it (a read-only store is not written)
+            status, message = "interrupted", message or _INTERRUPTED_MESSAGE
         tables = {table: self._table(rid, table) for table in ROW_KEYS}
         return StoredRun(
-            id=rid, name=name, kind=kind, group_id=group_id, status=status,
-            config=loads(config) or {}, spec=loads(spec) or {}, provenance=loads(provenance) or {},
-            summary=loads(summary) or {}, message=message, started_at=started, ended_at=ended, **tables,
+            id=rid, name=self._text(name, f"{what}'s name"), kind=self._text(kind, f"{what}'s kind", optional=False),
+            group_id=self._id(group_id, f"{what}'s group_id"), status=status,
+            config=self._object(config, f"{what}'s config"), spec=self._object(spec, f"{what}'s spec"),
+            provenance=self._object(provenance, f"{what}'s provenance"),
+            summary=self._object(summary, f"{what}'s summary"), message=message,
+            started_at=self._time(started, f"{what}'s started_at"),
+            ended_at=None if ended is None else self._time(ended, f"{what}'s ended_at"), **tables,
         )  # fmt: skip
 
     def _table(self, run_id: int, table: str) -> pd.DataFrame:
         key = ROW_KEYS[table]
-        # One JSON array built by SQLite, parsed once: far faster than a parse per row.
+        # One JSON array built by SQLite, parsed once: far faster than a parse per row. A stored row
+        # is any text, so the parsed rows are checked against the stored keys, one for one.
         (text,) = self._query(
             f"SELECT '[' || coalesce(group_concat(data, ','), '') || ']' FROM "
             f"(SELECT data FROM {table} WHERE run_id = ? ORDER BY {key}, rowid)",
             (run_id,),
         )[0]
-        return frame(json.loads(text), key)
+        sql = f"SELECT {key} FROM {table} WHERE run_id = ? ORDER BY {key}, rowid"
+        keys = [r[0] for r in self._query(sql, (run_id,))]
+        try:
+            rows = frame(_json_array(text), key)
+        except Malformed as error:
+            raise self._malformed(f"run {run_id}'s {table} table", error) from None
+        if rows[key].tolist() != keys:
+            raise self._malformed(f"run {run_id}'s {table} table", f"has rows whose {key!r} differs from the "
+                                  f"stored {key} column (or a row that is not one JSON object)")  # fmt: skip
+        return rows
 
 
 
@@ -552,8 +666,12 @@ def _link_new(source: Path, path: Path) -> None:
             os.rename(source, path)
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    """Open an existing store file; anything that is not a SQLite database is refused unread by SQLite."""
+def _connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
+    """Open an existing store file; anything that is not a SQLite database is refused unread by SQLite.
+
+    Every connection has ``trusted_schema`` off (the file's schema may call no function with side
+    effects); a read-only one has ``query_only`` on, so it cannot write (`_connect_read_only`).
+    """
     if not path.exists():
         raise StoreError(f"no store at {path}; train a run with `batchlab fit` first or pass --store")
     if path.is_dir():
@@ -567,11 +685,10 @@ def _connect(path: Path) -> sqlite3.Connection:
         raise StoreError(f"{path} is an empty file, not a batchlab store; pass another --store")
     if header != _SQLITE_HEADER:
         raise StoreError(f"{path} is not a batchlab store (not a SQLite database); pass another --store")
+    if read_only:
+        return _connect_read_only(path)
     try:
-        db = sqlite3.connect(
-            f"{path.resolve().as_uri()}?mode=rw", uri=True, timeout=30.0,
-            isolation_level=None, check_same_thread=False,
-        )  # fmt: skip
+        db = _open(path, "mode=rw")
         db.execute("PRAGMA foreign_keys = ON")
         # WAL + NORMAL: each committed transaction survives a killed process.
         db.execute("PRAGMA synchronous = NORMAL")
@@ -580,19 +697,130 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """Open a store that will only be read; ``query_only`` makes every write statement fail.
+
+    Where the user may write the file and its folder it is opened as usual, so that closing it
+    leaves no ``-wal``/``-shm`` file behind. Elsewhere it is opened ``mode=ro``: a reader of a
+    WAL-mode file shares the ``-shm`` index beside it, which it cannot create in a folder it may not
+    write; then, when no ``-wal`` log is left unmerged (the file holds every committed transaction),
+    the file is read as ``immutable``, without the index or locks.
+    """
+    try:
+        if _writable(path) and _writable(path.parent):
+            return _probe(_open(path, "mode=rw", query_only=True))
+        return _probe(_open(path, "mode=ro", query_only=True))
+    except sqlite3.OperationalError as error:
+        wal = Path(f"{path}-wal")
+        if getattr(error, "sqlite_errorcode", None) not in _NO_SHARED_INDEX:
+            raise StoreError(f"{path} is not a batchlab store ({error}); pass another --store") from None
+        if wal.exists() and wal.stat().st_size > 0:
+            raise StoreError(f"cannot read the store {path}: its folder is not writable and its log {wal.name} "
+                             "holds transactions not yet merged; open it once where it can be written, or copy "
+                             "the store with its -wal file to a writable folder") from None  # fmt: skip
+    except sqlite3.DatabaseError as error:
+        raise StoreError(f"{path} is not a batchlab store ({error}); pass another --store") from None
+    try:
+        return _probe(_open(path, "mode=ro&immutable=1", query_only=True))
+    except sqlite3.DatabaseError as error:
+        raise StoreError(f"{path} is not a batchlab store ({error}); pass another --store") from None
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process (its effective user, where the platform tells) may write ``path``."""
+    effective = os.access in os.supports_effective_ids
+    return os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0), effective_ids=effective)
+
+
+# SQLite's answers when a reader cannot make the -shm index: SQLITE_READONLY_DIRECTORY, SQLITE_CANTOPEN,
+# SQLITE_READONLY_CANTINIT.
+_NO_SHARED_INDEX = (1544, 14, 1288)
+
+
+def _open(path: Path, mode: str, *, query_only: bool = False) -> sqlite3.Connection:
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, timeout=30.0, isolation_level=None,
+                         check_same_thread=False)  # fmt: skip
+    try:
+        db.execute("PRAGMA trusted_schema = OFF")
+        if query_only:
+            db.execute("PRAGMA query_only = ON")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _probe(db: sqlite3.Connection) -> sqlite3.Connection:
+    """The connection, after a first read (SQLite opens the file, and its WAL index, lazily)."""
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _check_objects(path: Path, objects: Iterable[tuple[Any, Any, Any]]) -> None:
+    """Refuse a schema holding an object that batchlab did not make (`_OBJECTS`), naming it."""
+    for kind, name, sql in objects:
+        plain_table = kind != "table" or sql is None or str(sql).lstrip().upper().startswith("CREATE TABLE")
+        if (kind, name) not in _OBJECTS or not plain_table:
+            raise StoreError(f"{path} holds a {kind} {short_repr(name)} that batchlab did not make; batchlab opens "
+                             "only stores whose schema it wrote, so pass another --store")  # fmt: skip
+
+
+def _check_id(value: Any, what: str) -> int:
+    """A run or group id as asked for: a whole number SQLite can hold, else a one-line StoreError."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise StoreError(f"{what} id {short_repr(value)} is not a whole number") from None
+    if not 0 <= number <= MAX_ID:
+        raise StoreError(f"no {what} {number}: {what} ids are whole numbers from 1 to 2**63-1")
+    return number
+
+
+def _json_array(text: Any) -> list[Any]:
+    """The parsed JSON array of a table's rows (see `RunStore._table`)."""
+    rows = loads(text)
+    if not isinstance(rows, list):
+        raise Malformed("is not a list of JSON objects")
+    return rows
+
+
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+_INTERRUPTED_MESSAGE = "the training process ended without finishing the run"
+
+
+def _parse_time(iso: str) -> datetime:
+    """A stored time; one without a UTC offset (batchlab always writes one) is taken as UTC."""
+    if not isinstance(iso, str):
+        raise TypeError(f"a time is text, not {type(iso).__name__}")
+    moment = datetime.fromisoformat(iso)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
 def timestamp(iso: str) -> float:
-    """Seconds since the Unix epoch of a stored time (``started_at``, ``ended_at``)."""
-    return datetime.fromisoformat(iso).timestamp()
+    """Seconds since the Unix epoch of a stored time (``started_at``, ``ended_at``).
+
+    Raises:
+        StoreError: ``iso`` is not an ISO 8601 time.
+    """
+    try:
+        return _parse_time(iso).timestamp()
+    except (TypeError, ValueError, OverflowError):
+        raise StoreError(f"stored time {short_repr(iso)} is not an ISO 8601 time; the store is damaged") from None
 
 
 def _duration(started: str | None, ended: str | None) -> float:
     if not started or not ended:
         return math.nan
-    return (datetime.fromisoformat(ended) - datetime.fromisoformat(started)).total_seconds()
+    return (_parse_time(ended) - _parse_time(started)).total_seconds()
 
 
 def _check_status(status: str) -> None:
