@@ -111,14 +111,12 @@ def test_the_documented_database_command_exports_the_runs_losses(stored, cli, tm
     assert_same_curve(logged_losses("sqlite:///mlflow.db", mlflow_id), stored_losses(stored))
 
 
-def test_a_server_that_does_not_answer_is_one_line_within_seconds(stored, cli):
+def test_a_server_that_does_not_answer_is_one_line_from_the_connect_check(stored, cli):
     import socket
-    import time
 
     with socket.create_server(("127.0.0.1", 0)) as probe:  # a port that is free once closed
         port = probe.getsockname()[1]
-    started = time.perf_counter()
     status, out, err = export(cli, stored, f"http://127.0.0.1:{port}")
-    assert time.perf_counter() - started < 30  # not MLflow's four minutes of retries
+    # batchlab's own connect check answers (MLflow's client would retry for minutes, then raise its own error)
     assert status == 2 and err.count("\n") == 1
     assert err.startswith(f"error: no MLflow tracking server answers at http://127.0.0.1:{port}")
