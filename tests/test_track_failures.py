@@ -171,3 +171,36 @@ def test_a_crash_inside_fit_is_stored_as_failed(tmp_path):
         stored = store.load_run(int(listed["id"].iloc[0]))
     assert stored.status == "failed" and stored.message == "ValueError: a bug in the callback"
     assert stored.steps["step"].tolist() == list(range(1, 8))
+
+
+def test_the_micro_batch_noise_scale_failing_leaves_nan_and_the_training_going(monkeypatch):
+    """The accumulation path's noise scale (not in the probe set) keeps the same promise."""
+    import batchlab.tracking as tracking
+
+    calls = []
+    original = tracking.MicroBatchNoise.finish
+
+    def finish(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("a gradient went missing")
+        return original(self)
+
+    monkeypatch.setattr(tracking.MicroBatchNoise, "finish", finish)
+    ds = load_dataset("blobs")
+    X, y = ds.train
+    model = build_model("mlp", ds, hidden=[8], seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(ProbeWarning, match="noise_scale cannot measure this run .RuntimeError: a gradient went missing"):
+        with bl.track(model, optimizer, probes=["noise_scale"], accumulate=2) as run:
+            for i in range(12):
+                out = model(X[25 * i:25 * i + 25])
+                (F.cross_entropy(out, y[25 * i:25 * i + 25]) / 2).backward()
+                run.step(0.5, outputs=out, targets=y[25 * i:25 * i + 25])
+                if i % 2:
+                    optimizer.step()
+                    optimizer.zero_grad()
+    steps = run.steps
+    assert len(steps) == 6 and len(calls) == 3
+    assert steps["grad_sq_raw"].iloc[:2].notna().all() and steps[NOISE_COLUMNS].iloc[2:].isna().all().all()
+    assert run.run.message == "noise_scale not measured: RuntimeError: a gradient went missing"

@@ -62,6 +62,18 @@ OPTIONS = [  # bl.track(model, optimizer, **options): each refused by bl.track i
 ]
 
 
+@pytest.mark.parametrize("store, words", [("missing/folder/runs.db", ("does not exist",)),
+                                         ("notes.txt", ("not a batchlab store",))])
+def test_a_store_path_that_cannot_hold_a_store_is_refused_by_track_itself(tmp_path, blobs, store, words):
+    """Before: a StoreError raised from inside the loop's first forward pass."""
+    (tmp_path / "notes.txt").write_text("my notes")
+    model, optimizer = model_and_optimizer(blobs)
+    with pytest.raises(BatchlabError) as info:
+        bl.track(model, optimizer, store=tmp_path / store)
+    one_line(info, *words)
+    assert (tmp_path / "notes.txt").read_text() == "my notes"
+
+
 @pytest.mark.parametrize("options, words", OPTIONS, ids=[str(sorted(o)) for o, _ in OPTIONS])
 def test_bad_options_are_refused_by_track_itself(blobs, options, words):
     """Before: store=123 raised a TypeError from the first forward pass (where the store opens),

@@ -62,7 +62,16 @@ import torch
 from .errors import ArgumentError, ConfigError, error_line
 from .events import Callback, Clock
 from .metrics import evaluate, pass_totals
-from .probes import NoiseScale, NoiseState, ProbeSet, _advance, _unmeasured, make_probe, two_batch_estimates
+from .probes import (
+    NoiseScale,
+    NoiseState,
+    ProbeSet,
+    ProbeWarning,
+    _advance,
+    _unmeasured,
+    make_probe,
+    two_batch_estimates,
+)
 from .record import Recorder, Run
 
 GRADIENT_PROBES = ("grad_norm", "noise_scale", "noise_scale_exact")
@@ -219,6 +228,7 @@ class Tracker:
                                  save_refusal="bl.track writes no checkpoints; save your model and optimizer yourself")
         self.dataset = _TrackedData(dataset or "user data", n_train)
         self.noise: MicroBatchNoise | None = None
+        self._noise_lost: str | None = None  # why the micro-batch noise scale stopped measuring, if it did
         self._hooks: list[Any] = []
         self._started = False
         self._begun = False
@@ -397,7 +407,8 @@ class Tracker:
             correct = _correct(outputs, targets)
         self._micro.append((value, correct, size))
         if self.noise is not None and self._measuring():
-            self.noise.add_micro_batch(self._params(), size, self._grad_scale() * self.micro_loss_scale)
+            self._noise_call(self.noise.add_micro_batch, self._params(), size,
+                             self._grad_scale() * self.micro_loss_scale)
         if len(self._micro) < self.accumulate:
             return
         self._end_of_update()
@@ -449,13 +460,16 @@ class Tracker:
 
     def _end_of_update(self) -> None:
         """The last micro-batch of an update: the gradients are whole; probe them, then wait for the update."""
-        measuring = (self.noise is not None or self.recorder.probes is not None) and self._measuring()
+        measuring = (self.noise is not None or self.recorder.probes is not None
+                     or self._noise_lost is not None) and self._measuring()
         values: dict[str, float] = {}
         if measuring:
             if self.scaler is not None and any(p in self.recorder.probe_names for p in GRADIENT_PROBES):
                 self._unscale()
             if self.noise is not None:
-                values.update(self.noise.finish())
+                values.update(self._noise_call(self.noise.finish) or {})
+            if self._noise_lost is not None:
+                values.update(_unmeasured(""))
             if self.recorder.probes is not None:
                 # The scaler's scale: the taps' output gradients carry it (p.grad is unscaled).
                 self.recorder.probes.after_backward(self._grad_scale())
@@ -463,6 +477,18 @@ class Tracker:
             self.noise.reset()
         self._pending = _Update(self._micro, _lr(self.optimizer), values, measuring, scale=self._scale_copy())
         self._micro = []
+
+    def _noise_call(self, method, *args) -> Any:
+        """A call of the micro-batch noise scale; where it raises, the noise scale is dropped with one
+        warning and NaN from then on (a measurement never stops the training), and the run's message
+        says why."""
+        try:
+            return method(*args)
+        except Exception as error:
+            self.noise, self._noise_lost = None, error_line(error)
+            warnings.warn(f"noise_scale cannot measure this run ({self._noise_lost}); its columns are NaN and "
+                          "training goes on", ProbeWarning, stacklevel=3)
+            return None
 
     def _scale_copy(self) -> torch.Tensor | None:
         """The GradScaler's scale at this update, copied without waiting for the device (None without
@@ -634,6 +660,12 @@ class Tracker:
                 hook.remove()
             self._hooks = []
         self._account()
+        if self._noise_lost is not None:  # the probe set's failures are the core's to name; this one is ours
+            note = f"noise_scale not measured: {self._noise_lost}"
+            if status is None:
+                self.recorder.message = "; ".join(filter(None, [self.recorder.message, note]))
+            else:
+                message = "; ".join(filter(None, [message, note]))
         self._finished = self.recorder.finish(status, message)
         if error is not None and ending_well:
             raise error
@@ -783,6 +815,10 @@ def _check_options(*, store, name, probes, eval_every, eval_data, loss_fn, accum
 
     if store is not None and not isinstance(store, (str, os.PathLike, RunStore)):
         raise ArgumentError(f"track: store must be a path (str or pathlib.Path) or a RunStore, got {_kind(store)}")
+    if isinstance(store, (str, os.PathLike)) and _records_here():
+        # Opened here once, so that a path that cannot hold a store (no such folder, a file that is
+        # not a store) is refused by bl.track, not inside the first forward pass, where the run begins.
+        RunStore(store).close()
     if name is not None and not isinstance(name, str):
         raise ArgumentError(f"track: name must be a string, got {_kind(name)}")
     if not isinstance(dataset, str):
@@ -806,6 +842,13 @@ def _check_options(*, store, name, probes, eval_every, eval_data, loss_fn, accum
         _check_eval_data(split, data)
     if scaler is not None and not all(hasattr(scaler, m) for m in ("scale", "unscale_", "get_scale", "is_enabled")):
         raise ArgumentError(f"track: scaler must be a torch.amp.GradScaler, got {_kind(scaler)}")
+
+
+def _records_here() -> bool:
+    """Whether this process writes the store: always, except on ranks other than 0 of a process group."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _kind(value: Any) -> str:
