@@ -12,6 +12,7 @@ import gc
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from batchlab import per_sample
@@ -384,6 +385,42 @@ def test_abandoned_forward_pass_is_replaced_not_reported():
     weights = torch.linspace(-1.0, 2.0, out[0].numel(), dtype=DTYPE).view(out.shape[1:])
     sample_losses(out, weights).mean().backward()
     assert taps.repeated == ()
+    assert torch.allclose(taps.take(5), want, rtol=0, atol=1e-10 * want.max().item())
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool | None):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4))
+        self.head = nn.Linear(4, 2)
+        self.reentrant = reentrant  # None: no checkpointing
+
+    def forward(self, x):
+        if self.reentrant is None:
+            return self.head(torch.tanh(self.body(x)))
+        return self.head(torch.tanh(torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=self.reentrant)))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_is_not_a_second_call(reentrant):
+    model = Checkpointed(None).to(DTYPE)
+    x = data(5, 3).requires_grad_(reentrant)  # the reentrant form needs an input that requires a gradient
+    # The oracle without checkpointing: the reentrant form's inner backward pass ignores autograd.grad.
+    want = brute_force(model, x, covered_params(model))
+    model.reentrant = reentrant
+    got = tapped(model, x)
+    assert torch.allclose(got, want, rtol=0, atol=1e-10 * want.max().item())
+
+
+def test_second_backward_pass_through_the_graph_replaces_the_kept_gradient():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DTYPE)
+    x = data(5, 3)
+    want = brute_force(model, x, covered_params(model))
+    taps = LayerTaps(per_sample_layers(model))
+    out = model(x)
+    out.square().sum().backward(retain_graph=True)  # another loss through the same graph first
+    weights = torch.linspace(-1.0, 2.0, out[0].numel(), dtype=DTYPE).view(out.shape[1:])
+    sample_losses(out, weights).mean().backward()
     assert torch.allclose(taps.take(5), want, rtol=0, atol=1e-10 * want.max().item())
 
 

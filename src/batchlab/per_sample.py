@@ -464,7 +464,9 @@ class LayerTaps:
     the kept gradient (the last one wins). A layer that runs twice for one loss (a module called
     twice, or two forward passes summed into one loss) has per-sample gradients that are sums over
     its calls: its earlier call's gradient arriving after the later call was recorded marks it in
-    `repeated`, and `take` refuses the step.
+    `repeated`, and `take` refuses the step. Activation checkpointing (``torch.utils.checkpoint``,
+    reentrant or not) is not a second call: a forward pass recomputed inside the backward pass is
+    recorded only when the layer holds no record awaiting its gradient.
 
     The hooks are removed by `close`, on leaving a ``with`` block, or when the taps are garbage.
 
@@ -559,6 +561,8 @@ def _recorder(slot: _Slot, switch: _Switch):
     def record(module, args, kwargs, output):
         if not switch.active or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return  # not recording, or an evaluation pass without a graph
+        if _in_backward() and slot.record is not None and slot.record.grad is None:
+            return  # activation checkpointing recomputing a forward pass whose record awaits its gradient
         x = args[0] if args else kwargs["input"]
         current = _Record(x.detach())  # without its graph: nothing made of it is recorded
         slot.record = current
@@ -572,6 +576,12 @@ def _recorder(slot: _Slot, switch: _Switch):
         output.register_hook(keep)  # a hook sees the gradient of this output even if it is later modified in place
 
     return record
+
+
+def _in_backward() -> bool:
+    """Whether a backward pass is running (a forward pass now is activation checkpointing's recomputation)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 def _remove_hooks(handles) -> None:
