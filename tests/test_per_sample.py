@@ -313,6 +313,15 @@ def test_uncovered_parameters_are_named_with_their_reasons():
     assert "custom.scale (" in coverage.describe()
 
 
+def test_lazy_layer_is_covered_once_initialised():
+    model = nn.Sequential(nn.LazyLinear(3), nn.Tanh(), nn.Linear(3, 2))
+    assert [(u.name, u.reason) for u in per_sample_layers(model).uncovered] == [
+        ("0.weight", "not initialised yet (a lazy module before its first forward pass)"),
+        ("0.bias", "not initialised yet (a lazy module before its first forward pass)")]
+    model(torch.ones(1, 4))
+    assert_matches(model, data(4, 4))
+
+
 def test_params_argument_limits_and_reports_strangers():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     stranger = nn.Parameter(torch.ones(2))
