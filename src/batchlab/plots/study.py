@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
 from ..errors import DataError
 from . import (
@@ -300,11 +301,21 @@ def seconds_to_target_figure(
     _points(ax, sizes, seconds, _spread(summary, "seconds", seconds), "measured (median, spread over seeds)")
     _mark_recommended(ax, advice, n_train, sizes)
     ax.set_yscale("log")
+    # Seconds often span less than a decade: label the minor ticks too, as plain numbers (0.3, not 3×10⁻¹).
+    ax.yaxis.set_major_formatter(_PlainLogFormatter())
+    ax.yaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     _batch_axis(ax, summary, sizes, n_train)
     ax.set_ylabel("training time to target (s)")
     ax.set_title(_seconds_title(summary, advice, target))
     legend_below(ax)
     return fig
+
+
+class _PlainLogFormatter(LogFormatter):
+    """A log axis' labels as plain numbers (0.3, 2, 40): matplotlib decides which ticks get one."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:g}" if super().__call__(x, pos) else ""
 
 
 def _seconds_title(summary: pd.DataFrame, advice: Advice, target: str | None) -> str:
