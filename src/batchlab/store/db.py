@@ -596,23 +596,24 @@ class RunStore:
     def _table(self, run_id: int, table: str) -> pd.DataFrame:
         key = ROW_KEYS[table]
         # One JSON array built by SQLite, parsed once: far faster than a parse per row. A stored row
-        # is any text, so the parsed rows are checked against the stored keys, one for one.
-        (text,) = self._query(
-            f"SELECT '[' || coalesce(group_concat(data, ','), '') || ']' FROM "
-            f"(SELECT data FROM {table} WHERE run_id = ? ORDER BY {key}, rowid)",
+        # is any text, so the parsed rows are checked against the stored keys (a second array, from
+        # the same scan), one for one: a row that is not one JSON object cannot pass for others.
+        text, keys = self._query(
+            f"SELECT '[' || coalesce(group_concat(data, ','), '') || ']', "
+            f"'[' || coalesce(group_concat(quote({key}), ','), '') || ']' FROM "
+            f"(SELECT data, {key} FROM {table} WHERE run_id = ? ORDER BY {key}, rowid)",
             (run_id,),
         )[0]
-        sql = f"SELECT {key} FROM {table} WHERE run_id = ? ORDER BY {key}, rowid"
-        keys = [r[0] for r in self._query(sql, (run_id,))]
+        what = f"run {run_id}'s {table} table"
         try:
             rows = frame(_json_array(text), key)
+            keys = _json_array(keys)
         except Malformed as error:
-            raise self._malformed(f"run {run_id}'s {table} table", error) from None
+            raise self._malformed(what, error) from None
         if rows[key].tolist() != keys:
-            raise self._malformed(f"run {run_id}'s {table} table", f"has rows whose {key!r} differs from the "
-                                  f"stored {key} column (or a row that is not one JSON object)")  # fmt: skip
+            raise self._malformed(what, f"has rows whose {key!r} differs from the stored {key} column "
+                                  "(or a row that is not one JSON object)")  # fmt: skip
         return rows
-
 
 
 # -- helpers -----------------------------------------------------------------------------------
