@@ -975,11 +975,12 @@ def _step_size(batch_size: Any, outputs: Any, targets: Any) -> int:
 def _check_counted(outputs: torch.Tensor, targets: torch.Tensor, size: int) -> None:
     """A batch whose accuracy is counted: its correct predictions over its targets are divided by
     ``size``, so the outputs, the targets and the size must agree on the batch's length."""
-    if len(outputs) != len(targets):
-        raise ConfigError(f"run.step got {len(outputs)} outputs but {len(targets)} targets; pass the outputs and "
+    count = targets.shape[0]  # shape, not len(): len() of a tensor is four Python calls on the hot path
+    if outputs.shape[0] != count:
+        raise ConfigError(f"run.step got {outputs.shape[0]} outputs but {count} targets; pass the outputs and "
                           "targets of the same batch, one target per output row")
-    if size != len(targets):
-        raise ConfigError(f"run.step: batch_size={size} but the batch has {len(targets)} targets, over which its "
+    if size != count:
+        raise ConfigError(f"run.step: batch_size={size} but the batch has {count} targets, over which its "
                           "accuracy is counted; leave batch_size out, or pass the whole batch's outputs and targets")
 
 
