@@ -301,19 +301,31 @@ def _group_provenance(group: Mapping[str, Any], runs: Sequence[StoredRun]) -> di
 
 
 STUDY_KEY_COLUMNS = {"batch_size": "B", "best_lr": "best lr", "lr_margin": "lr margin", "reached": "reached",
-                     "steps_to_target": "steps", "steps_ci": "steps 95% CI", "samples_to_target": "samples",
+                     "steps_to_target": "steps", "steps_ci": "steps interval", "samples_to_target": "samples",
                      "regime": "regime"}  # fmt: skip
 
 
 def study_key_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """The columns a reader needs first, narrow enough for the page: B, lr, steps with their CI, regime."""
+    """The columns a reader needs first, narrow enough for the page: B, lr, steps with their interval
+    (named by its true level where the summary says it: "75% CI, range of 3 seeds"), regime."""
     table = pd.DataFrame(index=summary.index)
     for column, header in STUDY_KEY_COLUMNS.items():
         if column == "steps_ci" and {"steps_ci_lo", "steps_ci_hi"} <= set(summary.columns):
-            table[header] = [f"{_short(lo)}–{_short(hi)}" for lo, hi in zip(summary["steps_ci_lo"], summary["steps_ci_hi"])]
+            table[header] = [f"{_short(row['steps_ci_lo'])}–{_short(row['steps_ci_hi'])}{_interval_name(row)}"
+                             for _, row in summary.iterrows()]
         elif column in summary:
             table[header] = summary[column]
     return table
+
+
+def _interval_name(row: pd.Series) -> str:
+    """" (75% CI, range of 3 seeds)" for a summary row that states its interval's level, else ""."""
+    from .study.analysis import steps_interval_label
+
+    try:
+        return f" ({steps_interval_label(row)})"
+    except (KeyError, TypeError, ValueError):  # a summary stored before intervals carried their level
+        return ""
 
 
 def _short(value: Any) -> str:
@@ -376,7 +388,7 @@ def study_report(
     figures = plots.study_figures(summary, s_min=s_min, b_crit=b_crit, e_min=e_min, n_train=n_train, target=target,
                                   b_crit_interval=interval, recommendation=advice)
     captions = {
-        "steps_to_target": "Steps to target vs batch size (log-log): medians with 95% bootstrap intervals, perfect "
+        "steps_to_target": "Steps to target vs batch size (log-log): medians with their intervals over seeds, perfect "
                            "scaling, the fitted curve and its bootstrap band",
         "samples_to_target": "Samples to target vs batch size, with E = E_min(1 + B/B_crit)",
         "seconds_to_target": "Training seconds to target vs batch size",
