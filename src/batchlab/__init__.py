@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the same names as _EXPORTS and _SUBMODULES; a test keeps th
     from .errors import ArgumentError, BatchlabError, ConfigError, DataError, ModelError, StoreError
     from .events import Callback
     from .loop import fit
+    from .critical_batch import local_cbs
     from .record import Run
     from .models import build_model, list_models
     from .store import RunStore, TensorBoard, recorder
@@ -55,6 +56,7 @@ _EXPORTS = {
     "build_model": "models",
     "list_models": "models",
     "fit": "loop",
+    "local_cbs": "critical_batch",
     "Run": "record",
     "Callback": "events",
     "EarlyStopping": "callbacks",
@@ -74,8 +76,8 @@ __all__ = [
     "ArgumentError", "BatchlabError", "Callback", "Checkpoint", "ConfigError", "DataError", "Dataset", "DatasetSpec",
     "EarlyStopping", "ModelError", "Run", "RunSpec", "RunStore", "StoreError", "StudyConfig", "TensorBoard",
     "TrainConfig",
-    "build_model", "fit", "fit_replicas", "from_arrays", "list_datasets", "list_models", "load_dataset", "recorder",
-    "run_study", "track", "__version__",
+    "build_model", "fit", "fit_replicas", "from_arrays", "list_datasets", "list_models", "load_dataset", "local_cbs",
+    "recorder", "run_study", "track", "__version__",
 ]
 
 
