@@ -149,6 +149,18 @@ def test_step_twice_under_an_enabled_scaler_that_did_not_skip_is_refused(blobs):
             run.step(loss, outputs=out, targets=y)
 
 
+def test_step_after_the_optimizer_step_is_refused_at_the_first_step(blobs):
+    """The other wrong order: each row would get the next batch's update (update_norm, lr)."""
+    model, optimizer = model_and_optimizer(blobs)
+    with bl.track(model, optimizer, probes=["update_norm"]) as run:
+        out, y, loss = a_batch(model, blobs)
+        loss.backward()
+        optimizer.step()
+        with pytest.raises(BatchlabError) as info:
+            run.step(loss, outputs=out, targets=y)
+        one_line(info, "after optimizer.step()")
+
+
 def test_calls_after_the_with_block_are_refused(blobs):
     """Before: run.step after the `with` block was silently ignored."""
     model, optimizer = model_and_optimizer(blobs)

@@ -27,8 +27,8 @@ probing, and an update the scaler skipped keeps its row.
 
 Mistakes are refused at the call that made them, in one `batchlab.errors.BatchlabError` line (bad
 options in `track`; in `Tracker.step`: a bad loss or batch size, outputs and targets of different
-lengths, a second call before ``optimizer.step()``, a call before ``backward`` with gradient
-probes, a call after the run ended); the rows recorded before stay. A measurement never stops the
+lengths, a second call before ``optimizer.step()``, a first call after it, a call before
+``backward`` with gradient probes, a call after the run ended); the rows recorded before stay. A measurement never stops the
 training: a probe that cannot measure the model gives NaN with one warning (`batchlab.probes.ProbeSet`),
 and the run's message names it. A loop that raises ends the run as ``failed`` (Ctrl-C:
 ``interrupted``).
@@ -241,6 +241,8 @@ class Tracker:
         self._unread: list[_Update] = []  # completed updates whose numbers are not read back yet
         self._updates = 0  # completed updates, read back or not: the step count the probes go by
         self._forward_hook: Any = None
+        self._recorded = False  # whether run.step has recorded a batch yet
+        self._early_updates = 0  # optimizer steps before the first run.step
         self._gradient_probes: list[str] = []  # probes that read p.grad (set at `_start`)
         self._reads_gradients = False  # whether run.step still checks that backward came first
         # When the unread updates must be recorded at once: every step where a per-step callback wants
@@ -399,6 +401,8 @@ class Tracker:
         if not self._in_epoch:
             self.recorder.start_epoch()
             self._in_epoch = True
+        if not self._recorded:
+            self._check_order()
         if self._reads_gradients:
             self._check_gradients()
         correct = None
@@ -432,6 +436,14 @@ class Tracker:
             return False
         now = getattr(self.scaler, "_scale", None)
         return not isinstance(now, torch.Tensor) or float(now) < float(pending.scale)
+
+    def _check_order(self) -> None:
+        """The first run.step: an optimizer step before it means the loop calls run.step after
+        ``optimizer.step()``, and each row would pair a batch with the next batch's update."""
+        if self._early_updates and not self.defer_completion:
+            raise ConfigError("run.step came after optimizer.step(): its row would get the next batch's update; "
+                              "call run.step after backward and before optimizer.step()")
+        self._recorded = True
 
     def _check_gradients(self) -> None:
         """Gradient probes read p.grad: a run.step before backward finds none. Checked until the first
@@ -500,6 +512,8 @@ class Tracker:
 
     def _after_update(self, optimizer, args, kwargs) -> None:
         pending = self._pending
+        if pending is None and not self._recorded:
+            self._early_updates += 1  # an update before any run.step: see `_check_order`
         if pending is not None and not pending.updated:
             pending.updated = True
             if pending.measuring and self.recorder.probes is not None:
