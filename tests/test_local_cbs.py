@@ -73,7 +73,7 @@ def _plain_continuation(optimizer_class, hyper, lr_scale, batch, samples, seed, 
         return torch.nn.functional.mse_loss(model(held[0]), held[1]).item(), optimizer.param_groups[0]["lr"]
 
 
-@pytest.mark.parametrize("optimizer_class, hyper, rule", OPTIMIZERS, ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize("optimizer_class, hyper, rule", OPTIMIZERS, ids=["SGD", "Adam", "AdamW", "RMSprop"])
 def test_each_branch_is_a_plain_continuation_of_the_users_training(optimizer_class, hyper, rule):
     train, held = _data(48, seed=2), _data(30, seed=3)  # 48 samples: the stream spans several epochs
     model, optimizer = _user_state(optimizer_class, **hyper)
@@ -149,8 +149,8 @@ def test_the_verdict_follows_the_gradient_noise_scale_on_linear_regression():
     # y = x·w* + noise, x ~ N(0, I_16): the Hessian of the MSE is 2I, so B_simple is the noise scale
     # B_noise of McCandlish et al. 2018 (their eq. 2.8 with H ∝ I), and their optimal SGD rate at
     # batch B is ε_max/(1 + B_noise/B) with ε_max = 1/λ = 1/2. Started there, the linear rule
-    # lr·k keeps the per-sample progress of batch B while kB ≪ B_noise and pushes the rate past
-    # the stable 2/λ once kB exceeds about 2·B_noise: so B/4..4B ≪ B_noise pass, 256 and 1024 fail.
+    # lr·k keeps the per-sample progress of batch B while kB ≪ B_noise and brings lr·k·λ = kB/(B + B_noise)
+    # to the edge of stability, 2, as kB nears 2·B_noise: so 8 and 16 ≪ B_noise pass, 256 and 1024 fail.
     d, n, B = 16, 4096, 4
     g = torch.Generator().manual_seed(1)
     w_star = torch.randn(d, 1, generator=g, dtype=torch.float64)
@@ -346,3 +346,17 @@ def test_a_rate_already_at_the_edge_of_stability_leaves_no_room_to_grow_the_batc
     assert list(result.tests.verdict) == ["reference", "rejected", "rejected"]
     assert result.tests.mean_loss.iloc[0] < result.start_loss < result.tests.mean_loss.iloc[1]
     assert "No larger batch was no worse than 32" in result.text and "[32, 64): raising the batch to 64" in result.text
+
+
+def test_the_documented_example_runs_as_written():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "advise.md").read_text(encoding="utf-8")
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code.replace("print(cbs.text)", "cbs.text"), "docs/advise.md", "exec"), namespace)
+    cbs = namespace["cbs"]
+    assert len(cbs.table) == 15 and cbs.samples == 8 * 16 * 16
+    assert cbs.interval[0] == cbs.local_cbs and cbs.local_cbs in {16, 32, 64, 128, 256}
+    assert set(cbs.tests.verdict) <= {"reference", "accepted", "rejected"} and math.isfinite(cbs.b_simple)
+    assert "Branched from the current weights at batch 16" in cbs.text
