@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import batchlab as bl
-from batchlab.critical_batch import compare_factors, critical_interval
+from batchlab.critical_batch import compare_factors, critical_interval, summary_text
 from batchlab.errors import BatchlabError
 
 D_IN = 5
@@ -260,6 +260,16 @@ def test_a_diverged_branch_is_rejected_and_a_later_pass_does_not_extend_the_inte
     assert list(tests.verdict) == ["reference", "accepted", "rejected", "accepted"]
     assert critical_interval(tests) == (20, 40)
     assert critical_interval(tests.assign(verdict=["reference", "accepted", "accepted", "accepted"])) == (80, None)
+
+
+def test_the_text_names_a_larger_batch_that_passed_after_a_rejection():
+    table = _table({1: [1.0, 1.1, 0.9], 2: [1.0, 1.1, 0.9], 4: [2.0, 2.2, 1.8], 8: [1.0, 1.1, 0.9]})
+    tests = compare_factors(table, alpha=0.05, tolerance=0.5)
+    result = dict(tests=tests, table=table, batch_size=10, interval=critical_interval(tests), samples=80,
+                  lr_rule="linear", alpha=0.05, tolerance=0.5, start_loss=2.0, b_simple=5.0, noise_samples=8)
+    text = summary_text(result, n_train=100, n_eval=100, held_out=False)
+    assert "[20, 40)" in text and "mean loss ×2" in text and "Larger batches (80) passed again" in text
+    assert "learned nothing" not in text and "100 of the 100 training samples" in text
 
 
 def test_non_positive_losses_are_compared_on_the_loss_itself():

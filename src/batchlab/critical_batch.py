@@ -48,14 +48,18 @@ class LocalCBSResult:
             factor was rejected. The local critical batch size lies in [first, second) on the tested
             grid, as far as a test at level ``alpha`` can tell (see `compare_factors`).
         b_simple: B_simple = tr(Σ)/‖G‖² at the starting weights (McCandlish et al. 2018), with
-            ``grad_sq`` = ‖G‖² and ``trace_cov`` = tr(Σ) estimated from ``noise_samples`` samples.
+            ``grad_sq`` = ‖G‖² and ``trace_cov`` = tr(Σ) estimated from ``noise_samples`` samples
+            (`simple_noise_stats`).
         batch_size: B, the starting batch size.
         samples: training samples each branch used (the same for every branch).
+        alpha, tolerance: the test's level and margin (in seed standard deviations).
+        lr_rule: the rule applied: ``linear``, ``sqrt`` or ``none``.
         start_loss: the evaluation loss at the starting weights.
         table: one row per branch: ``factor, batch_size, lr, seed, loss`` (``lr`` of the first
             parameter group; ``loss`` the mean evaluation loss after the branch, inf if it diverged).
-        tests: one row per factor: ``factor, batch_size, mean_loss, mean_diff, sd_diff, margin, t,
-            p_value, verdict`` (``reference``, ``accepted`` or ``rejected``).
+        tests: one row per factor: ``factor, batch_size, mean_loss, scale, mean_diff, sd_diff,
+            margin, t, p_value, verdict`` (``reference``, ``accepted`` or ``rejected``), from
+            `compare_factors`.
         text: one paragraph saying what was measured, the verdict and its uncertainty.
     """
 
