@@ -597,12 +597,15 @@ def _failure(error: BaseException, ranks: Ranks) -> str:
     return own
 
 
-# What a collective says when a peer is gone: gloo's "Connection reset/closed by peer", timeouts, NCCL errors.
-_LOST_PEER = re.compile(r"connection (reset|closed|refused)|broken pipe|timed? ?out|timeout|gloo|nccl", re.IGNORECASE)
+# What a collective says when a peer is gone: gloo's "Connection reset/closed by peer", read and write
+# errors of its sockets (pair.cc), timeouts, NCCL errors.
+_LOST_PEER = re.compile(r"connection (reset|closed|refused)|broken pipe|(read|write) error|pair\.cc|socket|"
+                        r"timed? ?out|timeout|gloo|nccl", re.IGNORECASE)
 
 
 def _lost_peer(error: BaseException) -> bool:
-    """Whether ``error`` is a collective that failed because another rank left or stopped answering."""
+    """Whether ``error`` is a collective that failed because another rank left or stopped answering
+    (or the launcher's SIGTERM, sent when it saw another rank end)."""
     if isinstance(error, (_Terminated, dist.DistError)):
         return True
     if not isinstance(error, RuntimeError) or isinstance(error, RankFailure):
@@ -611,14 +614,12 @@ def _lost_peer(error: BaseException) -> bool:
 
 
 def _lost_message(error: BaseException, ranks: Ranks) -> str:
-    """One line for a failed collective, in place of the backend's many (its text names C++ files)."""
-    if isinstance(error, _Terminated):
-        what = "the launcher stopped the ranks: another rank ended without a message (killed, or out of memory?)"
-    elif re.search(r"timed? ?out|timeout", str(error), re.IGNORECASE):
+    """One line for a failed collective, in place of the backend's many (its text names C++ files).
+    Whether the connection broke first or the launcher's SIGTERM came first is a race: one message."""
+    if not isinstance(error, _Terminated) and re.search(r"timed? ?out|timeout", str(error), re.IGNORECASE):
         what = "timed out waiting for the other ranks in a collective: another rank is stuck or gone"
     else:
-        what = ("lost the connection to another rank in a collective: it ended without a message "
-                "(killed, or out of memory?)")
+        what = "lost another rank, which ended without a message (killed, or out of memory?)"
     return f"rank {ranks.rank}: {what}"
 
 
