@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +230,34 @@ def test_noise_scale_from_one_rank_is_refused():
     with pytest.raises(ConfigError, match="needs 2 or more ranks"):
         distributed.rank_probe("noise_scale", world_size=1)
     assert distributed.rank_probe("grad_norm", world_size=1).name == "grad_norm"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Got the following error when running the callback: RuntimeError: [/pytorch/third_party/gloo/gloo/transport/"
+     "tcp/pair.cc:537] Read error [127.0.0.1]:1240: Connection reset by peer. This is typically caused by ...",
+     "rank 0: lost another rank, which ended without a message (killed, or out of memory?)"),
+    ("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 3000ms for recv operation to complete",
+     "rank 0: timed out waiting for the other ranks in a collective: another rank is stuck or gone"),
+    ("mat1 and mat2 shapes cannot be multiplied (4x3 and 2x2)", None),  # the rank's own error, not a lost peer
+])
+def test_a_failed_collective_is_one_line_without_the_backends_text(text, expected):
+    ranks = distributed.Ranks(0, 2, 0, "gloo")
+    error = RuntimeError(text)
+    assert distributed._lost_peer(error) is (expected is not None)
+    if expected is not None:
+        assert distributed._lost_message(error, ranks) == expected
+
+
+def test_signals_once_shielded_are_remembered_not_raised():
+    """Ctrl-C raises KeyboardInterrupt while training; once the run is ending it is only remembered."""
+    with distributed._Signals(distributed.Ranks(0, 2, 0, "gloo")) as signals:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes
+        signals.shield()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert signals.interrupted
 
 
 def test_more_ranks_than_cores_are_refused():
