@@ -666,9 +666,10 @@ def check_nproc(nproc: int, device: str = "auto") -> None:
         ConfigError: ``nproc`` is above the machine's cores (or GPUs), with the largest that fits.
     """
     if resolve_device(device).type == "cuda":
-        available, what = torch.cuda.device_count(), "GPUs"
+        available, what = torch.cuda.device_count(), "GPU"
     else:
-        available, what = _cpu_cores(), "CPU cores"
+        available, what = _cpu_cores(), "CPU core"
+    what += "" if available == 1 else "s"
     if nproc > available:
         raise ConfigError(f"--nproc {nproc} is more than this machine's {available} {what} (one per rank); "
                           f"use --nproc {available} or fewer, or torchrun to train across machines")
