@@ -186,7 +186,12 @@ def fit(
         The `Run` in every rank (identical tables); its config has the global batch size.
 
     Raises:
-        RankFailure: a rank raised or a collective failed; on rank 0 the run is recorded as ``failed``.
+        RankFailure: a rank raised or a collective failed (a rank killed, or silent past ``timeout``);
+            on rank 0 the run is recorded as ``failed`` with the same one-line message.
+        KeyboardInterrupt: Ctrl-C (SIGINT, which torchrun passes to every rank); rank 0 records
+            the run as ``interrupted``.
+        ConfigError: bad input, before any training (``noise_scale`` with one rank, a batch of one
+            sample per rank with batch norm, a global batch larger than the data).
     """
     from .callbacks import ProgressBar, progress_wanted
 
