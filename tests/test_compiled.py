@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 
 import pytest
 import torch
@@ -174,3 +175,26 @@ def test_should_compile_once_the_run_is_long_enough_to_repay_each_shape(batch_si
     assert not should_compile(one - 1, batch_size)
     assert two == pytest.approx(2 * one, abs=1)
     assert should_compile(1, batch_size, compiled_before=True)
+
+
+@pytest.mark.parametrize("capability, expected", [("default", "-default"), ("AVX2", "-avx2"), (None, "")])
+def test_a_process_on_another_kernel_set_compiles_into_a_cache_of_its_own(monkeypatch, capability, expected):
+    # Inductor's shared cache does not key kernels by ATEN_CPU_CAPABILITY; one compiled for this CPU's
+    # vector width computes wrong numbers when a process on the scalar kernels loads it.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from batchlab.compiled.step import separate_cache_per_kernel_set
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    if capability is None:
+        monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    else:
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", capability)
+    separate_cache_per_kernel_set()
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir() + expected
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # as importing torch._dynamo leaves it
+    separate_cache_per_kernel_set()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default_cache_dir() + expected
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/chosen")  # a folder the user chose is theirs
+    separate_cache_per_kernel_set()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/chosen"

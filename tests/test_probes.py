@@ -15,6 +15,7 @@ from batchlab.errors import ConfigError
 from batchlab.loop import fit
 from batchlab.metrics import loss_function
 from batchlab.probes import (
+    GhostTaps,
     NoiseScale,
     ProbeSet,
     part_sizes,
@@ -261,9 +262,10 @@ def brute_force_gradients_of(model: nn.Module, dataset: Dataset) -> torch.Tensor
 
 
 @pytest.mark.parametrize("kind", ["conv", "parts"])
-def test_noise_scale_fallback_averages_to_the_exact_value(kind):
-    # A convolutional model cannot be tapped: noise_scale falls back to the half-batch method,
-    # whose estimates must still average to the exact ‖G‖² and tr(Σ) (oracle as above).
+def test_noise_scale_beyond_linear_stacks_averages_to_the_exact_value(kind):
+    # A convolutional model is read by its ghost norms (per-sample taps of any layer kind), the
+    # half-batch method by its parts: both estimates must average to the exact ‖G‖² and tr(Σ)
+    # (oracle as above).
     if kind == "conv":
         dataset = conv_dataset()
         torch.manual_seed(0)
@@ -274,7 +276,9 @@ def test_noise_scale_fallback_averages_to_the_exact_value(kind):
     grad_sq, trace = exact_ingredients(brute_force_gradients_of(model, dataset))
     loss_fn = loss_function("auto", "classification")
     probes = ProbeSet.create([probe], model, dataset, TrainConfig(), loss_fn)
-    assert probes.wants_losses  # the half-batch method needs the live graph
+    # The half-batch method needs the live graph; the ghost norms the loop's own backward pass.
+    assert probes.wants_losses == (kind == "parts")
+    assert isinstance(probes.ctx.scratch.get("linear_taps:noise_scale"), GhostTaps) == (kind == "conv")
     rows = probe_on_random_batches([probe], model, dataset, batch_size=24, trials=2000)
     mean_grad_sq = sum(r["grad_sq_raw"] for r in rows) / len(rows)
     mean_trace = sum(r["trace_cov_raw"] for r in rows) / len(rows)

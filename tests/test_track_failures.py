@@ -33,15 +33,17 @@ def one_thread():
 
 
 def small_cnn() -> torch.nn.Module:
+    """A CNN with batch norm, which mixes a batch's samples: no per-sample gradient norms to read."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU(), torch.nn.Flatten(),
                                torch.nn.Linear(2 * 6 * 6, 3))  # (B, 1, 8, 8) -> (B, 2, 6, 6) -> (B, 3)
 
 
-def test_noise_scale_on_a_cnn_warns_once_records_nan_and_training_goes_on(tmp_path):
+def test_noise_scale_on_a_cnn_with_batch_norm_warns_once_records_nan_and_training_goes_on(tmp_path):
     """Before: "it is not made of nn.Linear layers" raised from inside the first forward pass. Now one
-    ProbeWarning, NaN noise-scale columns at every step, and the other probe and every row as the
-    loop computed them; the run is finished and its message says which probe was not measured."""
+    ProbeWarning naming what cannot be measured, NaN noise-scale columns at every step, and the other
+    probe and every row as the loop computed them; the run is finished and its message says which
+    probe was not measured."""
     generator = torch.Generator().manual_seed(0)
     X, y = torch.randn(120, 1, 8, 8, generator=generator), torch.randint(0, 3, (120,), generator=generator)
     model = small_cnn()
@@ -64,7 +66,7 @@ def test_noise_scale_on_a_cnn_warns_once_records_nan_and_training_goes_on(tmp_pa
                 run.end_epoch()
     probe_warnings = [w for w in caught if issubclass(w.category, ProbeWarning)]
     assert len(probe_warnings) == 1 and "noise_scale" in str(probe_warnings[0].message)
-    assert "\n" not in str(probe_warnings[0].message)
+    assert "\n" not in str(probe_warnings[0].message) and "batch norm" in str(probe_warnings[0].message)
     assert probe_warnings[0].filename == __file__  # it points at the loop's own line
     steps = run.steps
     loss, norm = (np.array(c) for c in zip(*seen))

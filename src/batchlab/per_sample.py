@@ -501,6 +501,17 @@ class LayerTaps:
         self._switch.active = bool(value)
 
     @property
+    def pending(self) -> bool:
+        """Whether a backward pass has reached a tapped layer since its forward pass was recorded (or a
+        layer ran twice): `take` then has something to return or to refuse."""
+        return any(slot.repeated or (slot.record is not None and slot.record.grad is not None) for slot in self._slots)
+
+    def take_nothing(self) -> None:
+        """Empty the taps without reading them (a step that is not measured)."""
+        for slot in self._slots:
+            slot.record, slot.repeated = None, False
+
+    @property
     def repeated(self) -> tuple[str, ...]:
         """The names of the tapped layers seen running twice for one loss since the last `take`."""
         return tuple(slot.layer.name for slot in self._slots if slot.repeated)

@@ -471,25 +471,28 @@ class LinearTaps:
         # The inputs are kept detached and the output gradients carry no graph: no grad mode to set.
         return torch.cat(parts, dim=1)  # (B, Σout + Σin)
 
-    def take_terms(self) -> torch.Tensor:
+    def take_terms(self) -> torch.Tensor | None:
         """The latest backward pass's per-sample terms as one (2L, B) tensor: ‖δ_il‖²/B² in row l and
-        ‖a_il‖²·[weight trained] + [bias trained] in row L + l; the taps are emptied.
+        ‖a_il‖²·[weight trained] + [bias trained] in row L + l; None when no training forward pass
+        was tapped. The taps are emptied.
 
         Σ_i Σ_l of row l times row L + l is Σ_i ‖∇ ℓ_i‖²/B² over the layers' trained parameters.
         """
+        if self.inputs[0] is None:
+            self.inputs[:] = self.outputs[:] = self.deltas[:] = [None] * len(self.inputs)
+            return None
         rows = self.take_rows()
         return torch.addmm(self.bias_terms, self.sums, rows.mul_(rows).T)  # three ops, whatever L
 
-    def per_sample_squares(self, grads: Sequence[torch.Tensor]) -> list[float]:
-        """Σ_i Σ_l ‖∇ ℓ_i‖²/B² over the batch's samples and the layers' trained parameters, from the
-        latest backward pass of the batch's mean loss, and the norm of ``grads`` (the batch
-        gradient's tensors), in one read; the taps are emptied.
+    def squares_now(self, terms: torch.Tensor, grads: Sequence[torch.Tensor]) -> list[float]:
+        """Σ_i Σ_l ‖∇ ℓ_i‖²/B² over the batch's samples and the layers' trained parameters, from one
+        step's `take_terms`, and the norm of ``grads`` (the batch gradient's tensors), in one read.
 
         Returns:
             ``[Σ_i ‖g_i‖²/B², ‖g_B‖]`` (the norm, not squared), float32 sums.
         """
         # Each op here costs a small model's step more in dispatch than in arithmetic: they are few.
-        squares = self.take_terms().view(2, -1)  # (2, L·B)
+        squares = terms.view(2, -1)  # (2, L·B)
         # Σ_i Σ_l ‖δ_il‖²/B² · (‖a_il‖² + 1): the first L rows against the last L.
         return torch.stack([torch.vdot(*squares), global_norm(grads)]).tolist()
 
@@ -511,6 +514,70 @@ class LinearTaps:
         return torch.cat(out)
 
 
+class GhostTaps:
+    """The noise scale's taps for models beyond nn.Linear stacks: per-sample gradient squared norms of
+    every layer `batchlab.per_sample.per_sample_layers` covers (Linear on any shape, Conv1d/2d/3d,
+    Embedding, LayerNorm, GroupNorm, RMSNorm; any nesting), read off the loop's own backward pass
+    (`batchlab.per_sample.LayerTaps`: ghost norms, Li et al. 2022). The same interface as
+    `LinearTaps` for `NoiseScale`: a step's terms are its (1, B) per-sample Σ_l ‖∇ℓ_i‖²/B².
+
+    Every forward pass with a graph is recorded (a hook call per layer; the arithmetic happens in
+    `take_terms`, on measured steps only), so `arm` has nothing to do.
+    """
+
+    def __init__(self, coverage: Any):
+        from .per_sample import LayerTaps
+
+        self.taps = LayerTaps(coverage)
+        self.every_step, self.may_defer, self.graph_shared = True, False, False
+        self.defer_reads: bool | None = None
+
+    def arm(self) -> None:
+        """Nothing: every forward pass is recorded."""
+
+    def take_terms(self) -> torch.Tensor | None:
+        """The latest backward pass's per-sample Σ_l ‖∇ℓ_i‖²/B² as (1, B); None when no training
+        forward pass and backward pass were tapped. Raises `per_sample.TapError` for a layer that
+        ran twice for one loss (the probe then stops measuring the run)."""
+        if not self.taps.pending:
+            self.taps.take_nothing()
+            return None
+        return self.taps.take().unsqueeze(0)
+
+    def squares_now(self, terms: torch.Tensor, grads: Sequence[torch.Tensor]) -> list[float]:
+        """``[Σ_i ‖g_i‖²/B², ‖g_B‖]`` from one step's `take_terms` and the batch gradient, in one read."""
+        return torch.stack([terms.sum().double(), global_norm(grads).double()]).tolist()
+
+    @torch.no_grad()
+    def squares_of_terms(self, kept: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`squares_now`'s first number for many steps' kept `take_terms`, in order: (S,)."""
+        return torch.stack([terms.sum() for terms in kept])
+
+
+def _noise_taps(ctx: "ProbeContext") -> tuple[LinearTaps | GhostTaps | None, str]:
+    """The taps the noise scale reads per-sample gradient norms from, and why there are none.
+
+    Returns:
+        `LinearTaps` for an nn.Sequential stack of nn.Linear layers and per-sample maps (the
+        fastest: three ops a step, whatever the depth); `GhostTaps` for any other model whose every
+        trained parameter belongs to a layer kind `per_sample_layers` measures, with no batch norm;
+        else None, with the uncovered parameters named.
+    """
+    from .per_sample import per_sample_layers
+
+    train = getattr(ctx.dataset, "train", None)
+    dims = train[0].dim() if train is not None and train[0] is not None else None
+    layers = per_sample_linear_layers(ctx.model, ctx.params, dims)
+    if layers is not None:
+        return LinearTaps(ctx.model, layers), ""
+    coverage = per_sample_layers(ctx.model, ctx.params)
+    if coverage.complete and coverage.layers:
+        return GhostTaps(coverage), ""
+    if coverage.mixing:
+        return None, f"{', '.join(coverage.mixing)} mix the samples of a batch (batch norm)"
+    return None, coverage.describe() or "the model has no trained parameters"
+
+
 def _remove_hooks(handles) -> None:
     for handle in handles:
         handle.remove()
@@ -528,11 +595,12 @@ class NoiseScale:
     The estimate uses two batch sizes from one step with no extra forward pass, by one of two
     methods, both unbiased for the same ‖G‖² and tr(Σ):
 
-    - ``"per_sample"`` (b = 1), for models made of nn.Linear layers and per-sample maps
-      (`per_sample_linear_layers`): Σ_i ‖∇θ ℓ_i‖² over the batch comes from the layers' inputs
-      and output gradients of the loop's own backward pass (`LinearTaps`, Goodfellow 2015), with
-      no extra backward pass; with the B samples as B parts of size 1, `two_batch_estimates` is
-      then exactly the per-sample estimator of `per_sample_estimates` (the sample variance).
+    - ``"per_sample"`` (b = 1), for models whose every trained parameter belongs to a layer whose
+      per-sample gradient norm can be read off the loop's own backward pass, with no extra backward
+      pass: nn.Linear stacks (`LinearTaps`, Goodfellow 2015: three ops a step), and nn.Linear on
+      any shape, nn.Conv1d/2d/3d, nn.Embedding, nn.LayerNorm, nn.GroupNorm and nn.RMSNorm in any
+      nesting (`GhostTaps`, ghost norms, Li et al. 2022). With the B samples as B parts of size 1,
+      `two_batch_estimates` is then exactly the per-sample estimator of `per_sample_estimates`.
     - ``"parts"`` (b = B/parts), for any model: at the ``forward`` point the batch's per-sample
       losses still hold their graph, and the gradients of the first ``parts − 1`` parts' mean
       losses come from ``torch.autograd.grad(..., retain_graph=True)``; at the ``backward``
@@ -540,8 +608,10 @@ class NoiseScale:
       follows from it, since g_B = Σ_k (b_k/B) g_k. Cost: ``parts − 1`` extra backward passes.
 
     ``method="auto"`` (the default) takes ``"per_sample"`` where the model allows it and
-    ``"parts"`` otherwise (convolutions, batch norm, custom modules; also any step where a linear
-    layer did not run exactly once on a (B, features) input). Each raw estimate is folded into
+    ``"parts"`` otherwise (batch norm, which mixes a batch's samples; another layer kind; a
+    parameter used directly in a forward; `untapped` names them). A layer that runs twice for one
+    loss is seen at its first measured step, and the probe then stops measuring the run (NaN, one
+    warning). Each raw estimate is folded into
     an exponential moving average (β, with bias correction, as gpt-neox does) and the ratio is
     taken of the averages.
 
@@ -578,11 +648,8 @@ class NoiseScale:
     def init(self, ctx: ProbeContext) -> NoiseState:
         key = f"linear_taps:{self.name}"
         if self.method == "auto" and key not in ctx.scratch:
-            train = getattr(ctx.dataset, "train", None)
-            dims = train[0].dim() if train is not None else None
-            layers = per_sample_linear_layers(ctx.model, ctx.params, dims)
             # Hooks are per run (the context), never state: a checkpoint holds only the averages.
-            ctx.scratch[key] = LinearTaps(ctx.model, layers) if layers is not None else None
+            ctx.scratch[key], ctx.scratch[f"untapped:{self.name}"] = _noise_taps(ctx)
         return NoiseState()
 
     def points_for(self, ctx: ProbeContext) -> tuple[Point, ...]:
@@ -625,26 +692,30 @@ class NoiseScale:
         grad_sq, trace_cov = two_batch_estimates(small_sq, sizes, big_sq, batch, _n_train(ctx))
         return _advance(state, grad_sq, trace_cov, self.beta, "")
 
-    def _taps(self, ctx: ProbeContext) -> LinearTaps | None:
+    def _taps(self, ctx: ProbeContext) -> LinearTaps | GhostTaps | None:
         return ctx.scratch.get(f"linear_taps:{self.name}") if self.method == "auto" else None
 
-    def _per_sample(self, state: NoiseState, ctx: ProbeContext, taps: LinearTaps):
+    def untapped(self, ctx: ProbeContext) -> str:
+        """Why this run has no per-sample taps (the parameters no measured layer kind covers); ""
+        when it has them or was not made."""
+        return ctx.scratch.get(f"untapped:{self.name}", "")
+
+    def _per_sample(self, state: NoiseState, ctx: ProbeContext, taps: LinearTaps | GhostTaps):
         """The estimates from Σ_i ‖g_i‖² (the taps) and ‖g_B‖² (``p.grad``): B parts of one sample."""
-        first = taps.inputs[0]
-        if first is None or first.shape[0] < 2:  # no training forward pass tapped; one sample has no spread
-            taps.inputs[:] = taps.outputs[:] = taps.deltas[:] = [None] * len(taps.inputs)
+        terms = taps.take_terms()
+        if terms is None or terms.shape[-1] < 2:  # no training forward pass tapped; one sample has no spread
             return state, _unmeasured("")
-        batch = first.shape[0]
+        batch = terms.shape[-1]
         grads = [p.grad for p in ctx.params if p.grad is not None]
         if taps.defer_reads is None:  # decided at the first step: whether 64 steps' terms stay small
-            taps.defer_reads = taps.may_defer and first.shape[0] * taps.sums.shape[0] <= DEFER_TERMS_NUMEL
+            taps.defer_reads = taps.may_defer and terms.numel() <= DEFER_TERMS_NUMEL
         scale = ctx.scratch.get(LOSS_SCALE, 1.0)
         if taps.defer_reads:
             # The per-sample terms and the norm now (five ops); the reductions and the one read for
             # many steps at once, in `settle`.
-            return state, {self.name: DeferredRead(batch, taps.take_terms(), global_norm(grads), scale)}
+            return state, {self.name: DeferredRead(batch, terms, global_norm(grads), scale)}
         # Σ_i ‖g_i‖² / B² and ‖g_B‖ in one read; float32 sums, float64 from here.
-        per_sample_sq, norm = taps.per_sample_squares(grads)
+        per_sample_sq, norm = taps.squares_now(terms, grads)
         grad_sq, trace_cov = _estimates_from_norms(batch, per_sample_sq / scale**2, norm * norm, _n_train(ctx))
         return _advance(state, grad_sq, trace_cov, self.beta, "")
 
@@ -929,7 +1000,7 @@ class ProbeSet:
         # Only probes measuring at "forward" need per-sample losses; otherwise the loop uses the fused mean.
         self.wants_losses = bool(self._at["forward"])
         for taps in ctx.scratch.values():
-            if isinstance(taps, LinearTaps):
+            if isinstance(taps, (LinearTaps, GhostTaps)):
                 taps.graph_shared = self.wants_losses
                 taps.may_defer = defer_reads
 

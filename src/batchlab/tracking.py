@@ -38,11 +38,14 @@ The noise scale (``noise_scale`` probe) comes without an extra backward pass whe
 - with ``accumulate=k`` (k ≥ 2), from the micro-batch gradients (the differences of ``p.grad``
   between micro-batches) against the accumulated one: the two-batch estimator of McCandlish et al.
   2018, App. A.1, with b = micro-batch, B = accumulated batch (`MicroBatchNoise`);
-- otherwise, for models of nn.Linear layers and per-sample maps, from per-sample gradient norms
-  read off the backward pass (`batchlab.probes.LinearTaps`), as `fit` does;
-- otherwise the half-batch method of `fit` needs the live graph, which a loop that has already
-  called ``backward`` no longer has: the noise-scale columns are NaN, with one warning saying so
-  (use ``accumulate``).
+- otherwise, for models whose trained parameters all belong to nn.Linear, nn.Conv1d/2d/3d,
+  nn.Embedding, nn.LayerNorm, nn.GroupNorm or nn.RMSNorm layers (any nesting, any subclass that
+  keeps their own forward), from per-sample gradient norms read off the backward pass
+  (`batchlab.probes.LinearTaps`, `batchlab.per_sample.LayerTaps`), as `fit` does;
+- otherwise (batch norm, another layer kind, a parameter used directly) the half-batch method of
+  `fit` needs the live graph, which a loop that has already called ``backward`` no longer has: the
+  noise-scale columns are NaN, with one warning naming the parameters it cannot measure (use
+  ``accumulate``).
 """
 
 from __future__ import annotations
@@ -345,9 +348,9 @@ class Tracker:
             if isinstance(probe, NoiseScale) and any(entry[1] is probe for entry in probe_set._at["forward"]):
                 # The half-batch method needs the live graph, which the loop's own backward frees before
                 # run.step: this model cannot be measured here, and its training goes on regardless.
-                probe_set.fail(index, "bl.track reads per-sample gradients only from models of nn.Linear layers "
-                                      "and per-sample maps, called as the model given to it; use accumulate=k "
-                                      "(the micro-batch estimate) or bl.fit" if example is not None else
+                probe_set.fail(index, f"bl.track reads per-sample gradients from Linear, Conv, Embedding and "
+                                      f"normalisation layers, and not from {probe.untapped(probe_set.ctx)}; use "
+                                      "accumulate=k (the micro-batch estimate) or bl.fit" if example is not None else
                                       "the model given to bl.track never ran a forward pass itself, so no "
                                       "per-sample gradients could be read; call it as model(x), or use accumulate=k")
         self.recorder.probes = probe_set

@@ -18,6 +18,7 @@ one line saying why.
 from __future__ import annotations
 
 import logging
+import os
 import types
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -115,10 +116,30 @@ def compiled_copy(function: Callable, key: tuple, device: torch.device) -> Calla
     """
     fn = _COMPILED.get(key)
     if fn is None:
+        separate_cache_per_kernel_set()
         fresh = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__)
         fn = torch.compile(fresh, fullgraph=True, dynamic=False, options=compiler_options(device))
         _COMPILED[key] = fn
     return fn
+
+
+def separate_cache_per_kernel_set() -> None:
+    """Keep inductor's on-disk kernels apart for a process that sets ``ATEN_CPU_CAPABILITY``.
+
+    Torch's compile cache (``TORCHINDUCTOR_CACHE_DIR``, shared by every process of a user) does not
+    key its entries by that setting, and a kernel compiled on the CPU's own vector width, loaded by
+    a process running on another kernel set, computes wrong numbers (torch 2.13: a float64 step
+    compiled on AVX-512, then loaded under ``ATEN_CPU_CAPABILITY=default``, gives losses below zero).
+    Such a process gets a cache folder of its own, named after the setting, unless the user chose
+    a folder. (Importing ``torch._dynamo`` writes torch's default folder into the same variable:
+    that one is not a choice. Torch reads the variable at each use, so the change holds from the
+    next compilation on.)
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if capability and os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}-{capability.lower()}"
 
 
 def one_line(error: BaseException) -> str:
