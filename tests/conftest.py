@@ -16,6 +16,16 @@ def restore_torch_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    training on a shared machine, several threads under contention crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def cli(capsys):
     """Run the command line in-process: ``status, out, err = cli([...])`` (status 0 when it returns)."""

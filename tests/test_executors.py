@@ -17,7 +17,7 @@ from batchlab.config import make_study_config
 from batchlab.errors import ConfigError
 from batchlab.store import RunStore
 from batchlab.study import InProcessExecutor, make_executor, run_study, trials_table
-from batchlab.study.executors import GroupFailure, ProcessExecutor, ray_available
+from batchlab.study.executors import ProcessExecutor, ray_available
 from batchlab.study.run import GroupClaims
 
 TINY = dict(dataset="blobs", model="mlp:hidden=16", batch_sizes=[8, 64, "full"], lrs=[0.05, 0.2],

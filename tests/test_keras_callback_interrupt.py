@@ -13,19 +13,18 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import numpy as np
 import pytest
-import torch
 
 from batchlab.store import RunStore
 
 keras = pytest.importorskip("keras")
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread for the module
+
+
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def fresh_keras():
     yield
-    torch.set_num_threads(threads)
     keras.utils.clear_session()
 
 

@@ -12,7 +12,6 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import numpy as np
 import pytest
-import torch
 
 from batchlab.errors import BatchlabError
 from batchlab.store import RunStore
@@ -20,12 +19,12 @@ from batchlab.store import RunStore
 keras = pytest.importorskip("keras")
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread for the module
+
+
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def fresh_keras():
     yield
-    torch.set_num_threads(threads)
     keras.utils.clear_session()  # a later set_floatx (the float64 equivalence tests) must take effect
 
 

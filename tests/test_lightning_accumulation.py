@@ -17,12 +17,7 @@ from batchlab.store import RunStore
 pl = pytest.importorskip("lightning.pytorch")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread for the module
 
 
 class Classifier(pl.LightningModule):

@@ -9,7 +9,6 @@ with seed noise. The fast checks run in a few seconds; the wider sweep is marked
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 import pytest

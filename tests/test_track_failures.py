@@ -24,12 +24,7 @@ from batchlab.store import RunStore, recorder
 NOISE_COLUMNS = ["grad_sq", "trace_cov", "noise_scale", "grad_sq_raw", "trace_cov_raw"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread for the module
 
 
 def small_cnn() -> torch.nn.Module:

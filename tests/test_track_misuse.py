@@ -16,12 +16,7 @@ from batchlab.models import build_model
 from batchlab.store import RunStore
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread for the module
 
 
 @pytest.fixture(scope="module")

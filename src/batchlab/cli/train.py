@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import click
 from click.core import ParameterSource
 
-from .app import (FiniteFloat, allow_import_option, cell, check_out_folder, check_store_folder, cli, console, json_option,
+from .app import (FiniteFloat, allow_import_option, cell, check_out_folder, check_store_folder, cli, json_option,
                   print_json, print_rich, quiet_option, say, shown, store_option, store_path, threads_option,
                   whole)  # fmt: skip
 
@@ -194,7 +194,7 @@ def prepare_run(spec, allow_import: bool = False):
     d = spec.dataset
     dataset = load_dataset(d.name, target=d.target, val_fraction=d.val_fraction, split_seed=d.split_seed,
                            standardize=d.standardize, device=device)
-    clock = plan_run(dataset, spec.train)
+    plan_run(dataset, spec.train)  # a run that cannot be planned is refused before the model is built
     model = model_from_spec(spec.model, dataset, seed=spec.train.seed, allow_import=allow_import)
     check_model(model.to(device), dataset)
     train, _ = plan_batch_norm(model, dataset.n_train, spec.train)  # a batch of one with batch norm fails here
