@@ -123,6 +123,10 @@ REPORTED = [
     ("fit --model=os.path:join", ["--model=os.path:join"]),
     ("study --model=os.path:join", ["--model=os.path:join"]),
     ("gradnorm --model=os.path:join", ["--model=os.path:join"]),
+    ("fit --nproc=4096", ["--nproc=4096"]),  # more ranks than cores
+    ("fit --nproc=1 --probes=noise_scale", ["--nproc=1", "--probes=noise_scale"]),  # ranks' noise scale needs 2
+    ("fit --model=mlp:batch_norm=true --batch-size=1", ["--model=mlp:hidden=4,batch_norm=true", "--batch-size=1"]),
+    ("study --executor=ray --ray-address=127.0.0.1:1", ["--executor=ray", "--ray-address=127.0.0.1:1"]),
 ]
 
 
