@@ -201,3 +201,29 @@ def test_the_micro_batch_noise_scale_failing_leaves_nan_and_the_training_going(m
     assert len(steps) == 6 and len(calls) == 3
     assert steps["grad_sq_raw"].iloc[:2].notna().all() and steps[NOISE_COLUMNS].iloc[2:].isna().all().all()
     assert run.run.message == "noise_scale not measured: RuntimeError: a gradient went missing"
+
+
+def test_an_interrupted_loop_names_the_step_its_rows_end_at(tmp_path):
+    """Steps are kept as tensors and read back every 64: the message is made after the read-back
+    (before: "interrupted at step 0" with 15 rows stored)."""
+    generator = torch.Generator().manual_seed(0)
+    X, y = torch.randn(300, 4, generator=generator), torch.randint(0, 3, (300,), generator=generator)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "interrupted.db"
+    with pytest.raises(KeyboardInterrupt):
+        with bl.track(model, optimizer, store=path) as run:
+            for step, start in enumerate(range(0, 300, 20)):
+                out = model(X[start:start + 20])
+                loss = F.cross_entropy(out, y[start:start + 20])
+                optimizer.zero_grad()
+                loss.backward()
+                run.step(loss, outputs=out, targets=y[start:start + 20])
+                optimizer.step()
+                if step == 14:
+                    raise KeyboardInterrupt
+    with RunStore(path) as store:
+        stored = store.load_run(run.run_id)
+    assert stored.status == "interrupted" and len(stored.steps) == 15
+    assert stored.message == f"interrupted at step {int(stored.steps['step'].iloc[-1])}" == "interrupted at step 15"

@@ -265,11 +265,11 @@ class Tracker:
         if kind is None:
             self.finish()
         elif issubclass(kind, KeyboardInterrupt):
-            self.end_abruptly("interrupted", f"interrupted at step {self.recorder.clock.step}")
+            self.end_abruptly("interrupted")  # the message names the step once the kept rows are read
         else:
             self.end_abruptly("failed", error_line(error))  # the loop raised: the run failed, its rows are kept
 
-    def end_abruptly(self, status: str, message: str) -> None:
+    def end_abruptly(self, status: str, message: str | None = None) -> None:
         """End a run that the loop's own error (``failed``) or Ctrl-C (``interrupted``) cut short, with
         the rows it made. The loop's error is what the user must see: one that recording the end
         meets (the store's disk is full, say) is a warning, not a replacement for it."""
@@ -676,6 +676,8 @@ class Tracker:
             for hook in self._hooks:
                 hook.remove()
             self._hooks = []
+        if status == "interrupted" and message is None:  # the kept steps are read by now: where the rows end
+            message = f"interrupted at step {self.recorder.clock.step}"
         self._account()
         if self._noise_lost is not None:  # the probe set's failures are the core's to name; this one is ours
             note = f"noise_scale not measured: {self._noise_lost}"

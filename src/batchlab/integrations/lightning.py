@@ -107,7 +107,7 @@ class BatchlabCallback(pl.Callback):
         if self.tracker is None:
             return
         if isinstance(exception, KeyboardInterrupt):
-            self.tracker.end_abruptly("interrupted", f"interrupted at step {self.tracker.recorder.clock.step}")
+            self.tracker.end_abruptly("interrupted")  # the message names the step the rows end at
         else:
             self.tracker.end_abruptly("failed", error_line(exception))
 
