@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # the same names as _EXPORTS and _SUBMODULES; a test keeps th
         callbacks, config, data, ensemble, events, explain, gradnorm, loop, metrics, models, optim, plots, probes,
         record, replicas, report, store, study, tracking,
     )
-    from .callbacks import Checkpoint, EarlyStopping
+    from .callbacks import Checkpoint, EarlyStopping, LocalCBS
     from .config import DatasetSpec, RunSpec, StudyConfig, TrainConfig
     from .data import Dataset, from_arrays, list_datasets, load_dataset
     from .replicas import fit_replicas
@@ -61,6 +61,7 @@ _EXPORTS = {
     "Callback": "events",
     "EarlyStopping": "callbacks",
     "Checkpoint": "callbacks",
+    "LocalCBS": "callbacks",
     "RunStore": "store",
     "recorder": "store",
     "TensorBoard": "store",
@@ -74,7 +75,7 @@ _SUBMODULES = {"plots", "probes", "metrics", "optim", "data", "models", "loop", 
 # Written out (not computed) so that type checkers know the public names.
 __all__ = [
     "ArgumentError", "BatchlabError", "Callback", "Checkpoint", "ConfigError", "DataError", "Dataset", "DatasetSpec",
-    "EarlyStopping", "ModelError", "Run", "RunSpec", "RunStore", "StoreError", "StudyConfig", "TensorBoard",
+    "EarlyStopping", "LocalCBS", "ModelError", "Run", "RunSpec", "RunStore", "StoreError", "StudyConfig", "TensorBoard",
     "TrainConfig",
     "build_model", "fit", "fit_replicas", "from_arrays", "list_datasets", "list_models", "load_dataset", "local_cbs",
     "recorder", "run_study", "track", "__version__",

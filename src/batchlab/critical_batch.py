@@ -207,9 +207,34 @@ def _is_count(value: object) -> bool:
     return bool(isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1)
 
 
+def check_branch_settings(factors: Sequence[int], seeds: int | Sequence[int], lr_rule: str, alpha: float,
+                          tolerance: float) -> tuple[list[int], list[int]]:
+    """The checks of `local_cbs` that need neither the model nor the data (for `batchlab.LocalCBS`,
+    which refuses bad settings when it is made rather than at every measurement).
+
+    Returns:
+        The factors, ascending, and the seeds.
+
+    Raises:
+        ConfigError: one line, as `local_cbs` would.
+    """
+    if lr_rule not in LR_RULES:
+        raise ConfigError(f"local_cbs: lr_rule must be one of {', '.join(LR_RULES)}, got {lr_rule!r}")
+    _check_test(alpha, tolerance)
+    return _factor_list(factors), _check_seeds(seeds)
+
+
 def _check_factors(factors: Sequence[int], batch_size: int, n: int) -> list[int]:
     if not _is_count(batch_size):
         raise ConfigError(f"local_cbs: batch_size must be a positive whole number, got {batch_size!r}")
+    values = _factor_list(factors)
+    if max(values) * batch_size > n:
+        raise DataError(f"local_cbs: the largest branch batch {max(values)}×{batch_size} = "
+                        f"{max(values) * batch_size} exceeds the {n} training samples; lower batch_size or factors")
+    return values
+
+
+def _factor_list(factors: Sequence[int]) -> list[int]:
     values = list(factors) if isinstance(factors, (list, tuple)) else None
     if values is None or not all(_is_count(k) for k in values):
         raise ConfigError(f"local_cbs: factors must be a list of positive whole numbers such as (1, 2, 4, 8), "
@@ -217,9 +242,6 @@ def _check_factors(factors: Sequence[int], batch_size: int, n: int) -> list[int]
     if 1 not in values or len(set(values)) != len(values) or len(values) < 2:
         raise ConfigError(f"local_cbs: factors must include 1 (the reference) and at least one other factor, "
                           f"each once, got {tuple(values)}")
-    if max(values) * batch_size > n:
-        raise DataError(f"local_cbs: the largest branch batch {max(values)}×{batch_size} = "
-                        f"{max(values) * batch_size} exceeds the {n} training samples; lower batch_size or factors")
     return sorted(int(k) for k in values)
 
 
@@ -288,10 +310,30 @@ def _branch_point(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> B
         raise ModelError("local_cbs: the optimizer updates tensors that are not the model's parameters; "
                          "pass the optimizer built on model.parameters()")
     try:
-        return BranchPoint(copy.deepcopy(model), copy.deepcopy(optimizer.state_dict()), type(optimizer), groups)
+        copied = copy.deepcopy(model)
+        state = copy.deepcopy(optimizer.state_dict())
     except Exception as error:  # a model holding an uncopyable object (a lock, a file handle)
         raise ModelError(f"local_cbs: the model or optimizer cannot be deep-copied ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    return BranchPoint(_without_probe_hooks(copied), state, type(optimizer), groups)
+
+
+def _without_probe_hooks(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (a copy) without the forward hooks batchlab's probes put on the live model.
+
+    A deep copy keeps a module's hooks, and a probe's hook is a closure over the live run's probe
+    state (copied by reference): in a branch it would record the branch's activations into the
+    run's probe and keep their gradients (which `torch.func` refuses). The user's own hooks stay.
+    """
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key in [key for key, hook in hooks.items()
+                        if getattr(hook, "__module__", "").startswith("batchlab.")]:
+                del hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+    return model
 
 
 def branch(start: BranchPoint, lr_scale: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -494,3 +536,135 @@ def summary_text(result: dict, n_train: int, n_eval: int, held_out: bool) -> str
              f"(Merrill et al. 2025). Both hold for this point of training only; measure again later.")
     parts = [_setup_sentence(result, n_train, n_eval, held_out), _verdict_sentence(result), *_caveats(result), noise]
     return " ".join(parts)
+
+
+# --- from measurements along a run to a batch size -----------------------------------------------
+
+# How the learning rate follows the batch, by optimizer name (TrainConfig's): the rule `local_cbs`
+# branches with under lr_rule="auto".
+RULE_BY_OPTIMIZER = {"sgd": "linear", "adam": "sqrt", "adamw": "sqrt", "rmsprop": "sqrt"}
+PREDICTION_MODEL = ("steps to a given loss S(B) = S_min·(1 + B_crit/B) (McCandlish et al. 2018), with B_crit taken "
+                    "as the local critical batch size measured at the start of each range")
+
+
+@dataclass(frozen=True)
+class BatchAdvice:
+    """A batch size (or a ramp of them) and its learning rate, from local CBS measured along a run.
+
+    Attributes:
+        batch_size, lr, lr_rule: the run's batch size B, its base learning rate at B, and the rule
+            the lr follows the batch by (``linear`` or ``sqrt``).
+        points: one row per measurement: ``step, samples_seen, local_cbs, local_cbs_upper`` (inf
+            when no tested batch was worse), ``b_simple``.
+        ramp: one dict per range of samples seen: ``from_samples, to_samples`` (None for the last,
+            open range), ``batch_size, lr``. One range: a constant batch size.
+        run_steps, run_samples: the run's steps and samples over the measured span (first to last
+            measurement).
+        predicted_steps, predicted_samples: the estimate of `PREDICTION_MODEL` for the ramp over
+            the same span, reaching the same loss.
+        text: the recommendation in words.
+    """
+
+    batch_size: int
+    lr: float
+    lr_rule: str
+    points: pd.DataFrame
+    ramp: list[dict]
+    run_steps: int
+    run_samples: int
+    predicted_steps: float
+    predicted_samples: float
+    text: str
+
+
+def advise_batch_size(evals: pd.DataFrame, batch_size: int, lr: float, optimizer: str) -> BatchAdvice:
+    """Turn the ``local_cbs`` columns of a run's evaluation rows (`batchlab.LocalCBS`) into advice.
+
+    From each measurement on, the batch is the smallest local CBS measured from there to the end
+    (a ramp never goes above a later measurement, so one noisy high point does not raise it); where
+    that is the same everywhere, it is one batch size. Each batch's lr is ``lr`` scaled from B by
+    the optimizer's rule (linear for SGD, square root for Adam, AdamW and RMSprop). The saving is
+    predicted over the run's measured span with `PREDICTION_MODEL`: a range the run trained in
+    S steps at B needs S·(1 + B_crit/B')/(1 + B_crit/B) steps at B' — an estimate, not a measurement.
+
+    Args:
+        evals: the run's evals table with ``step, samples_seen, local_cbs, local_cbs_upper,
+            b_simple_at_branch``; rows without a measurement are skipped.
+        batch_size, lr: the run's batch size and its base learning rate at that batch size.
+        optimizer: ``sgd``, ``adam``, ``adamw`` or ``rmsprop``.
+
+    Raises:
+        DataError: no evaluation row holds a measurement.
+    """
+    if "local_cbs" not in evals or not evals.local_cbs.notna().any():
+        raise DataError("advise: no local critical batch size was measured in this run; nothing to advise from")
+    rows = evals[evals.local_cbs.notna()].sort_values("step")
+    points = pd.DataFrame({"step": rows.step.astype(int), "samples_seen": rows.samples_seen.astype(int),
+                           "local_cbs": rows.local_cbs.astype(int), "local_cbs_upper": rows.local_cbs_upper,
+                           "b_simple": rows.b_simple_at_branch}).reset_index(drop=True)
+    rule = RULE_BY_OPTIMIZER[optimizer]
+    chosen = points.local_cbs[::-1].cummin()[::-1].astype(int)  # the smallest from each point on
+    ramp = _ramp(points.samples_seen, chosen, batch_size, lr, rule)
+    run_steps, predicted_steps, predicted_samples = _predicted(points, chosen, batch_size)
+    run_samples = int(points.samples_seen.iloc[-1] - points.samples_seen.iloc[0])
+    advice = dict(batch_size=batch_size, lr=lr, lr_rule=rule, points=points, ramp=ramp, run_steps=run_steps,
+                  run_samples=run_samples, predicted_steps=predicted_steps, predicted_samples=predicted_samples)
+    return BatchAdvice(**advice, text=advice_text(advice))
+
+
+def _scaled(lr: float, factor: float, rule: str) -> float:
+    return lr * (factor if rule == "linear" else math.sqrt(factor))
+
+
+def _ramp(samples_seen: pd.Series, chosen: pd.Series, batch_size: int, lr: float, rule: str) -> list[dict]:
+    """Consecutive measurements with the same batch merged into one range of samples seen."""
+    rows: list[dict] = []
+    for start, batch in zip(samples_seen, chosen):
+        if rows and rows[-1]["batch_size"] == batch:
+            continue
+        if rows:
+            rows[-1]["to_samples"] = int(start)
+        rows.append({"from_samples": int(start), "to_samples": None, "batch_size": int(batch),
+                     "lr": _scaled(lr, batch / batch_size, rule)})
+    return rows
+
+
+def _predicted(points: pd.DataFrame, chosen: pd.Series, batch_size: int) -> tuple[int, float, float]:
+    """(run's steps, predicted steps, predicted samples) between the first and last measurement."""
+    run_steps, steps, samples = 0, 0.0, 0.0
+    for i in range(len(points) - 1):
+        span = int(points.step[i + 1] - points.step[i])  # steps the run took at B over this range
+        critical, batch = float(points.local_cbs[i]), float(chosen[i])
+        at_batch = span * (1 + critical / batch) / (1 + critical / batch_size)
+        run_steps, steps, samples = run_steps + span, steps + at_batch, samples + at_batch * batch
+    return run_steps, steps, samples
+
+
+def advice_text(advice: dict) -> str:
+    """The recommendation a person can act on: batch(es), lr, what was measured, the estimate."""
+    B, ramp, points = advice["batch_size"], advice["ramp"], advice["points"]
+    rule = "lr × B'/B" if advice["lr_rule"] == "linear" else "lr × √(B'/B)"
+    if len(ramp) == 1:
+        row = ramp[0]
+        what = (f"Keep batch {B} (lr {advice['lr']:.3g}): no larger batch was shown no worse." if row["batch_size"] == B
+                else f"Use batch {row['batch_size']} with lr {row['lr']:.3g} ({rule} from batch {B}).")
+    else:
+        steps = "; ".join(f"batch {r['batch_size']}, lr {r['lr']:.3g} from {r['from_samples']} samples seen"
+                          + (f" to {r['to_samples']}" if r["to_samples"] is not None else " on")
+                          for r in ramp)
+        what = f"Ramp the batch as the local critical batch size grows ({rule} from batch {B}): {steps}."
+    measured = "; ".join(f"at {p.samples_seen} samples {_interval(p.local_cbs, p.local_cbs_upper)}, "
+                         f"B_simple {p.b_simple:.3g}" for p in points.itertuples())
+    saving = ""
+    if advice["run_steps"] > 0:
+        fewer = 1 - advice["predicted_steps"] / advice["run_steps"]
+        extra = advice["predicted_samples"] / advice["run_samples"] - 1
+        saving = (f" Estimated over the run's {advice['run_samples']} samples ({advice['run_steps']} steps at batch "
+                  f"{B}): {advice['predicted_steps']:.0f} steps ({fewer:.0%} fewer) for "
+                  f"{advice['predicted_samples']:.0f} samples ({extra:+.0%}), to the same loss, if {PREDICTION_MODEL}."
+                  f" This is a model's estimate, not a measurement.")
+    return f"{what} Measured local critical batch size: {measured}.{saving}"
+
+
+def _interval(lower: float, upper: float) -> str:
+    return f"≥ {int(lower)} (none worse)" if not math.isfinite(upper) else f"in [{int(lower)}, {int(upper)})"

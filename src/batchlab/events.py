@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import torch
 
     from .config import TrainConfig
+    from .data import Dataset
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,17 @@ class Clock:
 
 @dataclass(frozen=True)
 class RunStart:
+    """Training begins. ``optimizer`` and ``data`` (the `batchlab.data.Dataset` on the run's device)
+    are the live objects the loop trains with, for reading (`batchlab.LocalCBS` branches from deep
+    copies of them); drivers that do not own them (`batchlab.track`, the replicas) leave them None."""
+
     config: "TrainConfig"
     dataset: str
     clock: Clock
     model: "torch.nn.Module"
     probes: tuple[str, ...] = ()
+    optimizer: "torch.optim.Optimizer | None" = None
+    data: "Dataset | None" = None
 
 
 @dataclass(frozen=True)

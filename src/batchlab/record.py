@@ -196,6 +196,8 @@ class Recorder:
         eval_every: evaluate every this many steps within an epoch (``None``: at epoch ends only).
         save: writes a checkpoint for a `Save` request; ``None`` refuses `Save` with a `ConfigError`.
         save_refusal: the reason given when ``save`` is None.
+        optimizer, data: the driver's optimizer and `Dataset`, handed to callbacks in `RunStart`
+            for reading (None where the driver does not own them).
     """
 
     def __init__(
@@ -213,6 +215,8 @@ class Recorder:
         eval_every: int | None = None,
         save: Callable[[Path], None] | None = None,
         save_refusal: str = "this run cannot write checkpoints",
+        optimizer: Any = None,
+        data: Any = None,
     ):
         self.clock = clock
         self.model, self.classification, self.config, self.dataset = model, classification, config, dataset
@@ -225,6 +229,7 @@ class Recorder:
         self.probe_names = tuple(probes.names) if probes is not None else tuple(probe_names)
         self.eval_every = eval_every or None  # one meaning of "no step-wise evaluation": None
         self.save, self.save_refusal = save, save_refusal
+        self.optimizer, self.data = optimizer, data
         self.steps: list[dict] = []
         self.evals: list[dict] = []
         self.epochs: list[dict] = []
@@ -281,7 +286,8 @@ class Recorder:
 
     def start_run(self) -> None:
         """The `RunStart` event."""
-        self.dispatch("on_run_start", RunStart(self.config, self.dataset, self.clock, self.model, self.probe_names))
+        self.dispatch("on_run_start", RunStart(self.config, self.dataset, self.clock, self.model, self.probe_names,
+                                                     self.optimizer, self.data))
 
     # -- steps -----------------------------------------------------------------------------------
 
