@@ -5,7 +5,7 @@ Every command takes ``--store`` and ``--json``. Bad input exits with status 2 an
 One module per group of commands; importing them registers the commands.
 """
 
-from . import explain, experiments, runs, study, train  # noqa: F401  (registers the commands)
+from . import advise, explain, experiments, runs, study, train  # noqa: F401  (registers the commands)
 from .app import cli, main
 
 __all__ = ["cli", "main"]
