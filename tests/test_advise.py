@@ -97,3 +97,33 @@ def test_bad_input_is_one_line_and_stores_nothing(cli, tmp_path, flags, says):
     assert status == 2 and stdout == ""
     assert err.startswith("error: ") and err.count("\n") == 1 and says in err, err
     assert not store.exists() and not (tmp_path / "f").exists()
+
+
+def test_the_figure_reads_well_with_user_text_shown_as_written():
+    from test_figures_readable import problems
+
+    from batchlab.plots.advise import advise_figure
+
+    advice = advise_batch_size(_evals([32.0, 16, 64, 128, 128], [64, 32, 128, 256, math.inf]), 16, 1e-3, "adam")
+    fig = advise_figure(advice, title="run 7: data/a$x^2$b_very_long_name_of_a_csv_file.csv, mlp:hidden=128x128, "
+                                      "batch 16, with a title long enough to need wrapping")
+    assert problems(fig) == []
+    title = fig.axes[0].title
+    assert not title.get_parse_math() and "$x^2$" in title.get_text()
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["16", "32", "64", "128", "256"]
+
+
+def test_the_documented_commands_parse():
+    """Each `batchlab advise` line of docs/advise.md is a command advise accepts (parsed, not run)."""
+    import shlex
+    from pathlib import Path
+
+    from batchlab.cli import cli as group
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "advise.md").read_text(encoding="utf-8")
+    block = doc.split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line.split("#", 1)[0].strip() for line in block.splitlines() if line.startswith("batchlab advise")]
+    assert len(lines) == 4
+    for line in lines:
+        args = shlex.split(line)[2:]
+        group.commands["advise"].make_context("advise", args)

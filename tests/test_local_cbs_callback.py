@@ -94,3 +94,16 @@ def test_a_failed_measurement_is_nan_with_one_warning_and_training_goes_on():
 def test_bad_settings_are_refused_when_made(settings):
     with pytest.raises(bl.ConfigError):
         bl.LocalCBS(**settings)
+
+
+def test_the_documented_example_runs_as_written():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "advise.md").read_text(encoding="utf-8")
+    code = doc.split("## Along a run", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "docs/advise.md", "exec"), namespace)
+    run, measure = namespace["run"], namespace["measure"]
+    measured = run.evals.dropna(subset=COLUMNS)
+    assert list(measured.step) == list(run.evals.step) == [step for step, _ in measure.results]  # start, each epoch
+    assert all(measured.local_cbs <= measured.local_cbs_upper) and set(measured.local_cbs) <= {16, 32, 64, 128, 256}
