@@ -370,3 +370,22 @@ def test_the_documented_example_runs_as_written():
     assert cbs.interval[0] == cbs.local_cbs and cbs.local_cbs in {16, 32, 64, 128, 256}
     assert set(cbs.tests.verdict) <= {"reference", "accepted", "rejected"} and math.isfinite(cbs.b_simple)
     assert "Branched from the current weights at batch 16" in cbs.text
+
+
+def test_branches_keep_the_users_hooks_and_drop_the_probes():
+    """A deep copy keeps a module's hooks; a probe's hook writes into the live run's probe state, so
+    branches drop batchlab's hooks (else B_simple's torch.func pass fails) and keep the user's."""
+    from batchlab.probes import LinearTaps
+
+    model, optimizer = _user_state(torch.optim.SGD, lr=0.05)
+    X, y = _data(64, seed=1)
+    calls = []
+    model[0].register_forward_hook(lambda module, args, output: calls.append(output.shape[0]))
+    linears = [(m, True, True) for m in model if isinstance(m, torch.nn.Linear)]
+    taps = LinearTaps(model, linears)  # the noise_scale probe's hooks on the live model
+    taps.every_step = True
+    result = bl.local_cbs(model, optimizer, torch.nn.functional.mse_loss, (X, y), 8, factors=(1, 2), seeds=2,
+                          samples=32)
+    assert math.isfinite(result.b_simple)
+    assert calls.count(8) == 2 * 4 and calls.count(16) == 2 * 2  # the user's hook ran in every branch step
+    assert all(z is None for z in taps.outputs)  # the probe recorded nothing of the branches
