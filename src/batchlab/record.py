@@ -287,7 +287,7 @@ class Recorder:
     def start_run(self) -> None:
         """The `RunStart` event."""
         self.dispatch("on_run_start", RunStart(self.config, self.dataset, self.clock, self.model, self.probe_names,
-                                                     self.optimizer, self.data))
+                                               self.optimizer, self.data))
 
     # -- steps -----------------------------------------------------------------------------------
 
