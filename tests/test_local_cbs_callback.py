@@ -90,7 +90,8 @@ def test_a_failed_measurement_is_nan_with_one_warning_and_training_goes_on():
 
 
 @pytest.mark.parametrize("settings", [dict(every=0), dict(every=2.5), dict(seeds=1), dict(factors=(2, 4)),
-                                      dict(lr_rule="cubic"), dict(alpha=1.5)])
+                                      dict(lr_rule="cubic"), dict(alpha=1.5), dict(samples=0), dict(samples="64"),
+                                      dict(eval_samples=2.5), dict(noise_samples=1)])
 def test_bad_settings_are_refused_when_made(settings):
     with pytest.raises(bl.ConfigError):
         bl.LocalCBS(**settings)

@@ -238,7 +238,8 @@ class LocalCBS(Callback):
 
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ConfigError(f"LocalCBS every must be a whole number of steps ≥ 1 or None, got {every!r}")
-        factors, seeds = check_branch_settings(factors, seeds, lr_rule, alpha, tolerance)
+        factors, seeds = check_branch_settings(factors, seeds, lr_rule, alpha, tolerance, samples, eval_samples,
+                                               noise_samples)
         self.every, self.at_start = every, at_start
         self.settings = dict(factors=factors, seeds=seeds, samples=samples, lr_rule=lr_rule, alpha=alpha,
                              tolerance=tolerance, eval_samples=eval_samples, noise_samples=noise_samples)

@@ -208,7 +208,8 @@ def _is_count(value: object) -> bool:
 
 
 def check_branch_settings(factors: Sequence[int], seeds: int | Sequence[int], lr_rule: str, alpha: float,
-                          tolerance: float) -> tuple[list[int], list[int]]:
+                          tolerance: float, samples: int | None = None, eval_samples: int = 1,
+                          noise_samples: int = 2) -> tuple[list[int], list[int]]:
     """The checks of `local_cbs` that need neither the model nor the data (for `batchlab.LocalCBS`,
     which refuses bad settings when it is made rather than at every measurement).
 
@@ -221,6 +222,10 @@ def check_branch_settings(factors: Sequence[int], seeds: int | Sequence[int], lr
     if lr_rule not in LR_RULES:
         raise ConfigError(f"local_cbs: lr_rule must be one of {', '.join(LR_RULES)}, got {lr_rule!r}")
     _check_test(alpha, tolerance)
+    for name, value, least in (("samples", samples, 1), ("eval_samples", eval_samples, 1),
+                               ("noise_samples", noise_samples, 2)):
+        if value is not None and not (_is_count(value) and value >= least):
+            raise ConfigError(f"local_cbs: {name} must be a whole number ≥ {least}, got {value!r}")
     return _factor_list(factors), _check_seeds(seeds)
 
 
