@@ -46,6 +46,11 @@ def test_a_constant_batch_and_sgds_linear_rule():
     keep = advise_batch_size(_evals([16.0, 16], [32.0, 32], steps=(0, 10)), 16, 0.1, "sgd")
     assert keep.ramp[0]["batch_size"] == 16 and keep.text.startswith("Keep batch 16")
     assert keep.predicted_steps == keep.run_steps == 10
+    # A short last batch (500 = 62·8 + 4 samples in 63 steps): keeping the batch keeps the samples.
+    short = pd.DataFrame({"step": [0, 63], "samples_seen": [0, 500], "local_cbs": [8.0, 8], "local_cbs_upper": [16.0, 16],
+                          "b_simple_at_branch": [50.0, 50]})
+    same = advise_batch_size(short, 8, 1e-3, "adam")
+    assert same.predicted_steps == same.run_steps == 63 and same.predicted_samples == same.run_samples == 500
 
 
 def test_no_measurement_is_refused():

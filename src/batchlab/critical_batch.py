@@ -590,7 +590,8 @@ def advise_batch_size(evals: pd.DataFrame, batch_size: int, lr: float, optimizer
     that is the same everywhere, it is one batch size. Each batch's lr is ``lr`` scaled from B by
     the optimizer's rule (linear for SGD, square root for Adam, AdamW and RMSprop). The saving is
     predicted over the run's measured span with `PREDICTION_MODEL`: a range the run trained in
-    S steps at B needs S·(1 + B_crit/B')/(1 + B_crit/B) steps at B' — an estimate, not a measurement.
+    S steps at B needs S' = S·(1 + B_crit/B')/(1 + B_crit/B) steps at B', and the samples it saw
+    times S'·B'/(S·B) — an estimate, not a measurement.
 
     Args:
         evals: the run's evals table with ``step, samples_seen, local_cbs, local_cbs_upper,
@@ -639,9 +640,12 @@ def _predicted(points: pd.DataFrame, chosen: pd.Series, batch_size: int) -> tupl
     run_steps, steps, samples = 0, 0.0, 0.0
     for i in range(len(points) - 1):
         span = int(points.step[i + 1] - points.step[i])  # steps the run took at B over this range
+        seen = float(points.samples_seen[i + 1] - points.samples_seen[i])  # less than span·B after a short batch
         critical, batch = float(points.local_cbs[i]), float(chosen[i])
         at_batch = span * (1 + critical / batch) / (1 + critical / batch_size)
-        run_steps, steps, samples = run_steps + span, steps + at_batch, samples + at_batch * batch
+        # Samples scale as steps × batch: E'/E = (S'·B')/(S·B).
+        run_steps, steps = run_steps + span, steps + at_batch
+        samples += seen * (at_batch * batch) / (span * batch_size) if span else 0.0
     return run_steps, steps, samples
 
 
@@ -651,7 +655,8 @@ def advice_text(advice: dict) -> str:
     rule = "lr × B'/B" if advice["lr_rule"] == "linear" else "lr × √(B'/B)"
     if len(ramp) == 1:
         row = ramp[0]
-        what = (f"Keep batch {B} (lr {advice['lr']:.3g}): no larger batch was shown no worse." if row["batch_size"] == B
+        what = (f"Keep batch {B} (lr {advice['lr']:.3g}): at the last measurement no larger batch was shown no worse."
+                if row["batch_size"] == B
                 else f"Use batch {row['batch_size']} with lr {row['lr']:.3g} ({rule} from batch {B}).")
     else:
         steps = "; ".join(f"batch {r['batch_size']}, lr {r['lr']:.3g} from {r['from_samples']} samples seen"
