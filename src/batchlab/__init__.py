@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # the same names as _EXPORTS and _SUBMODULES; a test keeps th
         callbacks, config, data, ensemble, events, explain, gradnorm, loop, metrics, models, optim, plots, probes,
         record, replicas, report, store, study, tracking,
     )
-    from .callbacks import Checkpoint, EarlyStopping, LocalCBS
+    from .callbacks import Checkpoint, EarlyStopping
+    from .critical_batch import LocalCBS
     from .config import DatasetSpec, RunSpec, StudyConfig, TrainConfig
     from .data import Dataset, from_arrays, list_datasets, load_dataset
     from .replicas import fit_replicas
@@ -61,7 +62,7 @@ _EXPORTS = {
     "Callback": "events",
     "EarlyStopping": "callbacks",
     "Checkpoint": "callbacks",
-    "LocalCBS": "callbacks",
+    "LocalCBS": "critical_batch",
     "RunStore": "store",
     "recorder": "store",
     "TensorBoard": "store",

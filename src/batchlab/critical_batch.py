@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ import torch
 
 from .data import Dataset
 from .errors import ArgumentError, ConfigError, DataError, ModelError
+from .events import AddMetrics, Callback, Evaluation, RunStart
 
 # The optimizers whose hyperparameters and state a branch can copy, and the learning-rate rule
 # "auto" applies to each: linear for SGD (Goyal et al. 2017), square root for the adaptive ones
@@ -678,3 +680,92 @@ def advice_text(advice: dict) -> str:
 
 def _interval(lower: float, upper: float) -> str:
     return f"≥ {int(lower)} (none worse)" if not math.isfinite(upper) else f"in [{int(lower)}, {int(upper)})"
+
+
+class LocalCBS(Callback):
+    """Measure the local critical batch size (`batchlab.local_cbs`) along a run, at its evaluations.
+
+    At the run's first evaluation (step 0, unless ``at_start=False``) and then at the first
+    evaluation at or after every multiple of ``every`` steps (every evaluation when ``every`` is
+    None; by default a run evaluates at each epoch's end), it calls `local_cbs` on the live model
+    and optimizer, with the run's training split, batch size and loss, and adds to that evaluation's
+    row (`AddMetrics`, hence to the evals table, the step table, the epoch row and the store):
+
+    - ``local_cbs``: the largest branch batch no worse than the run's batch B (on the tested grid);
+    - ``local_cbs_upper``: the smallest branch batch found worse, +inf when none was;
+    - ``b_simple_at_branch``: B_simple = tr(Σ)/‖G‖² at the same weights.
+
+    The branches train deep copies with their own random streams, so the run's rows are exactly
+    those of the same run without this callback. Each branch holds the lr the optimizer has at the
+    evaluation (after a schedule's latest step). A measurement that fails (e.g. max(k)·B larger than
+    the training set) gives NaN in the three columns and one warning per run; training goes on.
+    Only drivers that hand their optimizer and data to callbacks (`batchlab.fit`) can be measured.
+
+    Args:
+        every: steps between measurements (at the next evaluation), or None: at every evaluation.
+        factors, seeds, samples, lr_rule, alpha, tolerance, eval_samples, noise_samples: as
+            `batchlab.local_cbs` takes them (``eval_samples`` training samples evaluate a branch).
+        at_start: also measure at step 0's evaluation (from the initial weights).
+
+    Attributes:
+        results: ``(step, LocalCBSResult)`` of each successful measurement of the latest run,
+            with the branch tables and tests behind each verdict.
+    """
+
+    COLUMNS = ("local_cbs", "local_cbs_upper", "b_simple_at_branch")
+
+    def __init__(self, every: int | None = None, *, factors=(1, 2, 4, 8), seeds=3, samples: int | None = None,
+                 lr_rule: str = "auto", alpha: float = 0.05, tolerance: float = 0.5, eval_samples: int = 2048,
+                 noise_samples: int = 512, at_start: bool = True):
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ConfigError(f"LocalCBS every must be a whole number of steps ≥ 1 or None, got {every!r}")
+        factors, seeds = check_branch_settings(factors, seeds, lr_rule, alpha, tolerance, samples, eval_samples,
+                                               noise_samples)
+        self.every, self.at_start = every, at_start
+        self.settings = dict(factors=factors, seeds=seeds, samples=samples, lr_rule=lr_rule, alpha=alpha,
+                             tolerance=tolerance, eval_samples=eval_samples, noise_samples=noise_samples)
+        self.results: list = []
+
+    def on_run_start(self, event: RunStart):
+        from .metrics import mean_loss_function
+
+        self.results, self.warned = [], False
+        self.optimizer, self.data, self.batch_size = event.optimizer, event.data, event.clock.batch_size
+        self.loss_fn = (mean_loss_function(event.config.loss, event.data.task)
+                        if event.data is not None and hasattr(event.config, "loss") else None)
+        # The first step due: the run's current step when it measures from the start (a resumed
+        # run starts past 0), else the next multiple of `every`.
+        self.next_due = event.clock.step if self.at_start else self._after(event.clock.step)
+        return None
+
+    def _after(self, step: int) -> int:
+        """The first step after ``step`` at which a measurement is due."""
+        return step + 1 if self.every is None else (step // self.every + 1) * self.every
+
+    def on_evaluation(self, event: Evaluation):
+        step = event.clock.step
+        if step < self.next_due:
+            return None
+        self.next_due = self._after(step)
+        return AddMetrics(self._measure(event.model, step))
+
+    def _measure(self, model, step: int) -> dict[str, float]:
+        """The three columns at the current weights; NaN and one warning per run if it fails."""
+        try:
+            if self.optimizer is None or self.loss_fn is None:
+                raise ConfigError("this training driver does not hand its optimizer and data to callbacks; "
+                                  "use batchlab.fit, or call batchlab.local_cbs yourself")
+            with torch.enable_grad():  # branches train, whatever mode the driver evaluates in
+                result = local_cbs(model, self.optimizer, self.loss_fn, self.data.train, self.batch_size,
+                                   **self.settings)
+        except Exception as error:  # a measurement never stops training
+            if not self.warned:
+                self.warned = True
+                warnings.warn(f"LocalCBS: no measurement at step {step} ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}); its columns are NaN",
+                              RuntimeWarning, stacklevel=2)
+            return dict.fromkeys(self.COLUMNS, math.nan)
+        self.results.append((step, result))
+        upper = result.interval[1]
+        return {"local_cbs": float(result.local_cbs), "local_cbs_upper": math.inf if upper is None else float(upper),
+                "b_simple_at_branch": float(result.b_simple)}

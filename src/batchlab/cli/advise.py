@@ -59,7 +59,7 @@ def _advise_command(**options: Any) -> None:
 
 def _local_cbs_callback(options: dict[str, Any], batch_size: int, n_train: int):
     """The `LocalCBS` of the flags, checked against the data before anything is stored."""
-    from ..callbacks import LocalCBS
+    from ..critical_batch import LocalCBS
     from ..critical_batch import _branch_samples
     from ..errors import DataError
 
