@@ -27,6 +27,7 @@ import torch
 from .data import Dataset
 from .errors import ArgumentError, ConfigError, DataError, ModelError
 from .events import AddMetrics, Callback, Evaluation, RunStart
+from .optim import scaling_factor
 
 # The optimizers whose hyperparameters and state a branch can copy, and the learning-rate rule
 # "auto" applies to each: linear for SGD (Goyal et al. 2017), square root for the adaptive ones
@@ -157,7 +158,7 @@ def local_cbs(
     for seed in seeds:
         stream = sample_stream(n, samples, seed)
         for k in factors:
-            branch_model, branch_optimizer = branch(start, _lr_scale(rule, k))
+            branch_model, branch_optimizer = branch(start, float(scaling_factor(rule, k)))
             train_branch(branch_model, branch_optimizer, loss_fn, (X, y), stream, k * batch_size, seed)
             rows.append({"factor": k, "batch_size": k * batch_size, "lr": float(branch_optimizer.param_groups[0]["lr"]),
                          "seed": seed, "loss": mean_loss(branch_model, loss_fn, evaluation)})
@@ -198,11 +199,6 @@ def _lr_rule(optimizer: torch.optim.Optimizer, lr_rule: str) -> str:
     if lr_rule not in LR_RULES:
         raise ConfigError(f"local_cbs: lr_rule must be one of {', '.join(LR_RULES)}, got {lr_rule!r}")
     return AUTO_RULES[type(optimizer)] if lr_rule == "auto" else lr_rule
-
-
-def _lr_scale(rule: str, factor: int) -> float:
-    """The learning-rate multiplier of the branch at k·B: k (linear), √k (sqrt) or 1 (none)."""
-    return {"linear": float(factor), "sqrt": math.sqrt(factor), "none": 1.0}[rule]
 
 
 def _is_count(value: object) -> bool:
@@ -549,7 +545,7 @@ def summary_text(result: dict, n_train: int, n_eval: int, held_out: bool) -> str
 
 # How the learning rate follows the batch, by optimizer name (TrainConfig's): the rule `local_cbs`
 # branches with under lr_rule="auto".
-RULE_BY_OPTIMIZER = {"sgd": "linear", "adam": "sqrt", "adamw": "sqrt", "rmsprop": "sqrt"}
+RULE_BY_OPTIMIZER = {kind.__name__.lower(): rule for kind, rule in AUTO_RULES.items()}  # "sgd" -> "linear", ...
 PREDICTION_MODEL = ("steps to a given loss S(B) = S_min·(1 + B_crit/B) (McCandlish et al. 2018), with B_crit taken "
                     "as the local critical batch size measured at the start of each range")
 
@@ -620,10 +616,6 @@ def advise_batch_size(evals: pd.DataFrame, batch_size: int, lr: float, optimizer
     return BatchAdvice(**advice, text=advice_text(advice))
 
 
-def _scaled(lr: float, factor: float, rule: str) -> float:
-    return lr * (factor if rule == "linear" else math.sqrt(factor))
-
-
 def _ramp(samples_seen: pd.Series, chosen: pd.Series, batch_size: int, lr: float, rule: str) -> list[dict]:
     """Consecutive measurements with the same batch merged into one range of samples seen."""
     rows: list[dict] = []
@@ -633,7 +625,7 @@ def _ramp(samples_seen: pd.Series, chosen: pd.Series, batch_size: int, lr: float
         if rows:
             rows[-1]["to_samples"] = int(start)
         rows.append({"from_samples": int(start), "to_samples": None, "batch_size": int(batch),
-                     "lr": _scaled(lr, batch / batch_size, rule)})
+                     "lr": lr * scaling_factor(rule, batch / batch_size)})
     return rows
 
 

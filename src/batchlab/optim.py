@@ -20,12 +20,13 @@ def scaled_lr(config: TrainConfig, batch_size: int) -> float:
     ``linear``: lr·B/B_ref (Goyal et al. 2017, "Accurate, Large Minibatch SGD");
     ``sqrt``: lr·sqrt(B/B_ref) (Hoffer et al. 2017, "Train longer, generalize better").
     """
-    ratio = batch_size / config.reference_batch_size
-    if config.lr_scaling == "linear":
-        return config.lr * ratio
-    if config.lr_scaling == "sqrt":
-        return config.lr * math.sqrt(ratio)
-    return config.lr
+    return config.lr * scaling_factor(config.lr_scaling, batch_size / config.reference_batch_size)
+
+
+def scaling_factor(rule: str, ratio: float) -> float:
+    """The learning-rate multiplier for a batch ``ratio`` times larger under a scaling ``rule``:
+    the ratio (``linear``), its square root (``sqrt``), or 1 (``none``)."""
+    return {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
 
 
 def warmup_steps(config: TrainConfig, steps_per_epoch: int) -> int:
