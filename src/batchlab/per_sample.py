@@ -488,7 +488,7 @@ class LayerTaps:
         # The hooks hold the slots and the switch, never the taps: the taps can be garbage.
         handles = [slot.layer.module.register_forward_hook(_recorder(slot, self._switch), with_kwargs=True)
                    for slot in self._slots]
-        self._finalizer = weakref.finalize(self, _remove_hooks, handles)
+        self._finalizer = weakref.finalize(self, remove_hooks, handles)
 
     @property
     def active(self) -> bool:
@@ -595,7 +595,8 @@ def _in_backward() -> bool:
     return task is not None and task() != -1
 
 
-def _remove_hooks(handles) -> None:
+def remove_hooks(handles) -> None:
+    """Remove hook ``handles`` (run by a finalizer when the taps holding them are garbage)."""
     for handle in handles:
         handle.remove()
 

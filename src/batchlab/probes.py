@@ -36,6 +36,7 @@ import torch
 from torch._utils import _flatten_dense_tensors
 
 from .errors import ConfigError, error_line
+from .per_sample import LayerCoverage, LayerTaps, per_sample_layers, remove_hooks
 
 Point = Literal["forward", "backward", "update"]
 POINTS: tuple[Point, ...] = ("forward", "backward", "update")
@@ -450,7 +451,7 @@ class LinearTaps:
             return record
 
         handles = [layer.register_forward_hook(recorder(l)) for l, (layer, _, _) in enumerate(layers)]
-        weakref.finalize(self, _remove_hooks, handles)
+        weakref.finalize(self, remove_hooks, handles)
 
     def arm(self) -> None:
         """After a forward pass the hooks only recorded: keep its output gradients."""
@@ -525,9 +526,7 @@ class GhostTaps:
     `take_terms`, on measured steps only), so `arm` has nothing to do.
     """
 
-    def __init__(self, coverage: Any):
-        from .per_sample import LayerTaps
-
+    def __init__(self, coverage: LayerCoverage):
         self.taps = LayerTaps(coverage)
         self.every_step, self.may_defer, self.graph_shared = True, False, False
         self.defer_reads: bool | None = None
@@ -563,8 +562,6 @@ def _noise_taps(ctx: "ProbeContext") -> tuple[LinearTaps | GhostTaps | None, str
         trained parameter belongs to a layer kind `per_sample_layers` measures, with no batch norm;
         else None, with the uncovered parameters named.
     """
-    from .per_sample import per_sample_layers
-
     train = getattr(ctx.dataset, "train", None)
     dims = train[0].dim() if train is not None and train[0] is not None else None
     layers = per_sample_linear_layers(ctx.model, ctx.params, dims)
@@ -576,11 +573,6 @@ def _noise_taps(ctx: "ProbeContext") -> tuple[LinearTaps | GhostTaps | None, str
     if coverage.mixing:
         return None, f"{', '.join(coverage.mixing)} mix the samples of a batch (batch norm)"
     return None, coverage.describe() or "the model has no trained parameters"
-
-
-def _remove_hooks(handles) -> None:
-    for handle in handles:
-        handle.remove()
 
 
 @dataclass(frozen=True)
