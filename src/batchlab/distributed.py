@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from . import data as data_lib
 from .config import TrainConfig
-from .errors import BatchlabError, ConfigError
+from .errors import BatchlabError, ConfigError, error_line
 from .events import Callback, Clock, RestoreWeights
 from .loop import check_model, plan_batch_norm, plan_run, resolve_device
 from .metrics import correct_count, evaluation_splits, loss_function, pass_totals
@@ -584,7 +584,7 @@ def _failure(error: BaseException, ranks: Ranks) -> str:
     of a rank that ended without leaving one (killed, out of memory)."""
     store = _key_value_store()
     lost = _lost_peer(error)
-    own = _lost_message(error, ranks) if lost else f"rank {ranks.rank}: {type(error).__name__}: {_first_line(error)}"
+    own = _lost_message(error, ranks) if lost else f"rank {ranks.rank}: {error_line(error)}"
     if not ranks.is_main:
         if store is not None and not lost:  # a root cause, not the echo of another rank's
             try:
@@ -651,11 +651,6 @@ def _key_value_store() -> Any:
         return _get_default_store()
     except Exception:
         return None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else repr(error)
 
 
 # --- launching ------------------------------------------------------------------------------------

@@ -40,8 +40,13 @@ class StoreError(BatchlabError):
     """The run store cannot be opened or does not hold what was asked for."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of what an error said; the type's name where it said nothing."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
 def error_line(error: BaseException) -> str:
     """Any error as one line for a run's message or a warning: ``RuntimeError: what it said``
     (its first line; the type's name alone where it said nothing)."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    return f"{type(error).__name__}: {first_line(error)}" if str(error).strip() else type(error).__name__

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 
 from . import __version__
 from . import plots
-from .errors import BatchlabError, ConfigError, StoreError
+from .errors import BatchlabError, ConfigError, StoreError, first_line
 from .store import RunStore, StoredRun
 from .store.db import MAX_ID
 from .study.plan import NOISE_GROUP
@@ -501,7 +501,7 @@ def build_report(store: RunStore, ident: str | int) -> Report:
         # The store is untrusted input and a page is drawn from many of its values: one that slipped
         # past the checks is still one line, which names what went wrong.
         raise StoreError(f"cannot build the report of {ident} from {store.path}: a stored value has an unexpected "
-                         f"kind ({type(error).__name__}: {_first_line(error)}); the store may be damaged or not "
+                         f"kind ({type(error).__name__}: {first_line(error)[:120]}); the store may be damaged or not "
                          "written by batchlab") from None  # fmt: skip
 
 
@@ -550,10 +550,6 @@ def _checked(run: StoredRun) -> StoredRun:
     if not wrong.empty:
         raise bad("step table's epoch", float(wrong.iloc[0]), "a whole number")
     return run
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).splitlines() or [""])[0][:120]
 
 
 def _number(value: Any) -> float | None:

@@ -23,6 +23,8 @@ from typing import Any
 
 import pandas as pd
 
+from ..errors import first_line
+
 INFINITY, MINUS_INFINITY = "Infinity", "-Infinity"
 
 
@@ -115,7 +117,7 @@ def loads(text: str | None) -> Any:
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as error:  # RecursionError: "[[[[..." nested beyond the stack
-        raise Malformed(f"is not valid JSON ({_first_line(error)})") from None
+        raise Malformed(f"is not valid JSON ({first_line(error)})") from None
 
 
 def load_object(text: str | None) -> dict[str, Any]:
@@ -257,10 +259,6 @@ def short_repr(value: Any, limit: int = 40) -> str:
     """A value for a one-line message: its repr, cut to ``limit`` characters."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _first_line(error: BaseException) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def records(table: pd.DataFrame) -> list[dict[str, Any]]:
