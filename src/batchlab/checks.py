@@ -8,6 +8,7 @@ arguments' kinds first, with `check_argument` and `check_items`, and names what 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -51,6 +52,11 @@ def _is(value: Any, expected: type | tuple[type, ...]) -> bool:
     if isinstance(value, bool) and bool not in kinds:  # True is an int to Python, not to a user
         return False
     return isinstance(value, expected)
+
+
+def is_whole_number(value: Any) -> bool:
+    """Whether ``value`` is a whole number as a user means it: a Python or NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_argument(function: str, name: str, value: Any, expected: type | tuple[type, ...]) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .checks import is_whole_number
 from .data import Dataset
 from .errors import ArgumentError, ConfigError, DataError, ModelError
 from .events import AddMetrics, Callback, Evaluation, RunStart
@@ -202,7 +203,7 @@ def _lr_rule(optimizer: torch.optim.Optimizer, lr_rule: str) -> str:
 
 
 def _is_count(value: object) -> bool:
-    return bool(isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1)
+    return is_whole_number(value) and value >= 1
 
 
 def check_branch_settings(factors: Sequence[int], seeds: int | Sequence[int], lr_rule: str, alpha: float,

@@ -62,6 +62,7 @@ from typing import Any
 
 import torch
 
+from .checks import is_whole_number
 from .errors import ArgumentError, ConfigError, error_line
 from .events import Callback, Clock
 from .metrics import evaluate, pass_totals
@@ -823,10 +824,6 @@ class MicroBatchNoise:
 # forward pass (where the run begins and the store opens) or from an epoch's read-back.
 
 
-def _whole(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_options(*, store, name, probes, eval_every, eval_data, loss_fn, accumulate, scaler, n_train, dataset,
                    probe_every, seed) -> None:
     """Refuse `track`'s options that cannot work, each with one line naming it."""
@@ -844,13 +841,13 @@ def _check_options(*, store, name, probes, eval_every, eval_data, loss_fn, accum
         raise ArgumentError(f"track: dataset must be a string (a name for the data), got {_kind(dataset)}")
     _check_probes(probes)
     for option, value in (("accumulate", accumulate), ("probe_every", probe_every)):
-        if not _whole(value) or value < 1:
+        if not is_whole_number(value) or value < 1:
             raise ConfigError(f"{option} must be an integer >= 1, got {value!r}")
-    if eval_every is not None and (not _whole(eval_every) or eval_every < 1):
+    if eval_every is not None and (not is_whole_number(eval_every) or eval_every < 1):
         raise ConfigError(f"eval_every must be an integer >= 1 or None, got {eval_every!r}")
-    if n_train is not None and (not _whole(n_train) or n_train < 1):
+    if n_train is not None and (not is_whole_number(n_train) or n_train < 1):
         raise ConfigError(f"n_train must be the training set's size, an integer >= 1, got {n_train!r}")
-    if seed is not None and not _whole(seed):
+    if seed is not None and not is_whole_number(seed):
         raise ConfigError(f"seed must be an integer or None, got {seed!r}")
     if loss_fn is not None and not callable(loss_fn):
         raise ArgumentError(f"track: loss_fn must be a function (outputs, targets) -> loss such as "
@@ -981,7 +978,7 @@ def _step_size(batch_size: Any, outputs: Any, targets: Any) -> int:
     if targets is not None and not isinstance(targets, torch.Tensor):
         raise ArgumentError(f"run.step: targets must be a tensor (the batch's targets), got {_kind(targets)}")
     if batch_size is not None:
-        if not (type(batch_size) is int or _whole(batch_size)) or batch_size < 1:
+        if not (type(batch_size) is int or is_whole_number(batch_size)) or batch_size < 1:
             raise ConfigError(f"run.step: batch_size must be a whole number >= 1 (the samples in the batch), "
                               f"got {batch_size!r}")
         return int(batch_size)
