@@ -59,6 +59,11 @@ def is_whole_number(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_count(value: Any) -> bool:
+    """Whether ``value`` is a count: a whole number (`is_whole_number`) of at least 1."""
+    return is_whole_number(value) and value >= 1
+
+
 def check_argument(function: str, name: str, value: Any, expected: type | tuple[type, ...]) -> None:
     """Raise one line unless ``value`` is an instance of ``expected``.
 

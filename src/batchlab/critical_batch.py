@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .checks import is_whole_number
+from .checks import is_count, is_whole_number
 from .data import Dataset
 from .errors import ArgumentError, ConfigError, DataError, ModelError
 from .events import AddMetrics, Callback, Evaluation, RunStart
@@ -150,7 +150,7 @@ def local_cbs(
     factors, seeds = _check_factors(factors, batch_size, n), _check_seeds(seeds)
     samples = _branch_samples(samples, factors, batch_size)
     _check_test(alpha, tolerance)
-    if not _is_count(noise_samples) or noise_samples < 2:
+    if not is_count(noise_samples) or noise_samples < 2:
         raise ConfigError(f"local_cbs: noise_samples must be a whole number ≥ 2, got {noise_samples!r}")
     evaluation = _evaluation_pair(eval_data, X, y, eval_samples)
     start = _branch_point(model, optimizer)
@@ -202,10 +202,6 @@ def _lr_rule(optimizer: torch.optim.Optimizer, lr_rule: str) -> str:
     return AUTO_RULES[type(optimizer)] if lr_rule == "auto" else lr_rule
 
 
-def _is_count(value: object) -> bool:
-    return is_whole_number(value) and value >= 1
-
-
 def check_branch_settings(factors: Sequence[int], seeds: int | Sequence[int], lr_rule: str, alpha: float,
                           tolerance: float, samples: int | None = None, eval_samples: int = 1,
                           noise_samples: int = 2) -> tuple[list[int], list[int]]:
@@ -223,13 +219,13 @@ def check_branch_settings(factors: Sequence[int], seeds: int | Sequence[int], lr
     _check_test(alpha, tolerance)
     for name, value, least in (("samples", samples, 1), ("eval_samples", eval_samples, 1),
                                ("noise_samples", noise_samples, 2)):
-        if value is not None and not (_is_count(value) and value >= least):
+        if value is not None and not (is_count(value) and value >= least):
             raise ConfigError(f"local_cbs: {name} must be a whole number ≥ {least}, got {value!r}")
     return _factor_list(factors), _check_seeds(seeds)
 
 
 def _check_factors(factors: Sequence[int], batch_size: int, n: int) -> list[int]:
-    if not _is_count(batch_size):
+    if not is_count(batch_size):
         raise ConfigError(f"local_cbs: batch_size must be a positive whole number, got {batch_size!r}")
     values = _factor_list(factors)
     if max(values) * batch_size > n:
@@ -240,7 +236,7 @@ def _check_factors(factors: Sequence[int], batch_size: int, n: int) -> list[int]
 
 def _factor_list(factors: Sequence[int]) -> list[int]:
     values = list(factors) if isinstance(factors, (list, tuple)) else None
-    if values is None or not all(_is_count(k) for k in values):
+    if values is None or not all(is_count(k) for k in values):
         raise ConfigError(f"local_cbs: factors must be a list of positive whole numbers such as (1, 2, 4, 8), "
                           f"got {factors!r}")
     if 1 not in values or len(set(values)) != len(values) or len(values) < 2:
@@ -250,10 +246,10 @@ def _factor_list(factors: Sequence[int]) -> list[int]:
 
 
 def _check_seeds(seeds: int | Sequence[int]) -> list[int]:
-    values = (list(range(int(seeds))) if isinstance(seeds, (int, np.integer)) and _is_count(seeds)
+    values = (list(range(int(seeds))) if is_count(seeds)
               else list(seeds) if isinstance(seeds, (list, tuple)) else None)
     if (values is None or len(values) < 2 or len(set(values)) != len(values)
-            or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 0 for s in values)):
+            or not all(is_whole_number(s) and s >= 0 for s in values)):
         raise ConfigError(f"local_cbs: seeds must be a number of seeds (at least 2, for a test over seeds) "
                           f"or a list of distinct non-negative whole numbers, got {seeds!r}")
     return [int(s) for s in values]
@@ -263,7 +259,7 @@ def _branch_samples(samples: int | None, factors: list[int], batch_size: int) ->
     unit = math.lcm(*factors) * batch_size
     if samples is None:  # STEPS_AT_LARGEST steps of the largest batch, rounded up to a multiple of every batch
         return -(-STEPS_AT_LARGEST * max(factors) * batch_size // unit) * unit
-    if not _is_count(samples) or samples % unit:
+    if not is_count(samples) or samples % unit:
         raise ConfigError(f"local_cbs: samples must be a positive multiple of every branch batch "
                           f"(a multiple of {unit}), got {samples!r}")
     return int(samples)
@@ -281,7 +277,7 @@ def _evaluation_pair(eval_data: Pair | None, X: torch.Tensor, y: torch.Tensor, e
     """The data every branch is evaluated on: ``eval_data``, else the training data or a fixed subset."""
     if eval_data is not None:
         return _training_pair(eval_data)
-    if not _is_count(eval_samples):
+    if not is_count(eval_samples):
         raise ConfigError(f"local_cbs: eval_samples must be a positive whole number, got {eval_samples!r}")
     if X.shape[0] <= eval_samples:
         return X, y

@@ -41,6 +41,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from ..checks import is_count
 from ..errors import ConfigError
 from ..events import Callback, Clock
 from ..record import Recorder, Run
@@ -83,9 +84,9 @@ class BatchlabCallback(keras.callbacks.Callback):
                  eval_every: int | None = None, eval_data: Any = None, callbacks: Sequence[Callback] = (),
                  dataset: str = ""):
         super().__init__()
-        if not _is_count(batch_size):
+        if not is_count(batch_size):
             raise ConfigError(f"batch_size must be the integer batch size given to fit, got {batch_size!r}")
-        if n_train is not None and not _is_count(n_train):
+        if n_train is not None and not is_count(n_train):
             raise ConfigError(f"n_train must be the number of training samples, a whole number >= 1, got {n_train!r}; "
                               "leave it out to learn it from the first epoch")
         self.store, self.name, self.batch_size, self.n_train = store, name, batch_size, n_train
@@ -370,11 +371,6 @@ def _samples_counted(counter) -> int | None:
     if counter is None:
         return None
     return int(round(float(np.asarray(keras.ops.convert_to_numpy(counter.count)))))
-
-
-def _is_count(value: Any) -> bool:
-    """A whole number >= 1 (not a bool)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value >= 1)
 
 
 def _check_n_train(n_train: int, batch_size: int, steps: int) -> None:
