@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.func import functional_call, vmap
 
-from .step import StepNumbers, compiled_already, compiled_copy, log, one_line
+from ..errors import error_line
+from .step import StepNumbers, compiled_already, compiled_copy, log
 from .updates import Hyper, apply_update, init_stacked_state  # noqa: F401  (re-exported)
 
 
@@ -97,7 +98,7 @@ class StackedStep:
             with torch._dynamo.config.patch(trace_autograd_ops=True):
                 out = fn(*args)
         except Exception as error:  # noqa: BLE001 -- any compiler failure means: train eagerly
-            self.fallback_reason = one_line(error)
+            self.fallback_reason = error_line(error)
             log.warning("compile: %s; these replicas train eagerly", self.fallback_reason)
             return stacked_train_step(*args)
         self.compiled[shape] = fn

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..errors import error_line
 from .updates import Hyper, apply_update, hyper_of, optimizer_state
 
 log = logging.getLogger("batchlab.compiled")
@@ -142,12 +143,6 @@ def separate_cache_per_kernel_set() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}-{capability.lower()}"
 
 
-def one_line(error: BaseException) -> str:
-    """The first line of a compiler error, which names the operation or construct in the way."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
-
-
 class CompiledStep:
     """``step(xb, yb) -> StepNumbers``: `train_step` compiled, falling back to eager when it cannot be.
 
@@ -235,7 +230,7 @@ class CompiledStep:
             with torch._dynamo.config.patch(trace_autograd_ops=True):
                 out = fn(*self._chunk_args(xs, ys, lrs))
         except Exception as error:  # noqa: BLE001 -- any compiler failure means: one step at a time
-            self.chunk_reason = one_line(error)
+            self.chunk_reason = error_line(error)
             log.warning("compile: %s; this model's steps compile one at a time", self.chunk_reason)
             return None
         self.chunks[xs.shape] = fn
@@ -265,7 +260,7 @@ class CompiledStep:
             with torch._dynamo.config.patch(trace_autograd_ops=True):
                 out = fn(*self._args(xb, yb))
         except Exception as error:  # noqa: BLE001 -- any compiler failure means: train eagerly
-            self.fallback_reason = one_line(error)
+            self.fallback_reason = error_line(error)
             log.warning("compile: %s; this model trains eagerly", self.fallback_reason)
             return train_step(*self._args(xb, yb))
         self.compiled[xb.shape] = fn
