@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 
 def scaled_lr(config: TrainConfig, batch_size: int) -> float:
