@@ -10,12 +10,19 @@ Configuration is data: it is never executed or unpickled.
 from __future__ import annotations
 
 import math
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+import tomllib
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import BatchlabError, ConfigError
 from .files import read_text
@@ -27,6 +34,8 @@ Device = Literal["cpu", "cuda", "auto"]
 Loss = Literal["auto", "cross_entropy", "mse"]
 Compile = Literal["auto", "on", "off"]
 BatchSize = Union[int, Literal["full"]]
+# A batch-size schedule: (samples seen, B) pairs, the first at 0 (`batchlab.schedule`).
+BatchSchedule = tuple[tuple[int, BatchSize], ...]
 
 
 # Whole numbers end up in torch (seeds, step counters, sizes): they must fit a signed 64-bit integer.
@@ -88,6 +97,77 @@ def whole_number_or(value: Any, word: str, expected: str) -> Any:
     return number
 
 
+def parse_schedule(value: Any, whole_number: Any) -> Any:
+    """A config's ``batch_size`` as given (an int, ``"full"``, text, or pairs) in its checked form.
+
+    Args:
+        value: what was given: ``32``, ``"full"``, ``"32,20000:64"``, ``[(0, 32), (20000, 64)]``.
+        whole_number: checks one batch size (an int ≥ 1 or ``"full"``) and returns it.
+
+    Returns:
+        An int or ``"full"`` for a constant batch; for a schedule, a tuple of ``(samples, B)``
+        pairs, the first at 0 samples, samples strictly increasing, no two neighbours equal in B.
+        A schedule of one pair is its batch size.
+
+    Raises:
+        ValueError: one line naming the accepted forms.
+    """
+    if isinstance(value, str) and ("," in value or ":" in value):
+        value = [_text_pair(part, index) for index, part in enumerate(value.split(","))]
+    if not isinstance(value, (list, tuple)):
+        return whole_number(value)
+    pairs = [_pair(item, whole_number) for item in value]
+    if not pairs:
+        raise ValueError("a batch-size schedule needs at least one (samples, batch size) pair")
+    if pairs[0][0] != 0:
+        raise ValueError(f"a batch-size schedule starts at 0 samples seen, got {pairs[0][0]}")
+    for (before, _), (after, _) in zip(pairs, pairs[1:]):
+        if after <= before:
+            raise ValueError(f"a batch-size schedule's samples must increase, got {before} then {after}")
+    merged = [pairs[0]] + [p for previous, p in zip(pairs, pairs[1:]) if p[1] != previous[1]]
+    return merged[0][1] if len(merged) == 1 else tuple(merged)
+
+
+def _text_pair(part: str, index: int) -> tuple[str, str]:
+    """``"20000:64"`` -> ("20000", "64"); the first part may be a bare B (from 0 samples)."""
+    part = part.strip()
+    if ":" not in part:
+        if index == 0:
+            return "0", part
+        raise ValueError(f"after the first batch size, each change reads SAMPLES:B (e.g. 20000:64), got {part!r}")
+    samples, batch = part.split(":", 1)
+    return samples.strip(), batch.strip()
+
+
+def _pair(item: Any, whole_number: Any) -> tuple[int, Any]:
+    if not isinstance(item, (list, tuple)) or len(item) != 2:
+        raise ValueError(f"each step of a batch-size schedule is (samples seen, batch size), got {item!r}")
+    samples = item[0]
+    if isinstance(samples, str):
+        try:
+            samples = int(samples)
+        except ValueError:
+            pass
+    elif isinstance(samples, float) and samples.is_integer():
+        samples = int(samples)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ValueError(f"a batch-size schedule's samples seen must be a whole number >= 0, got {item[0]!r}")
+    return samples, whole_number(item[1])
+
+
+def is_schedule(batch_size: Any) -> bool:
+    """Whether a config's ``batch_size`` is a schedule rather than one batch size."""
+    return isinstance(batch_size, tuple)
+
+
+def format_schedule(batch_size: Any) -> str:
+    """A config's batch size as the command line writes it: ``32``, ``full``, ``32,20000:64``."""
+    if not is_schedule(batch_size):
+        return str(batch_size)
+    return ",".join([str(batch_size[0][1]), *(f"{s}:{b}" for s, b in batch_size[1:])])
+
+
+
 class TrainConfig(_Frozen):
     """How one model trains.
 
@@ -96,7 +176,10 @@ class TrainConfig(_Frozen):
     number of epochs (or ``max_steps``, whichever ends first) decides when training stops.
 
     Args:
-        batch_size: samples per update, or ``"full"`` for batch gradient descent (B = N).
+        batch_size: samples per update, ``"full"`` for batch gradient descent (B = N), or a
+            schedule of (samples seen, B) pairs, the first at 0: ``((0, 32), (20000, 64))``, on
+            the command line ``32,20000:64``. A change takes effect at the next batch; the
+            learning rate follows each B through ``lr_scaling`` (`batchlab.schedule`).
         epochs: passes over the training set. Defaults to 10 when ``max_steps`` is not given.
         max_steps: stop after this many updates (may end an epoch early).
         optimizer: ``sgd`` (with ``momentum`` and ``nesterov``), ``adam``, ``adamw`` or ``rmsprop``.
@@ -118,7 +201,7 @@ class TrainConfig(_Frozen):
             The numbers are the same either way (within float rounding).
     """
 
-    batch_size: BatchSize = 32
+    batch_size: Union[BatchSize, BatchSchedule] = 32
     epochs: int | None = Field(default=None, ge=1, lt=INT64_LIMIT)
     max_steps: int | None = Field(default=None, ge=1, lt=INT64_LIMIT)
     optimizer: Optimizer = "sgd"
@@ -152,7 +235,7 @@ class TrainConfig(_Frozen):
     @field_validator("batch_size", mode="before")
     @classmethod
     def _batch_size(cls, value: Any) -> Any:
-        return whole_number_or(value, "full", "a whole number >= 1 or 'full'")
+        return parse_schedule(value, lambda b: whole_number_or(b, "full", "a whole number >= 1 or 'full'"))
 
     @field_validator("eval_every", mode="before")
     @classmethod
@@ -181,6 +264,10 @@ class TrainConfig(_Frozen):
             raise ValueError("nesterov needs optimizer 'sgd' with momentum > 0")
         if self.warmup_steps and self.warmup_epochs:
             raise ValueError("give warmup_steps or warmup_epochs, not both")
+        if is_schedule(self.batch_size) and (self.warmup_epochs or self.schedule == "sgdr"):
+            # Both count epochs in steps, and an epoch's steps change with the batch size.
+            raise ValueError("with a batch-size schedule, give warm-up in warmup_steps, and use a constant, "
+                             "step or cosine lr schedule (sgdr counts its periods in steps of one batch size)")
         return self
 
     def replace(self, **changes: Any) -> "TrainConfig":

@@ -50,6 +50,7 @@ from .config import TrainConfig
 from .errors import BatchlabError, ConfigError, error_line
 from .events import Callback, Clock, RestoreWeights
 from .loop import check_model, plan_batch_norm, plan_run, resolve_device
+from .schedule import require_one_batch_size
 from .metrics import correct_count, evaluation_splits, loss_function, pass_totals
 from .optim import build_optimizer, lr_at, scaled_lr, set_lr
 from .probes import NoiseScale, NoiseScaleExact, ProbeSet, RankGradients, RankNoiseScale, make_probe, part_sizes
@@ -143,6 +144,7 @@ def plan_global(dataset: data_lib.Dataset, config: TrainConfig, world_size: int)
     Raises:
         ConfigError: the global batch is larger than the training set.
     """
+    require_one_batch_size(config.batch_size, "a data-parallel run")
     if config.batch_size == "full":
         return config, plan_run(dataset, config)
     global_batch = config.batch_size * world_size

@@ -8,6 +8,7 @@ changes it breaks the run's meaning.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +21,30 @@ if TYPE_CHECKING:
     from .data import Dataset
 
 
+Changes = tuple[tuple[int, int], ...]  # a batch-size schedule: (samples seen, B), B a whole number
+
+
+def batch_at(changes: Changes, samples_seen: int) -> int:
+    """The batch size of a batch that starts after ``samples_seen`` samples."""
+    return changes[bisect.bisect_right([s for s, _ in changes], samples_seen) - 1][1]
+
+
+def describe_changes(changes: Changes, n_train: int) -> str:
+    """``batch 32 -> 64 at 20,000 samples -> 128 at 60,000 samples`` (``full batch`` for B = N)."""
+    def name(b: int) -> str:
+        return "full batch" if b == n_train else f"batch {b}"
+    return " -> ".join([name(changes[0][1]), *(f"{b} at {s:,} samples" for s, b in changes[1:])])
+
+
 @dataclass(frozen=True)
 class Clock:
     """The step/epoch accounting of one run: every counter the loop keeps, in one place.
 
     ``step`` counts parameter updates done; ``epoch`` is the 1-based epoch in progress (0 before
-    training); ``step_in_epoch`` counts updates done in that epoch.
+    training); ``step_in_epoch`` counts updates done in that epoch. With a batch-size schedule,
+    ``changes`` holds it as (samples seen, B) pairs (`batchlab.schedule`), ``batch_size`` is the
+    batch size in force for the next batch and ``steps_per_epoch`` the length of the epoch in
+    progress (of the first epoch before training); without one, ``changes`` is empty.
     """
 
     n_train: int
@@ -37,11 +56,15 @@ class Clock:
     epoch: int = 0
     step_in_epoch: int = 0
     samples_seen: int = 0
+    changes: Changes = ()
 
     def describe(self) -> str:
         """The accounting line printed at start: "4000 samples, batch 32 -> 125 steps/epoch, ..."."""
-        batch = "full batch" if self.batch_size == self.n_train else f"batch {self.batch_size}"
         epochs = "epoch" if self.epochs == 1 else "epochs"
+        if self.changes:
+            return (f"{self.n_train} samples, {describe_changes(self.changes, self.n_train)}; "
+                    f"{self.epochs} {epochs} = {self.total_steps} steps")
+        batch = "full batch" if self.batch_size == self.n_train else f"batch {self.batch_size}"
         return (
             f"{self.n_train} samples, {batch} -> {self.steps_per_epoch} steps/epoch, "
             f"{self.epochs} {epochs} = {self.total_steps} steps"

@@ -10,7 +10,6 @@ evaluations and hands the numbers over. It knows nothing of stores, plots or the
 from __future__ import annotations
 
 import json
-import math
 import pickle
 import time
 from collections.abc import Sequence
@@ -22,10 +21,17 @@ from typing import Any
 import torch
 
 from . import data as data_lib
+from . import schedule
 from .config import TrainConfig
 from .errors import ConfigError, ModelError, error_line
 from .events import Callback, Clock
-from .metrics import correct_count, evaluate_splits, evaluation_splits, loss_function, mean_loss_function
+from .metrics import (
+    correct_count,
+    evaluate_splits,
+    evaluation_splits,
+    loss_function,
+    mean_loss_function,
+)
 from .optim import build_optimizer, lr_at, scaled_lr, set_lr
 from .record import Recorder, Run, step_table, summarize_evals
 
@@ -49,26 +55,10 @@ def plan_run(dataset: data_lib.Dataset, config: TrainConfig) -> Clock:
         ConfigError: a batch size larger than the training set (without ``full``), or a run of 0 steps.
     """
     n = dataset.n_train
-    if config.batch_size == "full":
-        batch_size = n
-    else:
-        batch_size = config.batch_size
-        if batch_size > n:
-            raise ConfigError(
-                f"batch_size {batch_size} is larger than the training set ({n} samples); "
-                f"use a batch size <= {n}, or 'full' for batch gradient descent"
-            )
-    per_epoch = data_lib.steps_per_epoch(n, batch_size, config.drop_last)
-    total = config.epochs * per_epoch if config.epochs is not None else config.max_steps
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
-    return Clock(
-        n_train=n,
-        batch_size=batch_size,
-        steps_per_epoch=per_epoch,
-        total_steps=total,
-        epochs=math.ceil(total / per_epoch),
-    )
+    changes = schedule.resolve(config.batch_size, n)
+    total, epochs, first_epoch = schedule.plan_steps(changes, n, config.drop_last, config.epochs, config.max_steps)
+    return Clock(n_train=n, batch_size=changes[0][1], steps_per_epoch=first_epoch, total_steps=total, epochs=epochs,
+                 changes=changes if len(changes) > 1 else ())
 
 
 def has_batch_norm(model: torch.nn.Module) -> bool:
@@ -235,7 +225,10 @@ def fit(
         >>> run = bl.fit(bl.build_model("mlp", ds, hidden=[50]), ds, bl.TrainConfig(batch_size=32, epochs=5))
         >>> run.epochs[["epoch", "running_acc", "train_acc", "val_acc"]]
     """
-    from .callbacks import ProgressBar, progress_wanted  # the bar is a callback like any other
+    from .callbacks import (  # the bar is a callback like any other
+        ProgressBar,
+        progress_wanted,
+    )
     from .checks import check_arguments, check_items
     from .probes import ProbeSet
 
@@ -280,7 +273,7 @@ class _LoopState:
     mean_loss_fn: Any  # the batch's mean loss, fused (the update)
     optimizer: torch.optim.Optimizer
     generator: torch.Generator  # the data order, separate from the dropout RNG
-    base_lr: float
+    base_lr: float  # the lr after `scaled_lr` at the first batch size
     splits: dict  # the splits every evaluation passes over
     recorder: Recorder = None  # type: ignore[assignment]  # set by fit once the probes exist
     compiled: Any = None  # a `batchlab.compiled.CompiledStep` for unmeasured steps, or None: eager
@@ -299,6 +292,24 @@ class _LoopState:
             base_lr=base_lr,
             splits=evaluation_splits(dataset, config.eval_train),
         )
+
+    def lr_of(self, step: int, batch_size: int, epochs_done: int) -> float:
+        """The learning rate of update ``step``, made at ``batch_size`` (the B in force, under a
+        batch-size schedule: `scaled_lr` follows it) after ``epochs_done`` epochs."""
+        clock = self.recorder.clock
+        if not clock.changes:
+            return lr_at(step, self.config, self.base_lr, clock.steps_per_epoch, clock.total_steps)
+        return lr_at(step, self.config, scaled_lr(self.config, batch_size), clock.steps_per_epoch, clock.total_steps,
+                     epochs_done)
+
+    def epoch_batches(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The next epoch's sample order and its batches (index tensors), on the data's device."""
+        clock, config = self.recorder.clock, self.config
+        order = data_lib.epoch_order(clock.n_train, self.generator, config.shuffle).to(self.dataset.train[0].device)
+        if not clock.changes:
+            return order, data_lib.batch_indices(order, clock.batch_size, config.drop_last)
+        sizes = schedule.epoch_batch_sizes(clock.changes, clock.n_train, clock.samples_seen, config.drop_last)
+        return order, list(torch.split(order[:sum(sizes)], sizes))
 
     def evaluate(self) -> None:
         """Full passes at the current weights, handed to the core with their time."""
@@ -339,17 +350,38 @@ class _LoopState:
         except (KeyError, TypeError, ValueError) as error:
             raise ConfigError(f"checkpoint {path} is not a batchlab checkpoint ({type(error).__name__}); "
                               "resume from a file written by Checkpoint") from None
-        if saved != self.config:
-            raise ConfigError(f"checkpoint {path} was written by a run with another config; resume with the same config")
+        why = resume_mismatch(saved, self.config, meta["clock"]["samples_seen"], self.dataset.n_train)
+        if why:
+            raise ConfigError(f"checkpoint {path} was written by a run with another config ({why}); resume with "
+                              "the same config, changing only what comes after the checkpoint")
         self.model.load_state_dict(blob["model"])
         self.optimizer.load_state_dict(blob["optimizer"])
         self.generator.set_state(blob["generator"])
         torch.set_rng_state(blob["torch_rng"])
         if blob["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(blob["cuda_rng"])
-        self.recorder.load_state(meta)
+        self.recorder.load_state(meta, plan=self.recorder.clock)
         if self.recorder.probes is not None and blob["probe_states"] is not None:
             self.recorder.probes.load_saved_states(blob["probe_states"])
+
+
+# What a resumed run may change: only what happens after the checkpoint.
+FUTURE_FIELDS = ("batch_size", "lr", "lr_scaling", "reference_batch_size", "epochs", "max_steps")
+
+
+def resume_mismatch(saved: TrainConfig, config: TrainConfig, samples_seen: int, n_train: int) -> str | None:
+    """Why ``config`` cannot continue a run checkpointed under ``saved`` after ``samples_seen`` samples,
+    or None. It may change the learning rate, the run's length and the batch sizes from the
+    checkpoint on (a branch at another batch size and lr); everything else, and every batch size
+    before the checkpoint, must be the same."""
+    changed = [name for name in TrainConfig.model_fields
+               if name not in FUTURE_FIELDS and getattr(saved, name) != getattr(config, name)]
+    if changed:
+        return "it differs in " + ", ".join(changed)
+    before = schedule.resolve(saved.batch_size, n_train), schedule.resolve(config.batch_size, n_train)
+    if schedule.until(before[0], samples_seen) != schedule.until(before[1], samples_seen):
+        return f"its batch sizes before the checkpoint's {samples_seen} samples differ"
+    return None
 
 
 def load_checkpoint(path: str | Path, device: torch.device) -> dict:
@@ -372,14 +404,14 @@ def load_checkpoint(path: str | Path, device: torch.device) -> dict:
 
 def _choose_step(state: _LoopState) -> None:
     """Compile the update or not (``config.compile``); after a resume, so it holds the restored state."""
-    from .compiled.choose import batch_shapes, fit_step
+    from .compiled.choose import fit_step
 
     config, clock, rec = state.config, state.recorder.clock, state.recorder
     probing = rec.probes is not None and rec.probes.active
+    changes = clock.changes or ((0, clock.batch_size),)
     state.compiled = fit_step(
         config.compile, state.model, state.optimizer, state.mean_loss_fn, state.dataset.n_classes is not None,
-        state.dataset.train, batch_shapes(clock.n_train, clock.batch_size, config.drop_last, clock.total_steps,
-                                          clock.steps_per_epoch),
+        state.dataset.train, schedule.sizes_used(changes, clock.n_train, config.drop_last, clock.total_steps),
         clock.total_steps - clock.step, config.probe_every if probing else None)
 
 
@@ -393,8 +425,9 @@ def _train(state: _LoopState) -> Run:
     model.train()
     try:
         while rec.going and rec.clock.step < rec.clock.total_steps:
-            rec.start_epoch()
-            _run_epoch(state)
+            order, batches = state.epoch_batches()
+            rec.start_epoch(len(batches) if rec.clock.changes else None)
+            _run_epoch(state, order, batches)
             if rec.status == "diverged":
                 break
             if not rec.evaluated_now():
@@ -410,26 +443,32 @@ def _train(state: _LoopState) -> Run:
     return rec.finish()
 
 
-def _run_epoch(state: _LoopState) -> None:
-    """The steps of one epoch: compute each update and hand its numbers to the core. The hot path."""
-    rec, config, model, optimizer = state.recorder, state.config, state.model, state.optimizer
+def _run_epoch(state: _LoopState, order: torch.Tensor, batches: list[torch.Tensor]) -> None:
+    """The steps of one epoch: compute each update and hand its numbers to the core. The hot path.
+
+    Args:
+        order: the epoch's sample order (N,); ``batches`` are consecutive slices of it.
+        batches: the epoch's batches, as index tensors.
+    """
+    rec, model, optimizer = state.recorder, state.model, state.optimizer
     X, y = state.dataset.train
     classification = state.dataset.n_classes is not None
     probes, compiled = rec.probes, state.compiled
     clock = rec.clock
     step, total = clock.step, clock.total_steps
     current_lr = None
-    order = data_lib.epoch_order(clock.n_train, state.generator, config.shuffle).to(X.device)
-    batches = data_lib.batch_indices(order, clock.batch_size, config.drop_last)
+    done = clock.epoch - 1  # epochs completed before this one
+    start = 0  # where the next batch starts in the epoch's order
     chunking = compiled is not None and compiled.chunked
     at = 0  # the next batch of the epoch
     while at < len(batches) and step < total:
         started = time.perf_counter()
         count = _chunk_length(state, step, batches, at) if chunking else 1
         if count > 1:
-            # K steps as one graph: the batches are consecutive slices of the epoch's order.
-            index = order[at * clock.batch_size:(at + count) * clock.batch_size].view(count, clock.batch_size)
-            lrs = [lr_at(step + k, config, state.base_lr, clock.steps_per_epoch, total) for k in range(count)]
+            # K steps as one graph: the batches are consecutive slices of the epoch's order, of one size.
+            b = batches[at].numel()
+            index = order[start:start + count * b].view(count, b)
+            lrs = [state.lr_of(step + k, rec.clock.batch_size, done) for k in range(count)]
             out = compiled.steps(*data_lib.gather_batches(X, y, index),
                                  torch.tensor(lrs, dtype=torch.float64, device=X.device))
             if out is not None:
@@ -440,16 +479,16 @@ def _run_epoch(state: _LoopState) -> None:
                 seconds = (time.perf_counter() - started) / count
                 # A loss that is not finite stops the rows there; the chunk's later updates are made
                 # (the run is diverged: its weights are not finite either).
-                rec.record_steps([(clock.batch_size, lr, loss, correct, seconds, None)
+                rec.record_steps([(b, lr, loss, correct, seconds, None)
                                   for lr, loss, correct in zip(lrs, losses, corrects)])
-                step, at = step + count, at + count
+                step, at, start = step + count, at + count, start + count * b
                 if not _after_step(state):
                     return
                 continue
             chunking = False  # the K-step graph cannot be compiled: one step at a time
         index = batches[at]
-        at += 1
-        lr = lr_at(step, config, state.base_lr, clock.steps_per_epoch, total)
+        at, start = at + 1, start + index.numel()
+        lr = state.lr_of(step, rec.clock.batch_size, done)
         if lr != current_lr:
             set_lr(optimizer, lr)
             if compiled is not None:

@@ -50,6 +50,7 @@ from .events import (
     Save,
     StepEnd,
     Stop,
+    batch_at,
 )
 from .metrics import RunningMean
 
@@ -291,9 +292,15 @@ class Recorder:
 
     # -- steps -----------------------------------------------------------------------------------
 
-    def start_epoch(self) -> None:
-        """A new epoch: the clock advances and the running mean restarts (Keras resets its metrics)."""
-        self.clock = replace(self.clock, epoch=self.clock.epoch + 1, step_in_epoch=0)
+    def start_epoch(self, steps_per_epoch: int | None = None) -> None:
+        """A new epoch: the clock advances and the running mean restarts (Keras resets its metrics).
+
+        Args:
+            steps_per_epoch: the epoch's length when it differs from the last one's (a batch-size
+                schedule); None keeps it.
+        """
+        self.clock = replace(self.clock, epoch=self.clock.epoch + 1, step_in_epoch=0,
+                             steps_per_epoch=steps_per_epoch or self.clock.steps_per_epoch)
         self.running = RunningMean()
 
     def measuring(self) -> bool:
@@ -362,9 +369,11 @@ class Recorder:
 
     @staticmethod
     def _advanced(clock: Clock, step: int, step_in_epoch: int, samples_seen: int) -> Clock:
-        """``clock`` moved on to the given counters (positional: the fastest way to build a Clock)."""
-        return Clock(clock.n_train, clock.batch_size, clock.steps_per_epoch, clock.total_steps, clock.epochs, step,
-                     clock.epoch, step_in_epoch, samples_seen)
+        """``clock`` moved on to the given counters (positional: the fastest way to build a Clock); under
+        a batch-size schedule, with the batch size in force for the next batch."""
+        batch_size = batch_at(clock.changes, samples_seen) if clock.changes else clock.batch_size
+        return Clock(clock.n_train, batch_size, clock.steps_per_epoch, clock.total_steps, clock.epochs, step,
+                     clock.epoch, step_in_epoch, samples_seen, clock.changes)
 
     def evaluation_due(self) -> bool:
         """Whether the driver should evaluate now: every ``eval_every`` steps, not at an epoch's end
@@ -453,9 +462,22 @@ class Recorder:
         return {"clock": asdict(self.clock), "steps": self.steps, "evals": self.evals, "epochs": self.epochs,
                 "seconds": self.seconds, "eval_seconds": self.eval_seconds}
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        """Continue from `state`: the rows so far count as delivered (the store has them)."""
-        self.clock = Clock(**state["clock"])
+    def load_state(self, state: Mapping[str, Any], plan: Clock | None = None) -> None:
+        """Continue from `state`: the rows so far count as delivered (the store has them).
+
+        Args:
+            state: what `state` returned.
+            plan: the clock planned for the continued run (its batch sizes, length); the counters
+                come from ``state``. Default: the checkpoint's own plan.
+        """
+        saved = dict(state["clock"])
+        saved["changes"] = tuple(tuple(change) for change in saved.get("changes", ()))  # JSON made them lists
+        clock = Clock(**saved)
+        if plan is not None:
+            clock = replace(plan, step=clock.step, epoch=clock.epoch, step_in_epoch=clock.step_in_epoch,
+                            samples_seen=clock.samples_seen)
+            clock = self._advanced(clock, clock.step, clock.step_in_epoch, clock.samples_seen)  # B in force now
+        self.clock = clock
         self.steps, self.evals, self.epochs = list(state["steps"]), list(state["evals"]), list(state["epochs"])
         self.seconds, self.eval_seconds = float(state["seconds"]), float(state["eval_seconds"])
         self.delivered_steps, self.delivered_evals = len(self.steps), len(self.evals)

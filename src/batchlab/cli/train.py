@@ -19,7 +19,8 @@ from .app import (FiniteFloat, allow_import_option, cell, check_out_folder, chec
 
 
 TRAIN_HELP = {  # TrainConfig field -> help text
-    "batch_size": "Samples per update, or 'full' for batch gradient descent.",
+    "batch_size": "Samples per update, 'full' for batch gradient descent, or a schedule by samples seen: "
+                  "32,20000:64 (B 32, then 64 from 20000 samples on; the lr follows --lr-scaling).",
     "epochs": "Passes over the training set (default 10 when --max-steps is not given).",
     "max_steps": "Stop after this many updates.",
     "optimizer": "sgd, adam, adamw or rmsprop.",
@@ -105,8 +106,8 @@ def field_option(name: str, flag: str, annotation: Any, default: Any, help_text:
 
 # What a text flag holds; the corpus of bad inputs (tests/test_cli_corpus.py) reads numbers into those
 # that hold numbers. INTS: comma-separated whole numbers; NUMBERS: comma-separated numbers.
-TEXT_METAVARS = {"batch_size": "B|full", "eval_every": "K|epoch", "batch_sizes": "INTS|full", "lrs": "auto|NUMBERS",
-                 "seeds": "N|INTS", "target": "METRIC>=VALUE"}  # fmt: skip
+TEXT_METAVARS = {"batch_size": "B|full|B,SAMPLES:B", "eval_every": "K|epoch", "batch_sizes": "INTS|full",
+                 "lrs": "auto|NUMBERS", "seeds": "N|INTS", "target": "METRIC>=VALUE"}  # fmt: skip
 
 
 def given(ctx: click.Context) -> dict[str, Any]:

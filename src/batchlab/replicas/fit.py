@@ -23,6 +23,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError
 from ..events import Callback, Clock
 from ..loop import check_model, plan_run, resolve_device
+from ..schedule import require_one_batch_size
 from ..optim import scaled_lr
 from ..record import Recorder, Run, evaluation_due
 from .plan import (
@@ -143,6 +144,7 @@ def fit_replicas(
         raise ConfigError(f"probe {unknown[0]!r} is not available for replicas; choose from "
                           f"{', '.join(REPLICA_PROBES)}, or train with fit")
     factory = _callback_factory(callbacks, len(configs))
+    require_one_batch_size(configs[0].batch_size, "fit_replicas")
     clock = plan_run(dataset, configs[0])
     device = resolve_device(configs[0].device)
     dataset = dataset.to(device)

@@ -1,0 +1,108 @@
+"""The batch size over a run: a constant, or a schedule of (samples seen → B), planned before training.
+
+Accounting is in samples. An epoch is one pass over the training set; its order is cut into
+consecutive batches, and each batch takes the batch size in force at the samples seen when it
+starts, so a change takes effect at the next batch (within an epoch, too). The last batch of an
+epoch holds what is left (dropped with ``drop_last`` when it is short of its batch size).
+
+``TrainConfig.batch_size`` is an int, ``"full"``, or a schedule ``((0, 32), (20000, 64), ...)``:
+pairs (samples seen, B) whose first starts at 0 and whose samples increase. On the command line
+and in TOML files the same schedule reads ``32,20000:64,60000:128``. Every function here is pure:
+the same config and training-set size always give the same batches.
+
+The learning rate follows the batch size in force through ``lr_scaling`` (`batchlab.optim.scaled_lr`
+at each batch's B): ``linear`` for SGD-like rules, ``sqrt`` for Adam-like ones, or ``none``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import format_schedule, is_schedule
+from .errors import ConfigError
+from .events import Changes, batch_at
+
+
+def require_one_batch_size(batch_size: Any, where: str) -> None:
+    """Refuse a batch-size schedule, in one line, where training runs at one batch size.
+
+    Raises:
+        ConfigError: ``batch_size`` is a schedule.
+    """
+    if is_schedule(batch_size):
+        raise ConfigError(f"{where} trains at one batch size; a batch-size schedule "
+                          f"({format_schedule(batch_size)}) needs bl.fit (batchlab fit)")
+
+
+def resolve(batch_size: Any, n_train: int) -> Changes:
+    """The config's batch size as changes ``((0, B0), (s1, B1), ...)`` with ``"full"`` = N.
+
+    Raises:
+        ConfigError: a batch size larger than the training set (``full`` is the way to ask for N).
+    """
+    pairs = batch_size if is_schedule(batch_size) else ((0, batch_size),)
+    changes = tuple((samples, n_train if b == "full" else int(b)) for samples, b in pairs)
+    for _, b in changes:
+        if b > n_train:
+            raise ConfigError(f"batch_size {b} is larger than the training set ({n_train} samples); "
+                              f"use a batch size <= {n_train}, or 'full' for batch gradient descent")
+    return changes
+
+
+def until(changes: Changes, samples_seen: int) -> Changes:
+    """The schedule as far as batches starting before ``samples_seen`` go: two schedules that give
+    the same ``until`` trained the same batches up to there."""
+    return tuple((s, b) for s, b in changes if s < samples_seen) if samples_seen > 0 else ()
+
+
+def epoch_batch_sizes(changes: Changes, n_train: int, samples_seen: int, drop_last: bool) -> list[int]:
+    """The sizes of one epoch's batches, for an epoch that starts after ``samples_seen`` samples.
+
+    Each batch takes the batch size in force where it starts; the last holds what is left of the
+    N samples, and is left out with ``drop_last`` when that is less than its batch size.
+    """
+    if len(changes) == 1 or samples_seen >= changes[-1][0]:  # one batch size for the whole epoch
+        b = batch_at(changes, samples_seen)
+        sizes = [b] * (n_train // b)
+        return sizes if drop_last or n_train % b == 0 else [*sizes, n_train % b]
+    sizes, at = [], 0
+    while at < n_train:
+        b = batch_at(changes, samples_seen + at)
+        if n_train - at < b and drop_last:
+            break
+        sizes.append(min(b, n_train - at))
+        at += sizes[-1]
+    return sizes
+
+
+def plan_steps(changes: Changes, n_train: int, drop_last: bool, epochs: int | None,
+               max_steps: int | None) -> tuple[int, int, int]:
+    """The run's length: ``(total steps, epochs started, steps of the first epoch)``.
+
+    Training stops after ``epochs`` epochs or ``max_steps`` steps, whichever comes first. Epochs
+    are walked one by one only while the schedule still changes; after its last change every
+    epoch is alike and the rest is arithmetic.
+    """
+    total, started, seen, first = 0, 0, 0, 0
+    while (epochs is None or started < epochs) and (max_steps is None or total < max_steps):
+        sizes = epoch_batch_sizes(changes, n_train, seen, drop_last)  # never empty: every B <= N
+        first = first or len(sizes)
+        if seen >= changes[-1][0]:  # the batch size is constant from here on
+            end = total + len(sizes) * (epochs - started) if epochs is not None else max_steps
+            end = min(end, max_steps) if max_steps is not None else end
+            return end, started - (-(end - total) // len(sizes)), first
+        total, started, seen = total + len(sizes), started + 1, seen + sum(sizes)
+    return (min(total, max_steps) if max_steps is not None else total), started, first
+
+
+def sizes_used(changes: Changes, n_train: int, drop_last: bool, total_steps: int) -> list[int]:
+    """The distinct batch sizes a run of ``total_steps`` trains on, in order of first use: every
+    scheduled B it reaches and every short last batch of an epoch (the shapes a compiled step meets)."""
+    used, steps, seen = {}, 0, 0
+    while steps < total_steps:
+        sizes = epoch_batch_sizes(changes, n_train, seen, drop_last)[:total_steps - steps]
+        used.update(dict.fromkeys(sizes))
+        if seen >= changes[-1][0]:  # every later epoch is alike
+            break
+        steps, seen = steps + len(sizes), seen + sum(sizes)
+    return list(used)
