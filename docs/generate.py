@@ -209,6 +209,13 @@ def loop_accounting(cwd: Path) -> str:
     return console(cwd, "batchlab fit --dataset mnist1d --batch-size 32 --epochs 20", head=1, pinned=False)
 
 
+@block(pinned=False)
+def loop_schedule_accounting(cwd: Path) -> str:
+    """docs/loop.md: the accounting line of a run whose batch size follows a schedule."""
+    return console(cwd, "batchlab fit --dataset mnist1d --batch-size 32,20000:64,60000:128 --lr-scaling linear "
+                        "--epochs 20", head=1, pinned=False)
+
+
 @block(artifacts=("docs/figures/batchlab-explain-1.png",))
 def explain_default(cwd: Path) -> str:
     """docs/explain.md: `batchlab explain` with no training flags, its table, paragraph and figure."""

@@ -34,15 +34,19 @@ def warmup_steps(config: TrainConfig, steps_per_epoch: int) -> int:
     return config.warmup_steps or round(config.warmup_epochs * steps_per_epoch)
 
 
-def lr_at(step: int, config: TrainConfig, base_lr: float, steps_per_epoch: int, total_steps: int) -> float:
+def lr_at(step: int, config: TrainConfig, base_lr: float, steps_per_epoch: int, total_steps: int,
+          epochs_done: int | None = None) -> float:
     """The learning rate of update number ``step`` (0-based: the first update is step 0).
 
     Args:
         step: index of the update about to be made.
         config: gives the schedule and its parameters (epochs are converted with ``steps_per_epoch``).
-        base_lr: the learning rate after `scaled_lr`.
+        base_lr: the learning rate after `scaled_lr`, at the batch size of this update.
         steps_per_epoch: updates per epoch.
         total_steps: updates in the whole run (cosine anneals to ``min_lr`` at the last one).
+        epochs_done: epochs completed before this update, for the ``step`` schedule; default
+            ``step // steps_per_epoch``. A batch-size schedule gives it, as its epochs differ in
+            length (and it refuses the epoch-counted ``warmup_epochs`` and ``sgdr``).
 
     Returns:
         The learning rate, warm-up included: a linear ramp (step+1)/W over the first W steps.
@@ -52,7 +56,9 @@ def lr_at(step: int, config: TrainConfig, base_lr: float, steps_per_epoch: int, 
         return base_lr * (step + 1) / warmup
     t = step - warmup  # steps since warm-up ended
     if config.schedule == "step":
-        return base_lr * config.gamma ** (step // (config.step_epochs * steps_per_epoch))
+        if epochs_done is None:
+            epochs_done = step // steps_per_epoch
+        return base_lr * config.gamma ** (epochs_done // config.step_epochs)
     if config.schedule == "cosine":
         span = max(total_steps - warmup - 1, 1)
         return _cosine(config.min_lr, base_lr, min(t / span, 1.0))
