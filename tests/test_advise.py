@@ -87,6 +87,16 @@ def test_advise_end_to_end_json_matches_the_store_and_the_figure_is_written(cli,
     figure = out / f"batchlab-advise-{result['run_id']}.png"
     assert result["figure"] == str(figure) and figure.stat().st_size > 10_000
 
+    # `batchlab report` of the stored run says the same: the advice's paragraph, its table and figure.
+    status, _, err = cli(["report", str(result["run_id"]), "--store", str(store), "--out", str(tmp_path / "r.html")])
+    assert status == 0, err
+    html = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "Which batch size" in html and "local critical batch size over training" in html
+    assert html.count("data:image/png;base64") >= 2
+    from batchlab.report import escape
+
+    assert escape(result["text"]) in html
+
 
 @pytest.mark.parametrize("flags, says", [
     (["--factors", "1,2,128"], "exceeds the 500 training samples"),

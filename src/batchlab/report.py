@@ -193,6 +193,12 @@ def run_report(run: StoredRun, *, explain: str | None = None) -> Report:
 
         makers.append(("The epoch-boundary jump: every metric view, dense full passes, epoch boundaries dotted",
                        lambda: explain_figure(run.steps, run.evals, explanation)))  # fmt: skip
+    advice = _batch_advice(run)
+    if advice is not None:
+        from .plots.advise import advise_figure
+
+        makers.append(("Which batch size: the local critical batch size over training, beside B_simple, and the "
+                       "batch size recommended from it", lambda: advise_figure(advice)))
     makers += [
         (f"Learning curves ({metric}): train vs validation, full passes", lambda: plots.learning_curves(run, metric)),
         ("Learning curves (loss): train vs validation", lambda: plots.learning_curves(run, "loss")),
@@ -209,6 +215,8 @@ def run_report(run: StoredRun, *, explain: str | None = None) -> Report:
     parts = [section("Outcome", status, mapping_table(_headline(run), "headline numbers"))]
     if explain:
         parts.append(section("Why the training accuracy jumps at epoch boundaries", paragraph(explain, "explain")))
+    if advice is not None:
+        parts.append(section("Which batch size", paragraph(advice.text), frame_table(advice.points)))
     parts.append(section("Figures", *_figures(makers)))
     if not run.epochs.empty:
         parts.append(section("Epochs", frame_table(run.epochs)))
@@ -226,6 +234,25 @@ def _explanation(run: StoredRun, metric: str):
         return explain_run(run, metric)
     except BatchlabError:  # an ordinary run, evaluated only at epoch ends: nothing to explain
         return None
+
+
+def _batch_advice(run: StoredRun):
+    """`batchlab advise`'s advice from the run's stored local-CBS measurements (`batchlab.LocalCBS`),
+    or None: no measurement, or a run whose config does not give one batch size and a torch optimizer."""
+    from .config import TrainConfig, is_schedule
+    from .critical_batch import RULE_BY_OPTIMIZER, advise_batch_size
+    from .optim import scaled_lr
+
+    if "local_cbs" not in run.evals or not run.evals.local_cbs.notna().any():
+        return None
+    try:
+        config = TrainConfig(**run.config)
+    except (BatchlabError, TypeError):  # a tracked run's config is what the user's loop said
+        return None
+    if is_schedule(config.batch_size) or config.optimizer not in RULE_BY_OPTIMIZER or run.steps.empty:
+        return None  # the advice scales from one batch size
+    batch = int(run.steps.batch_size.iloc[0])  # B, or N for "full"
+    return advise_batch_size(run.evals, batch, scaled_lr(config, batch), config.optimizer)
 
 
 def _headline(run: StoredRun) -> dict[str, Any]:
