@@ -3,7 +3,7 @@
 `TrainConfig` holds everything that decides how one model trains: batch size, epochs, optimizer,
 schedule, seed. It is frozen and validated on construction, saved with every run, and its fields
 are the command line's flags (``--batch-size 32`` is ``batch_size=32``). `RunSpec` adds what the
-command line needs besides: which dataset, which model, which probes. Both read and write TOML.
+command line needs besides: which dataset, which model, which probes. Both are read from TOML.
 Configuration is data: it is never executed or unpickled.
 """
 
@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
-import tomli_w
 import tomllib
 from pydantic import (
     BaseModel,
@@ -400,11 +399,6 @@ def load_run_spec(path: str | Path, *, allow_import: bool = False) -> RunSpec:
     spec = make_run_spec(read_toml(path))
     check_import_allowed(spec.model, allow_import, str(path))
     return spec
-
-
-def to_toml(config: BaseModel) -> str:
-    """The config as TOML text (None values are left out, as TOML has no null)."""
-    return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
 
 
 # --- the batch-size study ------------------------------------------------------------------------
