@@ -8,8 +8,20 @@ from typing import Any
 
 import click
 
-from .app import (cell, check_out_folder, check_store_folder, cli, out_option, print_json, print_rich, say,
-                  shown, store_path, whole, write_default_report)  # fmt: skip
+from .app import (
+    cell,
+    check_out_folder,
+    check_store_folder,
+    cli,
+    out_option,
+    print_json,
+    print_rich,
+    say,
+    shown,  # fmt: skip
+    store_path,
+    whole,
+    write_default_report,
+)
 from .train import given, prepare_run, run_options, spec_from_options, train_options
 
 # Without flags: a run that finishes in about a minute on a laptop CPU and shows a clear jump.
@@ -26,7 +38,7 @@ def _explain_command(**options: Any) -> None:
 
     import torch
 
-    from ..explain import explain_run
+    from ..explain import counterfactual_runs, explain_run
     from ..plots import save_figure
     from ..plots.explain import explain_figure
 
@@ -34,18 +46,30 @@ def _explain_command(**options: Any) -> None:
     quiet, as_json, metric = options["quiet"], options["as_json"], options["metric"]
     store = store_path(options["store"])
     check_out_folder(options["out"])
+    counterfactuals = ()
     if options["run_id"] is not None:
         run, run_id, what = _explain_stored(given(click.get_current_context()), store)
+        explanation = explain_run(run, metric, options["window"])
     else:
-        run, run_id, what = _explain_train(options, store, metric)
-    explanation = explain_run(run, metric)
+        run, run_id, what, start = _explain_train(options, store, metric)
+        explanation = explain_run(run, metric, options["window"])
+        if options["counterfactuals"]:
+            say("counterfactual runs: " + ", ".join(v.name for v in start["variants"]), quiet, as_json)
+            counterfactuals = counterfactual_runs(start["model"], start["dataset"], run.config, explanation.window,
+                                                  start["variants"])
+            explanation = explanation.with_counterfactuals(counterfactuals)
     folder = Path(options["out"] or store.parent)
     folder.mkdir(parents=True, exist_ok=True)
     base = folder / f"batchlab-explain-{run_id}"
     fig = explain_figure(run.steps, run.evals, explanation, title=f"Why the running mean jumps: run {run_id}, {what}")
     files = [str(p) for p in save_figure(fig, base)]
     if not quiet:
-        print_rich(_boundary_table(explanation, f"run {run_id}: epoch boundaries ({metric})"), as_json)
+        print_rich(_boundary_table(explanation, f"run {run_id}: the jump after {explanation.window} batches of each "
+                                                f"new epoch, and its terms ({metric})"), as_json)
+        if counterfactuals:
+            print_rich(_counterfactual_table(explanation), as_json)
+        for term, how in explanation.missing.items():
+            say(f"not measured: {term} (needs {how})", quiet, as_json)
     say(textwrap.fill(explanation.paragraph, width=100), quiet, as_json)
     say("figure: " + ", ".join(files), quiet, as_json)
     report = write_default_report(store, run_id)
@@ -79,9 +103,21 @@ def _explain_stored(options: dict[str, Any], store: Path):
 
 
 def _explain_train(options: dict[str, Any], store: Path, metric: str):
-    """Train as `fit` does, with dense evaluation and the train-mode pass; store it as kind "explain"."""
+    """Train as `fit` does, with dense evaluation and the explain callbacks; store it as kind "explain".
+
+    Returns:
+        The run, its id, a description, and what the counterfactual runs start from (a copy of the
+        initial model, the dataset, the variants).
+    """
+    import copy
+
     from ..errors import ConfigError
-    from ..explain import TrainModePass, explain_config
+    from ..explain import (
+        counterfactual_variants,
+        explain_callbacks,
+        explain_config,
+        jump_window,
+    )
     from ..loop import fit
     from ..store import recorder
 
@@ -94,27 +130,53 @@ def _explain_train(options: dict[str, Any], store: Path, metric: str):
     check_store_folder(store)
     quiet, as_json = options["quiet"], options["as_json"]
     say(f"{dataset.name}: {clock.describe()}; full-pass evaluation every {config.eval_every} steps", quiet, as_json)
+    window = options["window"] or jump_window(clock.steps_per_epoch, config.eval_every)
     rec = recorder(store, name=spec.name, kind="explain", spec=spec.model_dump(mode="json", exclude={"train"}))
-    run = fit(model, dataset, config, probes=spec.probes, callbacks=[TrainModePass(dataset, config), rec],
+    start = {"model": copy.deepcopy(model), "dataset": dataset, "variants": counterfactual_variants(config)}
+    run = fit(model, dataset, config, probes=spec.probes, callbacks=[*explain_callbacks(dataset, config, window), rec],
               progress=not quiet and sys.stderr.isatty())
     say(f"{run.status}: run {rec.run_id} stored in {store}" + (f" ({run.message})" if run.message else ""),
          quiet, as_json)
-    return run, rec.run_id, f"{spec.dataset.name}, {spec.model}, B={clock.batch_size}"
+    return run, rec.run_id, f"{spec.dataset.name}, {spec.model}, B={clock.batch_size}", start
 
 
 def _boundary_table(explanation, title: str):
-    """The numbers of each boundary for the explained metric, as a rich Table."""
+    """The jump at each boundary for the explained metric and its terms, as a rich Table."""
     from rich.table import Table
 
-    columns = {"epoch": "epoch", "step": "step", "running_end": "running\nat end", "running_start": "running\nnext",
-               "running_jump": "jump", "true_change": "true\nchange", "typical_change": "typical\nper step",
-               "lag": "lag", "true_epoch_mean": "true\nepoch mean", "train_mode_part": "train-mode\npart",
-               "averaging_part": "averaging\npart", "remainder_part": "rest", "batch_noise": "batch\nnoise"}  # fmt: skip
-    table = Table(title=shown(title))
+    columns = {"epoch": "epoch", "running_end": "running\nat end", "running_window": "running\nafter w",
+               "jump": "jump", "averaging_term": "averaging", "train_mode_term": "train\nmode",
+               "reexposure_term": "re-\nexposure", "schedule_term": "schedule", "optimizer_state_term": "optimizer\nstate",
+               "progress_term": "progress", "unexplained": "unex-\nplained", "unexplained_noise": "± draw",
+               "sawtooth": "per-batch\nsawtooth"}  # fmt: skip
+    table = Table(title=shown(title), caption="artifacts: averaging, train mode, re-exposure; real: schedule, "
+                                              "optimizer state, progress; n/a: not measured")
     for header in columns.values():
         table.add_column(header, justify="right", no_wrap=True)
     for row in explanation.table().to_dict("records"):
         table.add_row(*(cell(row[c]) for c in columns))
+    return table
+
+
+def _counterfactual_table(explanation):
+    """The counterfactual runs: what changed, the term they back, their jump and sawtooth."""
+    from rich.table import Table
+
+    metric = explanation.metric
+    bounds = explanation.boundaries[metric]
+    loss_bounds = explanation.boundaries.get("loss", ())
+    table = Table(title=shown("counterfactual runs: the same length, initial weights and seed, one thing changed"))
+    for header in ("run", "backs", f"jump ({metric})", "sawtooth (loss)", "± draw", "seconds"):
+        table.add_column(header, justify="left" if header in ("run", "backs") else "right", no_wrap=True)
+    as_trained = [sum(b.jump for b in bounds) / len(bounds),
+                  sum(b.sawtooth for b in loss_bounds) / len(loss_bounds) if loss_bounds else float("nan"),
+                  (sum(b.sawtooth_noise**2 for b in loss_bounds) ** 0.5 / len(loss_bounds)) if loss_bounds
+                  else float("nan")]  # fmt: skip
+    table.add_row("as trained", "", *(cell(v) for v in as_trained), "")
+    for run in explanation.counterfactuals:
+        table.add_row(shown(run.name), run.backs.removesuffix("_term").replace("_", " "), cell(run.jump[metric]),
+                      cell(run.sawtooth.get("loss", float("nan"))), cell(run.sawtooth_noise.get("loss", float("nan"))),
+                      f"{run.seconds:.1f}")  # fmt: skip
     return table
 
 
@@ -158,6 +220,12 @@ def _explain_options() -> list:
         out_option("Folder for the figure (PNG and SVG). Default: the store's folder."),
         click.Option(["--metric"], type=click.Choice(["acc", "loss"]), default="acc",
                      help="The metric the paragraph explains (the numbers cover both)."),
+        click.Option(["--window"], type=whole(1), default=None,
+                     help="Read the jump after this many batches of each new epoch.  [default: the first multiple of "
+                          "the evaluation interval that reaches a tenth of an epoch]"),
+        click.Option(["--counterfactuals/--no-counterfactuals"], default=True, show_default=True,
+                     help="Also train the counterfactual runs (with replacement, another optimizer, another beta2, "
+                          "a constant lr when scheduled); not with --run."),
         *_explain_train_options(),
     ]
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from . import metric_label, new_figure, styled
+from . import metric_label, styled
 
 # One colour per view, the same in both panels.
 VIEW_STYLES = {
@@ -50,8 +50,15 @@ def explain_figure(
         A figure with a loss panel and, for classification, an accuracy panel below it.
     """
     metrics = [m for m in ("loss", "acc") if f"running_{m}" in steps]
-    fig, axes = new_figure(len(metrics), 1, size=(7.5, 3.2 * len(metrics) + 0.6), sharex=True)
-    axes = np.atleast_1d(axes)
+    bounds = getattr(explanation, "boundaries", {}).get(getattr(explanation, "metric", ""), ())
+    has_terms = bool(bounds) and hasattr(bounds[0], "jump") and not explanation.batch_gd
+    has_profile = bool(getattr(explanation, "profile", ()))
+    extra = int(has_terms) + int(has_profile)
+    fig = Figure(figsize=(7.5, 3.2 * len(metrics) + 3.0 * extra + 0.8), layout="constrained")
+    grid = fig.add_gridspec(len(metrics) + extra, 1)
+    axes = [fig.add_subplot(grid[0])]
+    axes += [fig.add_subplot(grid[i], sharex=axes[0]) for i in range(1, len(metrics))]
+    axes = np.array(axes)
     steps = steps.sort_values("step")
     evals = evals.sort_values("step")
     per_epoch = steps.groupby("epoch")["step"].max()
@@ -62,8 +69,17 @@ def explain_figure(
         ax.set_ylabel(metric_label(metric))
         if explanation is not None and metric == explanation.metric:
             _mark_first_boundary(ax, explanation)
+    for ax in axes[:-1]:
+        ax.tick_params(labelbottom=False)
     axes[-1].set_xlabel(metric_label("step") + "; dotted: epoch boundaries")
-    fig.legend(handles=axes[0].get_legend_handles_labels()[0], loc="outside lower center", ncols=2, fontsize=8)
+    axes[-1].legend(handles=axes[0].get_legend_handles_labels()[0], loc="upper center", bbox_to_anchor=(0.5, -0.28),
+                    ncols=2, fontsize=8, frameon=False)
+    row = len(metrics)
+    if has_terms:
+        _draw_terms(fig.add_subplot(grid[row]), explanation, bounds)
+        row += 1
+    if has_profile:
+        _draw_profiles(fig.add_subplot(grid[row]), explanation)
     if title is None:
         batch = int(steps["batch_size"].iloc[0])
         spe = int(steps.groupby("epoch")["step"].count().max())
@@ -101,3 +117,55 @@ def _mark_first_boundary(ax, explanation: Any) -> None:
                 arrowprops={"arrowstyle": "<->", "color": "0.3", "linewidth": 0.9, "shrinkA": 0, "shrinkB": 0})
     ax.annotate(f"lag {b.lag:+.3f}", xy=(b.step, (b.true_end + b.running_end) / 2), xytext=(-6, 0),
                 textcoords="offset points", fontsize=8, ha="right", va="center", color="0.3", bbox=_LABEL_BOX)
+
+
+# Artifact terms in warm colours, the model's real change in blues, the unexplained rest in grey.
+TERM_STYLES = {
+    "averaging_term": ("#d95f02", "averaging (artifact)"),
+    "train_mode_term": ("#f4a259", "train mode (artifact)"),
+    "reexposure_term": ("#e7298a", "re-exposure (artifact)"),
+    "schedule_term": ("#1b4f9c", "schedule (real)"),
+    "optimizer_state_term": ("#6a8fd0", "optimizer state (real)"),
+    "progress_term": ("#1b9e77", "other progress (real)"),
+    "unexplained": ("0.7", "unexplained (draw of the batches)"),
+}
+
+
+def _draw_terms(ax, explanation: Any, bounds: Any) -> None:
+    """At each boundary one stacked bar per sign: the jump's terms, and the observed jump as a dot."""
+    epochs = np.array([b.epoch for b in bounds], dtype=float)
+    up, down = np.zeros(len(bounds)), np.zeros(len(bounds))
+    for name, (color, label) in TERM_STYLES.items():
+        values = np.array([getattr(b, name) for b in bounds], dtype=float)
+        values = np.where(np.isfinite(values), values, 0.0)
+        base = np.where(values >= 0, up, down)
+        ax.bar(epochs, values, bottom=base, width=0.6, color=color, label=label,
+               hatch="//" if name == "unexplained" else None, edgecolor="white", linewidth=0.4)
+        up, down = up + np.clip(values, 0, None), down + np.clip(values, None, 0)
+    jumps = np.array([b.jump for b in bounds], dtype=float)
+    ax.plot(epochs, jumps, "o", color="black", markersize=5, label="observed jump", zorder=3)
+    ax.axhline(0, color="0.3", linewidth=0.8)
+    ax.set_xticks(epochs, [f"{int(e)} to {int(e) + 1}" for e in epochs])
+    ax.set_xlabel("epoch boundary")
+    noun = "accuracy" if explanation.metric == "acc" else "loss"
+    window = getattr(explanation, "window", 1)
+    ax.set_ylabel(f"jump of the running {noun}")
+    ax.set_title(f"The jump after {window} batch{'es' if window > 1 else ''} of each new epoch, as a sum of terms",
+                 fontsize=9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), fontsize=7, frameon=False, ncols=3)
+
+
+def _draw_profiles(ax, explanation: Any) -> None:
+    """The per-batch loss's sawtooth shape: residual to a one-epoch moving average, by position in the epoch."""
+    profiles = [("as trained", explanation.profile)]
+    profiles += [(c.name, c.profile) for c in getattr(explanation, "counterfactuals", ()) if c.profile]
+    colors = ["black", "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e"]
+    for (name, profile), color in zip(profiles, colors):
+        x = (np.arange(len(profile)) + 0.5) / len(profile)
+        ax.plot(x, profile, color=color, linewidth=2.0 if name == "as trained" else 1.3, label=name)
+    ax.axhline(0, color="0.3", linewidth=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("position in the epoch (fraction of its batches)")
+    ax.set_ylabel("batch loss minus trend")
+    ax.set_title("Per-batch sawtooth: batch loss by position in the epoch, trend removed", fontsize=9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), fontsize=7, frameon=False, ncols=3)
