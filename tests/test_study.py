@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,6 @@ from batchlab.errors import ConfigError, StoreError
 from batchlab.store import RunStore
 from batchlab.study import (
     LR_GROUP,
-    STOP_AFTER_ENV,
     GroupPlan,
     StudyPlan,
     analyse,
@@ -236,23 +234,30 @@ def test_steps_to_target_agrees_with_an_evaluation_at_every_step():
     assert exact <= trial["steps_to_target"] <= exact + 0.05 * trial["steps_to_target"]
 
 
+# Runs a study in a process of its own; with a kill count, the process SIGKILLs itself right after
+# the driver has stored that many groups (wrapping the driver's private store step, so the library
+# carries no hook for it): a hard crash with groups left to run, which a resume must survive.
 RESUME_SCRIPT = textwrap.dedent("""
-    import json, sys, torch
+    import json, os, signal, sys, torch
     torch.set_num_threads(1)
     from batchlab.config import make_study_config
-    from batchlab.study import run_study
+    from batchlab.study import run, run_study
+    kill_after = int(sys.argv[3])
+    if kill_after:
+        store_group = run._Driver._store
+        def store_then_kill(driver, group, records):
+            store_group(driver, group, records)
+            if driver.groups_run >= kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        run._Driver._store = store_then_kill
     study = run_study(make_study_config(json.loads(sys.argv[1])), store=sys.argv[2])
     print(json.dumps({"resumed": study.groups_resumed, "run": study.groups_run}))
 """)
 
 
-def _study_in_subprocess(values: dict, store, kill_after: int | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop(STOP_AFTER_ENV, None)
-    if kill_after:
-        env[STOP_AFTER_ENV] = str(kill_after)
-    return subprocess.run([sys.executable, "-c", RESUME_SCRIPT, json.dumps(values), str(store)],
-                          capture_output=True, text=True, env=env, timeout=300)
+def _study_in_subprocess(values: dict, store, kill_after: int = 0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", RESUME_SCRIPT, json.dumps(values), str(store), str(kill_after)],
+                          capture_output=True, text=True, timeout=300)
 
 
 def _comparable(summary: pd.DataFrame) -> pd.DataFrame:

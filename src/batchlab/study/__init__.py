@@ -44,12 +44,12 @@ from .plan import (
 )
 from .presets import BROWNLEE_ACCURACY, PRESETS, brownlee_comparison, preset_values
 from .ranking import best_lr, lr_table, median_steps
-from .run import STOP_AFTER_ENV, STUDY_KIND, TRIAL_KIND, Study, StudyProgress, run_study
+from .run import STUDY_KIND, TRIAL_KIND, Study, StudyProgress, run_study
 from .trials import GroupEvaluator, TargetWatcher, TrialRecord, train_group, trial_summary
 
 __all__ = [
     "BROWNLEE_ACCURACY", "LR_GROUP", "NOISE_GROUP", "NO_GAIN_EFFICIENCY", "PERFECT_EFFICIENCY",
-    "PRESETS", "STOP_AFTER_ENV", "STUDY_KIND", "TRIAL_KIND", "Analysis", "GroupEvaluator", "GroupPlan",
+    "PRESETS", "STUDY_KIND", "TRIAL_KIND", "Analysis", "GroupEvaluator", "GroupPlan",
     "InProcessExecutor", "RayExecutor", "Recommendation", "ScalingFit", "Study", "StudyPlan", "StudyProgress",
     "TargetWatcher", "TrialRecord", "analyse", "best_lr", "brownlee_comparison", "evaluation_steps",
     "fit_scaling", "initial_groups", "load_dataset_for", "lr_centre_index", "lr_from_index", "lr_table",

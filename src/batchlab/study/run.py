@@ -9,7 +9,6 @@ results of an uninterrupted one.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import threading
 import time
@@ -29,7 +28,6 @@ from .trials import TrialRecord, train_group
 
 TRIAL_KIND = "study-trial"
 STUDY_KIND = "study"
-STOP_AFTER_ENV = "BATCHLAB_STUDY_KILL_AFTER_GROUPS"  # kill -9 the process after storing this many groups
 
 
 @dataclass
@@ -345,7 +343,6 @@ class _Driver:
         self.records: list[TrialRecord] = []
         self.failed: dict[str, str] = {}  # group key -> error, this call's failures
         self.groups_run = 0
-        self.kill_after = int(os.environ.get(STOP_AFTER_ENV, "0") or 0)
 
     def _stored(self) -> list[dict[str, Any]]:
         return _stored_summaries(self.store, self.group_id) if self.store is not None else []
@@ -400,8 +397,6 @@ class _Driver:
         self.summaries += [normalized(r.summary) for r in records]
         self.records += records
         self.groups_run += 1
-        if self.kill_after and self.groups_run >= self.kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)  # a hard kill right after a stored group
 
     def _finish(self, config: StudyConfig) -> Study:
         trials = trials_table(self.summaries)
