@@ -15,8 +15,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from batchlab import per_sample
-from batchlab.per_sample import LayerTaps, TapError, per_sample_layers
+from batchlab.probes import per_sample
+from batchlab.probes.per_sample import LayerTaps, TapError, per_sample_layers
 
 DTYPE = torch.float64
 

@@ -41,7 +41,7 @@ The noise scale (``noise_scale`` probe) comes without an extra backward pass whe
 - otherwise, for models whose trained parameters all belong to nn.Linear, nn.Conv1d/2d/3d,
   nn.Embedding, nn.LayerNorm, nn.GroupNorm or nn.RMSNorm layers (any nesting, any subclass that
   keeps their own forward), from per-sample gradient norms read off the backward pass
-  (`batchlab.probes.LinearTaps`, `batchlab.per_sample.LayerTaps`), as `fit` does;
+  (`batchlab.probes.LinearTaps`, `batchlab.probes.per_sample.LayerTaps`), as `fit` does;
 - otherwise (batch norm, another layer kind, a parameter used directly) the half-batch method of
   `fit` needs the live graph, which a loop that has already called ``backward`` no longer has: the
   noise-scale columns are NaN, with one warning naming the parameters it cannot measure (use

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import BatchlabError
+from ..errors import BatchlabError
 
 __all__ = ["LayerCoverage", "LayerTaps", "TapError", "TappedLayer", "UncoveredParameter", "per_sample_layers"]
 

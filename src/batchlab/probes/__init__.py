@@ -35,7 +35,7 @@ from typing import Any, Callable, Literal, Protocol
 import torch
 from torch._utils import _flatten_dense_tensors
 
-from .errors import ConfigError, error_line
+from ..errors import ConfigError, error_line
 from .per_sample import LayerCoverage, LayerTaps, per_sample_layers, remove_hooks
 
 Point = Literal["forward", "backward", "update"]
@@ -517,9 +517,9 @@ class LinearTaps:
 
 class GhostTaps:
     """The noise scale's taps for models beyond nn.Linear stacks: per-sample gradient squared norms of
-    every layer `batchlab.per_sample.per_sample_layers` covers (Linear on any shape, Conv1d/2d/3d,
+    every layer `batchlab.probes.per_sample.per_sample_layers` covers (Linear on any shape, Conv1d/2d/3d,
     Embedding, LayerNorm, GroupNorm, RMSNorm; any nesting), read off the loop's own backward pass
-    (`batchlab.per_sample.LayerTaps`: ghost norms, Li et al. 2022). The same interface as
+    (`batchlab.probes.per_sample.LayerTaps`: ghost norms, Li et al. 2022). The same interface as
     `LinearTaps` for `NoiseScale`: a step's terms are its (1, B) per-sample Σ_l ‖∇ℓ_i‖²/B².
 
     Every forward pass with a graph is recorded (a hook call per layer; the arithmetic happens in
@@ -950,7 +950,8 @@ def probe_columns(probe: Probe) -> tuple[str, ...]:
 def _outside_stacklevel() -> int:
     """The ``stacklevel`` of the first caller outside batchlab and torch (for a warning raised from a
     hook inside the user's forward pass or optimizer step: the line of the user's loop)."""
-    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    batchlab = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    inside = (batchlab, os.path.dirname(os.path.abspath(torch.__file__)))
     frame, level = sys._getframe(2), 2  # 1 is the function that warns
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1
