@@ -25,7 +25,8 @@ if TYPE_CHECKING:  # the same names as _EXPORTS and _SUBMODULES; a test keeps th
     )
     from .callbacks import Checkpoint, EarlyStopping
     from .critical_batch import LocalCBS
-    from .config import DatasetSpec, RunSpec, StudyConfig, TrainConfig
+    from .adaptive import AdaptiveBatchSampler
+    from .config import Adaptive, DatasetSpec, RunSpec, StudyConfig, TrainConfig
     from .data import Dataset, from_arrays, list_datasets, load_dataset
     from .replicas import fit_replicas
     from .errors import ArgumentError, BatchlabError, ConfigError, DataError, ModelError, StoreError
@@ -41,6 +42,8 @@ if TYPE_CHECKING:  # the same names as _EXPORTS and _SUBMODULES; a test keeps th
 # public name -> module that defines it
 _EXPORTS = {
     "TrainConfig": "config",
+    "Adaptive": "config",
+    "AdaptiveBatchSampler": "adaptive",
     "RunSpec": "config",
     "DatasetSpec": "config",
     "StudyConfig": "config",
@@ -75,7 +78,8 @@ _SUBMODULES = {"plots", "probes", "metrics", "optim", "data", "models", "loop", 
 
 # Written out (not computed) so that type checkers know the public names.
 __all__ = [
-    "ArgumentError", "BatchlabError", "Callback", "Checkpoint", "ConfigError", "DataError", "Dataset", "DatasetSpec",
+    "Adaptive", "AdaptiveBatchSampler", "ArgumentError", "BatchlabError", "Callback", "Checkpoint", "ConfigError",
+    "DataError", "Dataset", "DatasetSpec",
     "EarlyStopping", "LocalCBS", "ModelError", "Run", "RunSpec", "RunStore", "StoreError", "StudyConfig", "TensorBoard",
     "TrainConfig",
     "build_model", "fit", "fit_replicas", "from_arrays", "list_datasets", "list_models", "load_dataset", "local_cbs",

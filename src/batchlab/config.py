@@ -160,10 +160,69 @@ def is_schedule(batch_size: Any) -> bool:
 
 
 def format_schedule(batch_size: Any) -> str:
-    """A config's batch size as the command line writes it: ``32``, ``full``, ``32,20000:64``."""
+    """A config's batch size as the command line writes it: ``32``, ``full``, ``32,20000:64``,
+    ``adaptive:start=16,max=1024,signal=local_cbs``."""
+    if isinstance(batch_size, Adaptive):
+        return "adaptive:" + ",".join(f"{k}={v}" for k, v in batch_size.model_dump().items() if v is not None)
     if not is_schedule(batch_size):
         return str(batch_size)
     return ",".join([str(batch_size[0][1]), *(f"{s}:{b}" for s, b in batch_size[1:])])
+
+
+class Adaptive(_Frozen):
+    """A batch size that grows during the run when a measurement says a larger batch loses nothing.
+
+    At the run's evaluations (the first one at or after every ``every`` samples), the signal is
+    measured at the live weights; when it says a batch at least twice the current one is no worse,
+    the batch grows to the largest such power-of-two multiple, up to ``max`` (and the training-set
+    size); it never shrinks. See `batchlab.adaptive` for the rule and docs/adaptive.md for its evidence.
+
+    Args:
+        start: the first batch size.
+        max: the largest batch size allowed.
+        signal: ``local_cbs`` (branches at 1, 2 and 4 times the batch, `batchlab.local_cbs`) or
+            ``b_simple`` (the gradient noise scale tr(Σ)/‖G‖² at the same weights, from per-sample
+            gradients; cheaper, but a proxy that assumes SGD).
+        every: samples between decisions (at the next evaluation), or None: at every evaluation.
+        lr_rule: how the lr follows the batch from ``start`` (the config's ``lr`` is the lr at
+            ``start``): ``linear`` (SGD), ``sqrt`` (Adam-like), ``none``, or ``auto`` (linear for
+            SGD, sqrt otherwise).
+        seeds: seeds of the ``local_cbs`` branches (at least 2).
+        beta2_half_life: hold Adam's β₂ at a fixed half-life in samples (Marek et al. 2025): at
+            batch B, β₂ becomes β₂^(B/start).
+    """
+
+    start: int = Field(default=16, ge=1, lt=INT64_LIMIT)
+    max: int = Field(default=1024, ge=1, lt=INT64_LIMIT)
+    signal: Literal["local_cbs", "b_simple"] = "local_cbs"
+    every: int | None = Field(default=None, ge=1, lt=INT64_LIMIT)
+    lr_rule: Literal["auto", "linear", "sqrt", "none"] = "auto"
+    seeds: int = Field(default=3, ge=2, le=100)
+    beta2_half_life: bool = True
+    _what: ClassVar[str] = "adaptive batch size"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Adaptive":
+        if self.max < self.start:
+            raise ValueError(f"max ({self.max}) must be at least start ({self.start})")
+        return self
+
+
+def parse_adaptive(value: Any) -> Any:
+    """``"adaptive"`` or ``"adaptive:start=16,max=512,signal=b_simple"`` (the command line's form) or a
+    mapping of `Adaptive`'s fields (TOML, JSON) as an `Adaptive`; anything else as it is."""
+    if isinstance(value, str) and (value == "adaptive" or value.startswith("adaptive:")):
+        options = [part for part in value.removeprefix("adaptive").removeprefix(":").split(",") if part.strip()]
+        if any("=" not in part for part in options):
+            raise ValueError(f"an adaptive batch size reads adaptive:start=16,max=1024,signal=local_cbs, got {value!r}")
+        fields = {k.strip(): v.strip() for k, v in (part.split("=", 1) for part in options)}
+        value = {k: (None if v.lower() == "none" else v) for k, v in fields.items()}
+    if isinstance(value, dict):
+        try:
+            return Adaptive(**value)
+        except ConfigError as error:
+            raise ValueError(str(error).removeprefix("invalid adaptive batch size: ")) from None
+    return value
 
 
 
@@ -178,7 +237,8 @@ class TrainConfig(_Frozen):
         batch_size: samples per update, ``"full"`` for batch gradient descent (B = N), or a
             schedule of (samples seen, B) pairs, the first at 0: ``((0, 32), (20000, 64))``, on
             the command line ``32,20000:64``. A change takes effect at the next batch; the
-            learning rate follows each B through ``lr_scaling`` (`batchlab.schedule`).
+            learning rate follows each B through ``lr_scaling`` (`batchlab.schedule`). Or an
+            `Adaptive` batch size that grows as measurements allow (``--batch-size adaptive``).
         epochs: passes over the training set. Defaults to 10 when ``max_steps`` is not given.
         max_steps: stop after this many updates (may end an epoch early).
         optimizer: ``sgd`` (with ``momentum`` and ``nesterov``), ``adam``, ``adamw`` or ``rmsprop``.
@@ -200,7 +260,7 @@ class TrainConfig(_Frozen):
             The numbers are the same either way (within float rounding).
     """
 
-    batch_size: Union[BatchSize, BatchSchedule] = 32
+    batch_size: Union[BatchSize, BatchSchedule, Adaptive] = 32
     epochs: int | None = Field(default=None, ge=1, lt=INT64_LIMIT)
     max_steps: int | None = Field(default=None, ge=1, lt=INT64_LIMIT)
     optimizer: Optimizer = "sgd"
@@ -234,6 +294,9 @@ class TrainConfig(_Frozen):
     @field_validator("batch_size", mode="before")
     @classmethod
     def _batch_size(cls, value: Any) -> Any:
+        value = parse_adaptive(value)
+        if isinstance(value, Adaptive):
+            return value
         return parse_schedule(value, lambda b: whole_number_or(b, "full", "a whole number >= 1 or 'full'"))
 
     @field_validator("eval_every", mode="before")
@@ -263,6 +326,12 @@ class TrainConfig(_Frozen):
             raise ValueError("nesterov needs optimizer 'sgd' with momentum > 0")
         if self.warmup_steps and self.warmup_epochs:
             raise ValueError("give warmup_steps or warmup_epochs, not both")
+        if isinstance(self.batch_size, Adaptive) and (self.lr_scaling != "none" or self.schedule in ("cosine", "sgdr")
+                                                      or self.warmup_epochs):
+            # Its lr follows its own lr_rule from start; its length in steps is known only as it goes.
+            raise ValueError("an adaptive batch size scales the lr by its own lr_rule (keep lr_scaling 'none') and "
+                             "changes the run's steps as it goes: use a constant or step lr schedule, warm-up in "
+                             "warmup_steps")
         if is_schedule(self.batch_size) and (self.warmup_epochs or self.schedule == "sgdr"):
             # Both count epochs in steps, and an epoch's steps change with the batch size.
             raise ValueError("with a batch-size schedule, give warm-up in warmup_steps, and use a constant, "

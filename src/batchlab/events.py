@@ -57,13 +57,15 @@ class Clock:
     step_in_epoch: int = 0
     samples_seen: int = 0
     changes: Changes = ()
+    note: str = ""  # an adaptive batch size's rule, said in the accounting line (its steps are then at most)
 
     def describe(self) -> str:
         """The accounting line printed at start: "4000 samples, batch 32 -> 125 steps/epoch, ..."."""
         epochs = "epoch" if self.epochs == 1 else "epochs"
         if self.changes:
-            return (f"{self.n_train} samples, {describe_changes(self.changes, self.n_train)}; "
-                    f"{self.epochs} {epochs} = {self.total_steps} steps")
+            return (f"{self.n_train} samples, {describe_changes(self.changes, self.n_train)}"
+                    f"{', ' + self.note if self.note else ''}; "
+                    f"{self.epochs} {epochs} = {'at most ' if self.note else ''}{self.total_steps} steps")
         batch = "full batch" if self.batch_size == self.n_train else f"batch {self.batch_size}"
         return (
             f"{self.n_train} samples, {batch} -> {self.steps_per_epoch} steps/epoch, "
@@ -176,7 +178,17 @@ class AddMetrics:
     values: Mapping[str, float]
 
 
-Request = Union[Stop, Save, RestoreWeights, AddMetrics, None]
+@dataclass(frozen=True)
+class SetBatchSize:
+    """Ask the loop to train at ``batch_size`` from the next batch on (only from ``on_evaluation``;
+    `batchlab.adaptive`). ``evidence`` joins the evaluation's row as `AddMetrics` values do, so the
+    decision is stored with what caused it."""
+
+    batch_size: int
+    evidence: Mapping[str, float] = field(default_factory=dict)
+
+
+Request = Union[Stop, Save, RestoreWeights, AddMetrics, SetBatchSize, None]
 
 
 class Callback:

@@ -22,7 +22,8 @@ import torch
 
 from . import data as data_lib
 from . import schedule
-from .config import TrainConfig
+from .adaptive import adaptive_betas, adaptive_lr
+from .config import Adaptive, TrainConfig
 from .errors import ConfigError, ModelError, error_line
 from .events import Callback, Clock
 from .metrics import (
@@ -57,8 +58,13 @@ def plan_run(dataset: data_lib.Dataset, config: TrainConfig) -> Clock:
     n = dataset.n_train
     changes = schedule.resolve(config.batch_size, n)
     total, epochs, first_epoch = schedule.plan_steps(changes, n, config.drop_last, config.epochs, config.max_steps)
+    note = ""
+    if isinstance(config.batch_size, Adaptive):  # planned at its start; re-planned as it grows
+        adaptive = config.batch_size
+        signal = "local critical batch size" if adaptive.signal == "local_cbs" else "noise scale B_simple"
+        note = f"adaptive up to {min(adaptive.max, n)} by the {signal}"
     return Clock(n_train=n, batch_size=changes[0][1], steps_per_epoch=first_epoch, total_steps=total, epochs=epochs,
-                 changes=changes if len(changes) > 1 else ())
+                 changes=changes if len(changes) > 1 or note else (), note=note)
 
 
 def has_batch_norm(model: torch.nn.Module) -> bool:
@@ -244,6 +250,10 @@ def fit(
     check_model(model, dataset)
     loss_fn = loss_function(config.loss, dataset.task)
     callbacks = list(callbacks)
+    if isinstance(config.batch_size, Adaptive):
+        from .adaptive import AdaptiveBatch
+
+        callbacks.append(AdaptiveBatch(config.batch_size, min(config.batch_size.max, dataset.n_train)))
     if progress is None:
         progress = progress_wanted()
     if progress:
@@ -299,8 +309,36 @@ class _LoopState:
         clock = self.recorder.clock
         if not clock.changes:
             return lr_at(step, self.config, self.base_lr, clock.steps_per_epoch, clock.total_steps)
-        return lr_at(step, self.config, scaled_lr(self.config, batch_size), clock.steps_per_epoch, clock.total_steps,
-                     epochs_done)
+        base = adaptive_lr(self.config, batch_size) if self.adaptive else scaled_lr(self.config, batch_size)
+        return lr_at(step, self.config, base, clock.steps_per_epoch, clock.total_steps, epochs_done)
+
+    @property
+    def adaptive(self) -> bool:
+        return isinstance(self.config.batch_size, Adaptive)
+
+    def follow_batch_size(self, order: torch.Tensor, batches: list[torch.Tensor], at: int,
+                          start: int) -> list[torch.Tensor]:
+        """After the batch size changed (an adaptive decision): the epoch's batches re-cut from batch
+        ``at`` (order position ``start``) on, the run's length re-planned, Adam's β₂ moved to the new
+        batch. Returns the epoch's batches."""
+        rec, config = self.recorder, self.config
+        clock = rec.clock
+        sizes = schedule.epoch_batch_sizes(clock.changes, clock.n_train, clock.samples_seen, config.drop_last, start)
+        batches = batches[:at] + list(torch.split(order[start:start + sum(sizes)], sizes))
+        end_of_epoch = clock.samples_seen + sum(sizes)
+        this_epoch = clock.step + len(sizes)
+        epochs_left = None if config.epochs is None else config.epochs - clock.epoch
+        steps_left = None if config.max_steps is None else config.max_steps - this_epoch
+        later, started = 0, 0
+        if (epochs_left is None or epochs_left > 0) and (steps_left is None or steps_left > 0):
+            later, started, _ = schedule.plan_steps(clock.changes, clock.n_train, config.drop_last, epochs_left,
+                                                    steps_left, end_of_epoch)
+        total = this_epoch + later if config.max_steps is None else min(this_epoch + later, config.max_steps)
+        rec.replan(len(batches), total, clock.epoch + started)
+        if config.optimizer in ("adam", "adamw"):
+            for group in self.optimizer.param_groups:
+                group["betas"] = adaptive_betas(config, clock.batch_size)
+        return batches
 
     def epoch_batches(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The next epoch's sample order and its batches (index tensors), on the data's device."""
@@ -360,7 +398,14 @@ class _LoopState:
         torch.set_rng_state(blob["torch_rng"])
         if blob["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(blob["cuda_rng"])
-        self.recorder.load_state(meta, plan=self.recorder.clock)
+        if self.adaptive:  # its decisions so far are in the checkpoint's clock; its length follows this config
+            self.recorder.load_state(meta)
+            clock, config = self.recorder.clock, self.config
+            total, epochs, _ = schedule.plan_steps(clock.changes, clock.n_train, config.drop_last, config.epochs,
+                                                   config.max_steps)
+            self.recorder.replan(clock.steps_per_epoch, total, epochs)
+        else:
+            self.recorder.load_state(meta, plan=self.recorder.clock)
         if self.recorder.probes is not None and blob["probe_states"] is not None:
             self.recorder.probes.load_saved_states(blob["probe_states"])
 
@@ -404,9 +449,13 @@ def load_checkpoint(path: str | Path, device: torch.device) -> dict:
 
 def _choose_step(state: _LoopState) -> None:
     """Compile the update or not (``config.compile``); after a resume, so it holds the restored state."""
-    from .compiled.choose import fit_step
+    from .compiled.choose import fit_step, say_once
 
     config, clock, rec = state.config, state.recorder.clock, state.recorder
+    if state.adaptive:  # its batch sizes and Adam's β₂ are decided as it goes
+        if config.compile == "on":
+            say_once("compile: an adaptive batch size trains eagerly")
+        return
     probing = rec.probes is not None and rec.probes.active
     changes = clock.changes or ((0, clock.batch_size),)
     state.compiled = fit_step(
@@ -421,7 +470,10 @@ def _train(state: _LoopState) -> Run:
     rec.start_run()
     if not rec.evals:  # a fresh run (a resumed one has its step-0 evaluation)
         state.evaluate()
+    changes = rec.clock.changes
     rec.settle()
+    if rec.clock.changes is not changes:  # an adaptive decision before the first step
+        state.follow_batch_size(torch.empty(0, dtype=torch.long), [], 0, rec.clock.n_train)
     model.train()
     try:
         while rec.going and rec.clock.step < rec.clock.total_steps:
@@ -432,8 +484,11 @@ def _train(state: _LoopState) -> Run:
                 break
             if not rec.evaluated_now():
                 state.evaluate()
+            changes = rec.clock.changes
             rec.end_epoch()
             rec.settle()
+            if rec.clock.changes is not changes:  # an adaptive decision at the epoch's end: re-plan the rest
+                state.follow_batch_size(order, batches, len(batches), rec.clock.n_train)
     except KeyboardInterrupt:
         rec.finish("interrupted", f"interrupted at step {rec.clock.step}")
         raise
@@ -458,6 +513,7 @@ def _run_epoch(state: _LoopState, order: torch.Tensor, batches: list[torch.Tenso
     step, total = clock.step, clock.total_steps
     current_lr = None
     done = clock.epoch - 1  # epochs completed before this one
+    changes = clock.changes  # the batch sizes planned; an adaptive decision replaces them
     start = 0  # where the next batch starts in the epoch's order
     chunking = compiled is not None and compiled.chunked
     at = 0  # the next batch of the epoch
@@ -484,6 +540,8 @@ def _run_epoch(state: _LoopState, order: torch.Tensor, batches: list[torch.Tenso
                 step, at, start = step + count, at + count, start + count * b
                 if not _after_step(state):
                     return
+                if rec.clock.changes is not changes:  # the batch size changed: re-cut the rest of the epoch
+                    batches, changes = state.follow_batch_size(order, batches, at, start), rec.clock.changes
                 continue
             chunking = False  # the K-step graph cannot be compiled: one step at a time
         index = batches[at]
@@ -507,6 +565,8 @@ def _run_epoch(state: _LoopState, order: torch.Tensor, batches: list[torch.Tenso
         step += 1
         if not _after_step(state):
             return
+        if rec.clock.changes is not changes:
+            batches, changes = state.follow_batch_size(order, batches, at, start), rec.clock.changes
 
 
 def _after_step(state: _LoopState) -> bool:

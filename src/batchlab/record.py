@@ -48,6 +48,7 @@ from .events import (
     RunEnd,
     RunStart,
     Save,
+    SetBatchSize,
     StepEnd,
     Stop,
     batch_at,
@@ -279,7 +280,23 @@ class Recorder:
                 self.model.load_state_dict(request.state_dict)
             elif isinstance(request, Stop) and self.status == "finished":
                 self.status, self.message = "stopped", request.reason
+            elif isinstance(request, SetBatchSize):
+                self._set_batch_size(request.batch_size)
         return self.status == "finished"
+
+    def _set_batch_size(self, batch_size: int) -> None:
+        """Train at ``batch_size`` from the next batch: one more change in the clock's schedule (the
+        driver re-plans the rest of the run with `replan`)."""
+        clock = self.clock
+        if batch_size == clock.batch_size:
+            return  # a decision to stay: its evidence is in the evaluation's row
+        changes = tuple(c for c in clock.changes if c[0] < clock.samples_seen) + ((clock.samples_seen, batch_size),)
+        self.clock = replace(clock, batch_size=batch_size, changes=changes)
+
+    def replan(self, steps_per_epoch: int, total_steps: int, epochs: int) -> None:
+        """The run's length after its batch size changed: the current epoch's steps, the total steps
+        and the epochs started by the end."""
+        self.clock = replace(self.clock, steps_per_epoch=steps_per_epoch, total_steps=total_steps, epochs=epochs)
 
     @property
     def going(self) -> bool:
@@ -373,7 +390,7 @@ class Recorder:
         a batch-size schedule, with the batch size in force for the next batch."""
         batch_size = batch_at(clock.changes, samples_seen) if clock.changes else clock.batch_size
         return Clock(clock.n_train, batch_size, clock.steps_per_epoch, clock.total_steps, clock.epochs, step,
-                     clock.epoch, step_in_epoch, samples_seen, clock.changes)
+                     clock.epoch, step_in_epoch, samples_seen, clock.changes, clock.note)
 
     def evaluation_due(self) -> bool:
         """Whether the driver should evaluate now: every ``eval_every`` steps, not at an epoch's end
@@ -404,6 +421,9 @@ class Recorder:
             self.requests[before:] = [r for r in self.requests[before:] if not isinstance(r, AddMetrics)]
             for request in added:
                 row.update({k: v for k, v in request.values.items() if k not in row})
+        for request in self.requests[before:]:
+            if isinstance(request, SetBatchSize):  # the decision's evidence is stored with the evaluation
+                row.update({k: v for k, v in request.evidence.items() if k not in row})
         self.wants_attention = bool(self.requests) or self.status != "finished"
         return row
 

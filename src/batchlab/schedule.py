@@ -18,20 +18,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import format_schedule, is_schedule
+from .config import Adaptive, format_schedule, is_schedule
 from .errors import ConfigError
 from .events import Changes, batch_at
 
 
 def require_one_batch_size(batch_size: Any, where: str) -> None:
-    """Refuse a batch-size schedule, in one line, where training runs at one batch size.
+    """Refuse a batch-size schedule or an adaptive batch size, in one line, where training runs at
+    one batch size.
 
     Raises:
-        ConfigError: ``batch_size`` is a schedule.
+        ConfigError: ``batch_size`` is a schedule or `Adaptive`.
     """
-    if is_schedule(batch_size):
-        raise ConfigError(f"{where} trains at one batch size; a batch-size schedule "
-                          f"({format_schedule(batch_size)}) needs bl.fit (batchlab fit)")
+    if is_schedule(batch_size) or isinstance(batch_size, Adaptive):
+        kind = "an adaptive batch size" if isinstance(batch_size, Adaptive) else "a batch-size schedule"
+        raise ConfigError(f"{where} trains at one batch size; {kind} ({format_schedule(batch_size)}) needs "
+                          "bl.fit (batchlab fit)")
 
 
 def resolve(batch_size: Any, n_train: int) -> Changes:
@@ -40,6 +42,8 @@ def resolve(batch_size: Any, n_train: int) -> Changes:
     Raises:
         ConfigError: a batch size larger than the training set (``full`` is the way to ask for N).
     """
+    if isinstance(batch_size, Adaptive):
+        batch_size = batch_size.start  # it grows only as measured, up to min(max, N)
     pairs = batch_size if is_schedule(batch_size) else ((0, batch_size),)
     changes = tuple((samples, n_train if b == "full" else int(b)) for samples, b in pairs)
     for _, b in changes:
@@ -55,19 +59,22 @@ def until(changes: Changes, samples_seen: int) -> Changes:
     return tuple((s, b) for s, b in changes if s < samples_seen) if samples_seen > 0 else ()
 
 
-def epoch_batch_sizes(changes: Changes, n_train: int, samples_seen: int, drop_last: bool) -> list[int]:
-    """The sizes of one epoch's batches, for an epoch that starts after ``samples_seen`` samples.
+def epoch_batch_sizes(changes: Changes, n_train: int, samples_seen: int, drop_last: bool,
+                      start: int = 0) -> list[int]:
+    """The sizes of one epoch's batches, for an epoch that starts after ``samples_seen`` samples
+    (with ``start``: of its batches from position ``start`` on, ``samples_seen`` counted there).
 
     Each batch takes the batch size in force where it starts; the last holds what is left of the
     N samples, and is left out with ``drop_last`` when that is less than its batch size.
     """
-    if len(changes) == 1 or samples_seen >= changes[-1][0]:  # one batch size for the whole epoch
+    left = n_train - start
+    if len(changes) == 1 or samples_seen >= changes[-1][0]:  # one batch size for the rest of the epoch
         b = batch_at(changes, samples_seen)
-        sizes = [b] * (n_train // b)
-        return sizes if drop_last or n_train % b == 0 else [*sizes, n_train % b]
-    sizes, at = [], 0
+        sizes = [b] * (left // b)
+        return sizes if drop_last or left % b == 0 else [*sizes, left % b]
+    sizes, at = [], start
     while at < n_train:
-        b = batch_at(changes, samples_seen + at)
+        b = batch_at(changes, samples_seen + at - start)
         if n_train - at < b and drop_last:
             break
         sizes.append(min(b, n_train - at))
@@ -76,14 +83,15 @@ def epoch_batch_sizes(changes: Changes, n_train: int, samples_seen: int, drop_la
 
 
 def plan_steps(changes: Changes, n_train: int, drop_last: bool, epochs: int | None,
-               max_steps: int | None) -> tuple[int, int, int]:
+               max_steps: int | None, samples_seen: int = 0) -> tuple[int, int, int]:
     """The run's length: ``(total steps, epochs started, steps of the first epoch)``.
 
     Training stops after ``epochs`` epochs or ``max_steps`` steps, whichever comes first. Epochs
     are walked one by one only while the schedule still changes; after its last change every
-    epoch is alike and the rest is arithmetic.
+    epoch is alike and the rest is arithmetic. With ``samples_seen``, the same for the epochs of
+    a run that has seen that many samples at an epoch's end (the rest of it).
     """
-    total, started, seen, first = 0, 0, 0, 0
+    total, started, seen, first = 0, 0, samples_seen, 0
     while (epochs is None or started < epochs) and (max_steps is None or total < max_steps):
         sizes = epoch_batch_sizes(changes, n_train, seen, drop_last)  # never empty: every B <= N
         first = first or len(sizes)
