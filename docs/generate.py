@@ -222,6 +222,13 @@ def explain_default(cwd: Path) -> str:
     return console(cwd, "batchlab explain --store explain.db --out docs/figures")
 
 
+@block(artifacts=("docs/figures/explain-adam/batchlab-explain-1.png",))
+def explain_adam(cwd: Path) -> str:
+    """docs/explain.md: the per-batch sawtooth with Adam (Liu & Ma 2025), and its counterfactual runs."""
+    return console(cwd, "batchlab explain --model mlp:hidden=256x256 --optimizer adam --lr 0.001 --epochs 10 "
+                        "--metric loss --store explain.db --out docs/figures/explain-adam")
+
+
 
 def benchmark(name: str, command: str) -> None:
     """Register a benchmark block: the console output of `command`, made only with --slow."""

@@ -166,17 +166,17 @@ def _counterfactual_table(explanation):
     bounds = explanation.boundaries[metric]
     loss_bounds = explanation.boundaries.get("loss", ())
     table = Table(title=shown("counterfactual runs: the same length, initial weights and seed, one thing changed"))
-    for header in ("run", "backs", f"jump ({metric})", "sawtooth (loss)", "± draw", "seconds"):
+    for header in ("run", "backs", f"jump ({metric})", "sawtooth (loss)", "± draw"):  # seconds: in --json only
         table.add_column(header, justify="left" if header in ("run", "backs") else "right", no_wrap=True)
     as_trained = [sum(b.jump for b in bounds) / len(bounds),
                   sum(b.sawtooth for b in loss_bounds) / len(loss_bounds) if loss_bounds else float("nan"),
                   (sum(b.sawtooth_noise**2 for b in loss_bounds) ** 0.5 / len(loss_bounds)) if loss_bounds
                   else float("nan")]  # fmt: skip
-    table.add_row("as trained", "", *(cell(v) for v in as_trained), "")
+    table.add_row("as trained", "", *(cell(v) for v in as_trained))
     for run in explanation.counterfactuals:
         table.add_row(shown(run.name), run.backs.removesuffix("_term").replace("_", " "), cell(run.jump[metric]),
-                      cell(run.sawtooth.get("loss", float("nan"))), cell(run.sawtooth_noise.get("loss", float("nan"))),
-                      f"{run.seconds:.1f}")  # fmt: skip
+                      cell(run.sawtooth.get("loss", float("nan"))),
+                      cell(run.sawtooth_noise.get("loss", float("nan"))))  # fmt: skip
     return table
 
 
