@@ -23,7 +23,22 @@ CONFIGS = {
     "sgd": dict(optimizer="sgd", lr=0.05, momentum=0.9, epochs=2, eval_every=7, seed=3),
     "adam": dict(optimizer="adam", lr=0.01, epochs=2, eval_every=7, seed=4),
 }
-PROBES = {"sgd": ["noise_scale", "grad_norm", "dist_from_init"], "adam": ["grad_norm"]}
+PROBES = {"sgd": ["noise_scale", "grad_norm", "dist_from_init"], "adam": ["grad_norm"], "scheduled": ["grad_norm"]}
+# A batch-size schedule, per rank (samples seen by the whole run -> B per rank): 12 then 20 per rank
+# from 600 samples on, the lr linear in the global batch.
+CONFIGS["scheduled"] = dict(optimizer="sgd", lr=0.05, momentum=0.9, epochs=3, eval_every=7, seed=6,
+                            lr_scaling="linear", reference_batch_size=24)
+BATCH_SIZES = {"scheduled": ((0, PER_RANK_BATCH), (600, 20))}
+
+
+def per_rank_batch(name: str):
+    return BATCH_SIZES.get(name, PER_RANK_BATCH)
+
+
+def global_batch(name: str, world: int):
+    """The batch size of the single-process reference: each per-rank B times the ranks."""
+    batch = per_rank_batch(name)
+    return batch * world if isinstance(batch, int) else tuple((s, b * world) for s, b in batch)
 
 
 def dataset():
@@ -52,7 +67,7 @@ class FailsOnRank1(torch.nn.Module):
 def equivalence(out: Path) -> None:
     ds = dataset()
     for name, options in CONFIGS.items():
-        config = bl.TrainConfig(batch_size=PER_RANK_BATCH, **options)
+        config = bl.TrainConfig(batch_size=per_rank_batch(name), **options)
         callbacks = [bl.recorder(out / "runs.db", name=name)] if dist.get_rank() == 0 else []
         run = distributed.fit(model(ds, options["seed"]), ds, config, probes=PROBES[name], callbacks=callbacks,
                               progress=False, timeout=60)

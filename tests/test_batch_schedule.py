@@ -258,3 +258,10 @@ def test_the_command_line_and_toml_take_a_schedule(tmp_path, cli):
     status, out, err = cli(["fit", "--dataset", "blobs", "--batch-size", "32,64", "--store", str(store)])
     assert status == 2 and err.strip().startswith("error:") and "SAMPLES:B" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("batch_size", ["8,150:16", "adaptive:start=8,max=32"])
+def test_explain_refuses_a_batch_that_changes_in_one_line(tmp_path, cli, batch_size):
+    status, _, err = cli(["explain", "--dataset", "blobs", "--batch-size", batch_size, "--epochs", "2",
+                          "--store", str(tmp_path / "s.db"), "--out", str(tmp_path)])
+    assert status == 2 and "batchlab explain trains at one batch size" in err and len(err.strip().splitlines()) == 1

@@ -46,15 +46,16 @@ import torch
 import torch.distributed as dist
 
 from . import data as data_lib
-from .config import TrainConfig
+from . import schedule
+from .config import Adaptive, TrainConfig, is_schedule
 from .errors import BatchlabError, ConfigError, error_line
 from .events import Callback, Clock, RestoreWeights
 from .loop import check_model, plan_batch_norm, plan_run, resolve_device
-from .schedule import require_one_batch_size
 from .metrics import correct_count, evaluation_splits, loss_function, pass_totals
 from .optim import build_optimizer, lr_at, scaled_lr, set_lr
 from .probes import NoiseScale, NoiseScaleExact, ProbeSet, RankGradients, RankNoiseScale, make_probe, part_sizes
 from .record import Recorder, Run
+from .schedule import require_one_batch_size
 
 DEFAULT_TIMEOUT = 300.0  # seconds any collective may wait before the run fails
 FAILURE_KEY = "batchlab/failure/{rank}"  # where a failing rank leaves its message for rank 0
@@ -144,15 +145,18 @@ def plan_global(dataset: data_lib.Dataset, config: TrainConfig, world_size: int)
     Raises:
         ConfigError: the global batch is larger than the training set.
     """
-    require_one_batch_size(config.batch_size, "a data-parallel run")
-    if config.batch_size == "full":
-        return config, plan_run(dataset, config)
-    global_batch = config.batch_size * world_size
-    if global_batch > dataset.n_train:
-        raise ConfigError(f"batch_size {config.batch_size} per rank × {world_size} ranks = {global_batch} is larger "
-                          f"than the training set ({dataset.n_train} samples); use a per-rank batch size <= "
-                          f"{dataset.n_train // world_size}")
-    global_config = config.model_copy(update={"batch_size": global_batch})
+    if isinstance(config.batch_size, Adaptive):
+        require_one_batch_size(config.batch_size, "a data-parallel run")
+    per_rank = config.batch_size if is_schedule(config.batch_size) else ((0, config.batch_size),)
+    global_batches = []
+    for samples, batch in per_rank:
+        if batch != "full" and batch * world_size > dataset.n_train:
+            raise ConfigError(f"batch_size {batch} per rank × {world_size} ranks = {batch * world_size} is larger "
+                              f"than the training set ({dataset.n_train} samples); use a per-rank batch size <= "
+                              f"{dataset.n_train // world_size}")
+        global_batches.append((samples, batch if batch == "full" else batch * world_size))
+    global_size = global_batches[0][1] if len(global_batches) == 1 else tuple(global_batches)
+    global_config = config.model_copy(update={"batch_size": global_size})
     return global_config, plan_run(dataset, global_config)
 
 
@@ -344,8 +348,10 @@ def _train(state: _DistributedState) -> Run:
     _agree(state)
     state.model.train()
     while rec.going and rec.clock.step < rec.clock.total_steps:  # an exception ends the run in `fit`
-        rec.start_epoch()
-        _run_epoch(state)
+        order = data_lib.epoch_order(rec.clock.n_train, state.generator, state.config.shuffle)
+        batches = schedule.cut_epoch(order.to(state.dataset.train[0].device), rec.clock, state.config.drop_last)
+        rec.start_epoch(len(batches) if rec.clock.changes else None)
+        _run_epoch(state, batches)
         if rec.status == "diverged":
             break
         if not rec.evaluated_now():
@@ -355,20 +361,22 @@ def _train(state: _DistributedState) -> Run:
     return rec.finish()
 
 
-def _run_epoch(state: _DistributedState) -> None:
-    """One epoch: each rank's part of every global batch, DDP's all-reduce, the global numbers to the core."""
+def _run_epoch(state: _DistributedState, batches: list[torch.Tensor]) -> None:
+    """One epoch: each rank's part of every global batch (``batches``, index tensors), DDP's all-reduce,
+    the global numbers to the core."""
     rec, config, optimizer, ranks = state.recorder, state.config, state.optimizer, state.ranks
     X, y = state.dataset.train
     classification = state.dataset.n_classes is not None
     probes = rec.probes
     clock = rec.clock
     current_lr = None
-    order = data_lib.epoch_order(clock.n_train, state.generator, config.shuffle).to(X.device)
-    for index in data_lib.batch_indices(order, clock.batch_size, config.drop_last):
+    done = clock.epoch - 1  # epochs completed before this one
+    for index in batches:
         if rec.clock.step >= clock.total_steps:
             break
         started = time.perf_counter()
-        lr = lr_at(rec.clock.step, config, state.base_lr, clock.steps_per_epoch, clock.total_steps)
+        base_lr = scaled_lr(config, rec.clock.batch_size) if clock.changes else state.base_lr  # the B in force
+        lr = lr_at(rec.clock.step, config, base_lr, clock.steps_per_epoch, clock.total_steps, done)
         if lr != current_lr:
             set_lr(optimizer, lr)
             current_lr = lr

@@ -55,6 +55,7 @@ from .config import TrainConfig
 from .errors import ConfigError, DataError
 from .events import AddMetrics, Callback, Evaluation, RunStart, StepEnd
 from .metrics import RunningMean, evaluate, loss_function, mean_loss_function
+from .schedule import require_one_batch_size
 
 MIN_EVALS_PER_EPOCH = 20
 DEFAULT_EVALS_PER_EPOCH = 25
@@ -82,7 +83,12 @@ def explain_config(config: TrainConfig, n_train: int, evals_per_epoch: int = DEF
 
     A denser ``eval_every`` already in the config is kept; a sparser one (or ``"epoch"``) is
     replaced. ``eval_train`` is switched on: the true training metric is what explains the jump.
+
+    Raises:
+        ConfigError: a batch-size schedule or an adaptive batch size (the terms compare epochs of
+            one batch size).
     """
+    require_one_batch_size(config.batch_size, "batchlab explain")
     batch_size = n_train if config.batch_size == "full" else min(config.batch_size, n_train)
     dense = dense_eval_every(data_lib.steps_per_epoch(n_train, batch_size, config.drop_last), evals_per_epoch)
     every = dense if config.eval_every == "epoch" else min(config.eval_every, dense)

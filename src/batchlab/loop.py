@@ -323,10 +323,10 @@ class _LoopState:
         batch. Returns the epoch's batches."""
         rec, config = self.recorder, self.config
         clock = rec.clock
-        sizes = schedule.epoch_batch_sizes(clock.changes, clock.n_train, clock.samples_seen, config.drop_last, start)
-        batches = batches[:at] + list(torch.split(order[start:start + sum(sizes)], sizes))
-        end_of_epoch = clock.samples_seen + sum(sizes)
-        this_epoch = clock.step + len(sizes)
+        rest = schedule.cut_epoch(order, clock, config.drop_last, start)
+        batches = batches[:at] + rest
+        end_of_epoch = clock.samples_seen + sum(b.numel() for b in rest)
+        this_epoch = clock.step + len(rest)
         epochs_left = None if config.epochs is None else config.epochs - clock.epoch
         steps_left = None if config.max_steps is None else config.max_steps - this_epoch
         later, started = 0, 0
@@ -344,10 +344,7 @@ class _LoopState:
         """The next epoch's sample order and its batches (index tensors), on the data's device."""
         clock, config = self.recorder.clock, self.config
         order = data_lib.epoch_order(clock.n_train, self.generator, config.shuffle).to(self.dataset.train[0].device)
-        if not clock.changes:
-            return order, data_lib.batch_indices(order, clock.batch_size, config.drop_last)
-        sizes = schedule.epoch_batch_sizes(clock.changes, clock.n_train, clock.samples_seen, config.drop_last)
-        return order, list(torch.split(order[:sum(sizes)], sizes))
+        return order, schedule.cut_epoch(order, clock, config.drop_last)
 
     def evaluate(self) -> None:
         """Full passes at the current weights, handed to the core with their time."""

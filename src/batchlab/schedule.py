@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from .config import Adaptive, format_schedule, is_schedule
+from .data import batch_indices
 from .errors import ConfigError
-from .events import Changes, batch_at
+from .events import Changes, Clock, batch_at
 
 
 def require_one_batch_size(batch_size: Any, where: str) -> None:
@@ -80,6 +83,16 @@ def epoch_batch_sizes(changes: Changes, n_train: int, samples_seen: int, drop_la
         sizes.append(min(b, n_train - at))
         at += sizes[-1]
     return sizes
+
+
+def cut_epoch(order: torch.Tensor, clock: Clock, drop_last: bool, start: int = 0) -> list[torch.Tensor]:
+    """An epoch's sample order (N,) cut into its batches (index tensors), from position ``start`` on
+    (``clock.samples_seen`` counted there): the batch sizes in force as `epoch_batch_sizes` gives them.
+    Every driver that draws its own order cuts it here."""
+    if not clock.changes:
+        return batch_indices(order[start:], clock.batch_size, drop_last)
+    sizes = epoch_batch_sizes(clock.changes, clock.n_train, clock.samples_seen, drop_last, start)
+    return list(torch.split(order[start:start + sum(sizes)], sizes))
 
 
 def plan_steps(changes: Changes, n_train: int, drop_last: bool, epochs: int | None,
