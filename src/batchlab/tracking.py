@@ -66,16 +66,8 @@ from .checks import is_whole_number
 from .errors import ArgumentError, ConfigError, error_line
 from .events import Callback, Clock
 from .metrics import evaluate, pass_totals
-from .probes import (
-    NoiseScale,
-    NoiseState,
-    ProbeSet,
-    ProbeWarning,
-    _advance,
-    _unmeasured,
-    make_probe,
-    two_batch_estimates,
-)
+from .probes import NoiseScale, ProbeSet, ProbeWarning, make_probe, two_batch_estimates
+from .probes.estimators import NoiseState, advance, unmeasured
 from .record import Recorder, Run
 
 GRADIENT_PROBES = ("grad_norm", "noise_scale", "noise_scale_exact")
@@ -485,7 +477,7 @@ class Tracker:
             if self.noise is not None:
                 values.update(self._noise_call(self.noise.finish) or {})
             if self._noise_lost is not None:
-                values.update(_unmeasured(""))
+                values.update(unmeasured(""))
             if self.recorder.probes is not None:
                 # The scaler's scale: the taps' output gradients carry it (p.grad is unscaled).
                 self.recorder.probes.after_backward(self._grad_scale())
@@ -805,7 +797,7 @@ class MicroBatchNoise:
         small_sq, scales, sizes, weighted = self.small_sq, self.scales, self.sizes, self.weighted
         self.reset()
         if len(sizes) < 2 or weighted is None:
-            return _unmeasured("")
+            return unmeasured("")
         big = sum(sizes)
         weighted_sq = torch.stack(torch._foreach_norm(weighted)).double().square().sum()
         *squares, weighted_sq = torch.stack([*small_sq, weighted_sq]).tolist()  # the update's one read
@@ -814,8 +806,8 @@ class MicroBatchNoise:
         # The micro-batches are the parts of the accumulated batch: fit's half-batch method with k parts.
         grad_sq, trace_cov = two_batch_estimates(small_sq, sizes, big_sq, big, self.n_train)
         if not (math.isfinite(grad_sq) and math.isfinite(trace_cov)):  # an AMP overflow: the update is skipped too
-            return _unmeasured("")
-        self.state, values = _advance(self.state, grad_sq, trace_cov, self.beta, "")
+            return unmeasured("")
+        self.state, values = advance(self.state, grad_sq, trace_cov, self.beta, "")
         return values
 
 
