@@ -1,8 +1,9 @@
 """An adaptive batch size: the run grows its batch when a measurement says a larger one loses nothing.
 
 ``TrainConfig(batch_size=bl.Adaptive(start=16, max=1024, signal="local_cbs"))`` (``--batch-size
-adaptive``) trains at ``start`` and decides at the run's evaluations (the first at or after every
-``every`` samples; by default each epoch's end):
+adaptive``) trains at ``start`` and decides at the run's evaluations: at its first (step 0), then at
+the first evaluation at or after every ``every`` samples (by default at every evaluation: each
+epoch's end, or every ``eval_every`` steps):
 
 - ``signal="local_cbs"``: branch from the live weights and optimizer state at 1, 2 and 4 times the
   current batch B (`batchlab.local_cbs`, a paired test over ``seeds`` seeds; Merrill et al. 2025,
@@ -89,8 +90,7 @@ class AdaptiveBatch(Callback):
         self.warned = False
         self.optimizer, self.data = event.optimizer, event.data
         self.loss_fn = mean_loss_function(event.config.loss, event.data.task)
-        every = self.adaptive.every
-        self.next_due = event.clock.samples_seen if every is None else (event.clock.samples_seen // every + 1) * every
+        self.next_due = event.clock.samples_seen  # the first evaluation decides (step 0's, in a fresh run)
         return None
 
     def on_evaluation(self, event: Evaluation):

@@ -172,8 +172,8 @@ def format_schedule(batch_size: Any) -> str:
 class Adaptive(_Frozen):
     """A batch size that grows during the run when a measurement says a larger batch loses nothing.
 
-    At the run's evaluations (the first one at or after every ``every`` samples), the signal is
-    measured at the live weights; when it says a batch at least twice the current one is no worse,
+    At the run's first evaluation and then the first one at or after every ``every`` samples, the
+    signal is measured at the live weights; when it says a batch at least twice the current one is no worse,
     the batch grows to the largest such power-of-two multiple, up to ``max`` (and the training-set
     size); it never shrinks. See `batchlab.adaptive` for the rule and docs/adaptive.md for its evidence.
 
@@ -183,7 +183,7 @@ class Adaptive(_Frozen):
         signal: ``local_cbs`` (branches at 1, 2 and 4 times the batch, `batchlab.local_cbs`) or
             ``b_simple`` (the gradient noise scale tr(Σ)/‖G‖² at the same weights, from per-sample
             gradients; cheaper, but a proxy that assumes SGD).
-        every: samples between decisions (at the next evaluation), or None: at every evaluation.
+        every: samples between decisions (each at the next evaluation), or None: at every evaluation.
         lr_rule: how the lr follows the batch from ``start`` (the config's ``lr`` is the lr at
             ``start``): ``linear`` (SGD), ``sqrt`` (Adam-like), ``none``, or ``auto`` (linear for
             SGD, sqrt otherwise).
