@@ -180,6 +180,8 @@ def test_the_command_line_stores_each_decision_with_its_evidence(tmp_path, cli):
     decided = stored.evals.dropna(subset=["adaptive_signal"])
     assert len(decided) == 4 and set(decided.columns) >= {"adaptive_signal", "adaptive_batch_size"}
     assert stored.config["batch_size"]["signal"] == "b_simple"
+    status, _, err = cli(["report", str(stored.id), "--store", str(store), "--out", str(tmp_path / "r.html")])
+    assert status == 0 and "The adaptive batch size: the batch in force" in (tmp_path / "r.html").read_text()
     last_epoch = stored.steps[stored.steps.epoch == 3]
     assert last_epoch.batch_size.max() == decided.adaptive_batch_size.iloc[-2]  # decided at epoch 2's end
 

@@ -20,6 +20,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from batchlab import plots
+from batchlab.plots.adaptive import adaptive_figure
 from batchlab.plots.explain import explain_figure
 from batchlab.plots.gradnorm import distance_figure, gradnorm_figure, loss_conventions_figure
 
@@ -245,7 +246,20 @@ def cli_figures():
     others = [stored_run(name=f"run B={b}", batch_size=b, seed=b, dense=False) for b in (16, 64, 256)]
     figures["report: group, steps"] = plots.compare_runs(others, "val_acc", "step", logx=True)
     figures["report: group, epochs"] = plots.compare_runs(others, "val_acc", "epoch")
+    figures["report: adaptive batch size"] = adaptive_figure(*adaptive_tables(), signal="local_cbs",
+                                                             title="run 7: mnist1d, mlp, adaptive from 16 to 1024")
     return figures
+
+
+def adaptive_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The tables of a run whose batch grew 16 -> 64 -> 256, with epochs' short last batches."""
+    sizes = [16] * 250 + [64] * 62 + [32] + [256] * 15 + [160]
+    seen = np.cumsum(sizes)
+    lrs = [1e-3 * (b if b in (16, 64, 256) else {32: 64, 160: 256}[b]) ** 0.5 / 4 for b in sizes]
+    steps = pd.DataFrame({"step": np.arange(1, len(sizes) + 1), "samples_seen": seen, "batch_size": sizes, "lr": lrs})
+    evals = pd.DataFrame({"step": [0, 250, 313, 329], "samples_seen": [0, 4000, 8000, 12000],
+                          "adaptive_signal": [16.0, 64.0, 512.0, math.inf], "adaptive_batch_size": [16.0, 64, 256, 1024]})
+    return steps, evals
 
 
 # --- the tests ----------------------------------------------------------------------------------
@@ -258,7 +272,8 @@ def figures():
 
 FIGURE_NAMES = ["steps_to_target", "samples_to_target", "seconds_to_target", "best_lr", "gen_gap", "learning_curves",
                 "explain", "gradnorm", "gradnorm_conventions", "distance", "report: learning curves",
-                "report: views overlay", "report: probe traces", "report: group, steps", "report: group, epochs"]  # fmt: skip
+                "report: views overlay", "report: probe traces", "report: group, steps", "report: group, epochs",
+                "report: adaptive batch size"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", FIGURE_NAMES)

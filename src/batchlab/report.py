@@ -193,6 +193,11 @@ def run_report(run: StoredRun, *, explain: str | None = None) -> Report:
 
         makers.append(("The epoch-boundary jump: every metric view, dense full passes, epoch boundaries dotted",
                        lambda: explain_figure(run.steps, run.evals, explanation)))  # fmt: skip
+    if "adaptive_signal" in run.evals and run.evals.adaptive_signal.notna().any():
+        from .plots.adaptive import adaptive_figure, signal_of
+
+        makers.append(("The adaptive batch size: the batch in force, each decision's measurement, and the lr",
+                       lambda: adaptive_figure(run.steps, run.evals, signal=signal_of(run.config))))
     advice = _batch_advice(run)
     if advice is not None:
         from .plots.advise import advise_figure
