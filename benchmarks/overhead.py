@@ -202,16 +202,17 @@ def replicas_compiled(X, y, n_replicas: int, batch_size: int) -> tuple[float, fl
     """
     import numpy as np
 
-    from batchlab.compiled import StackedStep, init_stacked_state, stacked_hyper
+    from batchlab.compiled import StackedStep
+    from batchlab.optim import stacked_chain
 
     models = [mlp() for _ in range(n_replicas)]
     names = [n for n, _ in models[0].named_parameters()]
     params = [torch.stack([m.get_parameter(n).detach() for m in models]).requires_grad_() for n in names]
     ones = np.ones(n_replicas)
-    hyper = stacked_hyper("sgd", False, {"momentum": 0 * ones, "weight_decay": 0 * ones, "beta1": 0.9 * ones,
-                                         "beta2": 0.999 * ones}, X.device)
-    state = init_stacked_state(hyper, params)
-    step = StackedStep(mlp(), names, hyper, lambda o, t: F.cross_entropy(o, t, reduction="none"), True)
+    optimizer = stacked_chain("sgd", False, {"momentum": 0 * ones, "weight_decay": 0 * ones, "beta1": 0.9 * ones,
+                                             "beta2": 0.999 * ones}, X.device)
+    state = optimizer.init(params)
+    step = StackedStep(mlp(), names, optimizer, lambda o, t: F.cross_entropy(o, t, reduction="none"), True)
     lr = torch.linspace(0.01, 0.1, n_replicas, dtype=torch.float64)
     generator = torch.Generator().manual_seed(0)
     orders = torch.stack([torch.randperm(X.shape[0], generator=generator) for _ in range(n_replicas)])

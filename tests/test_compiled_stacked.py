@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from batchlab.compiled.stacked import StackedStep, init_stacked_state
-from batchlab.compiled.updates import stacked_hyper
+from batchlab.compiled.stacked import StackedStep
+from batchlab.optim import stacked_chain
 
 R, N, B, STEPS = 3, 48, 8, 30
 LRS = [0.02, 0.05, 0.1]
@@ -52,10 +52,10 @@ def test_stacked_compiled_equals_separate_eager_runs(case):
     names = [n for n, _ in models[0].named_parameters()]
     params = [torch.stack([m.get_parameter(n).detach() for m in models]).requires_grad_() for n in names]
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in values.items()}
-    hyper = stacked_hyper(kind, False, {**arrays, "beta1": np.full(R, 0.9), "beta2": np.full(R, 0.999)},
+    chain = stacked_chain(kind, False, {**arrays, "beta1": np.full(R, 0.9), "beta2": np.full(R, 0.999)},
                           torch.device("cpu"))
-    state = init_stacked_state(hyper, params)
-    step = StackedStep(make_models()[0], names, hyper, lambda o, t: F.cross_entropy(o, t, reduction="none"), True)
+    state = chain.init(params)
+    step = StackedStep(make_models()[0], names, chain, lambda o, t: F.cross_entropy(o, t, reduction="none"), True)
     lr = torch.tensor(LRS, dtype=torch.float64)
     stacked_numbers = []
     for s in range(STEPS):

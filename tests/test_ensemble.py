@@ -17,7 +17,7 @@ from batchlab.errors import ConfigError
 from batchlab.events import Callback, Stop
 from batchlab.loop import fit
 from batchlab.models import build_model
-from batchlab.optim import build_optimizer, init_stacked_state, stacked_update
+from batchlab.optim import build_optimizer, init_stacked_state, stacked_chain
 
 PROBES = ["grad_norm", "dist_from_init", "update_norm"]
 # Equivalence is checked in float64, where replicas and `fit` agree to ~1e-14 (relative) after 320
@@ -195,7 +195,7 @@ def test_stacked_update_is_torch_optim_per_replica(kind):
                              betas=h["betas"])
         references.append((params, build_optimizer(params, config, h["lr"])))
     stacked = [torch.stack([tensors[i] for tensors in start]) for i in range(len(shapes))]  # each (R, *shape)
-    state = init_stacked_state(kind, stacked)
+    state = {**init_stacked_state(kind, stacked), "step": [torch.zeros((), dtype=torch.float64)]}
     arrays = {"momentum": np.array([h["momentum"] for h in hyper]),
               "weight_decay": np.array([h["weight_decay"] for h in hyper]),
               "beta1": np.array([h["betas"][0] for h in hyper]), "beta2": np.array([h["betas"][1] for h in hyper])}
@@ -205,8 +205,8 @@ def test_stacked_update_is_torch_optim_per_replica(kind):
                 p.grad = gi.clone()
             optimizer.step()
         stacked_grads = [torch.stack([g[i] for g in step_grads]) for i in range(len(shapes))]
-        stacked_update(kind, stacked, stacked_grads, state, step=step,
-                       lr=np.array([h["lr"] for h in hyper]), hyper=arrays)
+        stacked_chain(kind, False, arrays).step(stacked, stacked_grads, state,
+                                                lr=torch.tensor([h["lr"] for h in hyper], dtype=torch.float64))
     for r, (params, _) in enumerate(references):
         for i, p in enumerate(params):
             torch.testing.assert_close(stacked[i][r], p.detach(), rtol=1e-12, atol=1e-14)

@@ -19,10 +19,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..optim.transforms import Chain
 from .policy import should_chunk, should_compile, should_compile_stacked
 from .stacked import StackedStep
 from .step import CHUNK, CompiledStep
-from .updates import CompileUnsupported, Hyper
+from .updates import CompileUnsupported
 
 log = logging.getLogger("batchlab.compiled")
 _SAID: set[str] = set()  # lines already said in this process (a study repeats its runs' decisions)
@@ -95,14 +96,14 @@ def _unmeasured(mode: str, steps: int, probe_every: int | None) -> int | None:
     return steps - (-(-steps // probe_every) if probe_every else 0)
 
 
-def replicas_step(mode: str, skeleton: torch.nn.Module, names: Sequence[str], hyper: Hyper, loss_fn: Callable,
+def replicas_step(mode: str, skeleton: torch.nn.Module, names: Sequence[str], chain: Chain, loss_fn: Callable,
                   classification: bool, shapes: Sequence[tuple[tuple, tuple]], dtype: torch.dtype,
                   device: torch.device, steps: int, probe_every: int | None) -> StackedStep | None:
     """The compiled stacked step of a replicas' pass for its unmeasured steps, or None to stay eager.
 
     Args:
         mode: the configs' ``compile``.
-        skeleton, names, hyper, loss_fn, classification: as `StackedStep` takes them.
+        skeleton, names, chain, loss_fn, classification: as `StackedStep` takes them.
         shapes: the distinct ``((R, b, *x), (R, b, *y))`` batch shapes the pass trains on.
         dtype, device: of the inputs.
         steps: the stacked updates left.
@@ -111,7 +112,7 @@ def replicas_step(mode: str, skeleton: torch.nn.Module, names: Sequence[str], hy
     compiled_steps = _unmeasured(mode, steps, probe_every)
     if compiled_steps is None:
         return None
-    step = StackedStep(skeleton, names, hyper, loss_fn, classification)
+    step = StackedStep(skeleton, names, chain, loss_fn, classification)
     replicas, batch = shapes[0][0][:2]
     if mode == "auto" and not should_compile_stacked(
             compiled_steps, replicas, batch, shapes=len(shapes),

@@ -16,12 +16,12 @@ import torch
 from torch.func import functional_call, vmap
 
 from ..errors import error_line
+from ..optim.transforms import Chain, State, signature
 from .step import StepNumbers, compiled_already, compiled_copy, log
-from .updates import Hyper, apply_update, init_stacked_state  # noqa: F401  (re-exported)
 
 
 def stacked_train_step(skeleton: torch.nn.Module, names: tuple[str, ...], params: list[torch.Tensor],
-                       extras: list[torch.Tensor], state: dict[str, list[torch.Tensor]], hyper: Hyper,
+                       extras: list[torch.Tensor], state: State, chain: Chain,
                        lr: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor, loss_fn: Callable,
                        classification: bool) -> StepNumbers:
     """One update of R stacked replicas, in place.
@@ -31,8 +31,9 @@ def stacked_train_step(skeleton: torch.nn.Module, names: tuple[str, ...], params
         names: the names of ``params`` then ``extras`` in the skeleton.
         params: stacked parameters (R, *shape), leaves requiring grad.
         extras: stacked buffers and dropout masks (R, ...), passed to the forward as they are.
-        state: stacked optimizer state (each tensor (R, *shape); ``step`` ()).
-        hyper: shared hyperparameters as floats, differing ones as (R,) tensors.
+        state: the chain's stacked state (each tensor (R, *shape); ``step`` ()).
+        chain: the optimizer (`batchlab.optim.stacked_chain`): shared hyperparameters as floats,
+            differing ones as (R,) tensors.
         lr: (R,) float64, each replica's learning rate at this step.
         xb, yb: (R, b, *shape) and (R, b): each replica's batch.
         loss_fn: per-sample loss ``f(output, y) -> (n,)``.
@@ -51,7 +52,7 @@ def stacked_train_step(skeleton: torch.nn.Module, names: tuple[str, ...], params
     loss = losses.mean(dim=1)  # (R,)
     grads = torch.autograd.grad(loss.sum(), params)  # each replica: the gradient of its own mean loss
     with torch.no_grad():
-        apply_update(hyper, params, list(grads), state, lr, stacked=True)
+        chain.step(params, list(grads), state, lr)
     correct = (output.detach().argmax(dim=2) == yb).sum(dim=1) if classification else loss.detach()
     return StepNumbers(loss.detach(), correct)
 
@@ -63,12 +64,11 @@ class StackedStep:
     cannot be captured.
     """
 
-    def __init__(self, skeleton: torch.nn.Module, names: Sequence[str], hyper: Hyper, loss_fn: Callable,
+    def __init__(self, skeleton: torch.nn.Module, names: Sequence[str], chain: Chain, loss_fn: Callable,
                  classification: bool):
-        self.skeleton, self.names, self.hyper = skeleton, tuple(names), hyper
+        self.skeleton, self.names, self.chain = skeleton, tuple(names), chain
         self.loss_fn, self.classification = loss_fn, classification
-        per_replica = tuple("per-replica" if isinstance(v, torch.Tensor) else v for v in hyper)
-        self.key = (repr(skeleton), self.names, per_replica, classification, loss_fn)
+        self.key = (repr(skeleton), self.names, signature(chain), classification, loss_fn)
         self.compiled: dict[tuple, Callable] = {}
         self.fallback_reason: str | None = None
 
@@ -79,10 +79,10 @@ class StackedStep:
         """Whether this process already compiled a graph for every (xb shape, yb shape): then compiling is free."""
         return all(compiled_already(self._key(x, y, dtype, device_type)) for x, y in shapes)
 
-    def __call__(self, params: list[torch.Tensor], extras: list[torch.Tensor], state: dict[str, list[torch.Tensor]],
+    def __call__(self, params: list[torch.Tensor], extras: list[torch.Tensor], state: State,
                  lr: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> StepNumbers:
         """One update of every replica; ``params``, ``extras`` (buffers) and ``state`` change in place."""
-        args = (self.skeleton, self.names, params, extras, state, self.hyper, lr, xb, yb, self.loss_fn,
+        args = (self.skeleton, self.names, params, extras, state, self.chain, lr, xb, yb, self.loss_fn,
                 self.classification)
         if self.fallback_reason is not None:
             return stacked_train_step(*args)

@@ -2,7 +2,7 @@
 
 For the small models batchlab studies, an eager step on the CPU is mostly dispatch overhead
 (~10 µs per operation, dozens of operations per step). `CompiledStep` traces the whole step —
-forward, ``torch.autograd.grad``, the optimizer update of `batchlab.compiled.updates` and the
+forward, ``torch.autograd.grad``, the optimizer update (a `batchlab.optim.Chain`) and the
 batch's mean loss and correct count — into one graph with ``torch.compile(fullgraph=True)``:
 inductor's C++ kernels on the CPU, CUDA graphs on a GPU. The weights, buffers (batch norm's
 running statistics) and optimizer state are mutated in place, so the model and the torch
@@ -26,7 +26,8 @@ from typing import Any, NamedTuple
 import torch
 
 from ..errors import error_line
-from .updates import Hyper, apply_update, hyper_of, optimizer_state
+from ..optim.transforms import Chain, State, signature
+from .updates import optimizer_as_chain
 
 log = logging.getLogger("batchlab.compiled")
 
@@ -38,8 +39,8 @@ class StepNumbers(NamedTuple):
     correct: torch.Tensor | None  # () samples whose arg-max equals the label; None for regression
 
 
-def train_step(model: torch.nn.Module, params: list[torch.Tensor], state: dict[str, list[torch.Tensor]],
-               hyper: Hyper, lr: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor,
+def train_step(model: torch.nn.Module, params: list[torch.Tensor], state: State,
+               chain: Chain, lr: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor,
                mean_loss_fn: Callable, classification: bool) -> StepNumbers:
     """Forward, backward and one optimizer update of ``model`` on one batch, in place.
 
@@ -48,8 +49,8 @@ def train_step(model: torch.nn.Module, params: list[torch.Tensor], state: dict[s
     Args:
         model: in train mode; its forward may update buffers (batch norm) as in eager training.
         params: the parameters the optimizer updates (its one parameter group).
-        state: the optimizer state of `batchlab.compiled.updates.optimizer_state`.
-        hyper: the optimizer's hyperparameters.
+        state: the optimizer's state in torch.optim's format (`batchlab.optim.torch_state`).
+        chain: the optimizer as a chain (`batchlab.optim.chain_of`).
         lr: () float64, this step's learning rate.
         xb, yb: the batch, (B, *shape) and (B,) or (B, *target_shape).
         mean_loss_fn: ``f(output, yb) -> ()`` the batch's mean loss.
@@ -62,7 +63,7 @@ def train_step(model: torch.nn.Module, params: list[torch.Tensor], state: dict[s
     loss = mean_loss_fn(output, yb)
     grads = torch.autograd.grad(loss, params)
     with torch.no_grad():
-        apply_update(hyper, params, list(grads), state, lr)
+        chain.step(params, list(grads), state, lr)
     correct = (output.detach().argmax(dim=1) == yb).sum() if classification else None
     return StepNumbers(loss.detach(), correct)
 
@@ -74,8 +75,8 @@ def train_step(model: torch.nn.Module, params: list[torch.Tensor], state: dict[s
 CHUNK = 4
 
 
-def train_steps(model: torch.nn.Module, params: list[torch.Tensor], state: dict[str, list[torch.Tensor]],
-                hyper: Hyper, lrs: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor,
+def train_steps(model: torch.nn.Module, params: list[torch.Tensor], state: State,
+                chain: Chain, lrs: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor,
                 mean_loss_fn: Callable, classification: bool) -> StepNumbers:
     """``len(xs)`` consecutive `train_step` calls, one per batch (unrolled into one graph when compiled).
 
@@ -88,7 +89,7 @@ def train_steps(model: torch.nn.Module, params: list[torch.Tensor], state: dict[
     """
     losses, corrects = [], []
     for k in range(xs.shape[0]):
-        numbers = train_step(model, params, state, hyper, lrs[k], xs[k], ys[k], mean_loss_fn, classification)
+        numbers = train_step(model, params, state, chain, lrs[k], xs[k], ys[k], mean_loss_fn, classification)
         losses.append(numbers.loss)
         corrects.append(numbers.correct)
     return StepNumbers(torch.stack(losses), torch.stack(corrects) if classification else None)
@@ -158,15 +159,14 @@ class CompiledStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mean_loss_fn: Callable,
                  classification: bool):
-        """Read the optimizer's hyperparameters and create its state in torch.optim's format.
+        """Read the optimizer as a chain and create its state in torch.optim's format.
 
         Raises:
-            CompileUnsupported: an optimizer or option the compiled updates do not implement.
+            CompileUnsupported: an optimizer or option no chain reproduces.
         """
         self.model, self.mean_loss_fn, self.classification = model, mean_loss_fn, classification
-        self.hyper = hyper_of(optimizer)
+        self.chain, self.state = optimizer_as_chain(optimizer)
         self.params = list(optimizer.param_groups[0]["params"])
-        self.state = optimizer_state(optimizer, self.hyper)
         self.device = self.params[0].device
         self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), dtype=torch.float64, device=self.device)
         self.cuda_graphs = self.device.type == "cuda"
@@ -189,7 +189,7 @@ class CompiledStep:
         return "eager" if self.fallback_reason else "compiled"
 
     def _args(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple:
-        return (self.model, self.params, self.state, self.hyper, self.lr, xb, yb, self.mean_loss_fn,
+        return (self.model, self.params, self.state, self.chain, self.lr, xb, yb, self.mean_loss_fn,
                 self.classification)
 
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> StepNumbers:
@@ -237,11 +237,11 @@ class CompiledStep:
         return out
 
     def _chunk_args(self, xs: torch.Tensor, ys: torch.Tensor, lrs: torch.Tensor) -> tuple:
-        return (self.model, self.params, self.state, self.hyper, lrs, xs, ys, self.mean_loss_fn, self.classification)
+        return (self.model, self.params, self.state, self.chain, lrs, xs, ys, self.mean_loss_fn, self.classification)
 
     def _key(self, x_shape: tuple, x_dtype: torch.dtype, y_shape: tuple, y_dtype: torch.dtype) -> tuple:
         """What a graph is specialised on: architecture, optimizer, batch shapes, dtypes, device, loss."""
-        return (self.architecture, self.hyper, tuple(x_shape), x_dtype, tuple(y_shape), y_dtype,
+        return (self.architecture, signature(self.chain), tuple(x_shape), x_dtype, tuple(y_shape), y_dtype,
                 self.device.type, self.classification, self.mean_loss_fn)
 
     def compiled_before(self, batches: Sequence[tuple[tuple, torch.dtype, tuple, torch.dtype]],

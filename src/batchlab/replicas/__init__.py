@@ -5,8 +5,8 @@ size); at small batch sizes each update is mostly per-step overhead. `fit_replic
 trainings as one: the replicas' weights, buffers and optimizer states are stacked along a leading
 replica dimension (`stack`), one ``torch.func.vmap`` of a call of the model's private copy with the
 stacked tensors in its slots does every replica's forward pass on its own batch, autograd on the
-stacked weights gives every replica's own gradient, and a functional optimizer
-(`batchlab.optim.stacked_update`) updates them all with per-replica hyperparameters
+stacked weights gives every replica's own gradient, and an optimizer chain
+(`batchlab.optim.stacked_chain`) updates them all with per-replica hyperparameters
 (`vectorized`).
 
 Replica r reproduces ``fit(model_fn(seed_r), dataset, config_r)``: the same initial weights, data

@@ -13,7 +13,7 @@ from torch.func import vmap
 from ..data import gather_batches
 from ..events import Clock
 from ..metrics import evaluate_splits, evaluate_stacked, evaluation_splits, loss_function
-from ..optim import lr_at, stacked_update
+from ..optim import lr_at, shared_or_per_replica, stacked_chain
 from .stack import _feed_dropout, _per_replica_norm, _Stack, _TensorSlots, draw_masks
 
 if TYPE_CHECKING:
@@ -51,44 +51,49 @@ class _Pass:
         self.stack.relayout(self._trial_gradients(clock.batch_size))
         for row, replica in enumerate(replicas):
             self.stack.attach(replica.model, row)
+        # The update counter (Adam's bias corrections), shared by the eager and the compiled step.
+        self.update_counter = [torch.zeros((), dtype=torch.float64, device=device)]
+        self._chain_for_stack()
         self.clock = clock  # the run's accounting at the start (batch shapes, total steps)
         self.compiled = None  # a `batchlab.compiled.StackedStep` for unmeasured steps, or None: eager
-        self.compiled_state: dict[str, list[torch.Tensor]] = {}  # its view of the stack's optimizer state
+
+    def _chain_for_stack(self) -> None:
+        """The optimizer chain of the active replicas and its state: the stack's buffers and the counter.
+
+        Called again when replicas leave: their rows, and hyperparameters, leave the stack.
+        """
+        stack = self.stack
+        self.chain = stacked_chain(self.config.optimizer, self.config.nesterov, stack.hyper, self.device)
+        names = self.chain.state_names()
+        self.optimizer_state = {name: stack.optimizer_state[name] for name in names if name != "step"}
+        if "step" in names:
+            self.optimizer_state["step"] = self.update_counter
 
     def choose_compiled(self) -> None:
         """Compile the stacked step or not (the configs' ``compile``), for the stack as it is now.
 
-        The compiled step updates the stack's own optimizer state; Adam's and RMSprop's step
-        counters are tensors here (so a new step count does not recompile), advanced by the eager
-        steps too.
+        The compiled step applies the eager step's chain to the same state (the stack's buffers and
+        the update counter, a tensor, so a new step count does not recompile).
         """
         from ..compiled.choose import batch_shapes, replicas_step
-        from ..compiled.updates import stacked_hyper, state_names
 
         config, clock, stack = self.config, self.clock, self.stack
         X, y = self.dataset.train
         n = len(self.active)
-        hyper = stacked_hyper(config.optimizer, config.nesterov, stack.hyper, self.device)
         shapes = [((n, b, *X.shape[1:]), (n, b, *y.shape[1:]))
                   for b in batch_shapes(clock.n_train, clock.batch_size, config.drop_last, clock.total_steps,
                                         clock.steps_per_epoch)]
         names = [*stack.param_names, *stack.buffer_names, *(site.key for site in self.sites)]
-        self.compiled = replicas_step(config.compile, self.skeleton, names, hyper, self.loss_fn, self.classification,
-                                      shapes, X.dtype, self.device, clock.total_steps - self.optimizer_step,
-                                      config.probe_every if self.probes else None)
-        self.compiled_state = {}
-        if self.compiled is not None:
-            for name in state_names(hyper):
-                self.compiled_state[name] = (
-                    [torch.full((), float(self.optimizer_step), device=self.device) for _ in stack.params]
-                    if name == "step" else stack.optimizer_state[name])
+        self.compiled = replicas_step(config.compile, self.skeleton, names, self.chain, self.loss_fn,
+                                      self.classification, shapes, X.dtype, self.device,
+                                      clock.total_steps - self.optimizer_step, config.probe_every if self.probes else None)
 
     def _compiled_step(self, xb: torch.Tensor, yb: torch.Tensor, masks: dict[str, torch.Tensor],
                        lr: np.ndarray) -> dict[str, torch.Tensor]:
         """One update of every active replica by the compiled stacked step (no probe measures it)."""
         stack = self.stack
         extras = [*stack.buffers, *(masks[site.key] for site in self.sites)]
-        numbers = self.compiled(stack.params, extras, self.compiled_state, torch.from_numpy(lr).to(self.device),
+        numbers = self.compiled(stack.params, extras, self.optimizer_state, torch.from_numpy(lr).to(self.device),
                                 xb, yb)
         if stack.previous is not None:  # update_norm compares with the weights before the next step
             with torch.no_grad():
@@ -140,10 +145,7 @@ class _Pass:
             out["grad_norm"] = _per_replica_norm(grads)
         self.optimizer_step += 1
         with torch.no_grad():
-            stacked_update(self.config.optimizer, stack.params, grads, stack.optimizer_state,
-                           step=self.optimizer_step, lr=lr, hyper=stack.hyper, nesterov=self.config.nesterov)
-            for counter in self.compiled_state.get("step", ()):  # the compiled step's count, kept in step
-                counter.add_(1)
+            self.chain.step(stack.params, list(grads), self.optimizer_state, shared_or_per_replica(lr, self.device))
             if stack.previous is not None:
                 if measuring:
                     out["update_norm"] = _per_replica_norm([p - q for p, q in zip(stack.params, stack.previous)])
@@ -191,6 +193,7 @@ class _Pass:
         self.active = [self.active[row] for row in keep]
         if self.active:
             self.stack.keep(keep)
+            self._chain_for_stack()
             for row, replica in enumerate(self.active):
                 self.stack.attach(replica.model, row)
             if self.compiled is not None:  # a new R: compiled again if it still repays (or cached)
