@@ -284,3 +284,40 @@ def test_chain_traces_into_one_graph_that_new_lrs_and_replica_values_reuse():
         results.append(params)
     assert_equal_runs(results[1], results[0])
     assert len(graphs) == 1
+
+
+def test_compiled_train_step_with_a_chain_read_off_torch_equals_torch_optim():
+    """The compiled step's function (forward, autograd.grad, the chain) traced into one graph, on the
+    torch optimizer's own state, trains as ``optimizer.step()`` (aot_eager: the trace without inductor's
+    C++ compilation; tests/test_compiled.py runs inductor)."""
+    from batchlab.compiled.step import train_step
+    from batchlab.compiled.updates import optimizer_as_chain
+
+    def make(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+        return model, torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=0.5, centered=True, weight_decay=1e-2)
+
+    def mean_loss(output, target):
+        return ((output - target) ** 2).mean()
+
+    model, optimizer = make(0)
+    expected = torch_run_of_model(model, optimizer, mean_loss)
+    model, optimizer = make(0)
+    optimizer_chain, state = optimizer_as_chain(optimizer)
+    params = list(model.parameters())
+    compiled = torch.compile(train_step, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        for step in range(STEPS):
+            lr = torch.tensor(lr_at(step), dtype=torch.float64)
+            compiled(model, params, state, optimizer_chain, lr, X, Y, mean_loss, False)
+    assert_equal_runs([p.detach() for p in model.parameters()], expected)
+
+
+def torch_run_of_model(model, optimizer, mean_loss) -> list[torch.Tensor]:
+    for step in range(STEPS):
+        optimizer.param_groups[0]["lr"] = lr_at(step)
+        optimizer.zero_grad()
+        mean_loss(model(X), Y).backward()
+        optimizer.step()
+    return [p.detach() for p in model.parameters()]
