@@ -24,7 +24,7 @@ import time
 import torch
 
 import batchlab as bl
-from batchlab.ensemble import fit_replicas
+from batchlab.replicas import fit_replicas
 
 
 COMPILE = "off"  # --compile: how the vectorized pass runs its steps (sequential fits stay eager)

@@ -12,12 +12,12 @@ import torch
 from batchlab.callbacks import EarlyStopping
 from batchlab.config import TrainConfig
 from batchlab.data import load_dataset
-from batchlab.ensemble import fit_replicas, plan_chunks
 from batchlab.errors import ConfigError
 from batchlab.events import Callback, Stop
 from batchlab.loop import fit
 from batchlab.models import build_model
 from batchlab.optim import build_optimizer, init_stacked_state, stacked_chain
+from batchlab.replicas import fit_replicas, plan_chunks
 
 PROBES = ["grad_norm", "dist_from_init", "update_norm"]
 # Equivalence is checked in float64, where replicas and `fit` agree to ~1e-14 (relative) after 320
@@ -233,8 +233,9 @@ def test_tied_weights_train_as_in_fit(blobs):
 
 def test_the_skeleton_keeps_its_own_tensors_after_a_vectorized_step(blobs):
     """The slots swap the stacked tensors in for a call and put the skeleton's own back."""
-    from batchlab.ensemble import _make_replica, _Pass
     from batchlab.loop import plan_run
+    from batchlab.replicas.fit import _make_replica
+    from batchlab.replicas.vectorized import _Pass
 
     configs = [TrainConfig(batch_size=16, epochs=1, lr=0.05, seed=s) for s in range(2)]
     clock = plan_run(blobs, configs[0])

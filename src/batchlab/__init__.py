@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # the same names as _EXPORTS and _SUBMODULES; a test keeps the three lists equal
     from . import (
-        callbacks, config, data, ensemble, events, explain, gradnorm, loop, metrics, models, optim, plots, probes,
+        callbacks, config, data, events, explain, gradnorm, loop, metrics, models, optim, plots, probes,
         record, replicas, report, store, study, tracking,
     )
     from .callbacks import Checkpoint, EarlyStopping
@@ -74,7 +74,7 @@ _EXPORTS = {
     "run_study": "study",
 }
 _SUBMODULES = {"plots", "probes", "metrics", "optim", "data", "models", "loop", "store", "report", "explain",
-               "gradnorm", "ensemble", "replicas", "record", "tracking", "study", "events", "callbacks", "config"}
+               "gradnorm", "replicas", "record", "tracking", "study", "events", "callbacks", "config"}
 
 # Written out (not computed) so that type checkers know the public names.
 __all__ = [

@@ -214,7 +214,7 @@ def train_group(plan: StudyPlan, group: GroupPlan, dataset: Dataset, *, vectoriz
     watchers = [TargetWatcher(target, schedule, evaluator, i, stop, pruner) for i in range(len(configs))]
     started = _now()
     if vectorized and group.kind == LR_GROUP and len(configs) > 1:
-        from ..ensemble import fit_replicas
+        from ..replicas import fit_replicas
 
         runs = list(fit_replicas(lambda seed: plan.build_model(dataset, seed), dataset,
                                  configs, callbacks=lambda i, config: [watchers[i]], progress=False))
