@@ -251,6 +251,11 @@ def test_the_command_line_and_toml_take_a_schedule(tmp_path, cli):
         stored = runs.load_run(json.loads(out)["run_id"])
     assert stored.config["batch_size"] == [[0, 32], [600, 64]]
     assert stored.steps.batch_size.tolist() == [32] * 15 + [20] + [32] * 4 + [64] * 5 + [52] + [64] * 7 + [52]
+    status, out, err = cli(["runs", "list", "--store", str(store)])
+    assert status == 0 and "32,600:64" in out  # as the command line wrote it
+    status, _, err = cli(["report", str(stored.id), "--store", str(store), "--out", str(tmp_path / "r.html")])
+    assert status == 0, err
+    assert "B=32,600:64" in (tmp_path / "r.html").read_text()
     config = tmp_path / "run.toml"
     config.write_text('[dataset]\nname = "blobs"\n[train]\nbatch_size = [[0, 32], [600, 64]]\nepochs = 3\n')
     status, out, err = cli(["fit", "--config", str(config), "--store", str(store), "--json"])

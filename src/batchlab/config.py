@@ -163,10 +163,23 @@ def format_schedule(batch_size: Any) -> str:
     """A config's batch size as the command line writes it: ``32``, ``full``, ``32,20000:64``,
     ``adaptive:start=16,max=1024,signal=local_cbs``."""
     if isinstance(batch_size, Adaptive):
-        return "adaptive:" + ",".join(f"{k}={v}" for k, v in batch_size.model_dump().items() if v is not None)
+        given = batch_size.model_dump(exclude_defaults=True)
+        options = {"start": batch_size.start, "max": batch_size.max, **given}  # the range, always
+        return "adaptive:" + ",".join(f"{k}={v}" for k, v in options.items())
     if not is_schedule(batch_size):
         return str(batch_size)
     return ",".join([str(batch_size[0][1]), *(f"{s}:{b}" for s, b in batch_size[1:])])
+
+
+def batch_size_text(value: Any) -> str:
+    """A stored config's batch size as the command line writes it (``32``, ``full``, ``32,600:64``,
+    ``adaptive:start=8,max=128``); a value that is none of these, as it is."""
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        return str(value)
+    try:
+        return format_schedule(TrainConfig(batch_size=value).batch_size)
+    except ConfigError:
+        return str(value)
 
 
 class Adaptive(_Frozen):

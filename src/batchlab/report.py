@@ -570,7 +570,8 @@ def _checked(run: StoredRun) -> StoredRun:
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))):
         raise bad("lr", lr, "a number")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, str))):
-        raise bad("batch_size", batch_size, "a whole number or a name")
+        if not isinstance(batch_size, (list, dict)) or not _valid_batch_size(batch_size):
+            raise bad("batch_size", batch_size, "a whole number, a name, a batch-size schedule or an adaptive one")
     if clock is not None and not isinstance(clock, Mapping):
         raise bad("clock", clock, "a mapping")
     for key in ("n_train", "steps_per_epoch"):
@@ -582,6 +583,17 @@ def _checked(run: StoredRun) -> StoredRun:
     if not wrong.empty:
         raise bad("step table's epoch", float(wrong.iloc[0]), "a whole number")
     return run
+
+
+def _valid_batch_size(value: list | dict) -> bool:
+    """Whether a stored schedule or adaptive batch size is one `TrainConfig` accepts."""
+    from .config import TrainConfig
+
+    try:
+        TrainConfig(batch_size=value)
+    except BatchlabError:
+        return False
+    return True
 
 
 def _number(value: Any) -> float | None:

@@ -173,6 +173,10 @@ def _runs_cell(column: str, value: Any) -> "str | rich.text.Text":  # noqa: F821
         return f"{int(minutes)}m {seconds:04.1f}s" if minutes else f"{seconds:.1f}s"
     if isinstance(value, float):
         return f"{value:.4g}"
+    if column == "batch_size" and isinstance(value, (dict, list)):  # a schedule, or an adaptive batch size
+        from ..config import batch_size_text
+
+        return shown(batch_size_text(value))
     if isinstance(value, (dict, list)):
         return shown(json.dumps(value, default=str))
     return shown(value)

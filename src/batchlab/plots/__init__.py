@@ -288,14 +288,23 @@ def metric_label(column: str) -> str:
 
 
 def batch_size_value(batch_size: Any, n_train: int | None = None) -> float:
-    """A batch size as a number; ``"full"`` is the training-set size ``n_train`` (inf if unknown)."""
+    """A batch size as a number; ``"full"`` is the training-set size ``n_train`` (inf if unknown); a
+    schedule's or an adaptive batch's (as stored: pairs, or a mapping) is its first."""
+    if isinstance(batch_size, (list, tuple)) and batch_size:
+        return batch_size_value(batch_size[0][1], n_train)
+    if isinstance(batch_size, dict):
+        return float(batch_size.get("start", math.nan))
     if batch_size == FULL_BATCH:
         return float(n_train) if n_train else math.inf
     return float(batch_size)
 
 
 def batch_size_label(batch_size: Any, n_train: int | None = None) -> str:
-    """``B=32``, ``B=full (500)``."""
+    """``B=32``, ``B=full (500)``, ``B=32,600:64`` (a schedule), ``B=adaptive:start=8,max=128``."""
+    if isinstance(batch_size, (list, tuple, dict)):
+        from ..config import batch_size_text
+
+        return f"B={batch_size_text(batch_size)}"
     if batch_size == FULL_BATCH:
         return f"B=full ({n_train})" if n_train else "B=full"
     value = float(batch_size)
