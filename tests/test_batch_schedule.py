@@ -270,3 +270,21 @@ def test_explain_refuses_a_batch_that_changes_in_one_line(tmp_path, cli, batch_s
     status, _, err = cli(["explain", "--dataset", "blobs", "--batch-size", batch_size, "--epochs", "2",
                           "--store", str(tmp_path / "s.db"), "--out", str(tmp_path)])
     assert status == 2 and "batchlab explain trains at one batch size" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("compile", ["off", "on"])
+def test_replicas_of_a_scheduled_run_equal_fit(compile, monkeypatch):
+    """Two lrs and two seeds stacked, under one schedule: each replica's tables equal its own fit."""
+    from batchlab.replicas import fit_replicas
+
+    # Batch sizes that divide N: no short batches, so the compiled stack meets three shapes only.
+    base = {**SCHEDULED, "batch_size": "10,200:20,300:50", "compile": compile}
+    configs = [TrainConfig(**{**base, "lr": lr, "seed": seed}) for lr in (0.05, 0.02) for seed in (4, 5)]
+    runs = fit_replicas(lambda seed: model(seed), dataset(), configs, progress=False)
+    for config, run in zip(configs, runs):
+        alone = fit(model(config.seed), dataset(), config.replace(compile="off"), progress=False)
+        assert run.steps.batch_size.tolist() == alone.steps.batch_size.tolist()
+        assert run.steps.lr.tolist() == pytest.approx(alone.steps.lr.tolist(), rel=1e-15)
+        assert run.steps.batch_loss.tolist() == pytest.approx(alone.steps.batch_loss.tolist(), abs=1e-9)
+        assert run.evals.val_loss.tolist() == pytest.approx(alone.evals.val_loss.tolist(), abs=1e-9)
+        assert run.epochs.samples_seen.tolist() == alone.epochs.samples_seen.tolist()

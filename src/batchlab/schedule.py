@@ -116,6 +116,19 @@ def plan_steps(changes: Changes, n_train: int, drop_last: bool, epochs: int | No
     return (min(total, max_steps) if max_steps is not None else total), started, first
 
 
+def step_plan(changes: Changes, n_train: int, drop_last: bool, total_steps: int) -> list[tuple[int, int]]:
+    """For each of the run's steps: (the batch size in force, epochs completed before it), what a
+    driver that computes every step's lr ahead (the replicas) needs."""
+    plan: list[tuple[int, int]] = []
+    seen, epoch = 0, 0
+    while len(plan) < total_steps:
+        for size in epoch_batch_sizes(changes, n_train, seen, drop_last):
+            plan.append((batch_at(changes, seen), epoch))
+            seen += size
+        epoch += 1
+    return plan[:total_steps]
+
+
 def sizes_used(changes: Changes, n_train: int, drop_last: bool, total_steps: int) -> list[int]:
     """The distinct batch sizes a run of ``total_steps`` trains on, in order of first use: every
     scheduled B it reaches and every short last batch of an epoch (the shapes a compiled step meets)."""

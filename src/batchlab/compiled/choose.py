@@ -36,15 +36,6 @@ def say_once(line: str) -> None:
         log.warning(line)
 
 
-def batch_shapes(n_train: int, batch_size: int, drop_last: bool, total_steps: int, steps_per_epoch: int) -> list[int]:
-    """The distinct batch sizes a run trains on: B, and the short last batch of an epoch if it is reached."""
-    sizes = [batch_size]
-    short = n_train % batch_size
-    if short and not drop_last and total_steps >= steps_per_epoch:
-        sizes.append(short)
-    return sizes
-
-
 def fit_step(mode: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mean_loss_fn: Callable,
              classification: bool, train: tuple[torch.Tensor, torch.Tensor], sizes: Sequence[int],
              steps: int, probe_every: int | None) -> CompiledStep | None:
@@ -54,7 +45,7 @@ def fit_step(mode: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         mode: the config's ``compile``: ``auto``, ``on`` or ``off``.
         model, optimizer, mean_loss_fn, classification: as the eager step takes them.
         train: the training inputs and targets (their per-sample shapes and dtypes key the graphs).
-        sizes: the run's distinct batch sizes (`batch_shapes`).
+        sizes: the run's distinct batch sizes (`batchlab.schedule.sizes_used`).
         steps: the updates left to train.
         probe_every: probes measure every this many steps (those run eagerly); None without probes.
 

@@ -18,14 +18,15 @@ import torch
 from torch import nn
 
 from .. import data as data_lib
+from .. import schedule
 from ..callbacks import Checkpoint, progress_wanted
-from ..config import TrainConfig
+from ..config import Adaptive, TrainConfig
 from ..errors import ConfigError
 from ..events import Callback, Clock
 from ..loop import check_model, plan_run, resolve_device
-from ..schedule import require_one_batch_size
 from ..optim import scaled_lr
 from ..record import Recorder, Run, evaluation_due
+from ..schedule import require_one_batch_size
 from .plan import (
     REPLICA_PROBES,
     CallbackFactory,
@@ -144,7 +145,8 @@ def fit_replicas(
         raise ConfigError(f"probe {unknown[0]!r} is not available for replicas; choose from "
                           f"{', '.join(REPLICA_PROBES)}, or train with fit")
     factory = _callback_factory(callbacks, len(configs))
-    require_one_batch_size(configs[0].batch_size, "fit_replicas")
+    if isinstance(configs[0].batch_size, Adaptive):  # its decisions differ from replica to replica
+        require_one_batch_size(configs[0].batch_size, "fit_replicas")
     clock = plan_run(dataset, configs[0])
     device = resolve_device(configs[0].device)
     dataset = dataset.to(device)
@@ -258,21 +260,26 @@ def _run_pass(state: _Pass, clock: Clock, display) -> None:
     last_eval_step = 0
     _end_runs(state, [r for r in list(state.active) if not r.recorder.settle()])  # stopped before training
     while state.active and clock.step < clock.total_steps:
-        clock = replace(clock, epoch=clock.epoch + 1, step_in_epoch=0)
+        sizes = (schedule.epoch_batch_sizes(clock.changes, clock.n_train, clock.samples_seen, config.drop_last)
+                 if clock.changes else None)  # under a batch-size schedule, this epoch's batches
+        clock = replace(clock, epoch=clock.epoch + 1, step_in_epoch=0,
+                        steps_per_epoch=len(sizes) if sizes is not None else clock.steps_per_epoch)
         for replica in state.active:
-            replica.recorder.start_epoch()
+            replica.recorder.start_epoch(len(sizes) if sizes is not None else None)
         orders = torch.stack([data_lib.epoch_order(clock.n_train, r.data_generator, config.shuffle)
                               for r in state.active]).to(X.device)  # (R, N)
         state.rows_before_drop = list(state.active)
-        n_batches = data_lib.steps_per_epoch(clock.n_train, clock.batch_size, config.drop_last)
+        if sizes is None:
+            sizes = [clock.batch_size] * data_lib.steps_per_epoch(clock.n_train, clock.batch_size, config.drop_last)
+        starts = np.cumsum([0, *sizes[:-1]])
         pending: list[_Pending] = []
-        for batch in range(n_batches):
+        for start, size in zip(starts, sizes):
             if clock.step >= clock.total_steps or not state.active:
                 break
             if len(orders) != len(state.active):  # replicas left the stack: keep the others' orders
                 orders = orders[[state.rows_before_drop.index(r) for r in state.active]]
                 state.rows_before_drop = list(state.active)
-            index = orders[:, batch * clock.batch_size:(batch + 1) * clock.batch_size]  # (R, b)
+            index = orders[:, start:start + size]  # (R, b); the last batch of an epoch may be short
             measuring = bool(state.probes) and clock.step % config.probe_every == 0
             started = time.perf_counter()
             out = state.step(index, clock, measuring)

@@ -10,13 +10,15 @@ import numpy as np
 import torch
 from torch.func import vmap
 
+from .. import schedule
 from ..data import gather_batches
 from ..events import Clock
 from ..metrics import evaluate_splits, evaluate_stacked, evaluation_splits, loss_function
-from ..optim import lr_at, shared_or_per_replica, stacked_chain
+from ..optim import lr_at, scaled_lr, shared_or_per_replica, stacked_chain
 from .stack import _feed_dropout, _per_replica_norm, _Stack, _TensorSlots, draw_masks
 
 if TYPE_CHECKING:
+    from ..config import TrainConfig
     from .fit import _Replica
 
 
@@ -75,14 +77,14 @@ class _Pass:
         The compiled step applies the eager step's chain to the same state (the stack's buffers and
         the update counter, a tensor, so a new step count does not recompile).
         """
-        from ..compiled.choose import batch_shapes, replicas_step
+        from ..compiled.choose import replicas_step
 
         config, clock, stack = self.config, self.clock, self.stack
         X, y = self.dataset.train
         n = len(self.active)
+        changes = clock.changes or ((0, clock.batch_size),)
         shapes = [((n, b, *X.shape[1:]), (n, b, *y.shape[1:]))
-                  for b in batch_shapes(clock.n_train, clock.batch_size, config.drop_last, clock.total_steps,
-                                        clock.steps_per_epoch)]
+                  for b in schedule.sizes_used(changes, clock.n_train, config.drop_last, clock.total_steps)]
         names = [*stack.param_names, *stack.buffer_names, *(site.key for site in self.sites)]
         self.compiled = replicas_step(config.compile, self.skeleton, names, self.chain, self.loss_fn,
                                       self.classification, shapes, X.dtype, self.device,
@@ -214,10 +216,16 @@ def _lr_table(replicas: Sequence[_Replica], clock: Clock) -> np.ndarray:
     """``lr_at`` for every step and replica (total_steps, R); replicas differing only in seed share a column."""
     table = np.empty((clock.total_steps, len(replicas)), dtype=np.float64)
     computed: dict[str, np.ndarray] = {}
+    plan = (schedule.step_plan(clock.changes, clock.n_train, replicas[0].config.drop_last, clock.total_steps)
+            if clock.changes else None)  # under a batch-size schedule: each step's B and epochs done
     for column, replica in enumerate(replicas):
         key = replica.config.model_dump_json(exclude={"seed"})
         if key not in computed:
-            computed[key] = np.array([lr_at(s, replica.config, replica.base_lr, clock.steps_per_epoch, clock.total_steps)
-                                      for s in range(clock.total_steps)])
+            config = replica.config
+            computed[key] = np.array(
+                [lr_at(s, config, replica.base_lr, clock.steps_per_epoch, clock.total_steps) for s in range(clock.total_steps)]
+                if plan is None else
+                [lr_at(s, config, scaled_lr(config, batch), clock.steps_per_epoch, clock.total_steps, done)
+                 for s, (batch, done) in enumerate(plan)])  # fmt: skip
         table[:, column] = computed[key]
     return table
