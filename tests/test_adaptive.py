@@ -216,3 +216,53 @@ def test_the_sampler_grows_your_loops_batch_from_the_tracked_noise_scale():
     assert [min(b, s) for b, s in zip(expected_batches, sizes)] == sizes  # each batch as decided (a last one short)
     assert lrs == pytest.approx([0.01 * b / 4 for b in expected_batches], rel=1e-12)
     assert [d["batch_size"] for d in sampler.decisions][-1] == batch
+
+
+def test_the_sampler_grows_a_lightning_runs_batch_from_its_callback():
+    """Lightning trains from a DataLoader whose batch_sampler reads the Lightning callback's noise
+    scale: the batches Lightning's own training_step saw grow as the rule says, and the optimizer
+    Lightning made follows with the linear rule."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from batchlab.integrations.lightning import BatchlabCallback
+
+    class Regressor(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net, self.seen = linear(), []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            self.seen.append((len(x), self.trainer.optimizers[0].param_groups[0]["lr"]))
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    X, y = regression().train
+    callback = BatchlabCallback(probes=["noise_scale"])
+    sampler = bl.AdaptiveBatchSampler(N, start=4, max=64, run=callback, optimizer="run")
+    module = Regressor()
+    trainer = pl.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, callbacks=[callback])
+    trainer.fit(module, DataLoader(TensorDataset(X, y), batch_sampler=sampler))
+    decided = [d["batch_size"] for d in sampler.decisions]
+    assert max(decided) > 4, "the test needs a run whose batch grows"
+    sizes = [size for size, _ in module.seen]
+    assert sizes == callback.steps.batch_size.tolist()  # the callback recorded the batches Lightning trained on
+    for decision, following in zip(sampler.decisions, _epochs(sizes, N)):
+        assert max(following) == decision["batch_size"]
+    assert [lr for _, lr in module.seen] == pytest.approx([0.01 * max(e) / 4 for e in _epochs(sizes, N)
+                                                           for _ in e], rel=1e-12)
+
+
+def _epochs(sizes: list[int], n: int) -> list[list[int]]:
+    """Consecutive batch sizes grouped into epochs of n samples."""
+    epochs, current = [], []
+    for size in sizes:
+        current.append(size)
+        if sum(current) == n:
+            epochs.append(current)
+            current = []
+    return epochs

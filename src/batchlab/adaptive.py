@@ -150,7 +150,9 @@ class AdaptiveBatchSampler:
         start: the first batch size.
         max: the largest batch size.
         run: the measurements, e.g. the handle ``bl.track(...)`` returns.
-        optimizer: a ``torch.optim`` optimizer whose lr (and β₂) follow the batch, or None.
+        optimizer: a ``torch.optim`` optimizer whose lr (and β₂) follow the batch; ``"run"``: the
+            optimizer ``run`` trains with, when it decides (a Lightning callback's, created by the
+            trainer); or None: the sampler changes only the batch.
         lr_rule: ``auto``, ``linear``, ``sqrt`` or ``none``.
         every: samples between decisions inside an epoch, or None: at each epoch's start only.
         seed: seeds the permutations.
@@ -162,7 +164,7 @@ class AdaptiveBatchSampler:
             the batch from there on).
     """
 
-    def __init__(self, n: int, start: int, max: int, run, *, optimizer: torch.optim.Optimizer | None = None,
+    def __init__(self, n: int, start: int, max: int, run, *, optimizer: torch.optim.Optimizer | str | None = None,
                  lr_rule: str = "auto", every: int | None = None, seed: int = 0, drop_last: bool = False):
         from .checks import is_count
         from .errors import ConfigError
@@ -180,8 +182,10 @@ class AdaptiveBatchSampler:
             raise ConfigError(f"AdaptiveBatchSampler: lr_rule must be auto, linear, sqrt or none, got {lr_rule!r}")
         self.n, self.batch_size, self.largest, self.run = n, start, min(max, n), run
         self.optimizer, self.every, self.drop_last = optimizer, every, drop_last
-        self.rule = lr_rule if lr_rule != "auto" else (
-            "linear" if optimizer is None or type(optimizer) is torch.optim.SGD else "sqrt")
+        if isinstance(optimizer, str) and optimizer != "run":
+            raise ConfigError(f"AdaptiveBatchSampler: optimizer must be a torch optimizer, 'run' or None, "
+                              f"got {optimizer!r}")
+        self.lr_rule = lr_rule
         self.generator = torch.Generator().manual_seed(seed)
         self.samples_seen, self.decisions = 0, []
 
@@ -217,11 +221,14 @@ class AdaptiveBatchSampler:
         self.decisions.append({"samples_seen": self.samples_seen, "signal": signal, "batch_size": after})
         if after == self.batch_size:
             return
-        if self.optimizer is not None:
-            factor = scaling_factor(self.rule, after / self.batch_size)
-            for group in self.optimizer.param_groups:
+        optimizer = getattr(self.run, "optimizer", None) if self.optimizer == "run" else self.optimizer
+        if optimizer is not None:
+            rule = self.lr_rule if self.lr_rule != "auto" else (
+                "linear" if type(optimizer) is torch.optim.SGD else "sqrt")
+            factor = scaling_factor(rule, after / self.batch_size)
+            for group in optimizer.param_groups:
                 group["lr"] = group["lr"] * factor
-                if "betas" in group and type(self.optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+                if "betas" in group and type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
                     beta1, beta2 = group["betas"]
                     group["betas"] = (beta1, beta2 ** (after / self.batch_size))
         self.batch_size = after

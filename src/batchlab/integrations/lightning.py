@@ -115,6 +115,19 @@ class BatchlabCallback(pl.Callback):
     def run_id(self) -> int | None:
         return self.tracker.run_id if self.tracker is not None else None
 
+    @property
+    def steps(self):
+        """The run's step table so far (empty before training): what `batchlab.AdaptiveBatchSampler`
+        reads the noise scale from."""
+        import pandas as pd
+
+        return self.tracker.steps if self.tracker is not None else pd.DataFrame()
+
+    @property
+    def optimizer(self):
+        """The optimizer the run trains with (None before training), for `batchlab.AdaptiveBatchSampler`."""
+        return self.tracker.optimizer if self.tracker is not None else None
+
 
 def _batch_length(batch: Any) -> int:
     """Samples in a batch: the first tensor's length ((x, y) pairs, dicts of tensors), else len()."""
