@@ -81,10 +81,11 @@ def test_b_simple_evidence_equals_brute_force_and_decides_the_batch():
     ds, weights = regression(), Weights()
     config = TrainConfig(batch_size="adaptive:start=4,max=128,signal=b_simple", epochs=4, lr=0.02, compile="off")
     run = fit(linear(), ds, config, callbacks=[weights], progress=False)
-    decided = run.evals.dropna(subset=["adaptive_signal"])
-    assert len(decided) == 5  # the start and each epoch's end (the last too: a resumed run goes on from there)
     batch = 4
-    for row in decided.itertuples():
+    for row in run.evals.itertuples():  # the start and each epoch's end (the last too: a resume goes on from it)
+        if batch == 128:  # at its largest: nothing measured
+            assert math.isnan(row.adaptive_signal)
+            continue
         model = linear()
         model.load_state_dict(weights.at[row.step])
         expected = brute_force_b_simple(model, *ds.train)
@@ -178,12 +179,16 @@ def test_the_command_line_stores_each_decision_with_its_evidence(tmp_path, cli):
     with RunStore(store) as runs:
         stored = runs.load_run(json.loads(out)["run_id"])
     decided = stored.evals.dropna(subset=["adaptive_signal"])
-    assert len(decided) == 4 and set(decided.columns) >= {"adaptive_signal", "adaptive_batch_size"}
+    assert set(decided.columns) >= {"adaptive_signal", "adaptive_batch_size"}
+    # A decision at every evaluation until the batch is at its largest (then nothing is measured).
+    reached = list(decided.adaptive_batch_size).index(128) + 1 if 128 in set(decided.adaptive_batch_size) else 4
+    assert len(decided) == reached and list(decided.step) == list(stored.evals.step[:reached])
     assert stored.config["batch_size"]["signal"] == "b_simple"
     status, _, err = cli(["report", str(stored.id), "--store", str(store), "--out", str(tmp_path / "r.html")])
     assert status == 0 and "The adaptive batch size: the batch in force" in (tmp_path / "r.html").read_text()
     last_epoch = stored.steps[stored.steps.epoch == 3]
-    assert last_epoch.batch_size.max() == decided.adaptive_batch_size.iloc[-2]  # decided at epoch 2's end
+    at_epoch_2 = stored.evals.step.iloc[2]  # the decision in force in epoch 3 was made at epoch 2's end, or before
+    assert last_epoch.batch_size.max() == decided[decided.step <= at_epoch_2].adaptive_batch_size.iloc[-1]
 
 
 def test_the_sampler_grows_your_loops_batch_from_the_tracked_noise_scale():
@@ -266,3 +271,11 @@ def _epochs(sizes: list[int], n: int) -> list[list[int]]:
             epochs.append(current)
             current = []
     return epochs
+
+
+def test_nothing_is_measured_once_the_batch_is_at_its_largest():
+    config = TrainConfig(batch_size="adaptive:start=4,max=8,signal=b_simple", epochs=5, lr=0.02, compile="off")
+    run = fit(linear(), regression(), config, progress=False)
+    decided = run.evals.dropna(subset=["adaptive_signal"])
+    assert decided.adaptive_batch_size.tolist()[-1] == 8 and len(decided) < len(run.evals)
+    assert (decided.adaptive_batch_size.iloc[:-1] < 8).all()  # the decision that reached 8 was the last

@@ -23,8 +23,9 @@ B samples, so β₂ becomes β₂^(B/start), whose half-life start·ln ½ / ln �
 
 **The record.** Every decision is a row of the evals table with its evidence: ``adaptive_signal``
 (the measured local CBS or B_simple), ``adaptive_batch_size`` (the batch size from there on) and,
-for ``local_cbs``, ``adaptive_upper`` (the smallest branch batch found worse, +inf if none). The step
-table holds each batch's size and lr. A measurement that fails leaves the batch as it is, with NaN
+for ``local_cbs``, ``adaptive_upper`` (the smallest branch batch found worse, +inf if none). Once
+the batch is at its largest allowed size nothing is measured. The step table holds each batch's size
+and lr. A measurement that fails leaves the batch as it is, with NaN
 evidence and one warning; training goes on.
 """
 
@@ -100,6 +101,8 @@ class AdaptiveBatch(Callback):
         every = self.adaptive.every
         self.next_due = clock.samples_seen + 1 if every is None else (clock.samples_seen // every + 1) * every
         batch = clock.batch_size
+        if grown(batch, math.inf, self.largest) == batch:
+            return None  # no larger batch is allowed: nothing to measure, nothing to decide
         signal, upper = self._measure(event.model, batch, clock.step)
         after = grown(batch, signal, self.largest)
         evidence = {"adaptive_signal": signal, "adaptive_batch_size": float(after)}

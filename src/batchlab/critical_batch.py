@@ -422,7 +422,8 @@ def compare_factors(table: pd.DataFrame, alpha: float, tolerance: float) -> pd.D
     margin = tolerance * float(np.std(reference, ddof=1)) if np.all(np.isfinite(reference)) else math.inf
     rows = []
     for column, k in enumerate(losses.columns):
-        diff = compared[:, column] - reference
+        with np.errstate(invalid="ignore"):  # inf − inf (both branches diverged) is NaN: not finite, rejected
+            diff = compared[:, column] - reference
         finite = bool(np.all(np.isfinite(diff)))
         mean, sd = (float(diff.mean()), float(diff.std(ddof=1))) if finite else (math.inf, math.nan)
         if not finite:
