@@ -288,3 +288,11 @@ def test_replicas_of_a_scheduled_run_equal_fit(compile, monkeypatch):
         assert run.steps.batch_loss.tolist() == pytest.approx(alone.steps.batch_loss.tolist(), abs=1e-9)
         assert run.evals.val_loss.tolist() == pytest.approx(alone.evals.val_loss.tolist(), abs=1e-9)
         assert run.epochs.samples_seen.tolist() == alone.epochs.samples_seen.tolist()
+
+
+def test_the_accounting_line_under_data_parallelism_names_the_per_rank_batch():
+    from batchlab.cli.train import rank_batches
+
+    assert rank_batches(25, 2, "gloo") == "; global batch = 25 per rank × 2 ranks (gloo)"
+    assert rank_batches(((0, 12), (600, 20)), 2, "gloo") == "; global batches = 12,600:20 per rank × 2 ranks (gloo)"
+    assert rank_batches("full", 4, "nccl") == "; the full batch split over 4 ranks (nccl)"

@@ -145,6 +145,17 @@ def run_options() -> list[click.Option]:
     ]  # fmt: skip
 
 
+def rank_batches(batch_size, world_size: int, backend: str) -> str:
+    """The accounting line's note under data parallelism: the line counts global batches, and
+    ``--batch-size`` is per rank (``; global batch = 25 per rank × 2 ranks (gloo)``)."""
+    from ..config import format_schedule, is_schedule
+
+    if batch_size == "full":
+        return f"; the full batch split over {world_size} ranks ({backend})"
+    kind = "batches" if is_schedule(batch_size) else "batch"
+    return f"; global {kind} = {format_schedule(batch_size)} per rank × {world_size} ranks ({backend})"
+
+
 def spec_from_options(options: dict[str, Any], defaults: dict[str, Any] | None = None):
     """A validated RunSpec from a --config file, or ``defaults``, and the flags given (flags win).
 
@@ -241,7 +252,7 @@ def _fit_command(**options: Any) -> None:
     store = store_path(options["store"])
     check_store_folder(store)
     check_out_folder(options["tensorboard"], "--tensorboard")
-    ranks_note = f" over {ranks.world_size} ranks ({ranks.backend})" if ranks is not None else ""
+    ranks_note = rank_batches(spec.train.batch_size, ranks.world_size, ranks.backend) if ranks is not None else ""
     say(f"{dataset.name}: {clock.describe()}{ranks_note}" + (f"; {batch_norm_note}" if batch_norm_note else ""),
         quiet, as_json)
     rec = recorder(store, name=spec.name, kind="fit", spec=spec.model_dump(mode="json", exclude={"train"}))
