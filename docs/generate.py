@@ -464,6 +464,25 @@ def compile_break_even(cwd: Path) -> str:
     return "\n".join(rows) + "\n"
 
 
+ADVISE_VS_STUDY = ROOT / "benchmarks" / "advise_vs_study.py"
+
+
+@block(pinned=False)
+def advise_vs_study(cwd: Path) -> str:
+    """docs/advise.md: advise's recommendation beside the full study's, per workload and optimizer, rendered
+    from the committed JSON of `python benchmarks/advise_vs_study.py` (which trains for many minutes; this
+    block trains nothing, so it runs no command and pins no kernels)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("advise_vs_study", ADVISE_VS_STUDY)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up while the file executes
+    spec.loader.exec_module(bench)
+    return bench.report(json.loads(bench.RESULTS.read_text())["cases"]) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # Regions in the markdown
 
