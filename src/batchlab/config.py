@@ -574,6 +574,12 @@ class StudyConfig(_Frozen):
         resolution: steps-to-target is measured to within this fraction of its value.
         noise_scale: measure the gradient noise scale B_simple (McCandlish et al. 2018) while
             training, at every batch size.
+        adaptive: also train one run per seed with an `Adaptive` batch size, to the same target,
+            reported beside the fixed batch sizes (`batchlab.study.adaptive`); the analysis is not
+            changed by it. ``True`` (on the command line ``--adaptive``) starts at the grid's
+            smallest batch size and grows up to its largest; an `Adaptive` table sets any of its
+            fields, those not given (start, max included) as ``True`` sets them. Not part of the
+            study's identity: adding it to a stored study trains the adaptive runs only.
         train: the rest of the training config; the study sets its batch size, lr, seed and budget.
     """
 
@@ -595,6 +601,7 @@ class StudyConfig(_Frozen):
     stop_at_target: bool = True
     resolution: float = Field(default=0.05, ge=0.001, lt=1.0)  # ~ln(steps)/resolution evaluations
     noise_scale: bool = True
+    adaptive: Union[bool, Adaptive] = False
     train: TrainConfig = TrainConfig(momentum=0.9)
     _what: ClassVar[str] = "study config"
 
@@ -649,6 +656,28 @@ class StudyConfig(_Frozen):
     def _target(cls, value: str) -> str:
         return str(parse_target(value))
 
+    @field_validator("adaptive", mode="before")
+    @classmethod
+    def _adaptive(cls, value: Any) -> Any:
+        # "adaptive:signal=b_simple" (the command line's form, as --batch-size takes it) or a table.
+        if isinstance(value, (bool, Adaptive)):
+            return value
+        if isinstance(value, (str, dict)):
+            try:
+                parsed = parse_adaptive(value)
+            except ValueError as error:
+                if "must be at least start" not in str(error):
+                    raise
+                # Start and max left out come from the grid when the study is planned, but a table is
+                # checked now, against Adaptive's own default start.
+                raise ValueError(f"{error}; give start too when max is below "
+                                 f"{Adaptive.model_fields['start'].default}, e.g. start=4,max=8") from None
+            if isinstance(parsed, Adaptive):
+                return parsed
+        raise ValueError(f"must be true, false, or adaptive batch-size settings such as "
+                         f"{{signal = \"b_simple\"}} (start, max, signal, every, lr_rule, seeds, beta2_half_life); "
+                         f"got {value!r}")
+
     @model_validator(mode="after")
     def _consistent(self) -> "StudyConfig":
         owned = sorted(set(STUDY_OWNED_TRAIN_FIELDS) & self.train.model_fields_set)
@@ -657,6 +686,9 @@ class StudyConfig(_Frozen):
                              "remove it from the train table")
         if self.epochs is None and self.max_steps is None:
             raise ValueError("give a budget: epochs or max_steps (or both; whichever ends first)")
+        if self.adaptive is not False and not self.stop_at_target:
+            raise ValueError("adaptive compares steps and samples to the target, so it needs a study that trains "
+                             "to its target; remove stop_at_target=false (--no-stop-at-target) or adaptive")
         return self
 
     @property

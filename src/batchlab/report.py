@@ -334,12 +334,14 @@ def _group_provenance(group: Mapping[str, Any], runs: Sequence[StoredRun]) -> di
 
 STUDY_KEY_COLUMNS = {"batch_size": "B", "best_lr": "best lr", "lr_margin": "lr margin", "reached": "reached",
                      "steps_to_target": "steps", "steps_ci": "steps interval", "samples_to_target": "samples",
-                     "regime": "regime"}  # fmt: skip
+                     "regime": "regime", "batches": "batches", "measurement_samples": "measurement samples"}  # fmt: skip
 
 
 def study_key_table(summary: pd.DataFrame) -> pd.DataFrame:
     """The columns a reader needs first, narrow enough for the page: B, lr, steps with their interval
-    (named by its true level where the summary says it: "75% CI, range of 3 seeds"), regime."""
+    (named by its true level where the summary says it: "75% CI, range of 3 seeds"), regime; with
+    an adaptive row (last, `batchlab.study.adaptive.beside`) the batches it went through and the
+    samples its measurements took, columns the fixed rows leave empty."""
     table = pd.DataFrame(index=summary.index)
     for column, header in STUDY_KEY_COLUMNS.items():
         if column == "steps_ci" and {"steps_ci_lo", "steps_ci_hi"} <= set(summary.columns):
@@ -383,6 +385,7 @@ def study_report(
     target: str | None = None,
     n_train: int | None = None,
     fit: Mapping[str, Any] | None = None,
+    adaptive: pd.DataFrame | None = None,
 ) -> Report:
     """The report of a batch-size study.
 
@@ -396,13 +399,17 @@ def study_report(
         target: the target condition (``val_acc>=0.8``), for titles.
         n_train: the training-set size, the value of batch size ``full``.
         fit: the whole fit (`ScalingFit.as_dict`): its intervals, R² and B_simple are shown too.
+        adaptive: the adaptive row (`batchlab.study.adaptive.adaptive_row`), or None: shown last in
+            the summary, in a sentence of its own and in the steps-vs-samples figure.
 
     Returns:
         The `Report`: recommendation, the key columns of the summary (the rest collapsed), the fit
         with its uncertainty, the figures (steps-to-target with intervals and band, samples,
-        seconds, best lr, gap, learning curves at each best lr over seeds), the trials (collapsed),
-        config and provenance.
+        seconds, best lr, gap, learning curves at each best lr over seeds, and steps vs samples
+        with the adaptive run), the trials (collapsed), config and provenance.
     """
+    from .study.adaptive import beside, row_sentence
+
     title = f"Study {group['id']}" + (f": {group['name']}" if group.get("name") else "")
     fit = dict(fit or {})
     fitted = {"S_min (steps)": s_min, "B_crit (samples)": b_crit, "E_min (samples)": e_min if e_min is not None
@@ -413,12 +420,16 @@ def study_report(
     text = advice.get("text") if advice is not None else recommendation
     if text:
         parts.append(section("Recommendation", paragraph(str(text), "recommendation")))
-    parts.append(section("Summary by batch size", frame_table(study_key_table(summary)),
-                         details("all columns", frame_table(summary)),
+    has_adaptive = adaptive is not None and len(adaptive) > 0
+    shown = beside(summary, adaptive)
+    parts.append(section("Summary by batch size", frame_table(study_key_table(shown)),
+                         *([paragraph(row_sentence(adaptive.iloc[0], target or "the target"))] if has_adaptive else []),
+                         details("all columns", frame_table(shown)),
                          mapping_table({k: v for k, v in fitted.items() if v is not None}, "fitted trade-off")))
     interval = _pair(fit.get("b_crit_lo"), fit.get("b_crit_hi"))
     figures = plots.study_figures(summary, s_min=s_min, b_crit=b_crit, e_min=e_min, n_train=n_train, target=target,
-                                  b_crit_interval=interval, recommendation=advice)
+                                  b_crit_interval=interval, recommendation=advice,
+                                  adaptive=adaptive if has_adaptive else None)
     captions = {
         "steps_to_target": "Steps to target vs batch size (log-log): medians with their intervals over seeds, perfect "
                            "scaling, the fitted curve and its bootstrap band",
@@ -426,6 +437,8 @@ def study_report(
         "seconds_to_target": "Training seconds to target vs batch size",
         "best_lr": "Best learning rate vs batch size, against the linear and square-root rules",
         "gen_gap": "Generalization gap (train − val accuracy) vs batch size",
+        "steps_vs_samples": "Steps vs samples to target (log-log): the fixed batch sizes' trade-off, the fit, and "
+                            "the adaptive run (open star: with the samples its measurements took)",
     }  # fmt: skip
     blocks = [figure_html(fig, captions[name]) for name, fig in figures.items()]
     by_batch = best_lr_runs(runs, summary)
@@ -436,7 +449,8 @@ def study_report(
     parts.append(section("Trials", details(f"{len(runs)} trials", frame_table(runs_table(runs)))))
     parts.append(section("Configuration", mapping_table(group.get("config") or {}, "study config")))
     parts.append(section("Provenance", mapping_table(_group_provenance(group, runs))))
-    subtitle = f"study · {len(summary)} batch sizes · {len(runs)} trials · {group['status']}"
+    subtitle = (f"study · {len(summary)} batch sizes" + (" and an adaptive run" if has_adaptive else "")
+                + f" · {len(runs)} trials · {group['status']}")
     return Report(title, page(title, subtitle, parts), f"study-{group['id']}")
 
 
@@ -548,15 +562,29 @@ def _build_report(store: RunStore, ident: str | int) -> Report:
         if not all(isinstance(record, Mapping) for record in records):
             raise StoreError(f"group {number}'s summary table holds an entry that is not a record; the store "
                              "is damaged or was not written by batchlab")  # fmt: skip
-        info = {**(group.get("config") or {}), **group["summary"], **(group["summary"].get("fit") or {})}
+        config = group.get("config") or {}
+        # A study's group keeps its StudyConfig under "config" (the target is there), beside its id.
+        nested = config.get("config") if isinstance(config.get("config"), Mapping) else {}
+        info = {**nested, **config, **group["summary"], **(group["summary"].get("fit") or {})}
         return study_report(
             group, runs, pd.DataFrame.from_records(records),
             s_min=_number(info.get("s_min")), b_crit=_number(info.get("b_crit")), e_min=_number(info.get("e_min")),
             recommendation=info.get("recommendation") if isinstance(info.get("recommendation"), (str, Mapping)) else None,
             target=str(info["target"]) if info.get("target") else None, n_train=_n_train(info, runs),
             fit=group["summary"].get("fit") if isinstance(group["summary"].get("fit"), Mapping) else None,
+            adaptive=_stored_adaptive(group["summary"].get("adaptive"), number),
         )  # fmt: skip
     return group_report(group, runs)
+
+
+def _stored_adaptive(records: Any, group_id: int) -> pd.DataFrame | None:
+    """A stored study's adaptive row (`batchlab.study.adaptive.adaptive_row`), or None without one."""
+    if not records:
+        return None
+    if not isinstance(records, list) or not all(isinstance(record, Mapping) for record in records):
+        raise StoreError(f"group {group_id}'s adaptive row is not a list of records; the store is damaged or was "
+                         "not written by batchlab")
+    return pd.DataFrame.from_records(records)
 
 
 def _checked(run: StoredRun) -> StoredRun:
@@ -653,10 +681,12 @@ def write_study_outputs(study: Study, folder: str | Path, *, report: bool = True
     (`batchlab.plots.study`), and the learning curves of every batch size at its best lr, median
     over seeds with their range (`batchlab.plots.best_lr_curves`).
     """
+    from .study.adaptive import beside
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    study.summary.to_csv(folder / "summary.csv", index=False)
+    beside(study.summary, study.adaptive).to_csv(folder / "summary.csv", index=False)
     study.trials.to_csv(folder / "trials.csv", index=False)
     written += [folder / "summary.csv", folder / "trials.csv"]
     fit, n_train, target = study.fit, study.plan.n_train, str(study.plan.target)
@@ -664,7 +694,8 @@ def write_study_outputs(study: Study, folder: str | Path, *, report: bool = True
     advice = study.recommendation.as_dict()
     figures = plots.study_figures(study.summary, s_min=fit.s_min if fit.ok else None,
                                   b_crit=fit.b_crit if fit.ok else None, n_train=n_train, target=target,
-                                  b_crit_interval=interval, recommendation=advice)
+                                  b_crit_interval=interval, recommendation=advice,
+                                  adaptive=study.adaptive if len(study.adaptive) else None)
     for name, figure in figures.items():
         written += plots.save_figure(figure, folder / name)
     if study.store is None:
@@ -684,7 +715,8 @@ def _write_report(store, study: Study, runs: Sequence[StoredRun], folder: Path) 
     built = study_report(store.get_group(study.group_id), runs, study.summary,
                          s_min=fit.s_min if fit.ok else None, b_crit=fit.b_crit if fit.ok else None,
                          e_min=fit.e_min if fit.ok else None, recommendation=study.recommendation.as_dict(),
-                         target=str(study.plan.target), n_train=study.plan.n_train, fit=fit.as_dict())
+                         target=str(study.plan.target), n_train=study.plan.n_train, fit=fit.as_dict(),
+                         adaptive=study.adaptive)
     path = folder / "report.html"
     path.write_text(built.html, encoding="utf-8")
     return [path]

@@ -50,6 +50,10 @@ def _study_options() -> list[click.Option]:
                      help="End each trial at its target, or train the whole budget."),
         click.Option(["--noise-scale/--no-noise-scale"], default=default.noise_scale,
                      help="Measure the gradient noise scale."),
+        click.Option(["--adaptive"], is_flag=False, flag_value="adaptive", default=None, metavar="[SETTINGS]",
+                     help="Also train one run per seed whose batch grows by itself (from the smallest batch size "
+                          "to the largest, lr: the best at the smallest), reported beside the fixed ones; "
+                          "settings as --batch-size adaptive takes them: --adaptive signal=b_simple,seeds=2."),
         click.Option(["--replicas/--no-replicas"], default=True,
                      help="Train each group as vectorized replicas (else one fit after another)."),
         click.Option(["--executor"], type=click.Choice(["processes", "in-process", "ray"]), default="processes",
@@ -113,6 +117,8 @@ def study_config_from_options(options: dict[str, Any]):
     for key in ("dataset", "model", "name", "stop_at_target", "noise_scale"):
         if options.get(key) is not None:
             values[key] = options[key]
+    if options.get("adaptive") is not None:
+        values["adaptive"] = _adaptive_value(options["adaptive"])
     for field in STUDY_FLAGS:
         if field not in options:
             continue
@@ -129,6 +135,13 @@ def study_config_from_options(options: dict[str, Any]):
         else:
             values[field] = text
     return make_study_config(values)
+
+
+def _adaptive_value(text: str) -> str:
+    """``--adaptive`` alone, or with settings (``signal=b_simple,seeds=2``, or as --batch-size takes
+    them, ``adaptive:signal=b_simple``), as StudyConfig's ``adaptive`` reads them."""
+    text = text.strip()
+    return text if text == "adaptive" or text.startswith("adaptive:") else f"adaptive:{text}"
 
 
 def _study_numbers(field: str, items: list[str], kind=float) -> list:
@@ -156,11 +169,15 @@ class _StudyDisplay:
         self.task = None
 
     def __call__(self, update) -> None:
+        from ..study.plan import ADAPTIVE_GROUP
+
         if self.task is None:
             self.progress.start()
             self.task = self.progress.add_task("groups", total=update.groups_known, last="")
         group = update.group
-        last = f"last: {group.kind} B={group.batch_size} ({len(group.lrs)} lr × {len(group.seeds)} seeds)" if group else ""
+        last = "" if group is None else (
+            f"last: adaptive run, seed {group.seeds[0]}" if group.kind == ADAPTIVE_GROUP
+            else f"last: {group.kind} B={group.batch_size} ({len(group.lrs)} lr × {len(group.seeds)} seeds)")
         self.progress.update(self.task, completed=update.groups_done, total=update.groups_known, last=last)
 
     def close(self) -> None:
@@ -171,17 +188,27 @@ class _StudyDisplay:
 STUDY_COLUMNS = {"batch_size": "B", "best_lr": "best lr", "reached": "reached", "steps_to_target": "steps",
                  "epochs_to_target": "epochs", "samples_to_target": "samples", "seconds_to_target": "seconds",
                  "gen_gap": "gen gap", "noise_scale": "B_simple", "regime": "regime"}  # fmt: skip
+# The adaptive row's own columns, shown only when the study has one (the fixed rows leave them empty).
+ADAPTIVE_COLUMNS = {"batches": "batches", "measurement_samples": "measurement samples"}
 
 
-def _study_table(summary, title: str):
+def _study_table(summary, title: str, adaptive=None):
     from rich.table import Table
 
+    from ..study.adaptive import beside
+
     table = Table(title=shown(title))
+    has_adaptive = adaptive is not None and len(adaptive) > 0
     columns = {k: v for k, v in STUDY_COLUMNS.items() if k in summary}
+    if has_adaptive:
+        columns.update(ADAPTIVE_COLUMNS)
     for header in columns.values():
-        table.add_column(header, justify="left" if header == "regime" else "right", no_wrap=True)
-    for row in summary.to_dict("records"):
-        table.add_row(*(_study_cell(c, row[c]) for c in columns))
+        table.add_column(header, justify="left" if header in ("regime", "batches") else "right", no_wrap=True)
+    rows = beside(summary, adaptive).to_dict("records")
+    for i, row in enumerate(rows):
+        if has_adaptive and i == len(rows) - 1:
+            table.add_section()  # the adaptive row is set beside the grid, not in it
+        table.add_row(*(_study_cell(c, row.get(c, math.nan)) for c in columns))
     return table
 
 
@@ -189,7 +216,7 @@ def _study_cell(column: str, value: Any) -> str:
     if isinstance(value, float):
         if value != value:
             return "-"
-        if column in ("steps_to_target", "samples_to_target"):
+        if column in ("steps_to_target", "samples_to_target", "measurement_samples"):
             return f"{value:,.0f}" if value == int(value) else f"{value:,.1f}"
         return f"{value:.3g}"
     return shown(value)
@@ -231,10 +258,14 @@ def _study_command(**options: Any) -> None:
     if not quiet:
         title = (f"study {study.group_id}: {study.plan.dataset_name}, {config.model}, target {study.plan.target} "
                  f"({len(study.trials)} trials; {study.groups_run} groups run, {study.groups_resumed} resumed)")
-        print_rich(_study_table(study.summary, title), False)
+        print_rich(_study_table(study.summary, title, study.adaptive), False)
         if comparison is not None:
             print_rich(_brownlee_table(comparison), False)
     say(f"recommendation: {study.recommendation.text}")
+    if len(study.adaptive):
+        from ..study.adaptive import row_sentence
+
+        say(f"adaptive: {row_sentence(study.adaptive.iloc[0], str(study.plan.target))}")
     fit = study.fit
     if fit.ok:
         say(f"fit S = S_min(1 + B_crit/B): S_min = {fit.s_min:.4g} ± {fit.s_min_err:.2g} steps, "

@@ -24,6 +24,10 @@ E_min = S_min · B_crit.
 Where the study recommends a batch size (`batchlab.study.Recommendation`, or its ``as_dict()`` as
 the store keeps it), every figure marks it with a vertical line labelled ``recommended B = ...``;
 the seconds figure names a fastest batch size only where the recommendation does.
+
+A study with an adaptive run (`batchlab.study.adaptive`) has one more figure, steps against samples
+to target (`steps_vs_samples_figure`): the fixed batch sizes trace the trade-off, and the adaptive
+row, which has no single batch size to stand at on the other figures, is a labelled point on it.
 """
 
 from __future__ import annotations
@@ -385,6 +389,134 @@ def generalization_gap_figure(summary: pd.DataFrame, *, n_train: int | None = No
     return fig
 
 
+ADAPTIVE_STYLE = {"color": "tab:purple", "marker": "*", "markersize": 14, "capsize": 3, "linestyle": "none",
+                  "zorder": 5}
+
+
+@styled
+def steps_vs_samples_figure(
+    summary: pd.DataFrame,
+    adaptive: pd.DataFrame,
+    s_min: float | None = None,
+    b_crit: float | None = None,
+    *,
+    n_train: int | None = None,
+    target: str | None = None,
+    recommendation: Any = None,
+) -> Figure:
+    """Steps against samples to target, log-log: the fixed batch sizes' trade-off and the adaptive run on it.
+
+    Each fixed batch size is a point (its steps interval and samples spread as bars) labelled with
+    its B; the fit S = S_min(1 + B_crit/B), E = S·B traces (S/S_min − 1)(E/E_min − 1) = 1
+    (McCandlish et al. 2018) when ``s_min`` and ``b_crit`` are given. The adaptive row
+    (`batchlab.study.adaptive`) is a star at its median samples and steps, with the same kinds of
+    bars, labelled with the batches it went through; an open star at the same steps adds the samples
+    its measurements took. An interval open above (a seed that never reached the target) is drawn
+    as a dotted arrow to the top of the axes.
+
+    Args:
+        summary: the study summary (module docstring): ``batch_size``, ``steps_to_target``,
+            ``samples_to_target`` and optionally ``steps_ci_lo``/``_hi``, ``samples_lo``/``_hi``.
+        adaptive: the adaptive row (`batchlab.study.adaptive.adaptive_row`), one row.
+        s_min, b_crit: the fitted minimum number of steps and critical batch size.
+        n_train: the training-set size, the value of batch size ``full``.
+        target: the target condition, for the title.
+        recommendation: the study's `Recommendation` (or its ``as_dict()``): its point is ringed.
+
+    Returns:
+        A figure whose error bars (``ax.containers``) hold the fixed batch sizes' points first
+        (x = samples_to_target, y = steps_to_target), then, when the adaptive run has a median,
+        its point and its point with the measurements' samples.
+    """
+    from ..study.adaptive import batches_text
+
+    sizes = _sizes(summary, n_train)
+    steps, samples = _column(summary, "steps_to_target"), _column(summary, "samples_to_target")
+    fig, ax = new_figure(size=STUDY_FIGURE_SIZE)
+    open_above = _bars(ax, summary, samples, steps, "fixed batch sizes (median over seeds, intervals over seeds)",
+                       POINT_STYLE)
+    colors = batch_size_colors(list(sizes))
+    ax.scatter(samples, steps, c=[colors[v] for v in sizes], s=36, zorder=4)
+    ax.plot(samples, steps, color="0.6", linewidth=0.8, zorder=2)
+    for batch_size, x, y in zip(summary["batch_size"], samples, steps):
+        if math.isfinite(x) and math.isfinite(y):
+            ax.annotate(f"B={batch_size}", xy=(x, y), xytext=(5, 4), textcoords="offset points", fontsize=8)
+    if s_min is not None and b_crit is not None and math.isfinite(s_min) and math.isfinite(b_crit):
+        grid = _span(sizes)
+        fitted = s_min * (1 + b_crit / grid)
+        ax.plot(fitted * grid, fitted, color="tab:red",
+                label=f"fit: S = S_min(1 + B_crit/B), E = S·B (B_crit={b_crit:.3g})")
+    _ring_recommended(ax, advice_of(recommendation), summary, samples, steps)
+    row = adaptive.iloc[0]
+    a_steps, a_samples = float(row["steps_to_target"]), float(row["samples_to_target"])
+    if math.isfinite(a_steps) and math.isfinite(a_samples):
+        name = f"adaptive {batches_text(row)}"
+        open_above += _bars(ax, adaptive, np.array([a_samples]), np.array([a_steps]), f"{name} (median over seeds)",
+                            ADAPTIVE_STYLE)
+        ax.annotate(name, xy=(a_samples, a_steps), xytext=(6, -12), textcoords="offset points", fontsize=8,
+                    color=ADAPTIVE_STYLE["color"])
+        total = float(row["samples_with_measurements"])
+        if math.isfinite(total) and total > a_samples:
+            ax.plot([a_samples, total], [a_steps, a_steps], color=ADAPTIVE_STYLE["color"], linestyle=":", linewidth=1.2)
+            ax.errorbar([total], [a_steps], label=f"{name}, with the samples its measurements took",
+                        **{**ADAPTIVE_STYLE, "markerfacecolor": "none"})
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for x, y, color in open_above:  # after the scales: the arrow ends at the top of the axes
+        ax.annotate("", xy=(x, 1.0), xycoords=("data", "axes fraction"), xytext=(x, y), textcoords="data",
+                    arrowprops={"arrowstyle": "->", "color": color, "linestyle": ":", "linewidth": 1.2})
+    ax.set_xlabel("samples to target (samples seen)")
+    ax.set_ylabel("steps to target (parameter updates)")
+    ax.set_title(_adaptive_finding(row, steps, samples, target))
+    legend_below(ax)
+    return fig
+
+
+def _bars(ax: Axes, frame: pd.DataFrame, samples: np.ndarray, steps: np.ndarray, label: str,
+          style: Mapping[str, Any]) -> list[tuple[float, float, str]]:
+    """Points at (samples, steps) with the steps interval and the samples spread as bars.
+
+    Returns:
+        ``(x, y, colour)`` of each point whose steps interval is open above (its bar stops at the
+        point; the caller draws the arrow once the axes are scaled).
+    """
+    yerr = _spread(frame, "steps_ci", steps)
+    open_above = []
+    if yerr is not None:
+        infinite = ~np.isfinite(yerr[1])
+        open_above = [(float(x), float(y), style["color"]) for x, y, o in zip(samples, steps, infinite)
+                      if o and math.isfinite(x) and math.isfinite(y)]
+        yerr = np.where(np.isfinite(yerr), yerr, 0.0)
+    ax.errorbar(samples, steps, xerr=_spread(frame, "samples", samples), yerr=yerr, label=label, **style)
+    return open_above
+
+
+def _ring_recommended(ax: Axes, advice: Advice, summary: pd.DataFrame, samples: np.ndarray, steps: np.ndarray) -> None:
+    """A ring around the recommended batch size's point, in the legend as ``recommended B = ...``."""
+    if advice.batch_size is None:
+        return
+    at = [i for i, b in enumerate(summary["batch_size"]) if str(b) == str(advice.batch_size)]
+    if not at or not (math.isfinite(samples[at[0]]) and math.isfinite(steps[at[0]])):
+        return
+    ax.plot([samples[at[0]]], [steps[at[0]]], marker="o", markersize=14, markerfacecolor="none", linestyle="none",
+            markeredgecolor=RECOMMENDED_STYLE["color"], markeredgewidth=2.0, alpha=0.7,
+            label=recommended_label(advice.batch_size))
+
+
+def _adaptive_finding(row: Any, steps: np.ndarray, samples: np.ndarray, target: str | None) -> str:
+    """The title: the adaptive run's steps and samples over the fewest any fixed batch size needed."""
+    what = target or "target"
+    a_steps, a_samples = float(row["steps_to_target"]), float(row["samples_to_target"])
+    if not (math.isfinite(a_steps) and math.isfinite(a_samples)):
+        return f"Steps vs samples to {what}: the adaptive run reached it in {row['reached']} seeds, too few for a median"
+    if not np.isfinite(steps).any():
+        return f"Steps vs samples to {what}: no fixed batch size reached it"
+    total = float(row["samples_with_measurements"])
+    fewest_steps, fewest_samples = np.nanmin(steps), np.nanmin(samples)
+    return (f"Adaptive to {what}: {a_steps / fewest_steps:.2g}× the fewest steps and {a_samples / fewest_samples:.2g}× "
+            f"the fewest samples of any fixed batch size ({total / fewest_samples:.2g}× with its measurements)")
+
+
 def _ratio_title(summary: pd.DataFrame, values: np.ndarray, what: str, target: str | None) -> str:
     """``Samples to T grow 3.2× from B=16 to B=1024``: the last measured value over the first."""
     finite = np.flatnonzero(np.isfinite(values))
@@ -418,11 +550,13 @@ def study_figures(
     which: Sequence[str] | None = None,
     b_crit_interval: tuple[float, float] | None = None,
     recommendation: Any = None,
+    adaptive: pd.DataFrame | None = None,
 ) -> dict[str, Figure]:
     """Every study figure the summary has the columns for, by name.
 
     Names: ``steps_to_target``, ``samples_to_target``, ``seconds_to_target``, ``best_lr``,
-    ``gen_gap``. ``e_min`` defaults to ``s_min * b_crit`` (B_crit = E_min / S_min).
+    ``gen_gap``, and with an ``adaptive`` row (`batchlab.study.adaptive.adaptive_row`)
+    ``steps_vs_samples``. ``e_min`` defaults to ``s_min * b_crit`` (B_crit = E_min / S_min).
     ``recommendation`` (a `Recommendation` or its ``as_dict()``) is marked on every figure.
     """
     if e_min is None and s_min is not None and b_crit is not None:
@@ -439,6 +573,10 @@ def study_figures(
     }
     needed = {"steps_to_target": "steps_to_target", "samples_to_target": "samples_to_target",
               "seconds_to_target": "seconds_to_target", "best_lr": "best_lr", "gen_gap": "gen_gap"}  # fmt: skip
+    if adaptive is not None and len(adaptive):
+        makers["steps_vs_samples"] = lambda: steps_vs_samples_figure(summary, adaptive, s_min, b_crit, target=target,
+                                                                     **common)
+        needed["steps_vs_samples"] = "samples_to_target"
     figures = {}
     for name in which or makers:
         column = needed[name]

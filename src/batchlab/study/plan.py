@@ -18,22 +18,24 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from ..config import StudyConfig, Target, TrainConfig
+from ..config import Adaptive, StudyConfig, Target, TrainConfig
 from ..data import Dataset, steps_per_epoch
 from ..errors import ConfigError
 from .ranking import best_lr, lr_table
 
 LR_GROUP = "lrs"  # a group searching learning rates at one batch size
 NOISE_GROUP = "noise"  # one extra trial measuring the gradient noise scale at the best lr
+ADAPTIVE_GROUP = "adaptive"  # one seed's run with an adaptive batch size (`batchlab.study.adaptive`)
 
 
 @dataclass(frozen=True)
 class GroupPlan:
     """One unit of work: a batch size with some learning rates × seeds, trained together.
 
-    ``kind`` is ``lrs`` (the learning-rate search) or ``noise`` (one trial at the best lr measuring
-    the noise scale, where the vectorized replicas cannot). ``round`` 0 is the initial grid,
-    1, 2, ... its extensions.
+    ``kind`` is ``lrs`` (the learning-rate search), ``noise`` (one trial at the best lr measuring
+    the noise scale, where the vectorized replicas cannot) or ``adaptive`` (one seed's run with an
+    adaptive batch size; ``batch_size`` is then ``"adaptive"``, ``batch_size_value`` its start and
+    ``detail`` its settings). ``round`` 0 is the initial grid, 1, 2, ... its extensions.
     """
 
     kind: str
@@ -45,13 +47,14 @@ class GroupPlan:
     # The best median steps-to-target of earlier rounds at this B: lrs that cannot beat it stop
     # early (`LrPruner`). Derived from stored trials, so not part of the group's identity (key).
     best_before: float = math.inf
+    detail: str = ""  # what else tells the group apart (an adaptive run's settings), part of its key
 
     @property
     def key(self) -> str:
         """A name that identifies the group within its study (stored with each of its trials)."""
         lrs = ",".join(f"{lr:g}" for lr in self.lrs)
         seeds = ",".join(map(str, self.seeds))
-        return f"{self.kind}:B={self.batch_size}:lrs={lrs}:seeds={seeds}"
+        return f"{self.kind}:B={self.batch_size}:lrs={lrs}:seeds={seeds}" + (f":{self.detail}" if self.detail else "")
 
     @property
     def n_trials(self) -> int:
@@ -72,6 +75,8 @@ class StudyPlan:
     prune: bool = True  # stop lrs that can no longer be the best (the answer is the same either way)
     # The caller's opt-in to a ``package.module:function`` model: every executor builds models with it.
     allow_import: bool = False
+    # The adaptive runs' settings, start and max resolved from the grid (`batchlab.study.adaptive`); None: none.
+    adaptive: Adaptive | None = None
 
     def build_model(self, dataset: Dataset, seed: int):
         """The study's model for ``dataset``, initialised with ``seed`` (`batchlab.models.model_from_spec`)."""
@@ -98,8 +103,10 @@ class StudyPlan:
 
 def study_id(config: StudyConfig) -> str:
     """The study's identity: a hash of everything in its config that can change its results."""
-    # ``train.compile`` changes how fast, not what, a run computes: a study keeps its identity.
-    canonical = json.dumps(config.model_dump(mode="json", exclude={"name": True, "train": {"compile"}}),
+    # ``train.compile`` changes how fast, not what, a run computes: a study keeps its identity. The
+    # adaptive runs change no trial of the grid (their group keys name their settings), so adding
+    # them to a stored study trains them alone.
+    canonical = json.dumps(config.model_dump(mode="json", exclude={"name": True, "adaptive": True, "train": {"compile"}}),
                            sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -177,8 +184,12 @@ def next_groups(plan: StudyPlan, trials: pd.DataFrame) -> list[GroupPlan]:
 
     Round 0 groups not yet run; for every batch size whose learning-rate search is complete, an
     extension when its best lr lies at the edge of the lrs tried (``lrs="auto"``, at most
-    ``lr_extensions`` times), then, with vectorized replicas and ``noise_scale``, its noise group.
+    ``lr_extensions`` times), then, with vectorized replicas and ``noise_scale``, its noise group;
+    with ``adaptive``, one adaptive run per seed once the lr at its start is known
+    (`batchlab.study.adaptive.adaptive_groups`).
     """
+    from .adaptive import adaptive_groups
+
     done = set(trials["group"]) if not trials.empty else set()
     pending = [g for g in initial_groups(plan) if g.key not in done]
     started = {g.batch_size for g in pending}
@@ -194,7 +205,7 @@ def next_groups(plan: StudyPlan, trials: pd.DataFrame) -> list[GroupPlan]:
         noise = _noise_group(plan, batch_size, at_b)
         if noise is not None and noise.key not in done:
             pending.append(noise)
-    return pending
+    return pending + adaptive_groups(plan, trials, pending, done)
 
 
 def groups_left_at_most(plan: StudyPlan, trials: pd.DataFrame, skipped: Collection[str] = ()) -> int:
@@ -204,21 +215,23 @@ def groups_left_at_most(plan: StudyPlan, trials: pd.DataFrame, skipped: Collecti
     to ``lr_extensions`` and a noise group; a pending noise group is the last; a batch size whose
     pending group is ``skipped`` (it failed in this run) gets nothing more. Each group stored
     lowers the bound by at least one, so groups done + this bound never grows: a progress total
-    known from the start that only ever shrinks towards the truth.
+    known from the start that only ever shrinks towards the truth. The adaptive runs count one per
+    seed not yet stored (`batchlab.study.adaptive.runs_left`), before they can be planned too.
     """
     from ..probes import PROBES
+    from .adaptive import runs_left
 
     extensions = plan.config.lr_extensions if plan.config.lrs == "auto" else 0
     noise_on = plan.vectorized and plan.config.noise_scale and "noise_scale" in PROBES
     left = 0
     for group in next_groups(plan, trials):
-        if group.key in skipped:
+        if group.key in skipped or group.kind == ADAPTIVE_GROUP:
             continue
         if group.kind == NOISE_GROUP:
             left += 1
         else:
             left += extensions - group.round + 1 + int(noise_on and group.batch_size_value >= 2)
-    return left
+    return left + runs_left(plan, trials, skipped)
 
 
 def _extension(plan: StudyPlan, batch_size: int | str, trials: pd.DataFrame) -> GroupPlan | None:
@@ -275,6 +288,8 @@ def plan_study(config: StudyConfig, dataset: Dataset, *, vectorized: bool = True
             cannot give, a model that does not fit the data.
     """
     from ..loop import check_model, plan_run
+    from .adaptive import resolve_adaptive
+    from .adaptive import train_config as adaptive_config
 
     target = config.parsed_target
     split = target.metric.split("_")[0]
@@ -286,10 +301,14 @@ def plan_study(config: StudyConfig, dataset: Dataset, *, vectorized: bool = True
     if split == "train" and not config.train.eval_train:
         raise ConfigError(f"target {target} needs train metrics; remove eval_train=false from the train table")
     batch_sizes = resolve_batch_sizes(config, dataset.n_train)
+    adaptive = resolve_adaptive(config, [dataset.n_train if b == "full" else int(b) for b in batch_sizes],
+                                dataset.n_train)
     plan = StudyPlan(config, study_id(config), dataset.name, dataset.n_train, batch_sizes, target, vectorized, prune,
-                     allow_import)
+                     allow_import, adaptive)
     for batch_size in (batch_sizes[0], batch_sizes[-1]):
         plan_run(dataset, plan.train_config(batch_size, config.reference_lr, 0))
+    if adaptive is not None:
+        plan_run(dataset, adaptive_config(plan, config.reference_lr, 0))
     check_model(plan.build_model(dataset, 0).to(dataset.device), dataset)
     return plan
 

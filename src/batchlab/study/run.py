@@ -22,8 +22,9 @@ import pandas as pd
 
 from ..config import StudyConfig, check_import_allowed
 from ..store.codec import normalized
+from .adaptive import adaptive_row
 from .analysis import Recommendation, ScalingFit, analyse, trials_table
-from .plan import GroupPlan, StudyPlan, groups_left_at_most, load_dataset_for, next_groups, plan_study
+from .plan import ADAPTIVE_GROUP, GroupPlan, StudyPlan, groups_left_at_most, load_dataset_for, next_groups, plan_study
 from .trials import TrialRecord, train_group
 
 TRIAL_KIND = "study-trial"
@@ -42,7 +43,10 @@ class Study:
         group_id: the study's group in the store (None without a store).
         groups_run, groups_resumed: groups trained by this call, and found already stored.
         failed: the groups whose training raised, with the error; the study went on without them,
-            and its recommendation names them instead of recommending from the rest.
+            and its recommendation names them instead of recommending from the rest (a failed
+            adaptive run is named here only: the analysis does not read the adaptive runs).
+        adaptive: the adaptive row (`batchlab.study.adaptive.adaptive_row`): one row, set beside
+            the summary, or an empty table when the study has no adaptive run.
     """
 
     config: StudyConfig
@@ -58,6 +62,7 @@ class Study:
     seconds: float = 0.0
     records: list[TrialRecord] = field(default_factory=list, repr=False)
     failed: dict[str, str] = field(default_factory=dict)  # group key -> error (a rerun retries them)
+    adaptive: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def study_id(self) -> str:
@@ -69,7 +74,8 @@ class Study:
                 "dataset": self.plan.dataset_name, "n_train": self.plan.n_train, "target": str(self.plan.target),
                 "trials": len(self.trials), "groups_run": self.groups_run, "groups_resumed": self.groups_resumed,
                 "summary": self.summary.to_dict(orient="records"), "fit": self.fit.as_dict(),
-                "recommendation": self.recommendation.as_dict(), "failed_groups": self.failed}  # fmt: skip
+                "recommendation": self.recommendation.as_dict(), "failed_groups": self.failed,
+                "adaptive": self.adaptive.to_dict(orient="records")[0] if len(self.adaptive) else None}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -265,7 +271,7 @@ def _open_study_group(store, plan: StudyPlan, claims: GroupClaims) -> int:
 
 def _costliest_first(plan: StudyPlan, groups: Sequence[GroupPlan]) -> list[GroupPlan]:
     """Longest groups first (steps × trials), so the last group to end starts early."""
-    return sorted(groups, key=lambda g: -plan.total_steps(g.batch_size) * g.n_trials)
+    return sorted(groups, key=lambda g: -plan.total_steps(g.batch_size_value) * g.n_trials)
 
 
 def run_study(
@@ -401,14 +407,18 @@ class _Driver:
     def _finish(self, config: StudyConfig) -> Study:
         trials = trials_table(self.summaries)
         failed = self.claims.failures() if self.store is not None else dict(self.failed)
-        analysis = analyse(trials, str(self.plan.target), failed)
+        # The adaptive runs are set beside the analysis, never in it: their failures do not block it.
+        grid_failed = {k: e for k, e in failed.items() if not k.startswith(f"{ADAPTIVE_GROUP}:")}
+        analysis = analyse(trials, str(self.plan.target), grid_failed)
+        adaptive = adaptive_row(self.plan, trials)
         if self.store is not None:  # a study with a failed group is not finished: a rerun retries it
             self.store.finish_group(self.group_id, "failed" if failed else "finished", summary={
                 "summary": analysis.summary.to_dict(orient="records"), "fit": analysis.fit.as_dict(),
-                "recommendation": analysis.recommendation.as_dict(), "failed_groups": failed})
+                "recommendation": analysis.recommendation.as_dict(), "failed_groups": failed,
+                "adaptive": adaptive.to_dict(orient="records")})
         return Study(config, self.plan, analysis.summary, trials, analysis.fit, analysis.recommendation,
                      Path(self.store.path) if self.store is not None else None, self.group_id, self.groups_run,
-                     self.resumed, time.perf_counter() - self.started, self.records, failed)
+                     self.resumed, time.perf_counter() - self.started, self.records, failed, adaptive)
 
 
 class _no_claims:

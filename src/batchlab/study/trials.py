@@ -24,7 +24,7 @@ import torch
 from ..config import Target, TrainConfig
 from ..data import Dataset
 from ..events import Callback, Evaluation, RunEnd, RunStart, StepEnd, Stop
-from .plan import LR_GROUP, NOISE_GROUP, GroupPlan, StudyPlan, evaluation_steps
+from .plan import ADAPTIVE_GROUP, LR_GROUP, NOISE_GROUP, GroupPlan, StudyPlan, evaluation_steps
 from .pruning import LrPruner
 
 
@@ -191,7 +191,8 @@ def train_group(plan: StudyPlan, group: GroupPlan, dataset: Dataset, *, vectoriz
 
     With ``vectorized`` (default: the plan's choice) the lr search runs as one `fit_replicas` pass,
     each replica stopping alone at its target; otherwise (and for the noise group, whose probe the
-    replicas lack) one `fit` after another.
+    replicas lack) one `fit` after another. An adaptive group trains its one run
+    (`batchlab.study.adaptive.train_adaptive`).
 
     Returns:
         One `TrialRecord` per (lr, seed), lrs outer, seeds inner.
@@ -199,6 +200,10 @@ def train_group(plan: StudyPlan, group: GroupPlan, dataset: Dataset, *, vectoriz
     from ..loop import fit
     from ..probes import PROBES
 
+    if group.kind == ADAPTIVE_GROUP:
+        from .adaptive import train_adaptive
+
+        return train_adaptive(plan, group, dataset)
     vectorized = plan.vectorized if vectorized is None else vectorized
     configs = [plan.train_config(group.batch_size, lr, seed) for lr in group.lrs for seed in group.seeds]
     schedule = evaluation_steps(plan.total_steps(group.batch_size), plan.config.resolution)
