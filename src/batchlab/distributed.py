@@ -48,6 +48,7 @@ import torch.distributed as dist
 from . import data as data_lib
 from . import schedule
 from .config import Adaptive, TrainConfig, is_schedule
+from .drive import drive
 from .errors import BatchlabError, ConfigError, error_line
 from .events import Callback, Clock, RestoreWeights
 from .loop import check_model, plan_batch_norm, plan_run, resolve_device
@@ -310,6 +311,18 @@ class _DistributedState:
                    generator=torch.Generator().manual_seed(config.seed), base_lr=base_lr,
                    splits=evaluation_splits(dataset, config.eval_train), rank_gradients=rank_gradients)
 
+    def epoch_batches(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The next epoch's global order (the same on every rank: one seed) and its global batches."""
+        clock = self.recorder.clock
+        order = data_lib.epoch_order(clock.n_train, self.generator, self.config.shuffle).to(self.dataset.train[0].device)
+        return order, schedule.cut_epoch(order, clock, self.config.drop_last)
+
+    def run_epoch(self, order: torch.Tensor, batches: list[torch.Tensor]) -> None:
+        _run_epoch(self, batches)
+
+    def settle(self) -> bool:
+        return _agree(self)
+
     def evaluate(self) -> None:
         """Full passes over the splits, each rank over its share of the rows, summed over ranks."""
         started = time.perf_counter()
@@ -339,26 +352,10 @@ class _DistributedState:
 
 
 def _train(state: _DistributedState) -> Run:
-    rec = state.recorder
-    flag = torch.tensor([bool(rec.per_step)], dtype=torch.int64, device=_collective_device(state))
+    flag = torch.tensor([bool(state.recorder.per_step)], dtype=torch.int64, device=_collective_device(state))
     dist.broadcast(flag, 0)
     state.rank0_steps_callbacks = bool(flag.item())
-    rec.start_run()
-    state.evaluate()
-    _agree(state)
-    state.model.train()
-    while rec.going and rec.clock.step < rec.clock.total_steps:  # an exception ends the run in `fit`
-        order = data_lib.epoch_order(rec.clock.n_train, state.generator, state.config.shuffle)
-        batches = schedule.cut_epoch(order.to(state.dataset.train[0].device), rec.clock, state.config.drop_last)
-        rec.start_epoch(len(batches) if rec.clock.changes else None)
-        _run_epoch(state, batches)
-        if rec.status == "diverged":
-            break
-        if not rec.evaluated_now():
-            state.evaluate()
-        rec.end_epoch()
-        _agree(state)
-    return rec.finish()
+    return drive(state)
 
 
 def _run_epoch(state: _DistributedState, batches: list[torch.Tensor]) -> None:

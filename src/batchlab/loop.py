@@ -24,6 +24,7 @@ from . import data as data_lib
 from . import schedule
 from .adaptive import adaptive_betas, adaptive_lr
 from .config import Adaptive, TrainConfig
+from .drive import drive
 from .errors import ConfigError, ModelError, error_line
 from .events import Callback, Clock
 from .metrics import (
@@ -334,7 +335,7 @@ class _LoopState:
             later, started, _ = schedule.plan_steps(clock.changes, clock.n_train, config.drop_last, epochs_left,
                                                     steps_left, end_of_epoch)
         total = this_epoch + later if config.max_steps is None else min(this_epoch + later, config.max_steps)
-        rec.replan(len(batches), total, clock.epoch + started)
+        rec.replan(len(batches) if batches else clock.steps_per_epoch, total, clock.epoch + started)
         if config.optimizer in ("adam", "adamw"):
             for group in self.optimizer.param_groups:
                 group["betas"] = adaptive_betas(config, clock.batch_size)
@@ -345,6 +346,17 @@ class _LoopState:
         clock, config = self.recorder.clock, self.config
         order = data_lib.epoch_order(clock.n_train, self.generator, config.shuffle).to(self.dataset.train[0].device)
         return order, schedule.cut_epoch(order, clock, config.drop_last)
+
+    def run_epoch(self, order: torch.Tensor, batches: list[torch.Tensor]) -> None:
+        _run_epoch(self, order, batches)
+
+    def settle(self) -> bool:
+        """Act on the callbacks' requests; a batch-size change between epochs re-plans the run."""
+        changes = self.recorder.clock.changes
+        going = self.recorder.settle()
+        if self.recorder.clock.changes is not changes:
+            self.follow_batch_size(torch.empty(0, dtype=torch.long), [], 0, self.recorder.clock.n_train)
+        return going
 
     def evaluate(self) -> None:
         """Full passes at the current weights, handed to the core with their time."""
@@ -462,37 +474,16 @@ def _choose_step(state: _LoopState) -> None:
 
 
 def _train(state: _LoopState) -> Run:
-    rec, model = state.recorder, state.model
+    rec = state.recorder
     _choose_step(state)
-    rec.start_run()
-    if not rec.evals:  # a fresh run (a resumed one has its step-0 evaluation)
-        state.evaluate()
-    changes = rec.clock.changes
-    rec.settle()
-    if rec.clock.changes is not changes:  # an adaptive decision before the first step
-        state.follow_batch_size(torch.empty(0, dtype=torch.long), [], 0, rec.clock.n_train)
-    model.train()
     try:
-        while rec.going and rec.clock.step < rec.clock.total_steps:
-            order, batches = state.epoch_batches()
-            rec.start_epoch(len(batches) if rec.clock.changes else None)
-            _run_epoch(state, order, batches)
-            if rec.status == "diverged":
-                break
-            if not rec.evaluated_now():
-                state.evaluate()
-            changes = rec.clock.changes
-            rec.end_epoch()
-            rec.settle()
-            if rec.clock.changes is not changes:  # an adaptive decision at the epoch's end: re-plan the rest
-                state.follow_batch_size(order, batches, len(batches), rec.clock.n_train)
+        return drive(state)
     except KeyboardInterrupt:
         rec.finish("interrupted", f"interrupted at step {rec.clock.step}")
         raise
     except Exception as error:  # the run is stored as failed, with the rows it made, and the error goes on
         rec.finish("failed", error_line(error))
         raise
-    return rec.finish()
 
 
 def _run_epoch(state: _LoopState, order: torch.Tensor, batches: list[torch.Tensor]) -> None:
