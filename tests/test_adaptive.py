@@ -279,3 +279,16 @@ def test_nothing_is_measured_once_the_batch_is_at_its_largest():
     decided = run.evals.dropna(subset=["adaptive_signal"])
     assert decided.adaptive_batch_size.tolist()[-1] == 8 and len(decided) < len(run.evals)
     assert (decided.adaptive_batch_size.iloc[:-1] < 8).all()  # the decision that reached 8 was the last
+
+
+def test_each_local_cbs_decision_stores_the_samples_its_branches_took(monkeypatch):
+    """Counted independently: every branch's training samples, as local_cbs trains them."""
+    import batchlab.critical_batch as critical_batch
+
+    counted, train_branch = [], critical_batch.train_branch
+    monkeypatch.setattr(critical_batch, "train_branch",
+                        lambda *args, **kw: counted.append(int(args[4].numel())) or train_branch(*args, **kw))
+    config = TrainConfig(batch_size="adaptive:start=4,max=16,seeds=2", epochs=2, lr=0.02, compile="off")
+    run = fit(linear(), regression(), config, progress=False)
+    decided = run.evals.dropna(subset=["adaptive_signal"])
+    assert len(decided) >= 1 and decided.adaptive_samples.sum() == sum(counted) > 0

@@ -23,7 +23,8 @@ B samples, so β₂ becomes β₂^(B/start), whose half-life start·ln ½ / ln �
 
 **The record.** Every decision is a row of the evals table with its evidence: ``adaptive_signal``
 (the measured local CBS or B_simple), ``adaptive_batch_size`` (the batch size from there on) and,
-for ``local_cbs``, ``adaptive_upper`` (the smallest branch batch found worse, +inf if none). Once
+for ``local_cbs``, ``adaptive_upper`` (the smallest branch batch found worse, +inf if none) and
+``adaptive_samples`` (the training samples its branches took: what the decision cost). Once
 the batch is at its largest allowed size nothing is measured. The step table holds each batch's size
 and lr. A measurement that fails leaves the batch as it is, with NaN
 evidence and one warning; training goes on.
@@ -40,7 +41,7 @@ from .config import Adaptive, TrainConfig
 from .events import Callback, Evaluation, RunStart, SetBatchSize
 from .optim import scaling_factor
 
-EVIDENCE = ("adaptive_signal", "adaptive_batch_size", "adaptive_upper")
+EVIDENCE = ("adaptive_signal", "adaptive_batch_size", "adaptive_upper", "adaptive_samples")
 FACTORS = (1, 2, 4)  # the local-CBS branches of one decision: the batch may grow 2× or 4× at once
 
 
@@ -103,15 +104,16 @@ class AdaptiveBatch(Callback):
         batch = clock.batch_size
         if grown(batch, math.inf, self.largest) == batch:
             return None  # no larger batch is allowed: nothing to measure, nothing to decide
-        signal, upper = self._measure(event.model, batch, clock.step)
+        signal, upper, samples = self._measure(event.model, batch, clock.step)
         after = grown(batch, signal, self.largest)
         evidence = {"adaptive_signal": signal, "adaptive_batch_size": float(after)}
         if self.adaptive.signal == "local_cbs":
-            evidence["adaptive_upper"] = upper
+            evidence.update(adaptive_upper=upper, adaptive_samples=float(samples))
         return SetBatchSize(after, evidence)
 
-    def _measure(self, model: torch.nn.Module, batch: int, step: int) -> tuple[float, float]:
-        """(signal, upper) at the live weights; (NaN, NaN) and one warning per run if it fails."""
+    def _measure(self, model: torch.nn.Module, batch: int, step: int) -> tuple[float, float, int]:
+        """(signal, upper, training samples the branches took) at the live weights; (NaN, NaN, 0)
+        and one warning per run if it fails."""
         from .critical_batch import local_cbs, simple_noise_stats
 
         try:
@@ -119,21 +121,22 @@ class AdaptiveBatch(Callback):
                 if self.adaptive.signal == "b_simple":
                     X, y = self.data.train
                     grad_sq, trace_cov, _ = simple_noise_stats(model, self.loss_fn, X, y, 512)
-                    return (trace_cov / grad_sq if grad_sq > 0 else math.inf), math.nan
+                    return (trace_cov / grad_sq if grad_sq > 0 else math.inf), math.nan, 0
                 factors = tuple(k for k in FACTORS if k * batch <= self.data.n_train)
                 if len(factors) < 2:
-                    return math.nan, math.nan  # no larger batch fits the data: nothing to test
+                    return math.nan, math.nan, 0  # no larger batch fits the data: nothing to test
                 result = local_cbs(model, self.optimizer, self.loss_fn, self.data.train, batch, factors=factors,
                                    seeds=self.adaptive.seeds, eval_samples=2048)
             upper = result.interval[1]
-            return float(result.local_cbs), (math.inf if upper is None else float(upper))
+            spent = result.samples * len(result.table)  # every branch trained on the same number of samples
+            return float(result.local_cbs), (math.inf if upper is None else float(upper)), spent
         except Exception as error:  # a measurement never stops training
             if not self.warned:
                 self.warned = True
                 warnings.warn(f"adaptive batch size: no measurement at step {step} ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''}); the batch stays {batch}",
                               RuntimeWarning, stacklevel=2)
-            return math.nan, math.nan
+            return math.nan, math.nan, 0
 
 
 class AdaptiveBatchSampler:
