@@ -176,6 +176,9 @@ def test_the_command_line_stores_each_decision_with_its_evidence(tmp_path, cli):
                             "adaptive:start=8,max=128,signal=b_simple", "--store", str(store), "--json"])
     assert status == 0, err
     assert "500 samples, batch 8, adaptive up to 128 by the noise scale B_simple; 3 epochs = at most" in err
+    figure = tmp_path / f"batchlab-adaptive-{json.loads(out)['run_id']}.png"
+    assert json.loads(out)["figure"] == str(figure) and figure.stat().st_size > 10_000
+    assert f"; figure: {figure}" in err and "batch 8 -> " in err
     with RunStore(store) as runs:
         stored = runs.load_run(json.loads(out)["run_id"])
     decided = stored.evals.dropna(subset=["adaptive_signal"])

@@ -275,10 +275,30 @@ def _fit_command(**options: Any) -> None:
         print_rich(epoch_table(run.epochs, title=f"run {rec.run_id}: {dataset.name}, {spec.model}"), as_json)
     say(f"{run.status}: run {rec.run_id} stored in {store}" + (f" ({run.message})" if run.message else ""),
         quiet, as_json)
+    figure = _adaptive_outputs(run, train, store.parent / f"batchlab-adaptive-{rec.run_id}.png",
+                               f"run {rec.run_id}: {dataset.name}, {spec.model}", quiet, as_json)
     if as_json:
-        print_json({"run_id": rec.run_id, "store": str(store), **run.summary})
+        print_json({"run_id": rec.run_id, "store": str(store), **run.summary,
+                    **({"figure": str(figure)} if figure is not None else {})})
     if run.status == "diverged" and not as_json:
         say(f"warning: {run.message}", as_json=True)
+
+
+def _adaptive_outputs(run, train, path: Path, title: str, quiet: bool, as_json: bool) -> Path | None:
+    """For a run whose batch adapted: one line with the batches it went through and where, and its
+    figure (the batch in force, each decision's evidence, the lr) beside the store. None otherwise."""
+    from ..config import Adaptive
+
+    if not isinstance(train.batch_size, Adaptive) or "adaptive_signal" not in run.evals:
+        return None
+    from ..plots.adaptive import adaptive_figure
+
+    changes = run.clock.changes or ((0, run.clock.batch_size),)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    adaptive_figure(run.steps, run.evals, signal=train.batch_size.signal, title=title).savefig(path, dpi=150)
+    say("batch " + " -> ".join([str(changes[0][1]), *(f"{b} at {s:,} samples" for s, b in changes[1:])])
+        + f"; figure: {path}", quiet, as_json)
+    return path
 
 
 def _launch_ranks(options: dict[str, Any]) -> None:
