@@ -296,8 +296,9 @@ def _adaptive_outputs(run, train, path: Path, title: str, quiet: bool, as_json: 
     changes = run.clock.changes or ((0, run.clock.batch_size),)
     path.parent.mkdir(parents=True, exist_ok=True)
     adaptive_figure(run.steps, run.evals, signal=train.batch_size.signal, title=title).savefig(path, dpi=150)
-    say("batch " + " -> ".join([str(changes[0][1]), *(f"{b} at {s:,} samples" for s, b in changes[1:])])
-        + f"; figure: {path}", quiet, as_json)
+    start = train.batch_size.start
+    grown = [f"{b} at {s:,} samples" for s, b in changes if (s, b) != (0, start)]
+    say(" -> ".join([f"batch {start}", *grown]) + f"; figure: {path}", quiet, as_json)
     return path
 
 
