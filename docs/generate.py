@@ -483,6 +483,31 @@ def advise_vs_study(cwd: Path) -> str:
     return bench.report(json.loads(bench.RESULTS.read_text())["cases"]) + "\n"
 
 
+SMITH_INCREASE_BATCH = ROOT / "benchmarks" / "smith_increase_batch.py"
+
+
+@block(pinned=False)
+def smith_increase_batch(cwd: Path) -> str:
+    """docs/adaptive.md: decaying the lr against increasing the batch (Smith et al. 2018), the default setup's
+    table and every setup tried, rendered from the committed JSON of `python benchmarks/smith_increase_batch.py`
+    (which trains on the portable kernels itself; this block trains nothing and runs no command)."""
+    import importlib.util
+
+    import_batchlab()
+    spec = importlib.util.spec_from_file_location("smith_increase_batch", SMITH_INCREASE_BATCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.committed()
+    if not results or results[0]["setup"]["seeds"] != list(range(bench.SEEDS)):
+        raise GenerationError(f"{bench.RESULTS.relative_to(ROOT)} is missing; run `{bench.COMMAND}`")
+    mean, error, seeds = bench.pooled_difference(results)
+    return "\n\n".join([bench.report(results[0]), "Every setup tried, each arm over its seeds (the first row is the "
+                                                   "table above's):", bench.setups_report(results),
+                         f"This setup over all {len(seeds)} of its seeds: increase B minus decay lr {mean:+.2f} points "
+                         f"of test accuracy (standard error {error:.2f})."]) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # Regions in the markdown
 
