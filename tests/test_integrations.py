@@ -109,6 +109,9 @@ def test_keras_run_with_dense_evaluation_is_explained(tmp_path, blobs, cli):
     status, out, err = cli(["explain", "--run", str(callback.run_id), "--store", str(path), "--out", str(tmp_path / "fig")])
     assert status == 0, err
     assert "epoch" in out
+    # The terms a Keras run's records cannot give are named, with what would record them.
+    for term in ("train_mode_term", "reexposure_term", "optimizer_state_term"):
+        assert f"not measured: {term}" in out and "a keras run cannot record it" in out
 
 
 # --- Lightning ----------------------------------------------------------------------------------
@@ -161,6 +164,22 @@ class EpochLogs(pl.Callback):
 
     def on_train_epoch_end(self, trainer, module):
         self.epochs.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+
+def test_lightning_run_with_dense_evaluation_is_explained_naming_what_it_cannot_give(tmp_path, blobs, cli):
+    from batchlab.integrations.lightning import BatchlabCallback
+
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*blobs.train), batch_size=50, shuffle=True)
+    path = tmp_path / "l.db"
+    callback = BatchlabCallback(store=path, eval_every=2, eval_data={"train": blobs.train}, loss_fn=F.cross_entropy)
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, callbacks=[callback])
+    trainer.fit(Classifier(), train)
+    status, out, err = cli(["explain", "--run", str(callback.run_id), "--store", str(path), "--out", str(tmp_path / "fig")])
+    assert status == 0, err
+    for term in ("train_mode_term", "reexposure_term", "optimizer_state_term"):
+        assert f"not measured: {term}" in out
+    assert "averaging" in out
 
 
 def test_lightning_views_equal_lightnings_logs(tmp_path, blobs, cli):
