@@ -508,6 +508,35 @@ def smith_increase_batch(cwd: Path) -> str:
                          f"of test accuracy (standard error {error:.2f})."]) + "\n"
 
 
+ADAPTIVE_BENCHMARK = ROOT / "benchmarks" / "adaptive.py"
+
+
+@block(pinned=False)
+def adaptive_vs_study(cwd: Path) -> str:
+    """docs/adaptive.md: the adaptive batch size against each study's best fixed batch size, rendered from
+    the committed JSON of `python benchmarks/adaptive.py` (this block trains nothing and runs no command)."""
+    import importlib.util
+    import json
+
+    import_batchlab()
+    spec = importlib.util.spec_from_file_location("adaptive_benchmark", ADAPTIVE_BENCHMARK)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    if not bench.RESULTS.exists():
+        raise GenerationError(f"{bench.RESULTS.relative_to(ROOT)} is missing; run `{bench.COMMAND}`")
+    return bench.table(json.loads(bench.RESULTS.read_text())) + "\n"
+
+
+@block(slow=True, artifacts=("docs/figures/batchlab-adaptive-1.png",))
+def adaptive_fit(cwd: Path) -> str:
+    """docs/adaptive.md: `batchlab fit` with an adaptive batch size: its accounting line, epochs, where the
+    batch grew, and the run's figure."""
+    return console(cwd, "batchlab fit --dataset mnist1d --batch-size adaptive:start=16,max=1024 --optimizer adam "
+                        "--lr 0.001 --epochs 6 --store docs/figures/adaptive.db")
+
+
 # ---------------------------------------------------------------------------------------------
 # Regions in the markdown
 
