@@ -41,7 +41,6 @@ from .config import Adaptive, TrainConfig
 from .events import Callback, Evaluation, RunStart, SetBatchSize
 from .optim import scaling_factor
 
-EVIDENCE = ("adaptive_signal", "adaptive_batch_size", "adaptive_upper", "adaptive_samples")
 FACTORS = (1, 2, 4)  # the local-CBS branches of one decision: the batch may grow 2× or 4× at once
 
 
