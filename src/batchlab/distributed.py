@@ -53,7 +53,7 @@ from .errors import BatchlabError, ConfigError, error_line
 from .events import Callback, Clock, RestoreWeights
 from .loop import check_model, plan_batch_norm, plan_run, resolve_device
 from .metrics import correct_count, evaluation_splits, loss_function, pass_totals
-from .optim import build_optimizer, lr_at, scaled_lr, set_lr
+from .optim import build_optimizer, scaled_lr, set_lr
 from .probes import NoiseScale, NoiseScaleExact, ProbeSet, RankGradients, RankNoiseScale, make_probe, part_sizes
 from .record import Recorder, Run
 from .schedule import require_one_batch_size
@@ -313,9 +313,8 @@ class _DistributedState:
 
     def epoch_batches(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The next epoch's global order (the same on every rank: one seed) and its global batches."""
-        clock = self.recorder.clock
-        order = data_lib.epoch_order(clock.n_train, self.generator, self.config.shuffle).to(self.dataset.train[0].device)
-        return order, schedule.cut_epoch(order, clock, self.config.drop_last)
+        return schedule.draw_epoch(self.recorder.clock, self.generator, self.config.shuffle, self.config.drop_last,
+                                   self.dataset.train[0].device)
 
     def run_epoch(self, order: torch.Tensor, batches: list[torch.Tensor]) -> None:
         _run_epoch(self, batches)
@@ -372,8 +371,7 @@ def _run_epoch(state: _DistributedState, batches: list[torch.Tensor]) -> None:
         if rec.clock.step >= clock.total_steps:
             break
         started = time.perf_counter()
-        base_lr = scaled_lr(config, rec.clock.batch_size) if clock.changes else state.base_lr  # the B in force
-        lr = lr_at(rec.clock.step, config, base_lr, clock.steps_per_epoch, clock.total_steps, done)
+        lr = schedule.step_lr(config, clock, rec.clock.step, rec.clock.batch_size, done, state.base_lr)
         if lr != current_lr:
             set_lr(optimizer, lr)
             current_lr = lr

@@ -22,7 +22,7 @@ import torch
 
 from . import data as data_lib
 from . import schedule
-from .adaptive import adaptive_betas, adaptive_lr
+from .adaptive import adaptive_betas
 from .config import Adaptive, TrainConfig
 from .drive import drive
 from .errors import ConfigError, ModelError, error_line
@@ -34,7 +34,7 @@ from .metrics import (
     loss_function,
     mean_loss_function,
 )
-from .optim import build_optimizer, lr_at, scaled_lr, set_lr
+from .optim import build_optimizer, scaled_lr, set_lr
 from .record import Recorder, Run, step_table, summarize_evals
 
 __all__ = ["Run", "check_model", "fit", "has_batch_norm", "plan_batch_norm", "plan_run", "resolve_device", "step_table",
@@ -305,47 +305,43 @@ class _LoopState:
         )
 
     def lr_of(self, step: int, batch_size: int, epochs_done: int) -> float:
-        """The learning rate of update ``step``, made at ``batch_size`` (the B in force, under a
-        batch-size schedule: `scaled_lr` follows it) after ``epochs_done`` epochs."""
-        clock = self.recorder.clock
-        if not clock.changes:
-            return lr_at(step, self.config, self.base_lr, clock.steps_per_epoch, clock.total_steps)
-        base = adaptive_lr(self.config, batch_size) if self.adaptive else scaled_lr(self.config, batch_size)
-        return lr_at(step, self.config, base, clock.steps_per_epoch, clock.total_steps, epochs_done)
+        """The learning rate of update ``step``, made at ``batch_size`` (the B in force) after
+        ``epochs_done`` epochs (`batchlab.schedule.step_lr`)."""
+        return schedule.step_lr(self.config, self.recorder.clock, step, batch_size, epochs_done, self.base_lr)
 
     @property
     def adaptive(self) -> bool:
         return isinstance(self.config.batch_size, Adaptive)
 
-    def follow_batch_size(self, order: torch.Tensor, batches: list[torch.Tensor], at: int,
-                          start: int) -> list[torch.Tensor]:
-        """After the batch size changed (an adaptive decision): the epoch's batches re-cut from batch
-        ``at`` (order position ``start``) on, the run's length re-planned, Adam's β₂ moved to the new
-        batch. Returns the epoch's batches."""
-        rec, config = self.recorder, self.config
-        clock = rec.clock
-        rest = schedule.cut_epoch(order, clock, config.drop_last, start)
-        batches = batches[:at] + rest
-        end_of_epoch = clock.samples_seen + sum(b.numel() for b in rest)
-        this_epoch = clock.step + len(rest)
-        epochs_left = None if config.epochs is None else config.epochs - clock.epoch
-        steps_left = None if config.max_steps is None else config.max_steps - this_epoch
-        later, started = 0, 0
-        if (epochs_left is None or epochs_left > 0) and (steps_left is None or steps_left > 0):
-            later, started, _ = schedule.plan_steps(clock.changes, clock.n_train, config.drop_last, epochs_left,
-                                                    steps_left, end_of_epoch)
-        total = this_epoch + later if config.max_steps is None else min(this_epoch + later, config.max_steps)
-        rec.replan(len(batches) if batches else clock.steps_per_epoch, total, clock.epoch + started)
-        if config.optimizer in ("adam", "adamw"):
-            for group in self.optimizer.param_groups:
-                group["betas"] = adaptive_betas(config, clock.batch_size)
+    def recut(self, order: torch.Tensor, batches: list[torch.Tensor], at: int, start: int) -> list[torch.Tensor]:
+        """After the batch size changed inside an epoch (an adaptive decision): the epoch's batches
+        re-cut from batch ``at`` (order position ``start``) on, and the run followed to the new batch
+        (`batch_size_changed`). Returns the epoch's batches."""
+        batches = batches[:at] + schedule.cut_epoch(order, self.recorder.clock, self.config.drop_last, start)
+        self.batch_size_changed(len(batches))
         return batches
+
+    def batch_size_changed(self, steps_per_epoch: int | None = None) -> None:
+        """The run's length re-planned (and the epoch's, where it was re-cut), Adam's β₂ moved to the
+        new batch."""
+        self.replan(steps_per_epoch)
+        if self.config.optimizer in ("adam", "adamw"):
+            for group in self.optimizer.param_groups:
+                group["betas"] = adaptive_betas(self.config, self.recorder.clock.batch_size)
+
+    def replan(self, steps_per_epoch: int | None = None) -> None:
+        """The run's length from its batch sizes so far and from now on: the clock's schedule holds
+        every batch size the run has trained at, where it took effect, so the plan of the whole run
+        from them is the plan of what is left."""
+        clock, config = self.recorder.clock, self.config
+        total, epochs, _ = schedule.plan_steps(clock.changes, clock.n_train, config.drop_last, config.epochs,
+                                               config.max_steps)
+        self.recorder.replan(steps_per_epoch or clock.steps_per_epoch, total, epochs)
 
     def epoch_batches(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The next epoch's sample order and its batches (index tensors), on the data's device."""
-        clock, config = self.recorder.clock, self.config
-        order = data_lib.epoch_order(clock.n_train, self.generator, config.shuffle).to(self.dataset.train[0].device)
-        return order, schedule.cut_epoch(order, clock, config.drop_last)
+        return schedule.draw_epoch(self.recorder.clock, self.generator, self.config.shuffle, self.config.drop_last,
+                                   self.dataset.train[0].device)
 
     def run_epoch(self, order: torch.Tensor, batches: list[torch.Tensor]) -> None:
         _run_epoch(self, order, batches)
@@ -355,7 +351,7 @@ class _LoopState:
         changes = self.recorder.clock.changes
         going = self.recorder.settle()
         if self.recorder.clock.changes is not changes:
-            self.follow_batch_size(torch.empty(0, dtype=torch.long), [], 0, self.recorder.clock.n_train)
+            self.batch_size_changed()
         return going
 
     def evaluate(self) -> None:
@@ -409,10 +405,7 @@ class _LoopState:
             torch.cuda.set_rng_state_all(blob["cuda_rng"])
         if self.adaptive:  # its decisions so far are in the checkpoint's clock; its length follows this config
             self.recorder.load_state(meta)
-            clock, config = self.recorder.clock, self.config
-            total, epochs, _ = schedule.plan_steps(clock.changes, clock.n_train, config.drop_last, config.epochs,
-                                                   config.max_steps)
-            self.recorder.replan(clock.steps_per_epoch, total, epochs)
+            self.replan()
         else:
             self.recorder.load_state(meta, plan=self.recorder.clock)
         if self.recorder.probes is not None and blob["probe_states"] is not None:
@@ -529,7 +522,7 @@ def _run_epoch(state: _LoopState, order: torch.Tensor, batches: list[torch.Tenso
                 if not _after_step(state):
                     return
                 if rec.clock.changes is not changes:  # the batch size changed: re-cut the rest of the epoch
-                    batches, changes = state.follow_batch_size(order, batches, at, start), rec.clock.changes
+                    batches, changes = state.recut(order, batches, at, start), rec.clock.changes
                 continue
             chunking = False  # the K-step graph cannot be compiled: one step at a time
         index = batches[at]
@@ -554,7 +547,7 @@ def _run_epoch(state: _LoopState, order: torch.Tensor, batches: list[torch.Tenso
         if not _after_step(state):
             return
         if rec.clock.changes is not changes:
-            batches, changes = state.follow_batch_size(order, batches, at, start), rec.clock.changes
+            batches, changes = state.recut(order, batches, at, start), rec.clock.changes
 
 
 def _after_step(state: _LoopState) -> bool:

@@ -20,10 +20,12 @@ from typing import Any
 
 import torch
 
-from .config import Adaptive, format_schedule, is_schedule
-from .data import batch_indices
+from .adaptive import adaptive_lr
+from .config import Adaptive, TrainConfig, format_schedule, is_schedule
+from .data import batch_indices, epoch_order
 from .errors import ConfigError
 from .events import Changes, Clock, batch_at
+from .optim import lr_at, scaled_lr
 
 
 def require_one_batch_size(batch_size: Any, where: str) -> None:
@@ -93,6 +95,25 @@ def cut_epoch(order: torch.Tensor, clock: Clock, drop_last: bool, start: int = 0
         return batch_indices(order[start:], clock.batch_size, drop_last)
     sizes = epoch_batch_sizes(clock.changes, clock.n_train, clock.samples_seen, drop_last, start)
     return list(torch.split(order[start:start + sum(sizes)], sizes))
+
+
+def draw_epoch(clock: Clock, generator: torch.Generator, shuffle: bool, drop_last: bool,
+               device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The next epoch of a driver that draws one order for the whole run (`batchlab.fit`, every rank
+    of a data-parallel run alike): a permutation from ``generator`` (N,) on ``device``, and its batches."""
+    order = epoch_order(clock.n_train, generator, shuffle).to(device)
+    return order, cut_epoch(order, clock, drop_last)
+
+
+def step_lr(config: TrainConfig, clock: Clock, step: int, batch_size: int, epochs_done: int, base_lr: float) -> float:
+    """The learning rate of update ``step``: ``lr_at`` at the batch size in force. One batch size for
+    the run: ``base_lr`` (`scaled_lr` at it). Under a schedule: `scaled_lr` at ``batch_size``, or for
+    an adaptive batch `batchlab.adaptive.adaptive_lr`, with the step schedule counting
+    ``epochs_done``."""
+    if not clock.changes:
+        return lr_at(step, config, base_lr, clock.steps_per_epoch, clock.total_steps)
+    base = adaptive_lr(config, batch_size) if isinstance(config.batch_size, Adaptive) else scaled_lr(config, batch_size)
+    return lr_at(step, config, base, clock.steps_per_epoch, clock.total_steps, epochs_done)
 
 
 def plan_steps(changes: Changes, n_train: int, drop_last: bool, epochs: int | None,

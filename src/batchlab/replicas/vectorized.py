@@ -14,7 +14,7 @@ from .. import schedule
 from ..data import gather_batches
 from ..events import Clock
 from ..metrics import evaluate_splits, evaluate_stacked, evaluation_splits, loss_function
-from ..optim import lr_at, scaled_lr, shared_or_per_replica, stacked_chain
+from ..optim import shared_or_per_replica, stacked_chain
 from .stack import _feed_dropout, _per_replica_norm, _Stack, _TensorSlots, draw_masks
 
 if TYPE_CHECKING:
@@ -216,16 +216,13 @@ def _lr_table(replicas: Sequence[_Replica], clock: Clock) -> np.ndarray:
     """``lr_at`` for every step and replica (total_steps, R); replicas differing only in seed share a column."""
     table = np.empty((clock.total_steps, len(replicas)), dtype=np.float64)
     computed: dict[str, np.ndarray] = {}
+    # Each step's B in force and the epochs done before it (needed only under a batch-size schedule).
     plan = (schedule.step_plan(clock.changes, clock.n_train, replicas[0].config.drop_last, clock.total_steps)
-            if clock.changes else None)  # under a batch-size schedule: each step's B and epochs done
+            if clock.changes else [(clock.batch_size, 0)] * clock.total_steps)
     for column, replica in enumerate(replicas):
         key = replica.config.model_dump_json(exclude={"seed"})
         if key not in computed:
-            config = replica.config
-            computed[key] = np.array(
-                [lr_at(s, config, replica.base_lr, clock.steps_per_epoch, clock.total_steps) for s in range(clock.total_steps)]
-                if plan is None else
-                [lr_at(s, config, scaled_lr(config, batch), clock.steps_per_epoch, clock.total_steps, done)
-                 for s, (batch, done) in enumerate(plan)])  # fmt: skip
+            computed[key] = np.array([schedule.step_lr(replica.config, clock, s, batch, done, replica.base_lr)
+                                      for s, (batch, done) in enumerate(plan)])
         table[:, column] = computed[key]
     return table
