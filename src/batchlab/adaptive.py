@@ -38,6 +38,7 @@ import warnings
 import torch
 
 from .config import Adaptive, TrainConfig
+from .errors import error_line
 from .events import Callback, Evaluation, RunStart, SetBatchSize
 from .optim import scaling_factor
 
@@ -132,9 +133,8 @@ class AdaptiveBatch(Callback):
         except Exception as error:  # a measurement never stops training
             if not self.warned:
                 self.warned = True
-                warnings.warn(f"adaptive batch size: no measurement at step {step} ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''}); the batch stays {batch}",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(f"adaptive batch size: no measurement at step {step} ({error_line(error)}); the batch "
+                              f"stays {batch}", RuntimeWarning, stacklevel=2)
             return math.nan, math.nan, 0
 
 

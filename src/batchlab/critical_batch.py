@@ -26,7 +26,7 @@ import torch
 
 from .checks import is_count, is_whole_number
 from .data import Dataset
-from .errors import ArgumentError, ConfigError, DataError, ModelError
+from .errors import ArgumentError, ConfigError, DataError, ModelError, error_line
 from .events import AddMetrics, Callback, Evaluation, RunStart
 from .optim import scaling_factor
 
@@ -751,8 +751,7 @@ class LocalCBS(Callback):
         except Exception as error:  # a measurement never stops training
             if not self.warned:
                 self.warned = True
-                warnings.warn(f"LocalCBS: no measurement at step {step} ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''}); its columns are NaN",
+                warnings.warn(f"LocalCBS: no measurement at step {step} ({error_line(error)}); its columns are NaN",
                               RuntimeWarning, stacklevel=2)
             return dict.fromkeys(self.COLUMNS, math.nan)
         self.results.append((step, result))

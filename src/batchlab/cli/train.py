@@ -288,6 +288,7 @@ def _adaptive_outputs(run, train, path: Path, title: str, quiet: bool, as_json: 
     """For a run whose batch adapted: one line with the batches it went through and where, and its
     figure (the batch in force, each decision's evidence, the lr) beside the store. None otherwise."""
     from ..config import Adaptive
+    from ..events import describe_changes
 
     if not isinstance(train.batch_size, Adaptive) or "adaptive_signal" not in run.evals:
         return None
@@ -296,9 +297,9 @@ def _adaptive_outputs(run, train, path: Path, title: str, quiet: bool, as_json: 
     changes = run.clock.changes or ((0, run.clock.batch_size),)
     path.parent.mkdir(parents=True, exist_ok=True)
     adaptive_figure(run.steps, run.evals, signal=train.batch_size.signal, title=title).savefig(path, dpi=150)
-    start = train.batch_size.start
-    grown = [f"{b} at {s:,} samples" for s, b in changes if (s, b) != (0, start)]
-    say(" -> ".join([f"batch {start}", *grown]) + f"; figure: {path}", quiet, as_json)
+    start = ((0, train.batch_size.start),)  # from the start batch, a decision at step 0 included
+    say(f"{describe_changes(start + tuple(c for c in changes if c != start[0]), run.clock.n_train)}; figure: {path}",
+        quiet, as_json)
     return path
 
 
