@@ -35,7 +35,7 @@ from .metrics import (
     mean_loss_function,
 )
 from .optim import build_optimizer, scaled_lr, set_lr
-from .record import Recorder, Run, step_table, summarize_evals
+from .record import Recorder, Run, StepNumbers, step_table, summarize_evals
 
 __all__ = ["Run", "check_model", "fit", "has_batch_norm", "plan_batch_norm", "plan_run", "resolve_device", "step_table",
            "summarize_evals", "train_step"]
@@ -145,15 +145,7 @@ def check_model(model: torch.nn.Module, dataset: data_lib.Dataset) -> None:
         )
 
 
-@dataclass
-class StepOutput:
-    """What one update returns: the batch's mean loss and correct count, as unsynchronised tensors."""
-
-    loss: torch.Tensor
-    correct: torch.Tensor | None
-
-
-def train_step(model, optimizer, loss_fn, mean_loss_fn, xb, yb, classification: bool, probes=None) -> StepOutput:
+def train_step(model, optimizer, loss_fn, mean_loss_fn, xb, yb, classification: bool, probes=None) -> StepNumbers:
     """One update on one batch: forward in train mode, backward, optimizer step.
 
     ``loss`` and ``correct`` come from this forward pass, i.e. at the weights before the update
@@ -175,7 +167,7 @@ def train_step(model, optimizer, loss_fn, mean_loss_fn, xb, yb, classification: 
     if probes is not None:
         probes.after_update()
     correct = correct_count(output.detach(), yb) if classification else None
-    return StepOutput(loss.detach(), correct)
+    return StepNumbers(loss.detach(), correct)
 
 
 @contextmanager

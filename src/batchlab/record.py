@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
@@ -56,6 +56,21 @@ from .events import (
 from .metrics import RunningMean
 
 METRIC_SUFFIXES = ("_loss", "_acc")
+
+
+# --- what a step hands over ----------------------------------------------------------------------
+
+
+class StepNumbers(NamedTuple):
+    """What a step computes for the core, as tensors read when the driver synchronises.
+
+    One type for every driver: () tensors for one update of one model (`batchlab.loop.train_step`,
+    the compiled step), (K,) for K consecutive updates (a compiled chunk), (R,) for one update of R
+    stacked replicas.
+    """
+
+    loss: Any  # the batch's mean loss, from the forward pass before the update
+    correct: Any | None  # samples whose arg-max equals the label; None for regression
 
 
 # --- the result ---------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from torch.func import functional_call, vmap
 
 from ..errors import error_line
 from ..optim.transforms import Chain, State, signature
-from .step import StepNumbers, compiled_already, compiled_copy, log
+from ..record import StepNumbers
+from .step import compiled_already, compiled_copy, log
 
 
 def stacked_train_step(skeleton: torch.nn.Module, names: tuple[str, ...], params: list[torch.Tensor],

@@ -21,22 +21,16 @@ import logging
 import os
 import types
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from ..errors import error_line
 from ..optim.transforms import Chain, State, signature
+from ..record import StepNumbers
 from .updates import optimizer_as_chain
 
 log = logging.getLogger("batchlab.compiled")
-
-
-class StepNumbers(NamedTuple):
-    """What a step hands to the measurement core: tensors, read when the loop synchronises."""
-
-    loss: torch.Tensor  # () the batch's mean loss, forward pass before the update
-    correct: torch.Tensor | None  # () samples whose arg-max equals the label; None for regression
 
 
 def train_step(model: torch.nn.Module, params: list[torch.Tensor], state: State,
