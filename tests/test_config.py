@@ -116,3 +116,124 @@ def test_model_in_toml_is_imported_only_on_request(tmp_path, monkeypatch):
 def test_replace_revalidates():
     with pytest.raises(ConfigError, match="lr"):
         TrainConfig().replace(lr=float("nan"))
+
+
+# --- one loader for the command line and the Python API ------------------------------------------------
+
+RUN_FILE = '''name = "from-file"
+model = "mlp:hidden=8"
+probes = ["dist_from_init"]
+[dataset]
+name = "blobs"
+val_fraction = 0.2
+[train]
+batch_size = 8
+lr = 0.05
+momentum = 0.9
+epochs = 3
+'''
+
+
+def _flags(command: str, args: list[str]) -> dict:
+    """The flags ``batchlab COMMAND ARGS`` was given, as the command sees them (parsed, not run)."""
+    import click
+
+    from batchlab.cli import cli
+    from batchlab.cli.train import given
+
+    # Under the root's context, as when run: click keeps the first help option names it meets (-h).
+    root = click.Context(cli, info_name="batchlab", **cli.context_settings)
+    return given(cli.commands[command].make_context(command, list(args), parent=root))
+
+
+def test_the_cli_reads_a_run_file_through_load_run_spec(tmp_path):
+    import tomllib
+
+    from batchlab.cli.train import spec_from_options
+    from batchlab.config import RunSpec
+
+    path = tmp_path / "run.toml"
+    path.write_text(RUN_FILE)
+    written = RunSpec(**tomllib.loads(RUN_FILE))  # the file alone, built without any loader
+    assert spec_from_options(_flags("fit", ["--config", str(path)])) == load_run_spec(path) == written
+
+    flags = ["--config", str(path), "--lr", "0.2", "--dataset", "moons", "--probes", "grad_norm,noise_scale"]
+    from_cli = spec_from_options(_flags("fit", flags))
+    from_api = load_run_spec(path, overrides={"train": {"lr": 0.2}, "dataset": {"name": "moons"},
+                                              "probes": ["grad_norm", "noise_scale"]})
+    assert from_cli.model_dump() == from_api.model_dump()
+    # The flag wins; the rest of the file's tables stays, field by field.
+    assert from_api.train == written.train.replace(lr=0.2)
+    assert from_api.dataset == written.dataset.model_copy(update={"name": "moons"})
+    assert (from_api.name, from_api.model, from_api.probes) == ("from-file", "mlp:hidden=8", ("grad_norm", "noise_scale"))
+
+
+def test_a_commands_defaults_apply_only_without_a_file(tmp_path):
+    from batchlab.cli.train import run_values, spec_from_options
+
+    path = tmp_path / "run.toml"
+    path.write_text(RUN_FILE)
+    defaults = {"dataset": "moons", "batch_size": 64, "lr": 0.3}
+    alone = load_run_spec(overrides=run_values({"lr": 0.1}), defaults=run_values(defaults))
+    assert (alone.dataset.name, alone.train.batch_size, alone.train.lr) == ("moons", 64, 0.1)
+    assert spec_from_options(_flags("fit", ["--lr", "0.1"]), defaults=defaults) == alone
+    with_file = spec_from_options(_flags("fit", ["--config", str(path)]), defaults=defaults)
+    assert with_file == load_run_spec(path, defaults=run_values(defaults)) == load_run_spec(path)
+
+
+@pytest.mark.parametrize("text", ['train = 3\n', 'dataset = "blobs"\n'])
+def test_a_run_file_whose_tables_are_values_is_one_line_in_both(tmp_path, cli, text):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_run_spec(path, overrides={"train": {"lr": 0.1}})
+    assert str(info.value) == "in the config file, [train] and [dataset] must be tables"
+    status, _out, err = cli(["fit", "--config", str(path), "--lr", "0.1", "--store", str(tmp_path / "s.db")])
+    assert (status, err) == (2, f"error: {info.value}\n")
+
+
+STUDY_FILE = '''seeds = 2
+batch_sizes = [4, "full"]
+target = "val_acc>=0.7"
+[dataset]
+name = "moons"
+[train]
+optimizer = "sgd"
+weight_decay = 0.001
+'''
+
+
+def test_the_cli_reads_a_study_file_through_load_study_config(tmp_path):
+    from batchlab.cli.study import study_config_from_options
+    from batchlab.config import StudyConfig
+    from batchlab.study import preset_values
+
+    path = tmp_path / "study.toml"
+    path.write_text(STUDY_FILE)
+    default_momentum = StudyConfig().train.momentum
+    alone = load_study_config(path)
+    # The default study's train table stays under a file's [train]: its momentum, not TrainConfig's 0.
+    assert alone.train.momentum == default_momentum == 0.9
+    assert (alone.train.optimizer, alone.train.weight_decay, alone.seeds, alone.dataset.name) == ("sgd", 0.001, 2, "moons")
+    assert study_config_from_options(_flags("study", ["--config", str(path)])) == alone
+
+    flags = ["--preset", "mnist1d", "--config", str(path), "--seeds", "0,5", "--nesterov", "--dataset", "blobs"]
+    from_cli = study_config_from_options(_flags("study", flags))
+    from_api = load_study_config(path, preset=preset_values("mnist1d"),
+                                 overrides={"seeds": [0, 5], "dataset": "blobs", "train": {"nesterov": True}})
+    assert from_cli.model_dump() == from_api.model_dump()
+    preset = preset_values("mnist1d")
+    assert from_api.seeds == (0, 5) and from_api.dataset.name == "blobs"  # the flags win
+    assert from_api.target == "val_acc>=0.7" and from_api.batch_sizes == (4, "full")  # the file over the preset
+    assert from_api.max_steps == preset["max_steps"] and from_api.lr_rule == preset["lr_rule"]  # the preset's own
+    assert from_api.train == alone.train.replace(nesterov=True)
+
+
+def test_a_study_file_whose_train_is_a_value_is_one_line_in_both(tmp_path, cli):
+    path = tmp_path / "study.toml"
+    path.write_text('train = "sgd"\n')
+    with pytest.raises(ConfigError) as info:
+        load_study_config(path)
+    assert str(info.value) == "in the config file, [train] must be a table"
+    status, _out, err = cli(["study", "--config", str(path), "--store", str(tmp_path / "s.db")])
+    assert (status, err) == (2, f"error: {info.value}\n")

@@ -10,6 +10,7 @@ Configuration is data: it is never executed or unpickled.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
@@ -468,18 +469,71 @@ def is_import_reference(model: str) -> bool:
     return "." in str(model).partition(":")[0]
 
 
-def load_run_spec(path: str | Path, *, allow_import: bool = False) -> RunSpec:
-    """Read a run described in TOML (tables ``[dataset]`` and ``[train]``, keys ``model``, ``probes``).
+def merge_values(base: Mapping[str, Any], given: Mapping[str, Any], tables: tuple[str, ...]) -> dict[str, Any]:
+    """``given`` over ``base``: the ``tables`` merged key by key, every other key replaced.
 
     Args:
-        path: the TOML file.
-        allow_import: accept a ``package.module:function`` model (importing it runs its code).
+        base: the values underneath (a file's, a preset's).
+        given: the values that win (flags, a caller's overrides).
+        tables: keys whose values are tables (``train``, ``dataset``); a table given as a mapping
+            over a mapping changes only the keys it names, anything else replaces the value whole.
 
     Returns:
-        The `RunSpec`.
+        A new dict; neither argument is changed.
     """
-    spec = make_run_spec(read_toml(path))
-    check_import_allowed(spec.model, allow_import, str(path))
+    merged = dict(base)
+    for key, value in given.items():
+        if key in tables and isinstance(value, Mapping):
+            under = merged.get(key, {})
+            value = {**under, **value} if isinstance(under, Mapping) else dict(value)
+        merged[key] = value
+    return merged
+
+
+def _check_tables(values: Mapping[str, Any], tables: tuple[str, ...], what: str) -> None:
+    """Refuse a file whose ``[train]`` (or ``[dataset]``) is a plain value: merging flags into it
+    key by key would be meaningless, and pydantic's own message would not name the file."""
+    if any(not isinstance(values.get(table, {}), Mapping) for table in tables):
+        raise ConfigError(f"in the config file, {what}")
+
+
+def _import_source(path: str | Path | None, source: str | None) -> str:
+    """Who names the model in a refused import: the caller's words, else the file, else the values."""
+    return source if source is not None else str(path) if path is not None else "the config"
+
+
+RUN_TABLES = ("train", "dataset")
+
+
+def load_run_spec(path: str | Path | None = None, *, overrides: Mapping[str, Any] | None = None,
+                  defaults: Mapping[str, Any] | None = None, allow_import: bool = False,
+                  source: str | None = None) -> RunSpec:
+    """A run from a TOML file (tables ``[dataset]`` and ``[train]``, keys ``model``, ``probes``, ``name``)
+    with values given over it: what ``batchlab fit --config FILE --lr 0.1`` and the Python API read.
+
+    Args:
+        path: the TOML file, or None for a run of ``defaults`` alone.
+        overrides: values in the file's shape that win over it (``{"train": {"lr": 0.1}}``); the
+            ``train`` and ``dataset`` tables are merged key by key, other keys replaced.
+        defaults: values used instead of a file when ``path`` is None (a command's own defaults);
+            ignored when a file is given: its values, and the fields' own defaults, apply instead.
+        allow_import: accept a ``package.module:function`` model (importing it runs its code).
+        source: who named the model, for the error refusing an import (default: the file).
+
+    Returns:
+        The validated `RunSpec`.
+
+    Raises:
+        ConfigError: an unreadable or malformed file, ``[train]`` or ``[dataset]`` not a table,
+            an invalid value, or a model import without ``allow_import``; one line.
+    """
+    if path is not None:
+        base = read_toml(path)
+        _check_tables(base, RUN_TABLES, "[train] and [dataset] must be tables")
+    else:
+        base = dict(defaults or {})
+    spec = make_run_spec(merge_values(base, overrides or {}, RUN_TABLES))
+    check_import_allowed(spec.model, allow_import, _import_source(path, source))
     return spec
 
 
@@ -709,16 +763,42 @@ def make_study_config(values: dict[str, Any]) -> StudyConfig:
     return StudyConfig(**values)
 
 
-def load_study_config(path: str | Path, *, allow_import: bool = False) -> StudyConfig:
-    """Read a study described in TOML (keys of `StudyConfig`; tables ``[dataset]`` and ``[train]``).
+def default_study_train() -> dict[str, Any]:
+    """The train table the default study sets itself (momentum 0.9), as plain values: a preset,
+    a file or a flag changes it field by field, so that it stays unless something overrides it."""
+    train = StudyConfig().train
+    return train.model_dump(include=set(train.model_fields_set))
+
+
+def load_study_config(path: str | Path | None = None, *, preset: Mapping[str, Any] | None = None,
+                      overrides: Mapping[str, Any] | None = None, allow_import: bool = False,
+                      source: str | None = None) -> StudyConfig:
+    """A study from the default study's train table, a preset, a TOML file and values given over
+    them, each over the last: what ``batchlab study --preset P --config FILE --seeds 5`` and the
+    Python API read.
+
+    The ``train`` table is merged field by field at every layer (the default study's momentum 0.9
+    stays unless one of them sets it); every other key replaces the one beneath, ``dataset`` included.
 
     Args:
-        path: the TOML file.
+        path: the TOML file (keys of `StudyConfig`; tables ``[dataset]`` and ``[train]``), or None.
+        preset: a preset's values (`batchlab.study.preset_values`), beneath the file.
+        overrides: values in the file's shape that win over it (``{"seeds": 5, "train": {...}}``).
         allow_import: accept a ``package.module:function`` model (importing it runs its code).
+        source: who named the model, for the error refusing an import (default: the file).
 
     Returns:
-        The `StudyConfig`.
+        The validated `StudyConfig`.
+
+    Raises:
+        ConfigError: an unreadable or malformed file, ``[train]`` not a table, an invalid value, or
+            a model import without ``allow_import``; one line.
     """
-    config = make_study_config(read_toml(path))
-    check_import_allowed(config.model, allow_import, str(path))
+    values = merge_values({"train": default_study_train()}, preset or {}, ("train",))
+    if path is not None:
+        from_file = read_toml(path)
+        _check_tables(from_file, ("train",), "[train] must be a table")  # dataset may be a name
+        values = merge_values(values, from_file, ("train",))
+    config = make_study_config(merge_values(values, overrides or {}, ("train",)))
+    check_import_allowed(config.model, allow_import, _import_source(path, source))
     return config

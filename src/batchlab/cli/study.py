@@ -11,7 +11,7 @@ import click
 
 from .app import (MAX_INT, FiniteFloat, allow_import_option, check_out_folder, check_store_folder, cli, json_option,
                   out_option, print_json, whole, print_rich, quiet_option, say, shown, store_option, store_path, threads_option)  # fmt: skip
-from .train import check_import_allowed, field_option, given, train_options
+from .train import IMPORT_SOURCE, field_option, given, train_options
 
 
 STUDY_FLAGS = {  # StudyConfig field -> (flag, help)
@@ -89,31 +89,38 @@ def _split_list(text: str) -> list[str]:
 
 
 def study_config_from_options(options: dict[str, Any]):
-    """A validated StudyConfig from StudyConfig's defaults, --preset, --config, then the flags given.
+    """A validated StudyConfig from StudyConfig's defaults, --preset, --config, then the flags given,
+    read by `batchlab.config.load_study_config` as the Python API reads a file.
 
     Each overrides the last, the ``train`` table field by field.
 
     Args:
         options: the flags given on the command line (see `given`), by field name.
     """
-    from ..config import STUDY_OWNED_TRAIN_FIELDS, StudyConfig, TrainConfig, make_study_config, read_toml
+    from ..config import load_study_config
     from ..study import preset_values
 
-    # The default study's own train table (e.g. momentum 0.9) stays unless something overrides it.
-    train = StudyConfig().train.model_dump(include=StudyConfig().train.model_fields_set)
-    values: dict[str, Any] = preset_values(options["preset"]) if options.get("preset") else {}
-    train.update(values.get("train", {}))
-    if options.get("config_file"):
-        from_file = read_toml(options["config_file"])
-        if not isinstance(from_file.get("train", {}), dict):
-            from ..errors import ConfigError
+    preset = preset_values(options["preset"]) if options.get("preset") else None
+    return load_study_config(options.get("config_file"), preset=preset, overrides=study_values(options),
+                             allow_import=bool(options.get("allow_import")), source=IMPORT_SOURCE)
 
-            raise ConfigError("in the config file, [train] must be a table")
-        train.update(from_file.get("train", {}))
-        values.update(from_file)
+
+def study_values(options: dict[str, Any]) -> dict[str, Any]:
+    """Flags as a study file's values: the training flags into ``train``, the grid's lists and
+    numbers parsed; flags not given are left out.
+
+    Args:
+        options: flags by field name (``{"seeds": "0,1", "nesterov": True}``).
+
+    Returns:
+        Values in `StudyConfig`'s shape (``{"seeds": [0, 1], "train": {"nesterov": True}}``).
+    """
+    from ..config import STUDY_OWNED_TRAIN_FIELDS, TrainConfig
+
+    # --epochs, --max-steps and --seeds are the study's budget and seeds, never a trial's train table.
     owned = {*STUDY_OWNED_TRAIN_FIELDS, "reference_batch_size"}
-    train.update({k: options[k] for k in TrainConfig.model_fields if k not in owned and options.get(k) is not None})
-    values["train"] = train
+    values: dict[str, Any] = {"train": {k: options[k] for k in TrainConfig.model_fields
+                                        if k not in owned and options.get(k) is not None}}
     for key in ("dataset", "model", "name", "stop_at_target", "noise_scale"):
         if options.get(key) is not None:
             values[key] = options[key]
@@ -134,7 +141,7 @@ def study_config_from_options(options: dict[str, Any]):
             values[field] = seeds if "," in text else seeds[0]
         else:
             values[field] = text
-    return make_study_config(values)
+    return values
 
 
 def _adaptive_value(text: str) -> str:
@@ -232,7 +239,6 @@ def _study_command(**options: Any) -> None:
     torch.set_num_threads(options["threads"])
     quiet, as_json = options["quiet"], options["as_json"]
     config = study_config_from_options(given(click.get_current_context()))
-    check_import_allowed(config.model, options["allow_import"])
     executor = make_executor(options["executor"], **_executor_options(options))
     store = store_path(options["store"])
     check_store_folder(store)

@@ -157,51 +157,58 @@ def rank_batches(batch_size, world_size: int, backend: str) -> str:
 
 
 def spec_from_options(options: dict[str, Any], defaults: dict[str, Any] | None = None):
-    """A validated RunSpec from a --config file, or ``defaults``, and the flags given (flags win).
+    """A validated RunSpec from a --config file, or ``defaults``, and the flags given (flags win),
+    read by `batchlab.config.load_run_spec` as the Python API reads a file.
 
     Args:
         options: the flags given on the command line (see `given`), by field name.
-        defaults: values used when no --config file is given (a command's own defaults).
+        defaults: flags used when no --config file is given (a command's own defaults).
     """
-    from ..config import TrainConfig, make_run_spec, read_toml
-    from ..errors import BatchlabError
+    from ..config import load_run_spec
 
-    if options.get("config_file"):
-        values: dict[str, Any] = read_toml(options["config_file"])
-    else:
-        values = {}
-        options = {**(defaults or {}), **options}
-    if not isinstance(values.get("train", {}), dict) or not isinstance(values.get("dataset", {}), dict):
-        raise BatchlabError("in the config file, [train] and [dataset] must be tables")
-    train = dict(values.get("train", {}))
-    train.update({k: options[k] for k in TrainConfig.model_fields if options.get(k) is not None})
-    dataset = dict(values.get("dataset", {}))
-    for key in ("target", "val_fraction", "split_seed", "standardize"):
-        if options.get(key) is not None:
-            dataset[key] = options[key]
-    if options.get("dataset") is not None:
+    return load_run_spec(options.get("config_file"), overrides=run_values(options),
+                         defaults=run_values(defaults or {}), allow_import=bool(options.get("allow_import")),
+                         source=IMPORT_SOURCE)
+
+
+DATASET_FLAGS = ("target", "val_fraction", "split_seed", "standardize")  # --dataset is the table's name
+
+
+def run_values(options: dict[str, Any]) -> dict[str, Any]:
+    """Flags as a run file's values: TrainConfig's into ``train``, the data's into ``dataset``,
+    ``--probes`` split at commas; flags left out (None) are left out.
+
+    Args:
+        options: flags by field name (``{"lr": 0.1, "dataset": "moons", "probes": "grad_norm"}``).
+
+    Returns:
+        Values in `RunSpec`'s shape (``{"train": {"lr": 0.1}, "dataset": {"name": "moons"}, ...}``).
+    """
+    from ..config import TrainConfig
+
+    options = {key: value for key, value in options.items() if value is not None}
+    dataset = {key: options[key] for key in DATASET_FLAGS if key in options}
+    if "dataset" in options:
         dataset["name"] = options["dataset"]
-    values.update(train=train, dataset=dataset)
-    if options.get("model") is not None:
-        values["model"] = options["model"]
-    if options.get("probes") is not None:
+    values: dict[str, Any] = {"train": {k: options[k] for k in TrainConfig.model_fields if k in options},
+                              "dataset": dataset}
+    values.update({key: options[key] for key in ("model", "name") if key in options})
+    if "probes" in options:
         values["probes"] = [p.strip() for p in options["probes"].split(",") if p.strip()]
-    if options.get("name") is not None:
-        values["name"] = options["name"]
-    return make_run_spec(values)
+    return values
 
 
 def prepare_run(spec, allow_import: bool = False):
     """Load the data, build the model and validate the run — everything that can fail on bad input.
 
-    Nothing touches the store before this returns.
+    Nothing touches the store before this returns. The model import was allowed or refused when the
+    spec was read (`spec_from_options`).
     """
     from ..data import load_dataset
     from ..loop import check_model, plan_batch_norm, plan_run, resolve_device
     from ..models import model_from_spec
     from ..probes import make_probe
 
-    check_import_allowed(spec.model, allow_import)
     device = resolve_device(spec.train.device)
     d = spec.dataset
     dataset = load_dataset(d.name, target=d.target, val_fraction=d.val_fraction, split_seed=d.split_seed,
@@ -339,11 +346,15 @@ def _flags(options: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
     return flags
 
 
+# Who names the model in the one-line refusal of a model import without --allow-import.
+IMPORT_SOURCE = "the run (--model or its config file)"
+
+
 def check_import_allowed(model: str, allow_import: bool) -> None:
     """Refuse a ``package.module:function`` model (importing it runs its code) unless --allow-import."""
     from ..config import check_import_allowed as check
 
-    check(model, allow_import, "the run (--model or its config file)")
+    check(model, allow_import, IMPORT_SOURCE)
 
 
 fit_command = click.Command(
