@@ -418,7 +418,7 @@ def _agree(state: _DistributedState) -> bool:
         for tensor in state.model.state_dict().values():
             dist.broadcast(tensor, 0)
     if stop and rec.going and not ranks.is_main:
-        rec.status, rec.message = "stopped", "rank 0 stopped the run"
+        rec.stop("rank 0 stopped the run")
     return rec.going
 
 

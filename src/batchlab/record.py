@@ -236,13 +236,13 @@ class Recorder:
         data: Any = None,
     ):
         self.clock = clock
-        self.model, self.classification, self.config, self.dataset = model, classification, config, dataset
+        self.model, self._classification, self._config, self.dataset = model, classification, config, dataset
         self.callbacks = list(callbacks)
         self.per_step = [c for c in self.callbacks if overrides_step_end(c)]
         # The steps the per-step callbacks declared (`Callback.step_end_steps`): None when one needs every step.
         self.step_end_steps: dict[int, frozenset[int] | None] = {
             id(c): None if c.step_end_steps is None else frozenset(c.step_end_steps) for c in self.per_step}
-        self.probes, self.probe_every = probes, probe_every
+        self._probes, self.probe_every = probes, probe_every
         self.probe_names = tuple(probes.names) if probes is not None else tuple(probe_names)
         self.eval_every = eval_every or None  # one meaning of "no step-wise evaluation": None
         self.save, self.save_refusal = save, save_refusal
@@ -259,6 +259,24 @@ class Recorder:
         self.message: str | None = None
         self.requests: list = []
         self.wants_attention = False  # the last step needs `settle`: callbacks' requests or divergence
+
+    # Read-only for drivers: each changes through a method that says why (`mark_regression`,
+    # `learn_batch_size`, `attach_probes`), so a write from outside fails loudly.
+
+    @property
+    def classification(self) -> bool:
+        """Whether accuracy columns exist (``batch_acc``, ``running_acc``, ``*_acc``)."""
+        return self._classification
+
+    @property
+    def config(self) -> Any:
+        """What the run was given (in `RunStart` and the `Run`)."""
+        return self._config
+
+    @property
+    def probes(self) -> Any:
+        """The run's `batchlab.probes.ProbeSet`, or None."""
+        return self._probes
 
     # -- events and requests ---------------------------------------------------------------------
 
@@ -321,6 +339,45 @@ class Recorder:
         """The `RunStart` event."""
         self.dispatch("on_run_start", RunStart(self.config, self.dataset, self.clock, self.model, self.probe_names,
                                                self.optimizer, self.data))
+
+    # -- what a driver learns as the run goes ----------------------------------------------------
+
+    def learn_batch_size(self, batch_size: int) -> None:
+        """The loop's batch size became known (a tracked loop's first batch, before `start_run`): the
+        config (a dataclass with a ``batch_size`` field) and the clock take it."""
+        self._config = replace(self._config, batch_size=batch_size)
+        self.clock = replace(self.clock, batch_size=batch_size)
+
+    def learn_n_train(self, n_train: int) -> None:
+        """The training set's size became known: the samples of a whole epoch, counted by the driver."""
+        self.clock = replace(self.clock, n_train=n_train)
+
+    def learn_epoch_length(self) -> None:
+        """An epoch of unknown length ended (a tracked loop's first): its steps are the epoch's length,
+        and its samples the training set's size where that was not given."""
+        clock = self.clock
+        self.clock = replace(clock, steps_per_epoch=clock.step_in_epoch, n_train=clock.n_train or clock.samples_seen)
+
+    def account_as_ran(self) -> None:
+        """A run whose length was never planned (a tracked loop) ends: its length is what ran. The steps
+        and epochs counted, the first epoch's length (this one's, when it is the first), the largest
+        batch, and the samples seen as the training set's size where that was not given."""
+        clock = self.clock
+        sizes = [row["batch_size"] for row in self.steps]
+        self.clock = replace(clock, total_steps=clock.step, epochs=clock.epoch,
+                             steps_per_epoch=clock.steps_per_epoch or clock.step_in_epoch,
+                             batch_size=max(sizes) if sizes else 0, n_train=clock.n_train or clock.samples_seen)
+
+    def attach_probes(self, probes: Any) -> None:
+        """Probes attached after the run started (a tracked loop makes them at the first forward pass,
+        from its shapes): their values join the rows of the steps measured from now on. The names
+        announced in `RunStart` stay as they were."""
+        self._probes = probes
+
+    def mark_regression(self) -> None:
+        """The run is a regression after all (the driver's first batch had no accuracy): no accuracy
+        columns in the rows recorded from now on."""
+        self._classification = False
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -446,6 +503,14 @@ class Recorder:
         """Whether the latest evaluation is at the current step."""
         return bool(self.evals) and self.evals[-1]["step"] == self.clock.step
 
+    def add_to_evaluation(self, metrics: Mapping[str, float], seconds: float = 0.0) -> None:
+        """More metrics at the weights of the latest evaluation (it is at the current step: see
+        `evaluated_now`): they join its row without overwriting what is there, and their time counts
+        as evaluation time. No new event: the callbacks had the evaluation already."""
+        row = self.evals[-1]
+        row.update({k: v for k, v in metrics.items() if k not in row})
+        self.eval_seconds += seconds
+
     # -- epochs and the end ----------------------------------------------------------------------
 
     def end_epoch(self) -> dict:
@@ -489,6 +554,16 @@ class Recorder:
         self.settle()
         self.status = status_before  # a Stop at the very end changes nothing
         return run
+
+    def stop(self, reason: str) -> None:
+        """Stop the run for ``reason``, decided outside this core's callbacks (rank 0's decision, on
+        the other ranks); a run that has already ended keeps its status."""
+        if self.status == "finished":
+            self.status, self.message = "stopped", reason
+
+    def add_note(self, note: str) -> None:
+        """Add a note to the run's message (after what it says already, if anything)."""
+        self.message = "; ".join(filter(None, [self.message, note]))
 
     # -- checkpoints -----------------------------------------------------------------------------
 

@@ -299,8 +299,7 @@ class Tracker:
         self._begun = True
         rec = self.recorder
         if batch_size:
-            rec.config = replace(rec.config, batch_size=batch_size)
-            rec.clock = replace(rec.clock, batch_size=batch_size)
+            rec.learn_batch_size(batch_size)
         if self._store_recorder is not None:
             # What the store keeps of the accounting at the start: the epoch's length and the run's are
             # not known yet (a tracked loop tells them as it goes; the summary has them at the end).
@@ -346,7 +345,7 @@ class Tracker:
                                       "accumulate=k (the micro-batch estimate) or bl.fit" if example is not None else
                                       "the model given to bl.track never ran a forward pass itself, so no "
                                       "per-sample gradients could be read; call it as model(x), or use accumulate=k")
-        self.recorder.probes = probe_set
+        self.recorder.attach_probes(probe_set)
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -556,7 +555,8 @@ class Tracker:
                 size, loss, correct = self.ranks.reduce_step(size, loss, correct)
             steps.append((size, update.lr, loss, correct, update.seconds, values))
         if steps[0][3] is None and rec.classification and not rec.steps:
-            rec.classification = self._classification = False  # no accuracy given: a loss-only run
+            self._classification = False  # no accuracy given: a loss-only run
+            rec.mark_regression()
         while steps and rec.going:
             steps = steps[len(rec.record_steps(steps)):]
             # An evaluation falls due only at the last of them: the read-back comes at that step.
@@ -618,18 +618,14 @@ class Tracker:
         self._epoch_steps.append(rec.clock.step_in_epoch)
         self._in_epoch = False
         if len(self._epoch_steps) == 1:  # the first epoch tells the accounting
-            clock = rec.clock
-            rec.clock = replace(clock, steps_per_epoch=clock.step_in_epoch,
-                                n_train=clock.n_train or clock.samples_seen)
+            rec.learn_epoch_length()
         rec.settle()
         self._mark = time.perf_counter()
 
     def _record_metrics(self, metrics: Mapping[str, float], seconds: float) -> None:
         rec = self.recorder
         if rec.evaluated_now():  # the same weights: one evaluation row
-            row = rec.evals[-1]
-            row.update({k: v for k, v in metrics.items() if k not in row})
-            rec.eval_seconds += seconds
+            rec.add_to_evaluation(metrics, seconds)
         else:
             rec.record_evaluation(metrics, seconds)
 
@@ -671,26 +667,17 @@ class Tracker:
             self._hooks = []
         if status == "interrupted" and message is None:  # the kept steps are read by now: where the rows end
             message = f"interrupted at step {self.recorder.clock.step}"
-        self._account()
+        self.recorder.account_as_ran()
         if self._noise_lost is not None:  # the probe set's failures are the core's to name; this one is ours
             note = f"noise_scale not measured: {self._noise_lost}"
             if status is None:
-                self.recorder.message = "; ".join(filter(None, [self.recorder.message, note]))
+                self.recorder.add_note(note)
             else:
                 message = "; ".join(filter(None, [message, note]))
         self._finished = self.recorder.finish(status, message)
         if error is not None and ending_well:
             raise error
         return self._finished
-
-    def _account(self) -> None:
-        """The run's accounting as observed: steps, epochs, the first epoch's length, the largest batch."""
-        rec = self.recorder
-        clock = rec.clock
-        steps_per_epoch = clock.steps_per_epoch or clock.step_in_epoch
-        sizes = [row["batch_size"] for row in rec.steps]
-        rec.clock = replace(clock, total_steps=clock.step, epochs=clock.epoch, steps_per_epoch=steps_per_epoch,
-                            batch_size=max(sizes) if sizes else 0, n_train=clock.n_train or clock.samples_seen)
 
     def _refuse_after_end(self, call: str) -> None:
         if self._finished is not None:
@@ -749,7 +736,8 @@ class Tracker:
     def _is_classification(self, outputs: torch.Tensor, targets: torch.Tensor) -> bool:
         if self._classification is None:
             self._classification = _accuracy_shaped(outputs, targets)
-            self.recorder.classification = self._classification
+            if not self._classification:
+                self.recorder.mark_regression()
         return self._classification
 
 

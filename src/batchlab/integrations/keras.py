@@ -35,7 +35,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -160,7 +160,7 @@ class BatchlabCallback(keras.callbacks.Callback):
         running_loss, size = float(logs["loss"]), self._batch_size(rec.clock.step_in_epoch, seen)
         accuracy_key = next((k for k in ACCURACY_KEYS if k in logs), None)
         if rec.classification and accuracy_key is None and not rec.steps:
-            rec.classification = False
+            rec.mark_regression()
         total = seen + size
         batch_loss = (running_loss * total - previous_loss * seen) / size
         correct = None
@@ -194,7 +194,7 @@ class BatchlabCallback(keras.callbacks.Callback):
         rec.end_epoch()
         clock = rec.clock
         if clock.n_train == 0 and clock.step_in_epoch == clock.steps_per_epoch:  # a whole epoch: its samples
-            rec.clock = replace(clock, n_train=self._previous[2])
+            rec.learn_n_train(self._previous[2])
         self._settle()
         self._mark = time.perf_counter()
 
