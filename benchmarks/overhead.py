@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import batchlab as bl  # noqa: E402
-from batchlab.data import gather_batches  # noqa: E402
+from batchlab.schedule import gather_batches  # noqa: E402
 
 LR = 0.05
 

@@ -320,7 +320,8 @@ def test_explain_help_shows_the_defaults_it_trains_with(tmp_path, cli):
 
     from batchlab.cli import cli as batchlab_cli
     from batchlab.cli.explain import explain_command
-    from batchlab.data import load_dataset, steps_per_epoch
+    from batchlab.data import load_dataset
+    from batchlab.schedule import steps_per_epoch
 
     root = click.Context(batchlab_cli, info_name="batchlab", **batchlab_cli.context_settings)  # as --help shows
     context = click.Context(explain_command, info_name="explain", parent=root)

@@ -19,8 +19,9 @@ if keras.backend.backend() != "torch":  # pragma: no cover - another backend was
     pytest.skip("keras must run on its torch backend for this test", allow_module_level=True)
 
 from batchlab.config import TrainConfig  # noqa: E402
-from batchlab.data import Dataset, batch_indices, epoch_order  # noqa: E402
+from batchlab.data import Dataset  # noqa: E402
 from batchlab.loop import fit  # noqa: E402
+from batchlab.schedule import batch_indices, epoch_order  # noqa: E402
 
 # Both sides compute in float64, so no CPU-dependent float32 drift enters the comparison. What is
 # left is Keras' own float32 bookkeeping: its metric trackers accumulate the running means in

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 
 import batchlab as bl
 from batchlab.config import TrainConfig
-from batchlab.data import Dataset, batch_indices, epoch_order, load_dataset
+from batchlab.data import Dataset, load_dataset
 from batchlab.errors import ConfigError
 from batchlab.gradnorm import gradient_stats, per_sample_gradients
 from batchlab.loop import fit
 from batchlab.models import build_model
+from batchlab.schedule import batch_indices, epoch_order
 from batchlab.store import RunStore
 
 

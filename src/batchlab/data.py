@@ -1,8 +1,9 @@
-"""Datasets as in-memory tensors, their splits, and the order of an epoch's batches.
+"""Datasets as in-memory tensors: loading, checking and splitting them.
 
 A `Dataset` holds ``train``, ``val`` and ``test`` as ``(X, y)`` tensor pairs on one device.
-Batches are slices of a seeded index permutation, never a DataLoader: for data that fits in
-memory that is the fastest way, and it makes the epoch order explicit and reproducible.
+Batches are slices of a seeded index permutation, never a DataLoader (`batchlab.schedule` cuts
+them): for data that fits in memory that is the fastest way, and it makes the epoch order
+explicit and reproducible.
 """
 
 from __future__ import annotations
@@ -62,37 +63,6 @@ class Dataset:
         """The same dataset with every tensor on ``device``."""
         move = lambda split: None if split is None else (split[0].to(device), split[1].to(device))  # noqa: E731
         return replace(self, train=move(self.train), val=move(self.val), test=move(self.test))
-
-
-def steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
-    """ceil(N/B), or floor(N/B) when the last partial batch is dropped."""
-    return n // batch_size if drop_last else -(-n // batch_size)
-
-
-def epoch_order(n: int, generator: torch.Generator, shuffle: bool = True) -> torch.Tensor:
-    """The sample order of one epoch: a fresh permutation drawn from ``generator`` (or 0..N-1)."""
-    if not shuffle:
-        return torch.arange(n)
-    return torch.randperm(n, generator=generator)
-
-
-def batch_indices(order: torch.Tensor, batch_size: int, drop_last: bool) -> list[torch.Tensor]:
-    """Split an epoch's order into consecutive batches; the last partial batch is kept unless drop_last."""
-    batches = list(torch.split(order, batch_size))
-    if drop_last and batches and batches[-1].numel() < batch_size:
-        batches.pop()
-    return batches
-
-
-def gather_batches(X: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The samples at ``index`` (K, B) as K batches: (K, B, *X's sample shape) and (K, B, *y's).
-
-    A plain row copy (``index_select``) of the flattened index: several times cheaper on the CPU
-    than advanced indexing (``X[index]``), which takes the general gather path.
-    """
-    flat = index.reshape(-1)
-    return (X.index_select(0, flat).view(*index.shape, *X.shape[1:]),
-            y.index_select(0, flat).view(*index.shape, *y.shape[1:]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ import pandas as pd
 import torch
 
 from . import data as data_lib
+from . import schedule
 from .config import TrainConfig
 from .errors import ConfigError, DataError
 from .events import AddMetrics, Callback, Evaluation, RunStart, StepEnd
@@ -90,7 +91,7 @@ def explain_config(config: TrainConfig, n_train: int, evals_per_epoch: int = DEF
     """
     require_one_batch_size(config.batch_size, "batchlab explain")
     batch_size = n_train if config.batch_size == "full" else min(config.batch_size, n_train)
-    dense = dense_eval_every(data_lib.steps_per_epoch(n_train, batch_size, config.drop_last), evals_per_epoch)
+    dense = dense_eval_every(schedule.steps_per_epoch(n_train, batch_size, config.drop_last), evals_per_epoch)
     every = dense if config.eval_every == "epoch" else min(config.eval_every, dense)
     return config.replace(eval_every=every, eval_train=True)
 
@@ -98,7 +99,7 @@ def explain_config(config: TrainConfig, n_train: int, evals_per_epoch: int = DEF
 class EpochOrders:
     """The sample order of each epoch of a `batchlab.fit` run, drawn as the loop draws it.
 
-    The loop draws one `batchlab.data.epoch_order` per epoch from a generator seeded with the run's
+    The loop draws one `batchlab.schedule.epoch_order` per epoch from a generator seeded with the run's
     seed that serves nothing else; the same draws here give the same orders, so a callback knows
     which samples an epoch has trained on so far (a test checks this against the loop's batches).
 
@@ -116,7 +117,7 @@ class EpochOrders:
     def order(self, epoch: int) -> torch.Tensor:
         """The order of ``epoch`` (1-based), (N,) int64 on the CPU."""
         while len(self._orders) < epoch:
-            self._orders.append(data_lib.epoch_order(self.n_train, self._generator, self.shuffle))
+            self._orders.append(schedule.epoch_order(self.n_train, self._generator, self.shuffle))
         return self._orders[epoch - 1]
 
 
@@ -183,8 +184,8 @@ class TrainModePass(Callback):
         drop_last). Dropout acts per sample, so without batch norm large chunks give the same
         expectation, faster."""
         if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            return data_lib.batch_indices(order, self.batch_size, self.drop_last)
-        return data_lib.batch_indices(order, max(self.batch_size, self.eval_batch_size), False)
+            return schedule.batch_indices(order, self.batch_size, self.drop_last)
+        return schedule.batch_indices(order, max(self.batch_size, self.eval_batch_size), False)
 
     def on_run_start(self, event: RunStart) -> None:
         first = next(iter(event.model.parameters()), None)
@@ -293,7 +294,7 @@ class EvalModeBatches(Callback):
         in_epoch = clock.step_in_epoch if clock.epoch >= 1 else 0
         if clock.epoch == 0 or in_epoch >= len(self.batches):  # the next update opens an epoch
             epoch = clock.epoch + 1
-            self.batches = data_lib.batch_indices(self.orders.order(epoch), clock.batch_size, self.config.drop_last)
+            self.batches = schedule.batch_indices(self.orders.order(epoch), clock.batch_size, self.config.drop_last)
             self.mean, in_epoch = RunningMean(), 0
         index = self.batches[in_epoch].to(self.X.device)
         was_training = model.training
@@ -383,7 +384,7 @@ class BoundaryBranches(Callback):
         if scheduled == held and not adaptive:
             return AddMetrics({"jump_window": float(self.window),
                                **{f"{term}_{m}": 0.0 for term in ("schedule", "optimizer_state") for m in self._metrics()}})
-        batches = data_lib.batch_indices(self.orders.order(clock.epoch + 1), clock.batch_size,
+        batches = schedule.batch_indices(self.orders.order(clock.epoch + 1), clock.batch_size,
                                          self.config.drop_last)[:updates]
         start = _branch_start(event.model, self.optimizer)
         seed = (self.config.seed * 1_000_003 + clock.step) % (2**63)
@@ -461,7 +462,7 @@ def explain_callbacks(dataset: data_lib.Dataset, config: TrainConfig, window: in
     """
     if window is None:
         batch_size = dataset.n_train if config.batch_size == "full" else min(config.batch_size, dataset.n_train)
-        spe = data_lib.steps_per_epoch(dataset.n_train, batch_size, config.drop_last)
+        spe = schedule.steps_per_epoch(dataset.n_train, batch_size, config.drop_last)
         window = jump_window(spe, 1 if config.eval_every == "epoch" else config.eval_every)
     return [TrainModePass(dataset, config), EvalModeBatches(dataset, config), BoundaryBranches(dataset, config, window)]
 
@@ -1151,7 +1152,7 @@ def train_variant(initial_model: torch.nn.Module, dataset: data_lib.Dataset, con
     X, y = (t.to(device) for t in dataset.train)
     n = X.shape[0]
     batch_size = n if config.batch_size == "full" else min(config.batch_size, n)
-    per_epoch = data_lib.steps_per_epoch(n, batch_size, config.drop_last)
+    per_epoch = schedule.steps_per_epoch(n, batch_size, config.drop_last)
     total = min(config.max_steps or math.inf, per_epoch * (config.epochs or math.inf))
     base_lr = scaled_lr(config, batch_size)
     optimizer = build_optimizer(model.parameters(), config, base_lr)
@@ -1165,8 +1166,8 @@ def train_variant(initial_model: torch.nn.Module, dataset: data_lib.Dataset, con
         while len(rows) < total:
             epoch += 1
             order = (torch.randint(n, (n,), generator=generator) if replacement
-                     else data_lib.epoch_order(n, generator, config.shuffle))  # fmt: skip
-            for index in data_lib.batch_indices(order.to(device), batch_size, config.drop_last):
+                     else schedule.epoch_order(n, generator, config.shuffle))  # fmt: skip
+            for index in schedule.batch_indices(order.to(device), batch_size, config.drop_last):
                 if len(rows) >= total:
                     break
                 set_lr(optimizer, lr_at(len(rows), config, base_lr, per_epoch, int(total)))

@@ -498,7 +498,7 @@ def _run_epoch(state: _LoopState, order: torch.Tensor, batches: list[torch.Tenso
             b = batches[at].numel()
             index = order[start:start + count * b].view(count, b)
             lrs = [state.lr_of(step + k, rec.clock.batch_size, done) for k in range(count)]
-            out = compiled.steps(*data_lib.gather_batches(X, y, index),
+            out = compiled.steps(*schedule.gather_batches(X, y, index),
                                  torch.tensor(lrs, dtype=torch.float64, device=X.device))
             if out is not None:
                 set_lr(optimizer, lrs[-1])

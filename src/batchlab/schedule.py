@@ -3,7 +3,10 @@
 Accounting is in samples. An epoch is one pass over the training set; its order is cut into
 consecutive batches, and each batch takes the batch size in force at the samples seen when it
 starts, so a change takes effect at the next batch (within an epoch, too). The last batch of an
-epoch holds what is left (dropped with ``drop_last`` when it is short of its batch size).
+epoch holds what is left (dropped with ``drop_last`` when it is short of its batch size). The
+pieces every driver cuts its batches with live here too: an epoch's order (`epoch_order`), its cut
+at one batch size (`batch_indices`, `steps_per_epoch`) and the gather of several batches at once
+(`gather_batches`).
 
 ``TrainConfig.batch_size`` is an int, ``"full"``, or a schedule ``((0, 32), (20000, 64), ...)``:
 pairs (samples seen, B) whose first starts at 0 and whose samples increase. On the command line
@@ -22,7 +25,6 @@ import torch
 
 from .adaptive import adaptive_lr
 from .config import Adaptive, TrainConfig, format_schedule, is_schedule
-from .data import batch_indices, epoch_order
 from .errors import ConfigError
 from .events import Changes, Clock, batch_at
 from .optim import lr_at, scaled_lr
@@ -85,6 +87,37 @@ def epoch_batch_sizes(changes: Changes, n_train: int, samples_seen: int, drop_la
         sizes.append(min(b, n_train - at))
         at += sizes[-1]
     return sizes
+
+
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
+    """ceil(N/B), or floor(N/B) when the last partial batch is dropped."""
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def epoch_order(n: int, generator: torch.Generator, shuffle: bool = True) -> torch.Tensor:
+    """The sample order of one epoch: a fresh permutation drawn from ``generator`` (or 0..N-1)."""
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=generator)
+
+
+def batch_indices(order: torch.Tensor, batch_size: int, drop_last: bool) -> list[torch.Tensor]:
+    """Split an epoch's order into consecutive batches; the last partial batch is kept unless drop_last."""
+    batches = list(torch.split(order, batch_size))
+    if drop_last and batches and batches[-1].numel() < batch_size:
+        batches.pop()
+    return batches
+
+
+def gather_batches(X: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples at ``index`` (K, B) as K batches: (K, B, *X's sample shape) and (K, B, *y's).
+
+    A plain row copy (``index_select``) of the flattened index: several times cheaper on the CPU
+    than advanced indexing (``X[index]``), which takes the general gather path.
+    """
+    flat = index.reshape(-1)
+    return (X.index_select(0, flat).view(*index.shape, *X.shape[1:]),
+            y.index_select(0, flat).view(*index.shape, *y.shape[1:]))
 
 
 def cut_epoch(order: torch.Tensor, clock: Clock, drop_last: bool, start: int = 0) -> list[torch.Tensor]:

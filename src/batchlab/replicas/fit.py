@@ -266,11 +266,11 @@ def _run_pass(state: _Pass, clock: Clock, display) -> None:
                         steps_per_epoch=len(sizes) if sizes is not None else clock.steps_per_epoch)
         for replica in state.active:
             replica.recorder.start_epoch(len(sizes) if sizes is not None else None)
-        orders = torch.stack([data_lib.epoch_order(clock.n_train, r.data_generator, config.shuffle)
+        orders = torch.stack([schedule.epoch_order(clock.n_train, r.data_generator, config.shuffle)
                               for r in state.active]).to(X.device)  # (R, N)
         state.rows_before_drop = list(state.active)
         if sizes is None:
-            sizes = [clock.batch_size] * data_lib.steps_per_epoch(clock.n_train, clock.batch_size, config.drop_last)
+            sizes = [clock.batch_size] * schedule.steps_per_epoch(clock.n_train, clock.batch_size, config.drop_last)
         starts = np.cumsum([0, *sizes[:-1]])
         pending: list[_Pending] = []
         for start, size in zip(starts, sizes):

@@ -11,7 +11,6 @@ import torch
 from torch.func import vmap
 
 from .. import schedule
-from ..data import gather_batches
 from ..events import Clock
 from ..metrics import evaluate_splits, evaluate_stacked, evaluation_splits, loss_function
 from ..optim import shared_or_per_replica, stacked_chain
@@ -133,7 +132,7 @@ class _Pass:
         X, y = self.dataset.train
         stack = self.stack
         b = index.shape[1]
-        xb, yb = gather_batches(X, y, index)  # (R, b, *shape), (R, b)
+        xb, yb = schedule.gather_batches(X, y, index)  # (R, b, *shape), (R, b)
         masks = draw_masks(self.sites, [r.dropout_generator for r in self.active], b, self.device, X.dtype)
         lr = self.lrs[clock.step][[self.column[r.index] for r in self.active]]  # (R,)
         if self.compiled is not None and not measuring:

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import pandas as pd
 
 from ..config import Adaptive, StudyConfig, Target, TrainConfig
-from ..data import Dataset, steps_per_epoch
+from ..data import Dataset
 from ..errors import ConfigError
+from ..schedule import steps_per_epoch
 from .ranking import best_lr, lr_table
 
 LR_GROUP = "lrs"  # a group searching learning rates at one batch size
