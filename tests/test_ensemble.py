@@ -148,6 +148,104 @@ def test_replicas_stop_alone(blobs):
         assert_matches_fit(run, single)
 
 
+class StopAt(Callback):
+    """Stops its run at ``step``, declared (`step_end_steps`): a vectorized pass reads back there alone."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.step_end_steps = (step,)
+
+    def on_step_end(self, event):
+        return Stop(f"stopped at step {self.step}") if event.clock.step == self.step else None
+
+
+class Events(Callback):
+    """The events a run delivers after its start, as (kind, step); steps as their rows (on_step_end
+    is not overridden, so a vectorized pass keeps reading back in bulk)."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, int]] = []
+
+    def on_evaluation(self, event):
+        self.seen.append(("evaluation", event.clock.step))
+
+    def on_epoch_end(self, event):
+        self.seen.append(("epoch_end", event.clock.step))
+        self.seen += [("step", row["step"]) for row in event.steps]
+
+    def on_run_end(self, event):
+        self.seen.append((f"run_end {event.status}", event.clock.step))
+        self.seen += [("step", row["step"]) for row in event.steps]
+
+
+@pytest.mark.parametrize("stop", [45, 50])  # within epoch 2 (steps 33-64): between evaluations, and at one
+def test_a_replica_stopped_mid_epoch_has_the_rows_of_its_fit_while_its_siblings_train_on(blobs, stop):
+    """The stopped replica's epoch ends at the stop with an evaluation (unless one was due there) and
+    its row, as in fit; its siblings' runs are those of their own fits, which no callback stops."""
+    configs = [TrainConfig(batch_size=16, epochs=4, lr=lr, momentum=0.9, eval_every=25, seed=seed)
+               for seed, lr in enumerate((0.05, 0.1, 0.02))]  # 500 samples: 32 steps per epoch, 128 in all
+    make_model = model_fn(blobs, dropout=0.1)
+    events = [Events() for _ in configs]
+    runs = fit_replicas(make_model, blobs, configs, probes=PROBES, progress=False,
+                        callbacks=lambda i, config: [events[i], *([StopAt(stop)] if i == 1 else [])])
+    alone_events = Events()
+    alone = fit(make_model(configs[1].seed), blobs, configs[1], probes=PROBES, progress=False,
+                callbacks=[alone_events, StopAt(stop)])
+    assert runs[1].status == alone.status == "stopped" and runs[1].message == f"stopped at step {stop}"
+    assert_matches_fit(runs[1], alone)
+    assert events[1].seen == alone_events.seen
+    assert runs[1].evals.step.tolist() == [0, 25, 32, stop]  # 45: the stop's own; 50: the one due there
+    assert runs[1].epochs.step.tolist() == [32, stop] and runs[1].clock.step_in_epoch == stop - 32
+    assert [event for event in events[1].seen if event[0] != "step"][-3:] == [
+        ("evaluation", stop), ("epoch_end", stop), ("run_end stopped", stop)]
+    siblings = singles(blobs, [configs[0], configs[2]], make_model, probes=PROBES)
+    for run, single in zip([runs[0], runs[2]], siblings):
+        assert run.status == "finished" and run.clock.step == 128
+        assert_matches_fit(run, single)
+
+
+class InterruptAt(Callback):
+    """Ctrl-C (KeyboardInterrupt) at the evaluation of ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_evaluation(self, event):
+        if event.clock.step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupt_ends_every_replica_still_training_as_interrupted_at_its_step(blobs):
+    """As fit: every run still training is ``interrupted at step k``; one stopped before keeps its end."""
+    configs = [TrainConfig(batch_size=16, epochs=4, lr=0.05, eval_every=25, seed=seed) for seed in range(3)]
+    make_model = model_fn(blobs)
+    events = [Events() for _ in configs]
+    extra = {0: [StopAt(10)], 1: [InterruptAt(50)], 2: []}
+    with pytest.raises(KeyboardInterrupt):
+        fit_replicas(make_model, blobs, configs, progress=False, callbacks=lambda i, config: [events[i], *extra[i]])
+    ends = [[kind for kind, _ in e.seen if kind.startswith("run_end")] for e in events]
+    assert ends == [["run_end stopped"], ["run_end interrupted"], ["run_end interrupted"]]
+    assert [next(step for kind, step in e.seen if kind.startswith("run_end")) for e in events] == [10, 50, 50]
+    alone = Events()
+    with pytest.raises(KeyboardInterrupt):
+        fit(make_model(configs[1].seed), blobs, configs[1], progress=False, callbacks=[alone, InterruptAt(50)])
+    assert alone.seen == events[1].seen
+
+
+def test_replicas_of_models_in_eval_mode_train_in_train_mode_as_fit(blobs):
+    """fit puts the model in train mode after the step-0 evaluation; the replicas' stacked model too,
+    so dropout and batch norm train as in fit whatever mode the models came in."""
+    make_model = model_fn(blobs, dropout=0.3, batch_norm=True)
+
+    def in_eval_mode(seed):
+        return make_model(seed).eval()
+
+    configs = [TrainConfig(batch_size=32, epochs=2, lr=0.05, seed=seed) for seed in range(2)]
+    runs = fit_replicas(in_eval_mode, blobs, configs, progress=False)
+    for run, single in zip(runs, singles(blobs, configs, in_eval_mode)):
+        assert_matches_fit(run, single)
+
+
 def test_chunks_follow_the_memory_budget_and_change_nothing(blobs):
     configs = [TrainConfig(batch_size=64, epochs=3, lr=0.05 * (i + 1), seed=i) for i in range(5)]
     make_model = model_fn(blobs)

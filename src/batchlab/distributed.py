@@ -250,7 +250,7 @@ def _ended(rec: Recorder | None, ranks: Ranks, error: BaseException, signals: "_
     interrupted = interrupted or signals.interrupted
     if interrupted:
         message = f"interrupted at step {rec.clock.step if rec is not None else 0}"
-    if ranks.is_main and rec is not None:
+    if ranks.is_main and rec is not None and rec.status != "interrupted":  # drive records a Ctrl-C it meets
         rec.finish("interrupted" if interrupted else "failed", message)
     if interrupted:
         return error if isinstance(error, KeyboardInterrupt) else KeyboardInterrupt()
@@ -316,14 +316,20 @@ class _DistributedState:
         return schedule.draw_epoch(self.recorder.clock, self.generator, self.config.shuffle, self.config.drop_last,
                                    self.dataset.train[0].device)
 
+    @property
+    def members(self) -> tuple[Recorder]:
+        """The rank's run as `batchlab.drive.drive`'s group: one core."""
+        return (self.recorder,)
+
     def run_epoch(self, order: torch.Tensor, batches: list[torch.Tensor]) -> None:
         _run_epoch(self, batches)
 
-    def settle(self) -> bool:
+    def settle(self, members: Sequence[Recorder] = ()) -> bool:
         return _agree(self)
 
-    def evaluate(self) -> None:
-        """Full passes over the splits, each rank over its share of the rows, summed over ranks."""
+    def evaluate(self, members: Sequence[Recorder] = ()) -> None:
+        """Full passes over the splits, each rank over its share of the rows, summed over ranks.
+        (``members``: `drive`'s group, always this rank's run.)"""
         started = time.perf_counter()
         classification = self.dataset.n_classes is not None
         totals = []
@@ -354,7 +360,7 @@ def _train(state: _DistributedState) -> Run:
     flag = torch.tensor([bool(state.recorder.per_step)], dtype=torch.int64, device=_collective_device(state))
     dist.broadcast(flag, 0)
     state.rank0_steps_callbacks = bool(flag.item())
-    return drive(state)
+    return drive(state)[0]
 
 
 def _run_epoch(state: _DistributedState, batches: list[torch.Tensor]) -> None:
@@ -547,8 +553,8 @@ class _Signals:
     - SIGTERM (the launcher stopping the ranks after one failed) becomes `_Terminated` in rank 0, so
       that it records the run as failed before it exits; other ranks keep the default (they end).
 
-    Once `shield` is called (the run is ending), neither raises any more: a second signal must not
-    cut short the recording of the first.
+    Once either has raised, or `shield` is called (the run is ending), neither raises any more: a
+    second signal must not cut short the recording of the first.
     """
 
     def __init__(self, ranks: Ranks):
@@ -575,6 +581,7 @@ class _Signals:
     def _interrupt(self, signum: int, frame: Any) -> None:
         self.interrupted = True
         if not self.shielded:
+            self.shielded = True  # once: the run's end is being recorded
             raise KeyboardInterrupt
 
     def _terminate(self, signum: int, frame: Any) -> None:

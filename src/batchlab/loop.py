@@ -302,6 +302,11 @@ class _LoopState:
         return schedule.step_lr(self.config, self.recorder.clock, step, batch_size, epochs_done, self.base_lr)
 
     @property
+    def members(self) -> tuple[Recorder]:
+        """The run as `batchlab.drive.drive`'s group: one core."""
+        return (self.recorder,)
+
+    @property
     def adaptive(self) -> bool:
         return isinstance(self.config.batch_size, Adaptive)
 
@@ -338,16 +343,18 @@ class _LoopState:
     def run_epoch(self, order: torch.Tensor, batches: list[torch.Tensor]) -> None:
         _run_epoch(self, order, batches)
 
-    def settle(self) -> bool:
-        """Act on the callbacks' requests; a batch-size change between epochs re-plans the run."""
+    def settle(self, members: Sequence[Recorder] = ()) -> bool:
+        """Act on the callbacks' requests; a batch-size change between epochs re-plans the run.
+        (``members``: `drive`'s group, always this run.)"""
         changes = self.recorder.clock.changes
         going = self.recorder.settle()
         if self.recorder.clock.changes is not changes:
             self.batch_size_changed()
         return going
 
-    def evaluate(self) -> None:
-        """Full passes at the current weights, handed to the core with their time."""
+    def evaluate(self, members: Sequence[Recorder] = ()) -> None:
+        """Full passes at the current weights, handed to the core with their time. (``members``:
+        `drive`'s group, always this run.)"""
         started = time.perf_counter()
         metrics = evaluate_splits(self.model, self.splits, self.loss_fn, self.dataset.n_classes is not None,
                                   self.config.eval_batch_size)
@@ -462,10 +469,7 @@ def _train(state: _LoopState) -> Run:
     rec = state.recorder
     _choose_step(state)
     try:
-        return drive(state)
-    except KeyboardInterrupt:
-        rec.finish("interrupted", f"interrupted at step {rec.clock.step}")
-        raise
+        return drive(state)[0]  # drive records a Ctrl-C (interrupted)
     except Exception as error:  # the run is stored as failed, with the rows it made, and the error goes on
         rec.finish("failed", error_line(error))
         raise

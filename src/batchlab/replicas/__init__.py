@@ -22,7 +22,8 @@ Replicas write no checkpoints: a `Checkpoint` callback is refused before trainin
 
 Modules: `plan` (which configs share a pass, memory and chunks), `stack` (stacked tensors,
 dropout masks, calling the skeleton), `vectorized` (the stacked step and evaluation), `fit`
-(`fit_replicas` and the bookkeeping handed to each replica's core).
+(`fit_replicas`; the replicas as a group that `batchlab.drive.drive` runs through `fit`'s epoch
+skeleton: their orders, the stacked steps read back in bulk, their evaluation).
 """
 
 from .fit import ReplicaRuns, fit_replicas

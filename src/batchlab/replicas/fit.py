@@ -1,8 +1,9 @@
 """`fit_replicas`: R trainings as one vectorized pass, each replica recorded by its own core.
 
 The pass (`batchlab.replicas.vectorized`) computes every active replica's step at once; each
-replica's numbers go to its own `batchlab.record.Recorder`, the same core `fit` drives, so a
-replica's rows, events, evaluations, divergence and end mean what they mean in `fit`.
+replica's numbers go to its own `batchlab.record.Recorder`, the same core `fit` drives, and the
+replicas run through `fit`'s own epoch skeleton (`batchlab.drive.drive`) as one group, so a
+replica's rows, events, evaluations, stop, divergence and end mean what they mean in `fit`.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from .. import data as data_lib
 from .. import schedule
 from ..callbacks import Checkpoint, progress_wanted
 from ..config import Adaptive, TrainConfig
+from ..drive import after_steps, drive
 from ..errors import ConfigError
 from ..events import Callback, Clock
 from ..loop import check_model, plan_run, resolve_device
 from ..optim import scaled_lr
-from ..record import Recorder, Run, evaluation_due
+from ..record import Recorder, Run, StepNumbers, evaluation_due
 from ..schedule import require_one_batch_size
 from .plan import (
     REPLICA_PROBES,
@@ -236,146 +238,155 @@ def _estimate_bytes(model: nn.Module, dataset, config: TrainConfig, clock: Clock
 
 
 def _train_chunk(replicas: list[_Replica], dataset, clock: Clock, probes: list[str], device, display) -> list[Run]:
-    """Train one chunk of replicas together and return their runs in order."""
+    """Train one chunk of replicas together (`batchlab.drive.drive`) and return their runs in order."""
     state = _Pass(replicas, dataset, clock, probes, device)
     state.choose_compiled()
     try:
-        _run_pass(state, clock, display)
-    except KeyboardInterrupt:
-        for replica in list(state.active):
-            rec = replica.recorder
-            rec.finish("interrupted", f"interrupted at step {rec.clock.step}")
-        state.drop(list(state.active))
-        raise
-    return [r.recorder.run() for r in replicas]
+        return drive(_Replicas(state, display))
+    finally:
+        state.drop(list(state.active))  # each model keeps its own weights, out of the stack
 
 
-def _run_pass(state: _Pass, clock: Clock, display) -> None:
-    """`fit`'s loop, for every active replica at once; finished replicas leave the stack."""
-    config, X = state.config, state.dataset.train[0]
-    eval_every = None if config.eval_every == "epoch" else config.eval_every
-    for replica in state.active:
-        replica.recorder.start_run()
-    _evaluate(state, state.active)
-    last_eval_step = 0
-    _end_runs(state, [r for r in list(state.active) if not r.recorder.settle()])  # stopped before training
-    while state.active and clock.step < clock.total_steps:
-        sizes = (schedule.epoch_batch_sizes(clock.changes, clock.n_train, clock.samples_seen, config.drop_last)
-                 if clock.changes else None)  # under a batch-size schedule, this epoch's batches
-        clock = replace(clock, epoch=clock.epoch + 1, step_in_epoch=0,
-                        steps_per_epoch=len(sizes) if sizes is not None else clock.steps_per_epoch)
-        for replica in state.active:
-            replica.recorder.start_epoch(len(sizes) if sizes is not None else None)
-        orders = torch.stack([schedule.epoch_order(clock.n_train, r.data_generator, config.shuffle)
-                              for r in state.active]).to(X.device)  # (R, N)
-        state.rows_before_drop = list(state.active)
-        if sizes is None:
-            sizes = [clock.batch_size] * schedule.steps_per_epoch(clock.n_train, clock.batch_size, config.drop_last)
-        starts = np.cumsum([0, *sizes[:-1]])
+class _Replicas:
+    """The chunk's replicas as a group for `batchlab.drive.drive`: the members are their cores.
+
+    The stack (`_Pass`) holds the replicas that train; one that stopped or diverged leaves it when
+    the epoch goes on without it (its epoch's end is evaluated while it is still there). An epoch's
+    steps keep their numbers as tensors (`_Pending`) and are read back in bulk (`_flush`, one
+    synchronisation) where a core looks at them (an evaluation, a callback's `StepEnd`), every
+    `SYNC_EVERY` steps and at the epoch's end; `batchlab.drive.after_steps` follows each read-back.
+    """
+
+    def __init__(self, state: _Pass, display):
+        self.state, self.display = state, display
+        self.members = [replica.recorder for replica in state.active]
+        self.model = state.skeleton  # the module that trains (each replica's own is only evaluated)
+        self.eval_every = self.members[0].eval_every  # shared by the pass (`SHARED_FIELDS`)
+        self.epoch_rows: list[_Replica] = []  # whose rows the epoch's order holds, in its order
+        self.rows: torch.Tensor | None = None  # the rows of the order still in the stack, once some left
+        self.at = 0  # the epoch's next batch
+        self.sync_steps: frozenset[int] | None = frozenset()
+        self._follow()
+
+    def _follow(self) -> None:
+        """The replicas that stopped or diverged leave the stack; the read-back points and the epoch's
+        rows follow the others."""
+        state = self.state
+        state.drop([replica for replica in state.active if not replica.recorder.going])
+        # The steps whose StepEnd a callback needs at once (`Callback.step_end_steps`); None: every step.
+        declared = [replica.recorder.sync_steps for replica in state.active]
+        self.sync_steps = None if any(steps is None for steps in declared) else frozenset().union(*declared)
+        if self.epoch_rows and len(self.epoch_rows) != len(state.active):
+            self.rows = torch.tensor([self.epoch_rows.index(r) for r in state.active], device=self.state.device)
+
+    def epoch_batches(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The next epoch: each replica's own order (a permutation from its own generator, as its `fit`
+        draws it), stacked (R, N), and cut into batches (R, b) where `batchlab.schedule.cut_epoch` cuts."""
+        self._follow()
+        state = self.state
+        clock, config = state.active[0].recorder.clock, state.config
+        order = torch.stack([schedule.epoch_order(clock.n_train, replica.data_generator, config.shuffle)
+                             for replica in state.active]).to(state.dataset.train[0].device)  # (R, N)
+        sizes = [len(batch) for batch in schedule.cut_epoch(order[0], clock, config.drop_last)]
+        self.epoch_rows, self.rows, self.at = list(state.active), None, 0
+        return order, list(torch.split(order[:, :sum(sizes)], sizes, dim=1))  # each (R, b)
+
+    def run_epoch(self, order: torch.Tensor, batches: list[torch.Tensor]) -> None:
+        """The epoch's steps for the replicas in the stack, from where the epoch stands; returns early
+        once a replica stops or diverges (`batchlab.drive.drive` ends it, then calls again)."""
+        self._follow()
+        state = self.state
+        clock = state.active[0].recorder.clock  # every core has its rows so far
         pending: list[_Pending] = []
-        for start, size in zip(starts, sizes):
-            if clock.step >= clock.total_steps or not state.active:
-                break
-            if len(orders) != len(state.active):  # replicas left the stack: keep the others' orders
-                orders = orders[[state.rows_before_drop.index(r) for r in state.active]]
-                state.rows_before_drop = list(state.active)
-            index = orders[:, start:start + size]  # (R, b); the last batch of an epoch may be short
-            measuring = bool(state.probes) and clock.step % config.probe_every == 0
+        while self.at < len(batches) and clock.step < clock.total_steps:
+            index = batches[self.at] if self.rows is None else batches[self.at].index_select(0, self.rows)
+            self.at += 1
+            measuring = bool(state.probes) and clock.step % state.config.probe_every == 0
             started = time.perf_counter()
-            out = state.step(index, clock, measuring)
-            lrs = state.lrs[clock.step]
+            numbers, probed = state.step(index, clock, measuring)
+            pending.append(_Pending(numbers, probed, state.lrs[clock.step], time.perf_counter() - started,
+                                    index.shape[1]))
             clock = replace(clock, step=clock.step + 1, step_in_epoch=clock.step_in_epoch + 1,
                             samples_seen=clock.samples_seen + index.shape[1])
-            pending.append(_Pending(out, lrs, time.perf_counter() - started, index.shape[1]))
-            evaluating = evaluation_due(clock, eval_every)
-            if evaluating or len(pending) >= SYNC_EVERY or state.must_sync(clock.step):
-                _flush(state, pending)
+            if len(pending) >= SYNC_EVERY or self._looks_at(clock):
+                if not self._read_back(pending):
+                    return
                 pending = []
-                if evaluating and state.active:
-                    _evaluate(state, state.active)
-                    last_eval_step = clock.step
-                stopping = [r for r in list(state.active) if not r.recorder.settle()]
-                if stopping:  # as fit: a stop within an epoch still ends the epoch (evaluation, row)
-                    if last_eval_step != clock.step:
-                        _evaluate(state, stopping)
-                    for replica in stopping:
-                        replica.recorder.end_epoch()
-                        replica.recorder.settle()
-                    _end_runs(state, stopping)
-                if display is not None:
-                    display.update(state, clock)
-        _flush(state, pending)
-        if not state.active:
-            break
-        if last_eval_step != clock.step:
-            _evaluate(state, state.active)
-            last_eval_step = clock.step
-        for replica in state.active:
-            replica.recorder.end_epoch()
-        _end_runs(state, [r for r in list(state.active) if not r.recorder.settle()])
-        if display is not None:
-            display.update(state, clock)
-    _end_runs(state, list(state.active))
+        self._read_back(pending)
+
+    def _looks_at(self, clock: Clock) -> bool:
+        """Whether a core looks at the step ``clock`` has just counted (so its rows must be read now):
+        an evaluation is due there (`batchlab.record.evaluation_due`, as the cores decide it once the
+        rows are in), or a callback wants its `StepEnd`."""
+        sync = self.sync_steps
+        return sync is None or clock.step in sync or evaluation_due(clock, self.eval_every)
+
+    def _read_back(self, pending: list[_Pending]) -> bool:
+        """The pending steps into the cores, then what follows them (`batchlab.drive.after_steps`).
+        Returns whether every replica trains on."""
+        if not pending:
+            return True
+        _flush(self.state, pending)
+        going = after_steps(self, [replica.recorder for replica in self.state.active])
+        if self.display is not None:
+            self.display.update(self.state, self.state.active[0].recorder.clock)
+        return going
+
+    def evaluate(self, members: Sequence[Recorder]) -> None:
+        """Evaluate these members (replicas in the stack) and hand each its metrics, with its share of the time."""
+        state = self.state
+        row_of = {id(replica.recorder): row for row, replica in enumerate(state.active)}
+        started = time.perf_counter()
+        results = state.evaluate([row_of[id(member)] for member in members])
+        seconds = (time.perf_counter() - started) / len(members)
+        for member, metrics in zip(members, results):
+            member.record_evaluation(metrics, seconds)
+
+    def settle(self, members: Sequence[Recorder]) -> bool:
+        """Act on these members' requests; True while all of them train on."""
+        for member in members:
+            member.settle()
+        return all(member.going for member in members)
 
 
 @dataclass(frozen=True)
 class _Pending:
     """A step whose numbers are still tensors: read in bulk by `_flush` (one synchronisation)."""
 
-    out: dict[str, torch.Tensor]
+    numbers: StepNumbers  # (R,) batch losses and correct counts
+    probes: dict[str, torch.Tensor]  # (R,) per probe measured at this step
     lrs: np.ndarray  # (R_chunk,) the lr of every replica of the chunk at this step
     seconds: float
     batch_size: int
 
 
 def _flush(state: _Pass, pending: list[_Pending]) -> None:
-    """Hand the pending steps to every active replica's core; end the diverged replicas."""
+    """Hand the pending steps to the core of every replica in the stack, in order.
+
+    A core records until its loss is not finite (it has then diverged, and `batchlab.drive.drive`
+    ends it); callbacks ask for something only at a read-back's last step (`_Replicas._looks_at`).
+    """
     if not pending:
         return
     classification = state.classification
     # (S, R) as nested Python lists, one sync each: .tolist() converts every element at once, as
     # float()/int() of each numpy element would, but without a numpy scalar per step per replica.
-    losses = torch.stack([p.out["loss"] for p in pending]).cpu().tolist()
-    corrects = torch.stack([p.out["correct"] for p in pending]).cpu().tolist() if classification else None
+    losses = torch.stack([p.numbers.loss for p in pending]).cpu().tolist()
+    corrects = torch.stack([p.numbers.correct for p in pending]).cpu().tolist() if classification else None
     probe_values: dict[str, dict[int, np.ndarray]] = {}
     for name in REPLICA_PROBES:
-        measured = [k for k, p in enumerate(pending) if name in p.out]
+        measured = [k for k, p in enumerate(pending) if name in p.probes]
         if measured:
-            values = torch.stack([pending[k].out[name] for k in measured]).cpu().numpy()  # (S', R)
+            values = torch.stack([pending[k].probes[name] for k in measured]).cpu().numpy()  # (S', R)
             probe_values[name] = dict(zip(measured, values))
     n_active = len(state.active)
-    diverged = []
     for row, replica in enumerate(state.active):
         column = state.column[replica.index]
-        rec = replica.recorder
-        for k, p in enumerate(pending):
-            measured = ({name: float(values[k][row]) for name, values in probe_values.items() if k in values}
-                        if probe_values else {})
-            rec.record_step(p.batch_size, float(p.lrs[column]), losses[k][row],
-                            corrects[k][row] if classification else None,
-                            p.seconds / n_active,  # the replica's share of the vectorized step
-                            measured)
-            if rec.status == "diverged":
-                diverged.append(replica)
-                break
-    _end_runs(state, diverged)
-
-
-def _evaluate(state: _Pass, replicas: Sequence[_Replica]) -> None:
-    """Evaluate ``replicas`` (active ones) and hand each its metrics, with its share of the time."""
-    rows = [state.active.index(r) for r in replicas]
-    started = time.perf_counter()
-    results = state.evaluate(rows)
-    seconds = (time.perf_counter() - started) / max(len(rows), 1)
-    for replica, metrics in zip(replicas, results):
-        replica.recorder.record_evaluation(metrics, seconds)
-
-
-def _end_runs(state: _Pass, replicas: Sequence[_Replica]) -> None:
-    """Finish these replicas and take them out of the stack."""
-    for replica in replicas:
-        replica.recorder.finish()
-    state.drop(replicas)
+        replica.recorder.record_steps([
+            (p.batch_size, float(p.lrs[column]), losses[k][row], corrects[k][row] if classification else None,
+             p.seconds / n_active,  # the replica's share of the vectorized step
+             {name: float(values[k][row]) for name, values in probe_values.items() if k in values})
+            for k, p in enumerate(pending)])
 
 
 class _ProgressDisplay:

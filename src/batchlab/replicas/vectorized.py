@@ -14,6 +14,7 @@ from .. import schedule
 from ..events import Clock
 from ..metrics import evaluate_splits, evaluate_stacked, evaluation_splits, loss_function
 from ..optim import shared_or_per_replica, stacked_chain
+from ..record import StepNumbers
 from .stack import _feed_dropout, _per_replica_norm, _Stack, _TensorSlots, draw_masks
 
 if TYPE_CHECKING:
@@ -38,10 +39,6 @@ class _Pass:
             self.stack.attach(replica.model, row)
         self.lrs = _lr_table(replicas, clock)  # (total_steps, R) float64
         self.column = {r.index: column for column, r in enumerate(replicas)}  # replica -> lr column
-        self.rows_before_drop = list(replicas)  # whose rows the epoch's orders hold
-        # Steps whose results callbacks need at once (`Callback.step_end_steps`); None: every step.
-        declared = [r.recorder.sync_steps for r in replicas]
-        self.sync_steps = None if any(s is None for s in declared) else frozenset().union(*declared)
         mask_names = [site.key for site in self.sites]
         # Flat tuples through vmap (its pytree work grows with nesting): weights, buffers, masks.
         self.train_call = _TensorSlots(self.skeleton, [*self.stack.param_names, *self.stack.buffer_names, *mask_names])
@@ -90,7 +87,7 @@ class _Pass:
                                       clock.total_steps - self.optimizer_step, config.probe_every if self.probes else None)
 
     def _compiled_step(self, xb: torch.Tensor, yb: torch.Tensor, masks: dict[str, torch.Tensor],
-                       lr: np.ndarray) -> dict[str, torch.Tensor]:
+                       lr: np.ndarray) -> StepNumbers:
         """One update of every active replica by the compiled stacked step (no probe measures it)."""
         stack = self.stack
         extras = [*stack.buffers, *(masks[site.key] for site in self.sites)]
@@ -99,7 +96,7 @@ class _Pass:
         if stack.previous is not None:  # update_norm compares with the weights before the next step
             with torch.no_grad():
                 torch._foreach_copy_(stack.previous, [p.detach() for p in stack.params])
-        return {"loss": numbers.loss, "correct": numbers.correct}
+        return numbers
 
     def _trial_gradients(self, batch: int) -> tuple[torch.Tensor, ...]:
         """Gradients of one throw-away step (copied buffers, masks of ones): their memory layout."""
@@ -111,8 +108,9 @@ class _Pass:
         losses, _ = self._train_losses((*stack.params, *buffers, *masks), X[index], y[index])
         return torch.autograd.grad(losses.sum(), stack.params)
 
-    def _train_losses(self, tensors: tuple[torch.Tensor, ...], xb, yb) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every replica's mean batch loss (R,) and correct count (R,), from one vmapped forward.
+    def _train_losses(self, tensors: tuple[torch.Tensor, ...], xb, yb) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every replica's mean batch loss (R,) and correct count (R,) (None for regression), from one
+        vmapped forward.
 
         The loss is computed outside vmap on (R·b, K) rows: torch's per-sample loss under vmap
         runs a Python decomposition that cost more than the rest of a small model's step.
@@ -121,14 +119,20 @@ class _Pass:
         n, b = output.shape[:2]
         losses = self.loss_fn(output.reshape(n * b, *output.shape[2:]), yb.reshape(n * b, *yb.shape[2:]))
         loss = losses.reshape(n, b).mean(dim=1)  # (R,)
-        if self.classification:
-            correct = (output.detach().argmax(dim=2) == yb).sum(dim=1)  # (R,)
-        else:
-            correct = loss.detach()
+        correct = (output.detach().argmax(dim=2) == yb).sum(dim=1) if self.classification else None  # (R,)
         return loss, correct
 
-    def step(self, index: torch.Tensor, clock: Clock, measuring: bool) -> dict[str, torch.Tensor]:
-        """One update of every active replica; ``index`` (R, b) are their batches' sample indices."""
+    def step(self, index: torch.Tensor, clock: Clock, measuring: bool) -> tuple[StepNumbers, dict[str, torch.Tensor]]:
+        """One update of every active replica.
+
+        Args:
+            index: (R, b) the sample indices of each replica's batch.
+            clock: the run's accounting before the update (its step picks the lrs).
+            measuring: whether the probes measure this update (eagerly).
+
+        Returns:
+            The batch numbers, (R,) tensors, and beside them each measured probe's (R,) values.
+        """
         X, y = self.dataset.train
         stack = self.stack
         b = index.shape[1]
@@ -137,24 +141,24 @@ class _Pass:
         lr = self.lrs[clock.step][[self.column[r.index] for r in self.active]]  # (R,)
         if self.compiled is not None and not measuring:
             self.optimizer_step += 1
-            return self._compiled_step(xb, yb, masks, lr)
+            return self._compiled_step(xb, yb, masks, lr), {}
         tensors = (*stack.params, *stack.buffers, *(masks[site.key] for site in self.sites))
         losses, correct = self._train_losses(tensors, xb, yb)  # (R,), (R,)
         grads = torch.autograd.grad(losses.sum(), stack.params)  # each replica: its own mean-loss gradient
-        out = {"loss": losses.detach(), "correct": correct}
+        probed: dict[str, torch.Tensor] = {}
         if measuring and "grad_norm" in self.probes:
-            out["grad_norm"] = _per_replica_norm(grads)
+            probed["grad_norm"] = _per_replica_norm(grads)
         self.optimizer_step += 1
         with torch.no_grad():
             self.chain.step(stack.params, list(grads), self.optimizer_state, shared_or_per_replica(lr, self.device))
             if stack.previous is not None:
                 if measuring:
-                    out["update_norm"] = _per_replica_norm([p - q for p, q in zip(stack.params, stack.previous)])
+                    probed["update_norm"] = _per_replica_norm([p - q for p, q in zip(stack.params, stack.previous)])
                 for q, p in zip(stack.previous, stack.params):
                     q.copy_(p)
             if measuring and stack.initial is not None:
-                out["dist_from_init"] = _per_replica_norm([p - p0 for p, p0 in zip(stack.params, stack.initial)])
-        return out
+                probed["dist_from_init"] = _per_replica_norm([p - p0 for p, p0 in zip(stack.params, stack.initial)])
+        return StepNumbers(losses.detach(), correct), probed
 
     def evaluate(self, rows: Sequence[int]) -> list[dict[str, float]]:
         """Full passes over train (if enabled), val and test for the replicas at stack ``rows``.
@@ -179,10 +183,6 @@ class _Pass:
                                     self.classification, config.eval_batch_size)
         finally:
             self.skeleton.train()
-
-    def must_sync(self, step: int) -> bool:
-        """Whether some callback needs step ``step``'s results now (not in the next batched read)."""
-        return self.sync_steps is None or step in self.sync_steps
 
     def drop(self, finished: Sequence[_Replica]) -> None:
         """Remove finished replicas from the stack; the others' modules point at the new stack."""
