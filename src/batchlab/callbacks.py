@@ -135,8 +135,11 @@ def progress_wanted() -> bool:
 class ProgressBar(Callback):
     """A rich progress bar: epoch, step i/steps per epoch, ETA, the batch and running values.
 
-    Redrawn at most ten times a second, so it costs the hot path a clock read per step.
+    Redrawn at most ten times a second, so it costs the hot path a clock read per step. It shows
+    the rows the driver has read back: it never makes a driver stop to show one.
     """
+
+    step_end_live = False
 
     @staticmethod
     def wanted() -> bool:

@@ -199,9 +199,16 @@ class Callback:
     otherwise synchronises every step for a callback that overrides `on_step_end`; with the steps
     declared it synchronises only at them, and `on_step_end` is called only there, with the
     model at that step's weights. Read once, when the run starts.
+
+    ``step_end_live``: whether `on_step_end` must run while the model is at that step (a callback
+    that reads or changes the model, or stops the run there: the default). A callback that reads
+    only the row (a progress display) sets it False: it then receives every row as the driver reads
+    its numbers back, perhaps some steps later, and never makes the driver stop to show it one
+    (`batchlab.looks`).
     """
 
     step_end_steps: Collection[int] | None = None
+    step_end_live: bool = True
 
     def on_run_start(self, event: RunStart) -> Request:
         return None

@@ -520,7 +520,7 @@ def _run_epoch(state: _LoopState, order: torch.Tensor, batches: list[torch.Tenso
                 if rec.clock.changes is not changes:  # the batch size changed: re-cut the rest of the epoch
                     batches, changes = state.recut(order, batches, at, start), rec.clock.changes
                 continue
-            chunking = False  # the K-step graph cannot be compiled: one step at a time
+            chunking = compiled.chunked  # no graph for these steps: this one alone (none at all: every one)
         index = batches[at]
         at, start = at + 1, start + index.numel()
         lr = state.lr_of(step, rec.clock.batch_size, done)
@@ -557,23 +557,16 @@ def _after_step(state: _LoopState) -> bool:
 
 
 def _chunk_length(state: _LoopState, step: int, batches: list[torch.Tensor], at: int) -> int:
-    """How many of the next steps run as one compiled graph: `batchlab.compiled.CHUNK` when they are
-    full batches and no row but the last one is where something must see the live run (a probe
-    measuring the next step, an evaluation, a callback's declared step); else 1."""
-    from .compiled import CHUNK
-
-    rec, clock = state.recorder, state.recorder.clock
-    sync = rec.sync_steps if rec.per_step else frozenset()
-    if sync is None:  # a callback wants every step's live model
-        return 1
-    probing = rec.probes is not None and rec.probes.active
-    limit = min(CHUNK, clock.total_steps - step, len(batches) - at)
-    count = 0
-    while count < limit and batches[at + count].numel() == clock.batch_size:
-        before = step + count  # updates made before this one: the row just completed, if count > 0
-        if probing and before % rec.probe_every == 0:
-            break  # this step is measured: eager
-        if count and (before in sync or (rec.eval_every is not None and before % rec.eval_every == 0)):
-            break  # the previous row must be seen as it is
-        count += 1
-    return count if count == CHUNK else 1  # one graph of CHUNK steps; fewer go one at a time
+    """How many of the next steps run as one compiled graph: the stretch until something looks at the
+    run (`batchlab.looks.Looks.stretch`: an evaluation, a measured step, a callback's step, the
+    read-back window), within the epoch's batches of the size in force, as many as the compiled
+    step takes in one graph (`CompiledStep.chunk_length`); 1: this step alone."""
+    rec = state.recorder
+    b = rec.clock.batch_size
+    limit = min(rec.clock.total_steps - step, len(batches) - at)
+    count = rec.looks.stretch(step, limit)
+    for k in range(count):  # the batches of one size: a schedule's change or a short last batch ends it
+        if batches[at + k].numel() != b:
+            count = k
+            break
+    return state.compiled.chunk_length(count)

@@ -53,6 +53,7 @@ from .events import (
     Stop,
     batch_at,
 )
+from .looks import WINDOW, Looks
 from .metrics import RunningMean
 
 METRIC_SUFFIXES = ("_loss", "_acc")
@@ -174,11 +175,9 @@ def divergence_message(batch_loss: float, step: int, epoch: int, lr: float) -> s
 
 
 def evaluation_due(clock: Clock, eval_every: int | None) -> bool:
-    """Whether a run evaluates after the step ``clock`` has just counted: every ``eval_every`` steps,
-    except at an epoch's last step (the epoch's end evaluates there). Where the epoch's length is not
-    known yet (``steps_per_epoch`` 0: a tracked loop's first epoch), every multiple is due."""
-    return (eval_every is not None and clock.step % eval_every == 0
-            and (clock.steps_per_epoch == 0 or clock.step_in_epoch < clock.steps_per_epoch))
+    """Whether a run evaluating every ``eval_every`` steps evaluates after the step ``clock`` has just
+    counted (`batchlab.looks.Looks.evaluates`)."""
+    return Looks(eval_every=eval_every or None).evaluates(clock)
 
 
 def _with_probe_failures(message: str | None, failures: Mapping[str, str] | None) -> str | None:
@@ -234,6 +233,7 @@ class Recorder:
         save_refusal: str = "this run cannot write checkpoints",
         optimizer: Any = None,
         data: Any = None,
+        window: int = WINDOW,
     ):
         self.clock = clock
         self.model, self._classification, self._config, self.dataset = model, classification, config, dataset
@@ -245,6 +245,8 @@ class Recorder:
         self._probes, self.probe_every = probes, probe_every
         self.probe_names = tuple(probes.names) if probes is not None else tuple(probe_names)
         self.eval_every = eval_every or None  # one meaning of "no step-wise evaluation": None
+        self.window = window
+        self.looks = self._plan_looks()
         self.save, self.save_refusal = save, save_refusal
         self.optimizer, self.data = optimizer, data
         self.steps: list[dict] = []
@@ -280,13 +282,19 @@ class Recorder:
 
     # -- events and requests ---------------------------------------------------------------------
 
+    def _plan_looks(self) -> Looks:
+        """Where this run is seen (`batchlab.looks`): its evaluations, its probes' steps and the steps
+        its live per-step callbacks declared (a display's rows wait for the next read)."""
+        live = [self.step_end_steps[id(c)] for c in self.per_step if c.step_end_live]
+        steps = None if any(s is None for s in live) else tuple(frozenset().union(*live))
+        measured = bool(self.probe_names) or (self.probes is not None and bool(self.probes.names))
+        return Looks(eval_every=self.eval_every, probe_every=self.probe_every if measured else None, steps=steps,
+                     window=self.window)
+
     @property
     def sync_steps(self) -> frozenset[int] | None:
-        """The steps at which the per-step callbacks need `on_step_end` (None: every step)."""
-        declared = list(self.step_end_steps.values())
-        if any(steps is None for steps in declared):
-            return None
-        return frozenset().union(*declared)
+        """The steps at which the live per-step callbacks need `on_step_end` (None: every step)."""
+        return None if self.looks.steps is None else frozenset(self.looks.steps)
 
     def dispatch(self, method: str, event) -> None:
         """Call every callback for an event (per-step ones only for ``on_step_end``, at the steps
@@ -373,6 +381,7 @@ class Recorder:
         from its shapes): their values join the rows of the steps measured from now on. The names
         announced in `RunStart` stay as they were."""
         self._probes = probes
+        self.looks = self._plan_looks()
 
     def mark_regression(self) -> None:
         """The run is a regression after all (the driver's first batch had no accuracy): no accuracy
@@ -394,7 +403,7 @@ class Recorder:
 
     def measuring(self) -> bool:
         """Whether the probes measure the next step."""
-        return self.probes is not None and self.probes.active and self.clock.step % self.probe_every == 0
+        return self.probes is not None and self.probes.active and self.looks.measures(self.clock.step)
 
     def record_step(self, batch_size: int, lr: float, batch_loss: float, batch_correct: int | None,
                     seconds: float, probe_values: Mapping[str, float] | None = None) -> dict:
@@ -467,7 +476,7 @@ class Recorder:
     def evaluation_due(self) -> bool:
         """Whether the driver should evaluate now: every ``eval_every`` steps, not at an epoch's end
         (`end_epoch` evaluates there) and not after a divergence."""
-        return self.status != "diverged" and evaluation_due(self.clock, self.eval_every)
+        return self.status != "diverged" and self.looks.evaluates(self.clock)
 
     # -- evaluations -----------------------------------------------------------------------------
 

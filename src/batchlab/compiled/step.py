@@ -13,10 +13,16 @@ seeded compiled run uses the same masks as the eager run. Shapes are static: one
 distinct batch shape (a short last batch is a second one); a dynamic batch dimension was measured
 2-4x slower per step (docs/compile.md). A model the compiler cannot capture trains eagerly, with
 one line saying why.
+
+Between two points where something looks at the run (`batchlab.looks`), the steps run as one
+graph: a loop over the stretch's batches (`train_scan`, torch's ``scan``: one graph per batch shape
+for any number of steps), or, for a model with buffers or randomness, which a loop's body cannot
+hold, `CHUNK` steps unrolled (`train_steps`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import types
@@ -26,7 +32,7 @@ from typing import Any
 import torch
 
 from ..errors import error_line
-from ..optim.transforms import Chain, State, signature
+from ..optim.transforms import Chain, State, functional_lists, signature
 from ..record import StepNumbers
 from .updates import optimizer_as_chain
 
@@ -67,6 +73,7 @@ def train_step(model: torch.nn.Module, params: list[torch.Tensor], state: State,
 # to a quarter. Measured at B=32 (MLP 40-100-100-10, one thread): 175 µs per step one at a time,
 # 96 µs four at a time, 105 µs eight at a time; compiling four took 13 s cold, one 7 s.
 CHUNK = 4
+SMALL_BATCH = 1  # at most this batch size, matrix products are fused (`small_batch_options`)
 
 
 def train_steps(model: torch.nn.Module, params: list[torch.Tensor], state: State,
@@ -89,6 +96,93 @@ def train_steps(model: torch.nn.Module, params: list[torch.Tensor], state: State
     return StepNumbers(torch.stack(losses), torch.stack(corrects) if classification else None)
 
 
+def train_scan(model: torch.nn.Module, names: tuple[str, ...], params: list[torch.Tensor], state: State,
+               chain: Chain, lrs: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, mean_loss_fn: Callable,
+               classification: bool) -> StepNumbers:
+    """``len(xs)`` consecutive steps as one loop (torch's ``scan``): one graph whatever their number.
+
+    `train_steps` unrolls its steps, so its graph, and its compile time, grow with their number.
+    Here the step is the body of a loop over the batches (JAX's ``lax.scan``): the weights and the
+    optimizer's state are carried from one step to the next, and a graph compiled for a dynamic
+    number of steps trains any stretch of the run between two looks. The body is a pure function
+    (``torch.func.grad`` of the loss at the carried weights), so the model may hold no state its
+    forward changes (batch norm's running statistics) and draw no random numbers (dropout): see
+    `scannable`. The new weights and state are copied into ``params`` and ``state`` at the end.
+
+    Args:
+        names: the parameters' names in ``model`` (``named_parameters``), in the order of ``params``.
+        lrs: (K,) float64, each step's learning rate.
+        xs, ys: (K, B, *shape) and (K, B) or (K, B, *target_shape), the K batches in order.
+        The others: as `train_step`.
+
+    Returns:
+        Each step's mean loss and correct count, (K,) each, at the weights before its update.
+    """
+    from torch._higher_order_ops.scan import scan
+
+    def loss_of(weights: list[torch.Tensor], xb: torch.Tensor, yb: torch.Tensor):
+        output = torch.func.functional_call(model, dict(zip(names, weights)), (xb,))
+        loss = mean_loss_fn(output, yb)
+        return loss, (loss.detach(), output.detach())
+
+    def body(carry, batch):
+        weights, optimizer_state = carry
+        xb, yb, lr = batch
+        grads, (loss, output) = torch.func.grad(loss_of, has_aux=True)(weights, xb, yb)
+        # The carry is the loop's input, never written: the update puts new tensors into new lists.
+        weights = list(weights)
+        optimizer_state = {name: list(tensors) for name, tensors in optimizer_state.items()}
+        with functional_lists():
+            chain.step(weights, list(grads), optimizer_state, lr)
+        correct = (output.argmax(dim=1) == yb).sum() if classification else torch.zeros((), dtype=torch.int64)
+        return (weights, optimizer_state), (loss, correct)
+
+    (weights, optimizer_state), (losses, corrects) = scan(
+        body, ([p.detach() for p in params], {name: list(tensors) for name, tensors in state.items()}), (xs, ys, lrs))
+    with torch.no_grad():
+        torch._foreach_copy_(params, weights)
+        for name, tensors in state.items():
+            torch._foreach_copy_(tensors, optimizer_state[name])
+    return StepNumbers(losses, corrects if classification else None)
+
+
+def scannable(model: torch.nn.Module, names: tuple[str, ...] | None, xb: torch.Tensor) -> str | None:
+    """Why ``model``'s steps cannot be the body of `train_scan`, or None when they can.
+
+    The body must be a pure function of the carried weights: the model may keep no buffers (batch
+    norm's running statistics change in its forward) and draw no random numbers (dropout, in any
+    form: one forward pass in train mode on ``xb`` is watched for torch's random operations, with
+    the RNG's state put back afterwards).
+
+    Args:
+        names: the optimizer's parameters' names in ``model``; None when one is not the model's.
+    """
+    if names is None:
+        return "the optimizer holds a tensor that is not one of the model's parameters"
+    if any(True for _ in model.buffers()):
+        return "the model keeps buffers (batch norm's running statistics)"
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RandomOps(TorchDispatchMode):
+        found: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if torch.Tag.nondeterministic_seeded in func.tags:
+                self.found.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(xb.device) if xb.device.type == "cuda" else None
+    try:
+        with torch.no_grad(), RandomOps() as watch:
+            model(xb)
+    finally:
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, xb.device)
+    return f"the model draws random numbers ({watch.found[0]})" if watch.found else None
+
+
 def compiler_options(device: torch.device) -> dict[str, Any]:
     """Inductor's options: torch's RNG calls for dropout; CUDA graphs ("reduce-overhead") on a GPU."""
     return {"fallback_random": True, "triton.cudagraphs": device.type == "cuda", "cpp_wrapper": device.type == "cpu"}
@@ -102,7 +196,41 @@ def compiled_already(key: tuple) -> bool:
     return key in _COMPILED
 
 
-def compiled_copy(function: Callable, key: tuple, device: torch.device) -> Callable:
+def small_batch_options(batch_size: int) -> dict[str, Any]:
+    """Inductor's options for a step at ``batch_size``: at a batch of one, its matrix products (each a
+    matrix-vector or an outer product) are written as elementwise products and sums, which inductor
+    fuses into its own loops instead of calling a BLAS routine per product, most of such a step's
+    time (inductor's ``decompose_mm_pass``; its size limits are set while compiling,
+    `fused_matrix_products`)."""
+    if batch_size > SMALL_BATCH:
+        return {}
+    return {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+
+
+@contextlib.contextmanager
+def fused_matrix_products(batch_size: int):
+    """While a step at ``batch_size`` compiles: inductor's ``decompose_mm_pass`` takes every matrix
+    product of a batch of one, whatever the layers' widths (its own CPU limits, a first dimension of
+    1 and others up to 2048, leave the outer products of the weights' gradients to BLAS). A torch
+    without these limits compiles as it would."""
+    if batch_size > SMALL_BATCH:
+        yield
+        return
+    try:
+        from torch._inductor.fx_passes import decompose_mem_bound_mm as limits
+        saved = limits.cpu_max_first_dimension_decomposition, limits.cpu_max_other_dimension_decomposition
+    except (ImportError, AttributeError):
+        yield
+        return
+    limits.cpu_max_first_dimension_decomposition = limits.cpu_max_other_dimension_decomposition = 1 << 30
+    try:
+        yield
+    finally:
+        limits.cpu_max_first_dimension_decomposition, limits.cpu_max_other_dimension_decomposition = saved
+
+
+def compiled_copy(function: Callable, key: tuple, device: torch.device,
+                  options: dict[str, Any] | None = None) -> Callable:
     """``torch.compile(function)`` for one (model architecture, optimizer, batch shape) ``key``.
 
     Dynamo keeps its graphs per code object, at most ``recompile_limit`` (8) of them before it
@@ -114,7 +242,7 @@ def compiled_copy(function: Callable, key: tuple, device: torch.device) -> Calla
     if fn is None:
         separate_cache_per_kernel_set()
         fresh = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__)
-        fn = torch.compile(fresh, fullgraph=True, dynamic=False, options=compiler_options(device))
+        fn = torch.compile(fresh, fullgraph=True, dynamic=False, options={**compiler_options(device), **(options or {})})
         _COMPILED[key] = fn
     return fn
 
@@ -169,8 +297,12 @@ class CompiledStep:
                 torch._dynamo.mark_static_address(tensor)
         self.architecture = repr(model)
         self.compiled: dict[tuple, Callable] = {}  # batch shape -> compiled step
-        self.chunks: dict[tuple, Callable] = {}  # (K, *batch shape) -> compiled `train_steps`
+        self.chunks: dict[tuple, Callable] = {}  # (K, *batch shape) -> compiled `train_steps`; batch shape -> `train_scan`
         self.fallback_reason: str | None = None
+        named = {id(p): name for name, p in model.named_parameters()}
+        self.names = tuple(named[id(p)] for p in self.params) if all(id(p) in named for p in self.params) else None
+        self.scan_reason: str | None = "not decided yet"  # None: `train_scan`; decided at the first chunk
+        self._scan_decided = False
         # Several steps per graph on the CPU; on a GPU CUDA graphs already remove the launch overhead.
         self.chunk_reason: str | None = None if self.device.type == "cpu" else "CUDA graphs"
 
@@ -203,14 +335,36 @@ class CompiledStep:
         """Whether `steps` runs several steps per graph (else the loop calls one step at a time)."""
         return self.fallback_reason is None and self.chunk_reason is None
 
+    def chunk_length(self, count: int) -> int:
+        """How many of ``count`` consecutive steps (of one batch size) to run as one graph: all of them
+        with `train_scan`, else `CHUNK` (the unrolled graph's length) when there are as many; 1: one
+        step alone."""
+        if not self.chunked or count < 2:
+            return 1
+        if self.scan_reason is None or not self._scan_decided:
+            return count
+        return CHUNK if count >= CHUNK else 1
+
     def steps(self, xs: torch.Tensor, ys: torch.Tensor, lrs: torch.Tensor) -> StepNumbers | None:
-        """K consecutive steps on the batches ``xs[k], ys[k]`` as one compiled graph (`train_steps`).
+        """K consecutive steps on the batches ``xs[k], ys[k]`` as one compiled graph: the loop of
+        `train_scan` (any K from 2, one graph per batch shape) where the model allows it, else the
+        unrolled `train_steps` (K = `CHUNK`).
 
         Returns:
-            (K,) losses and correct counts; None when the K-step graph cannot be compiled (said once;
-            `chunked` is then False and the loop takes its steps one at a time).
+            (K,) losses and correct counts; None when the graph cannot be compiled or this K needs
+            another length (`chunk_length`); the loop then takes these steps one at a time (a
+            compiler failure is said once, and `chunked` is then False).
         """
         if not self.chunked:
+            return None
+        if not self._scan_decided:
+            self._scan_decided = True
+            self.scan_reason = scannable(self.model, self.names, xs[0])
+            if self.scan_reason is not None:
+                log.info("compile: %s; %d steps per graph", self.scan_reason, CHUNK)
+        if self.scan_reason is None:
+            return self._scan(xs, ys, lrs)
+        if xs.shape[0] != CHUNK:
             return None
         fn = self.chunks.get(xs.shape)
         if fn is not None:
@@ -230,6 +384,30 @@ class CompiledStep:
         self.chunks[xs.shape] = fn
         return out
 
+    def _scan(self, xs: torch.Tensor, ys: torch.Tensor, lrs: torch.Tensor) -> StepNumbers | None:
+        """`train_scan` over the K batches, compiled once per batch shape for any K >= 2."""
+        args = (self.model, self.names, self.params, self.state, self.chain, lrs, xs, ys, self.mean_loss_fn,
+                self.classification)
+        fn = self.chunks.get(xs.shape[1:])
+        if fn is not None:
+            try:
+                return self._outputs(fn(*args))
+            except torch._dynamo.exc.Unsupported:
+                pass  # a guard failed: retrace below
+        for tensor in (xs, ys, lrs):  # one graph for every number of steps
+            torch._dynamo.mark_dynamic(tensor, 0)
+        key = ("scan", *self._key(xs.shape[1:], xs.dtype, ys.shape[1:], ys.dtype))
+        fn = compiled_copy(train_scan, key, self.device, options=small_batch_options(xs.shape[1]))
+        try:
+            with fused_matrix_products(xs.shape[1]):
+                out = fn(*args)
+        except Exception as error:  # noqa: BLE001 -- any compiler failure: the unrolled graph instead
+            self.scan_reason = error_line(error)
+            log.info("compile: %s; %d steps per graph", self.scan_reason, CHUNK)
+            return None
+        self.chunks[xs.shape[1:]] = fn
+        return self._outputs(out)
+
     def _chunk_args(self, xs: torch.Tensor, ys: torch.Tensor, lrs: torch.Tensor) -> tuple:
         return (self.model, self.params, self.state, self.chain, lrs, xs, ys, self.mean_loss_fn, self.classification)
 
@@ -243,8 +421,11 @@ class CompiledStep:
         """Whether this process already compiled a graph for every ``(x shape, x dtype, y shape, y dtype)``
         (a study's earlier run of the same architecture, optimizer and batch size): compiling is then free.
         ``chunked``: the shapes are (K, B, ...) of the several-steps graph."""
-        prefix = ("steps",) if chunked else ()
-        return all(compiled_already((*prefix, *self._key(*batch))) for batch in batches)
+        if not chunked:
+            return all(compiled_already(self._key(*batch)) for batch in batches)
+        return all(compiled_already(("steps", *self._key(*batch)))  # the unrolled graph, or the loop at B
+                   or compiled_already(("scan", *self._key(x[1:], x_dtype, y[1:], y_dtype)))
+                   for x, x_dtype, y, y_dtype in batches)
 
     def _compile_and_call(self, xb: torch.Tensor, yb: torch.Tensor) -> StepNumbers:
         key = self._key(xb.shape, xb.dtype, yb.shape, yb.dtype)

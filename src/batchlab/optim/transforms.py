@@ -12,7 +12,8 @@ tensor (R, *shape)). A hyperparameter is a float (shared), a () tensor (shared, 
 compiled graph, which a new value does not recompile) or an (R,) tensor (one value per replica,
 broadcast along the leading dimension). Transforms branch only on Python values fixed when they are
 built, never on a tensor's value, so ``torch.compile(fullgraph=True)`` traces a chain into the step's
-graph; and each list operation is one ``torch._foreach_*`` call (one dispatch for all parameters).
+graph; and each list operation is one ``torch._foreach_*`` call (one dispatch for all parameters; in a compiled loop's body, one
+  operation per tensor: `lists`).
 
 Three departures from optax, each for torch:
 
@@ -41,6 +42,62 @@ import torch
 Hyperparameter = float | torch.Tensor  # shared: a float or a () tensor; one per replica: an (R,) tensor
 State = dict[str, list[torch.Tensor]]  # torch.optim's state name -> one tensor per parameter
 Scale = float | list[torch.Tensor]  # a float, or one broadcastable tensor per tensor of a list
+
+
+class _Functional:
+    """``torch._foreach_*`` operations, one out-of-place operation per tensor, for the body of a
+    compiled loop (torch's ``scan``, `batchlab.compiled.step.train_scan`), which can hold neither
+    foreach operations nor writes into its inputs.
+
+    ``_foreach_add(xs, ys, alpha=a)`` is ``[x.add(y, alpha=a) for ...]``; a list argument gives each
+    tensor its own element, any other argument is shared. An in-place operation,
+    ``_foreach_add_(xs, ...)``, puts each result into the list ``xs`` in place of its tensor: the
+    list, not the tensor, changes, so whoever holds the list (a state dict, the caller's weights)
+    sees the new values, as after a write in place.
+    """
+
+    def __getattr__(self, name: str):
+        in_place = name.endswith("_")
+        operation = getattr(torch.Tensor, name.removeprefix("_foreach_").removesuffix("_"))
+
+        def each(*args, **kwargs):
+            def pick(value, i):
+                return value[i] if isinstance(value, (list, tuple)) else value
+
+            if "alpha" in kwargs:  # x + a·y written out: torch 2.13's compiler gets add(alpha=) wrong here
+                alpha = kwargs.pop("alpha")
+                args = (args[0], [pick(args[1], i) * alpha for i in range(len(args[0]))], *args[2:])
+            out = [operation(*(pick(a, i) for a in args), **{k: pick(v, i) for k, v in kwargs.items()})
+                   for i in range(len(args[0]))]
+            if not in_place:
+                return out
+            args[0][:] = out
+            return None
+
+        return each
+
+
+_FUNCTIONAL = _Functional()
+_in_loop_body = False  # set by `functional_lists` while a loop's body is traced
+
+
+def lists():
+    """Where the list operations come from: ``torch`` (its ``_foreach_*``, one dispatch for all
+    tensors), or `_Functional` in the body of a compiled loop (`functional_lists`)."""
+    return _FUNCTIONAL if _in_loop_body else torch
+
+
+class functional_lists:
+    """``with functional_lists():`` the transforms' list operations are `_Functional`: out of place,
+    their in-place forms replacing the lists' tensors (the body of `batchlab.compiled.step.train_scan`)."""
+
+    def __enter__(self):
+        global _in_loop_body
+        _in_loop_body = True
+
+    def __exit__(self, *exc):
+        global _in_loop_body
+        _in_loop_body = False
 
 
 class GradientTransformation(Protocol):
@@ -90,25 +147,25 @@ def per_tensor(value: Hyperparameter, tensors: list[torch.Tensor]) -> Scale:
 def _scaled_add(targets: list[torch.Tensor], tensors: list[torch.Tensor], scale: Hyperparameter) -> list[torch.Tensor]:
     """targets + scale·tensors, new tensors (torch's ``add(alpha=)``; ``addcmul`` for a tensor scale)."""
     if isinstance(scale, torch.Tensor):
-        return torch._foreach_addcmul(targets, tensors, per_tensor(scale, targets))
-    return torch._foreach_add(targets, tensors, alpha=scale)
+        return lists()._foreach_addcmul(targets, tensors, per_tensor(scale, targets))
+    return lists()._foreach_add(targets, tensors, alpha=scale)
 
 
 def _scaled_add_(targets: list[torch.Tensor], tensors: list[torch.Tensor], scale: Hyperparameter) -> None:
     """targets += scale·tensors, in place."""
     if isinstance(scale, torch.Tensor):
-        torch._foreach_addcmul_(targets, tensors, per_tensor(scale, targets))
+        lists()._foreach_addcmul_(targets, tensors, per_tensor(scale, targets))
     else:
-        torch._foreach_add_(targets, tensors, alpha=scale)
+        lists()._foreach_add_(targets, tensors, alpha=scale)
 
 
 def _average_squares_(averages: list[torch.Tensor], updates: list[torch.Tensor], decay: Hyperparameter) -> None:
     """averages = decay·averages + (1 − decay)·updates², in place (Adam's v, RMSprop's square_avg)."""
-    torch._foreach_mul_(averages, per_tensor(decay, averages))
+    lists()._foreach_mul_(averages, per_tensor(decay, averages))
     if isinstance(decay, torch.Tensor):  # addcmul's ``value`` must be a number
-        torch._foreach_addcmul_(averages, torch._foreach_mul(updates, per_tensor(1 - decay, updates)), updates)
+        lists()._foreach_addcmul_(averages, lists()._foreach_mul(updates, per_tensor(1 - decay, updates)), updates)
     else:
-        torch._foreach_addcmul_(averages, updates, updates, value=1 - decay)
+        lists()._foreach_addcmul_(averages, updates, updates, value=1 - decay)
 
 
 def _divide_into(numerators: list[torch.Tensor], denominators: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -116,6 +173,9 @@ def _divide_into(numerators: list[torch.Tensor], denominators: list[torch.Tensor
 
     One pass and no new tensor: for stacked replicas the allocation cost more than the division.
     """
+    if _in_loop_body:  # no writes in a loop's body: the quotients replace the denominators
+        denominators[:] = [torch.div(numerator, denominator) for numerator, denominator in zip(numerators, denominators)]
+        return denominators
     for numerator, denominator in zip(numerators, denominators):
         torch.div(numerator, denominator, out=denominator)
     return denominators
@@ -202,14 +262,14 @@ class ScaleByMomentum(NamedTuple):
 
     def update(self, updates, state, params, lr):
         buffers = state["momentum_buffer"]
-        torch._foreach_mul_(buffers, per_tensor(self.momentum, buffers))
+        lists()._foreach_mul_(buffers, per_tensor(self.momentum, buffers))
         if in_use(self.dampening):
             # torch.optim.SGD starts the buffer as the first gradient, undamped; from a zero buffer
             # that is b_1 = μ·0 + 1·g_1, then b_t = μb_{t−1} + (1 − τ)g_t.
             later = (_update_number(state) > 1).to(torch.float64)
             _scaled_add_(buffers, updates, 1 - later * self.dampening)
         else:
-            torch._foreach_add_(buffers, updates)
+            lists()._foreach_add_(buffers, updates)
         return _scaled_add(updates, buffers, self.momentum) if self.nesterov else buffers
 
 
@@ -247,16 +307,16 @@ class ScaleByAdam(NamedTuple):
 
     def update(self, updates, state, params, lr):
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        torch._foreach_lerp_(exp_avg, updates, per_tensor(1 - self.b1, updates))  # m = β1·m + (1−β1)·g
+        lists()._foreach_lerp_(exp_avg, updates, per_tensor(1 - self.b1, updates))  # m = β1·m + (1−β1)·g
         _average_squares_(exp_avg_sq, updates, self.b2)  # v = β2·v + (1−β2)·g²
         # The bias corrections in float64, as torch.optim computes them with Python floats.
         t = _update_number(state)
         bias1 = 1 - torch.pow(self.b1, t)  # () or (R,)
         bias2_sqrt = (1 - torch.pow(self.b2, t)).sqrt()
-        denominators = torch._foreach_sqrt(exp_avg_sq)  # √v/√(1−β2^t) + ε, as torch.optim
-        torch._foreach_div_(denominators, per_tensor(bias2_sqrt, denominators))
-        torch._foreach_add_(denominators, per_tensor(self.eps, denominators))
-        torch._foreach_mul_(denominators, per_tensor(bias1, denominators))  # m̂ = m/(1−β1^t)
+        denominators = lists()._foreach_sqrt(exp_avg_sq)  # √v/√(1−β2^t) + ε, as torch.optim
+        lists()._foreach_div_(denominators, per_tensor(bias2_sqrt, denominators))
+        lists()._foreach_add_(denominators, per_tensor(self.eps, denominators))
+        lists()._foreach_mul_(denominators, per_tensor(bias1, denominators))  # m̂ = m/(1−β1^t)
         return _divide_into(exp_avg, denominators)
 
 
@@ -298,12 +358,12 @@ class ScaleByRms(NamedTuple):
         _average_squares_(square_avg, updates, self.alpha)  # v = α·v + (1−α)·g²
         if self.centered:
             grad_avg = state["grad_avg"]
-            torch._foreach_lerp_(grad_avg, updates, per_tensor(1 - self.alpha, updates))
-            averages = torch._foreach_addcmul(square_avg, grad_avg, grad_avg, value=-1)  # v − ḡ²
-            torch._foreach_sqrt_(averages)
+            lists()._foreach_lerp_(grad_avg, updates, per_tensor(1 - self.alpha, updates))
+            averages = lists()._foreach_addcmul(square_avg, grad_avg, grad_avg, value=-1)  # v − ḡ²
+            lists()._foreach_sqrt_(averages)
         else:
-            averages = torch._foreach_sqrt(square_avg)
-        torch._foreach_add_(averages, per_tensor(self.eps, averages))
+            averages = lists()._foreach_sqrt(square_avg)
+        lists()._foreach_add_(averages, per_tensor(self.eps, averages))
         return _divide_into(updates, averages)
 
 
@@ -336,7 +396,7 @@ class ScaleByLr(NamedTuple):
         return {}
 
     def update(self, updates, state, params, lr):
-        return torch._foreach_mul(updates, per_tensor(-lr, updates))
+        return lists()._foreach_mul(updates, per_tensor(-lr, updates))
 
 
 def scale_by_lr() -> ScaleByLr:
@@ -400,7 +460,7 @@ def _run(transforms, updates: list[torch.Tensor], state: State, params: list[tor
          lr: Hyperparameter) -> list[torch.Tensor]:
     """Advance the update counter (when the state keeps one), then each transform in turn."""
     if "step" in state:
-        torch._foreach_add_(state["step"], 1)
+        lists()._foreach_add_(state["step"], 1)
     for transform in transforms:
         updates = transform.update(updates, state, params, lr)
     return updates
@@ -429,7 +489,7 @@ def chain(*transforms: GradientTransformation) -> Chain:
 
 def apply_updates(params: list[torch.Tensor], updates: list[torch.Tensor]) -> None:
     """params += updates, in place (optax's ``apply_updates``; call under ``torch.no_grad()``)."""
-    torch._foreach_add_(params, updates)
+    lists()._foreach_add_(params, updates)
 
 
 def signature(transform: GradientTransformation) -> tuple:
