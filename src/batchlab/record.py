@@ -174,12 +174,6 @@ def divergence_message(batch_loss: float, step: int, epoch: int, lr: float) -> s
             "lower the learning rate or check the data")
 
 
-def evaluation_due(clock: Clock, eval_every: int | None) -> bool:
-    """Whether a run evaluating every ``eval_every`` steps evaluates after the step ``clock`` has just
-    counted (`batchlab.looks.Looks.evaluates`)."""
-    return Looks(eval_every=eval_every or None).evaluates(clock)
-
-
 def _with_probe_failures(message: str | None, failures: Mapping[str, str] | None) -> str | None:
     """The run's message, with a note for each probe that could not measure (once, however often asked)."""
     notes = [f"{name} not measured: {why}" for name, why in (failures or {}).items()]

@@ -25,9 +25,10 @@ from ..config import Adaptive, TrainConfig
 from ..drive import after_steps, drive
 from ..errors import ConfigError
 from ..events import Callback, Clock
+from ..looks import Looks
 from ..loop import check_model, plan_run, resolve_device
 from ..optim import scaled_lr
-from ..record import Recorder, Run, StepNumbers, evaluation_due
+from ..record import Recorder, Run, StepNumbers
 from ..schedule import require_one_batch_size
 from .plan import (
     REPLICA_PROBES,
@@ -41,7 +42,6 @@ from .vectorized import _Pass
 
 log = logging.getLogger("batchlab.replicas")
 
-SYNC_EVERY = 256  # steps between reads of the batch losses when nothing needs them sooner
 SAVE_REFUSAL = "checkpoints are not supported for replicas; train this config with fit to checkpoint it"
 
 
@@ -126,7 +126,7 @@ def fit_replicas(
         memory_budget: bytes the stacked training may use; default half the free memory. Replicas
             that do not fit are trained in further chunks, one after another.
         chunk_size: replicas per vectorized pass, overriding the memory estimate.
-        progress: show a progress bar; default: when stderr is a terminal.
+        progress: show a progress bar; default: `batchlab.callbacks.progress_wanted` (a terminal, not CI).
 
     Returns:
         A `ReplicaRuns`: a sequence of `Run` in the order of ``configs``, with ``.chunks``.
@@ -202,8 +202,8 @@ def _make_replica(index: int, config: TrainConfig, model: nn.Module, callbacks, 
         raise ConfigError(f"replica {index}: {SAVE_REFUSAL}")
     recorder = Recorder(
         clock, model=model, classification=classification, callbacks=callbacks, config=config, dataset=dataset,
-        probe_names=tuple(probes), eval_every=None if config.eval_every == "epoch" else config.eval_every,
-        save=None, save_refusal=SAVE_REFUSAL,
+        probe_names=tuple(probes), probe_every=config.probe_every,
+        eval_every=None if config.eval_every == "epoch" else config.eval_every, save=None, save_refusal=SAVE_REFUSAL,
     )
     return _Replica(
         index=index, config=config, model=model, recorder=recorder,
@@ -253,19 +253,19 @@ class _Replicas:
     The stack (`_Pass`) holds the replicas that train; one that stopped or diverged leaves it when
     the epoch goes on without it (its epoch's end is evaluated while it is still there). An epoch's
     steps keep their numbers as tensors (`_Pending`) and are read back in bulk (`_flush`, one
-    synchronisation) where a core looks at them (an evaluation, a callback's `StepEnd`), every
-    `SYNC_EVERY` steps and at the epoch's end; `batchlab.drive.after_steps` follows each read-back.
+    synchronisation) where a core looks at the run (`batchlab.looks`: an evaluation, a live
+    callback's `StepEnd`), after the looks' window at most, and at the epoch's end;
+    `batchlab.drive.after_steps` follows each read-back.
     """
 
     def __init__(self, state: _Pass, display):
         self.state, self.display = state, display
         self.members = [replica.recorder for replica in state.active]
         self.model = state.skeleton  # the module that trains (each replica's own is only evaluated)
-        self.eval_every = self.members[0].eval_every  # shared by the pass (`SHARED_FIELDS`)
         self.epoch_rows: list[_Replica] = []  # whose rows the epoch's order holds, in its order
         self.rows: torch.Tensor | None = None  # the rows of the order still in the stack, once some left
         self.at = 0  # the epoch's next batch
-        self.sync_steps: frozenset[int] | None = frozenset()
+        self.looks: list[Looks] = []  # where the replicas in the stack are looked at (see `_follow`)
         self._follow()
 
     def _follow(self) -> None:
@@ -273,9 +273,8 @@ class _Replicas:
         rows follow the others."""
         state = self.state
         state.drop([replica for replica in state.active if not replica.recorder.going])
-        # The steps whose StepEnd a callback needs at once (`Callback.step_end_steps`); None: every step.
-        declared = [replica.recorder.sync_steps for replica in state.active]
-        self.sync_steps = None if any(steps is None for steps in declared) else frozenset().union(*declared)
+        # A measured step is no look here: the stacked step measures it and keeps the values as tensors.
+        self.looks = [replace(replica.recorder.looks, probe_every=None) for replica in state.active]
         if self.epoch_rows and len(self.epoch_rows) != len(state.active):
             self.rows = torch.tensor([self.epoch_rows.index(r) for r in state.active], device=self.state.device)
 
@@ -292,34 +291,37 @@ class _Replicas:
         return order, list(torch.split(order[:, :sum(sizes)], sizes, dim=1))  # each (R, b)
 
     def run_epoch(self, order: torch.Tensor, batches: list[torch.Tensor]) -> None:
-        """The epoch's steps for the replicas in the stack, from where the epoch stands; returns early
-        once a replica stops or diverges (`batchlab.drive.drive` ends it, then calls again)."""
+        """The epoch's steps for the replicas in the stack, from where the epoch stands, read back where
+        the nearest core looks (`_stretch`); returns early once a replica stops or diverges
+        (`batchlab.drive.drive` ends it, then calls again)."""
         self._follow()
-        state = self.state
-        clock = state.active[0].recorder.clock  # every core has its rows so far
-        pending: list[_Pending] = []
+        clock = self.state.active[0].recorder.clock  # every core has its rows so far
         while self.at < len(batches) and clock.step < clock.total_steps:
-            index = batches[self.at] if self.rows is None else batches[self.at].index_select(0, self.rows)
-            self.at += 1
-            measuring = bool(state.probes) and clock.step % state.config.probe_every == 0
-            started = time.perf_counter()
-            numbers, probed = state.step(index, clock, measuring)
-            pending.append(_Pending(numbers, probed, state.lrs[clock.step], time.perf_counter() - started,
-                                    index.shape[1]))
-            clock = replace(clock, step=clock.step + 1, step_in_epoch=clock.step_in_epoch + 1,
-                            samples_seen=clock.samples_seen + index.shape[1])
-            if len(pending) >= SYNC_EVERY or self._looks_at(clock):
-                if not self._read_back(pending):
-                    return
-                pending = []
-        self._read_back(pending)
+            pending: list[_Pending] = []
+            for _ in range(self._stretch(clock.step, min(len(batches) - self.at, clock.total_steps - clock.step))):
+                clock = self._step(batches[self.at], clock, pending)
+                self.at += 1
+            if not self._read_back(pending):
+                return
 
-    def _looks_at(self, clock: Clock) -> bool:
-        """Whether a core looks at the step ``clock`` has just counted (so its rows must be read now):
-        an evaluation is due there (`batchlab.record.evaluation_due`, as the cores decide it once the
-        rows are in), or a callback wants its `StepEnd`."""
-        sync = self.sync_steps
-        return sync is None or clock.step in sync or evaluation_due(clock, self.eval_every)
+    def _step(self, batch: torch.Tensor, clock: Clock, pending: list[_Pending]) -> Clock:
+        """One stacked update on ``batch`` (R_epoch, b), its numbers kept in ``pending``; returns the
+        clock after it."""
+        state = self.state
+        index = batch if self.rows is None else batch.index_select(0, self.rows)
+        # probe_every is shared (`SHARED_FIELDS`): the first core's looks say which steps are measured.
+        measuring = bool(state.probes) and state.active[0].recorder.looks.measures(clock.step)
+        started = time.perf_counter()
+        numbers, probed = state.step(index, clock, measuring)
+        pending.append(_Pending(numbers, probed, state.lrs[clock.step], time.perf_counter() - started, index.shape[1]))
+        return replace(clock, step=clock.step + 1, step_in_epoch=clock.step_in_epoch + 1,
+                       samples_seen=clock.samples_seen + index.shape[1])
+
+    def _stretch(self, step: int, limit: int) -> int:
+        """How many steps from ``step`` on run before a read-back: up to the nearest step where a core
+        looks at its run (`batchlab.looks.Looks.stretch`: an evaluation, a live callback's `StepEnd`,
+        the read-back window), at most ``limit`` (the epoch's remaining batches and the run's steps)."""
+        return min(looks.stretch(step, limit) for looks in self.looks)
 
     def _read_back(self, pending: list[_Pending]) -> bool:
         """The pending steps into the cores, then what follows them (`batchlab.drive.after_steps`).
@@ -364,7 +366,7 @@ def _flush(state: _Pass, pending: list[_Pending]) -> None:
     """Hand the pending steps to the core of every replica in the stack, in order.
 
     A core records until its loss is not finite (it has then diverged, and `batchlab.drive.drive`
-    ends it); callbacks ask for something only at a read-back's last step (`_Replicas._looks_at`).
+    ends it); callbacks ask for something only at a read-back's last step (`_Replicas._stretch`).
     """
     if not pending:
         return
