@@ -6,6 +6,7 @@ Usage: ``torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py SC
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch.distributed as dist
 
 import batchlab as bl
 from batchlab import distributed
+from batchlab.events import Callback, Stop
 
 # The configs both sides of the equivalence test train: per-rank batch 12 over 2 ranks = global 24.
 # blobs has a training set that 24 does not divide, so the last global batch is short and split too.
@@ -103,6 +105,69 @@ def track(out: Path) -> None:
     (out / f"track-rank{rank}.json").write_text(run.steps.to_json(orient="records"))
 
 
+LOOKS_CONFIG = dict(optimizer="sgd", lr=0.05, epochs=2, eval_every=7, seed=7)  # global batch 24: 21 steps/epoch
+STOP_AT = 10  # the step rank 0's declared callback stops the run at
+
+
+class StopsAt(Callback):
+    """A live callback that sees only step ``step`` (declared) and stops the run there."""
+
+    def __init__(self, step: int):
+        self.step, self.step_end_steps = step, (step,)
+
+    def on_step_end(self, event):
+        return Stop(f"stopped at step {self.step}") if event.clock.step == self.step else None
+
+
+class CountsRows(Callback):
+    """A callback that reads rows only (as a progress display): it counts those it is handed."""
+
+    step_end_live = False
+
+    def __init__(self):
+        self.rows = 0
+
+    def on_step_end(self, event):
+        self.rows += 1
+
+
+class SeesEveryStep(Callback):
+    """A live callback that needs every step (declares no steps) and asks for nothing."""
+
+    def on_step_end(self, event):
+        return None
+
+
+def looks(out: Path) -> None:
+    """Where the ranks agree on rank 0's requests, counted in every rank (`distributed._agree` calls):
+    a callback declaring one step stops both ranks there; a display (with the progress bar) adds no
+    agreement; a live every-step callback one per step."""
+    ds = dataset()
+    config = bl.TrainConfig(batch_size=PER_RANK_BATCH, **LOOKS_CONFIG)
+    rank0 = dist.get_rank() == 0
+    agree, agreed = distributed._agree, []
+
+    def counted(state):
+        agreed.append(state.recorder.clock.step)
+        return agree(state)
+
+    distributed._agree = counted
+    results = {}
+    try:
+        for name, kind, progress in (("stop", StopsAt, False), ("rows", CountsRows, True),
+                                     ("every", SeesEveryStep, False)):
+            agreed.clear()
+            callbacks = [kind(STOP_AT) if kind is StopsAt else kind()] if rank0 else []
+            run = distributed.fit(model(ds, config.seed), ds, config, callbacks=callbacks, progress=progress,
+                                  timeout=60)
+            results[name] = {"agreed": list(agreed), "status": run.status, "message": run.message,
+                             "steps": run.steps["step"].tolist(), "evals": run.evals["step"].tolist(),
+                             "rows": callbacks[0].rows if callbacks and kind is CountsRows else None}
+    finally:
+        distributed._agree = agree
+    (out / f"looks-rank{dist.get_rank()}.json").write_text(json.dumps(results))
+
+
 class StallsOnRank1(torch.nn.Module):
     """A model whose rank 1 stops answering (a long sleep, as a stuck rank) at its 4th training call."""
 
@@ -149,7 +214,7 @@ if __name__ == "__main__":
     distributed.start("cpu", timeout=timeout)
     try:
         for name in scenario.split(","):  # a failure breaks the process group: it comes last
-            {"equivalence": equivalence, "track": track, "failure": failure, "stall": stall}[name](folder)
+            {"equivalence": equivalence, "track": track, "looks": looks, "failure": failure, "stall": stall}[name](folder)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

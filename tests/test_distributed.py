@@ -90,7 +90,7 @@ class OracleNoise:
 def launched(tmp_path_factory):
     """The ranks' outputs and, computed meanwhile in this process, the single-process references."""
     out = tmp_path_factory.mktemp("ddp")
-    process = _launch("equivalence,track,failure", out)
+    process = _launch("equivalence,track,looks,failure", out)
     torch.set_num_threads(1)
     ds = worker.dataset()
     references = {}
@@ -161,6 +161,45 @@ def test_track_in_a_users_ddp_loop_records_the_global_batch(launched):
         tracked = store.load_run(int(runs[runs["name"] == "track"]["id"].iloc[0]))
     assert tracked.provenance["distributed"]["world_size"] == WORLD
     assert len(tracked.steps) == len(reference)
+
+
+def _looks(out: Path) -> list[dict]:
+    paths = [out / f"looks-rank{rank}.json" for rank in range(WORLD)]
+    assert all(path.exists() for path in paths), "a rank wrote no looks results"
+    return [json.loads(path.read_text()) for path in paths]
+
+
+def test_a_rank0_callback_declaring_a_step_stops_every_rank_there(launched):
+    """Rank 0's callback sees step 10 only (step_end_steps=(10,)) and stops there: every rank ends at
+    step 10, agreeing at the start, the evaluation at 7, step 10 and the stopped epoch's end only."""
+    out, _, _, output = launched
+    ranks = [results["stop"] for results in _looks(out)]
+    for rank, result in enumerate(ranks):
+        assert result["status"] == "stopped", output[-2000:]
+        assert result["steps"] == list(range(1, worker.STOP_AT + 1))
+        assert result["evals"] == [0, 7, worker.STOP_AT]
+        assert result["agreed"] == [0, 7, worker.STOP_AT, worker.STOP_AT]
+    assert ranks[0]["message"] == f"stopped at step {worker.STOP_AT}"
+    assert ranks[1]["message"] == "rank 0 stopped the run"
+
+
+def test_a_rank0_display_adds_no_agreement_between_evaluations(launched):
+    """With only row-reading callbacks on rank 0 (one that counts rows, and the progress bar) the ranks
+    agree where rank 0 evaluates and nowhere else, while the display is still handed every row; a live
+    callback that needs every step makes them agree after each step (and at each epoch's end)."""
+    out, _, _, output = launched
+    steps_per_epoch = math.ceil(500 / (worker.PER_RANK_BATCH * WORLD))  # blobs: 500 training samples
+    total = steps_per_epoch * worker.LOOKS_CONFIG["epochs"]
+    # every 7 steps within an epoch, and at the step-0 evaluation and each epoch's end
+    evaluations = sorted({0, *range(7, total + 1, 7), *range(steps_per_epoch, total + 1, steps_per_epoch)})
+    for rank, results in enumerate(_looks(out)):
+        rows, every = results["rows"], results["every"]
+        assert rows["status"] == every["status"] == "finished", output[-2000:]
+        assert rows["evals"] == evaluations
+        assert rows["agreed"] == evaluations
+        assert rows["rows"] == (total if rank == 0 else None)
+        epoch_ends = range(steps_per_epoch, total + 1, steps_per_epoch)
+        assert every["agreed"] == sorted([0, *range(1, total + 1), *epoch_ends])
 
 
 def test_rank0_alone_records_with_provenance(launched):

@@ -16,7 +16,9 @@ each global batch; the global batch is what a single process at batch B×N would
 - ``noise_scale`` comes from the ranks' local vs the all-reduced gradient norms
   (`batchlab.probes.RankNoiseScale`), no extra backward pass;
 - callbacks (the store's recorder, the progress bar) run on rank 0 only; their stop requests are
-  broadcast to the other ranks where they can arise (evaluations, epoch ends, per-step callbacks);
+  broadcast to the other ranks where they can arise: evaluations, epoch ends, and the steps rank 0's
+  live per-step callbacks see (`batchlab.looks`, told to every rank once at the start; a progress
+  bar, which only reads rows, adds no collective);
 - a rank that raises tells rank 0 through the process group's key-value store; rank 0 ends the run
   as ``failed`` with that message (or, for a rank killed without a word, what its failed collective
   showed); every collective has a timeout, so no rank waits forever; Ctrl-C (SIGINT, which the
@@ -51,6 +53,7 @@ from .config import Adaptive, TrainConfig, is_schedule
 from .drive import drive
 from .errors import BatchlabError, ConfigError, error_line
 from .events import Callback, Clock, RestoreWeights
+from .looks import Looks
 from .loop import check_model, plan_batch_norm, plan_run, resolve_device
 from .metrics import correct_count, evaluation_splits, loss_function, pass_totals
 from .optim import build_optimizer, scaled_lr, set_lr
@@ -185,7 +188,7 @@ def fit(
             (`batchlab.probes.RankNoiseScale`). Probes that need the live graph (``noise_scale_exact``)
             are refused.
         callbacks: run on rank 0 only (the store's recorder, EarlyStopping); other ranks follow its stops.
-        progress: a progress bar on rank 0; default: when stderr is a terminal.
+        progress: a progress bar on rank 0; default: `batchlab.callbacks.progress_wanted` (a terminal, not CI).
         timeout: seconds any collective may wait; the process group is started with it when this
             call starts it.
 
@@ -294,7 +297,7 @@ class _DistributedState:
     splits: dict
     rank_gradients: RankGradients
     recorder: Recorder = None  # type: ignore[assignment]
-    rank0_steps_callbacks: bool = False  # rank 0 has per-step callbacks: agree after every step
+    rank0_looks: Looks = Looks()  # where rank 0's live callbacks see the run: every rank agrees there
 
     @classmethod
     def start(cls, model, dataset, config, clock, ranks) -> "_DistributedState":
@@ -357,10 +360,25 @@ class _DistributedState:
 
 
 def _train(state: _DistributedState) -> Run:
-    flag = torch.tensor([bool(state.recorder.per_step)], dtype=torch.int64, device=_collective_device(state))
-    dist.broadcast(flag, 0)
-    state.rank0_steps_callbacks = bool(flag.item())
+    state.rank0_looks = Looks(steps=_rank0_look_steps(state))
     return drive(state)[0]
+
+
+def _rank0_look_steps(state: _DistributedState) -> tuple[int, ...] | None:
+    """Rank 0's look steps (`batchlab.looks.Looks.steps`: None for every step) in every rank: a count
+    (-1 for None), then the steps as one int64 tensor; no pickling between ranks."""
+    steps, device = state.recorder.looks.steps, _collective_device(state)
+    count = torch.tensor([-1 if steps is None else len(steps)], dtype=torch.int64, device=device)
+    dist.broadcast(count, 0)
+    n = int(count.item())
+    if n < 0:
+        return None
+    if n == 0:
+        return ()
+    values = (torch.tensor(steps, dtype=torch.int64, device=device) if state.ranks.is_main
+              else torch.empty(n, dtype=torch.int64, device=device))  # (n,)
+    dist.broadcast(values, 0)
+    return tuple(values.tolist())
 
 
 def _run_epoch(state: _DistributedState, batches: list[torch.Tensor]) -> None:
@@ -408,7 +426,9 @@ def _run_epoch(state: _DistributedState, batches: list[torch.Tensor]) -> None:
         evaluated = rec.evaluation_due()
         if evaluated:
             state.evaluate()
-        if (evaluated or state.rank0_steps_callbacks) and not _agree(state):
+        # Rank 0's requests can arise only where its live callbacks see the run, or at an evaluation:
+        # the ranks agree there alone (a progress bar, which only reads rows, adds no collective).
+        if (evaluated or state.rank0_looks.sees(rec.clock.step)) and not _agree(state):
             return
 
 
