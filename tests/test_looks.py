@@ -224,3 +224,24 @@ def test_the_loop_body_equals_torch_optim(kind):
     assert out.loss.tolist() == pytest.approx(losses, abs=1e-12)
     for a, b in zip(ours.parameters(), theirs.parameters()):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_an_eager_run_reads_its_numbers_once_per_stretch(monkeypatch):
+    """Eagerly too, the updates between two looks are made before any of their numbers is read."""
+    import batchlab.loop as loop
+
+    lengths = []
+    stretch = loop._eager_stretch
+
+    def counted(state, index, lrs):
+        lengths.append(len(lrs))
+        return stretch(state, index, lrs)
+
+    monkeypatch.setattr(loop, "_eager_stretch", counted)
+    data = dataset()
+    data = Dataset("tiny", (data.train[0][:96], data.train[1][:96]), data.val, data.test, n_classes=3)
+    run = bl.fit(model(), data, bl.TrainConfig(batch_size=16, epochs=2, eval_every=5, seed=7, **CONFIGS["sgd"]),
+                 progress=False)
+    # 6 batches an epoch: steps 1-5 (an evaluation after 5), 6 (the epoch's end), 7-10 (after 10), 11-12.
+    assert lengths == [5, 1, 4, 2]
+    assert run.evals["step"].tolist() == [0, 5, 6, 10, 12]

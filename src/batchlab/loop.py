@@ -29,6 +29,7 @@ from .errors import ConfigError, ModelError, error_line
 from .events import Callback, Clock
 from .metrics import (
     correct_count,
+    correct_counts,
     evaluate_splits,
     evaluation_splits,
     loss_function,
@@ -36,6 +37,9 @@ from .metrics import (
 )
 from .optim import build_optimizer, scaled_lr, set_lr
 from .record import Recorder, Run, StepNumbers, step_table, summarize_evals
+
+# Eagerly, a stretch keeps its outputs until its numbers are read: at most this many values (16 MB in float32).
+EAGER_OUTPUTS = 1 << 22
 
 __all__ = ["Run", "check_model", "fit", "has_batch_norm", "plan_batch_norm", "plan_run", "resolve_device", "step_table",
            "summarize_evals", "train_step"]
@@ -280,6 +284,7 @@ class _LoopState:
     splits: dict  # the splits every evaluation passes over
     recorder: Recorder = None  # type: ignore[assignment]  # set by fit once the probes exist
     compiled: Any = None  # a `batchlab.compiled.CompiledStep` for unmeasured steps, or None: eager
+    current_lr: float | None = None  # the lr the optimizer (and the compiled step) hold; None: unknown
 
     @classmethod
     def start(cls, model, dataset, config, clock, loss_fn) -> "_LoopState":
@@ -300,6 +305,14 @@ class _LoopState:
         """The learning rate of update ``step``, made at ``batch_size`` (the B in force) after
         ``epochs_done`` epochs (`batchlab.schedule.step_lr`)."""
         return schedule.step_lr(self.config, self.recorder.clock, step, batch_size, epochs_done, self.base_lr)
+
+    def use_lr(self, lr: float) -> None:
+        """The next update's learning rate, into the optimizer and the compiled step when it changed."""
+        if lr != self.current_lr:
+            set_lr(self.optimizer, lr)
+            if self.compiled is not None:
+                self.compiled.set_lr(lr)
+            self.current_lr = lr
 
     @property
     def members(self) -> tuple[Recorder]:
@@ -476,74 +489,92 @@ def _train(state: _LoopState) -> Run:
 
 
 def _run_epoch(state: _LoopState, order: torch.Tensor, batches: list[torch.Tensor]) -> None:
-    """The steps of one epoch: compute each update and hand its numbers to the core. The hot path.
+    """The steps of one epoch, a stretch at a time: the updates until something looks at the run
+    (`batchlab.looks`) are made without reading their numbers, which go to the core in one read
+    (one compiled graph, or eager steps whose losses and outputs stay tensors until then). A step a
+    probe measures runs alone, eagerly, through the probes' points. The hot path.
 
     Args:
         order: the epoch's sample order (N,); ``batches`` are consecutive slices of it.
         batches: the epoch's batches, as index tensors.
     """
-    rec, model, optimizer = state.recorder, state.model, state.optimizer
+    rec = state.recorder
     X, y = state.dataset.train
     classification = state.dataset.n_classes is not None
-    probes, compiled = rec.probes, state.compiled
-    clock = rec.clock
-    step, total = clock.step, clock.total_steps
-    current_lr = None
-    done = clock.epoch - 1  # epochs completed before this one
-    changes = clock.changes  # the batch sizes planned; an adaptive decision replaces them
+    done = rec.clock.epoch - 1  # epochs completed before this one
+    changes = rec.clock.changes  # the batch sizes planned; an adaptive decision replaces them
+    step, total = rec.clock.step, rec.clock.total_steps
     start = 0  # where the next batch starts in the epoch's order
-    chunking = compiled is not None and compiled.chunked
     at = 0  # the next batch of the epoch
     while at < len(batches) and step < total:
         started = time.perf_counter()
-        count = _chunk_length(state, step, batches, at) if chunking else 1
-        if count > 1:
-            # K steps as one graph: the batches are consecutive slices of the epoch's order, of one size.
-            b = batches[at].numel()
-            index = order[start:start + count * b].view(count, b)
-            lrs = [state.lr_of(step + k, rec.clock.batch_size, done) for k in range(count)]
-            out = compiled.steps(*schedule.gather_batches(X, y, index),
-                                 torch.tensor(lrs, dtype=torch.float64, device=X.device))
-            if out is not None:
-                set_lr(optimizer, lrs[-1])
-                current_lr = None  # the single step's lr is set again before its next use
-                losses = out.loss.tolist()
-                corrects = out.correct.tolist() if classification else [None] * count
-                seconds = (time.perf_counter() - started) / count
-                # A loss that is not finite stops the rows there; the chunk's later updates are made
-                # (the run is diverged: its weights are not finite either).
-                rec.record_steps([(b, lr, loss, correct, seconds, None)
-                                  for lr, loss, correct in zip(lrs, losses, corrects)])
-                step, at, start = step + count, at + count, start + count * b
-                if not _after_step(state):
-                    return
-                if rec.clock.changes is not changes:  # the batch size changed: re-cut the rest of the epoch
-                    batches, changes = state.recut(order, batches, at, start), rec.clock.changes
-                continue
-            chunking = compiled.chunked  # no graph for these steps: this one alone (none at all: every one)
-        index = batches[at]
-        at, start = at + 1, start + index.numel()
-        lr = state.lr_of(step, rec.clock.batch_size, done)
-        if lr != current_lr:
-            set_lr(optimizer, lr)
-            if compiled is not None:
-                compiled.set_lr(lr)
-            current_lr = lr
-        measuring = rec.measuring()
-        if compiled is not None and not measuring:  # probes need the eager step's points
-            out = compiled(X[index], y[index])
+        b = batches[at].numel()
+        if rec.measuring():
+            lr = state.lr_of(step, rec.clock.batch_size, done)
+            state.use_lr(lr)
+            out = train_step(state.model, state.optimizer, state.loss_fn, state.mean_loss_fn, X[batches[at]],
+                             y[batches[at]], classification, rec.probes)
+            rec.record_step(b, lr, out.loss.item(), out.correct.item() if classification else None,
+                            time.perf_counter() - started, rec.probes.collect())
+            count = 1
         else:
-            out = train_step(model, optimizer, state.loss_fn, state.mean_loss_fn, X[index], y[index],
-                             classification, probes if measuring else None)
-        batch_loss = out.loss.item()
-        batch_correct = out.correct.item() if classification else None
-        rec.record_step(index.numel(), lr, batch_loss, batch_correct, time.perf_counter() - started,
-                        probes.collect() if measuring else None)
-        step += 1
+            count = _stretch_length(state, step, batches, at)
+            lrs = [state.lr_of(step + k, rec.clock.batch_size, done) for k in range(count)]
+            out, count = _stretch(state, order[start:start + count * b].view(count, b), lrs)
+            losses = out.loss.tolist()
+            corrects = out.correct.tolist() if classification else [None] * count
+            seconds = (time.perf_counter() - started) / count
+            # A loss that is not finite stops the rows there; the stretch's later updates are made
+            # (the run is diverged: its weights are not finite either).
+            rec.record_steps([(b, lr, loss, correct, seconds, None) for lr, loss, correct in zip(lrs, losses, corrects)])
+        step, at, start = step + count, at + count, start + count * b
         if not _after_step(state):
             return
-        if rec.clock.changes is not changes:
+        if rec.clock.changes is not changes:  # the batch size changed: re-cut the rest of the epoch
             batches, changes = state.recut(order, batches, at, start), rec.clock.changes
+
+
+def _stretch(state: _LoopState, index: torch.Tensor, lrs: list[float]) -> tuple[StepNumbers, int]:
+    """The updates on the batches ``index`` (K, B), at the learning rates ``lrs``, their numbers as
+    (K,) tensors: one compiled graph where the compiled step takes them all, else one compiled step
+    (the others wait for the next stretch), else eagerly. Returns the numbers and how many updates
+    were made."""
+    X, y = state.dataset.train
+    compiled = state.compiled
+    if compiled is not None and len(lrs) > 1:
+        out = compiled.steps(*schedule.gather_batches(X, y, index), torch.tensor(lrs, dtype=torch.float64,
+                                                                                 device=X.device))
+        if out is not None:
+            set_lr(state.optimizer, lrs[-1])  # the optimizer's own lr follows (checkpoints, probes' steps)
+            state.current_lr = None
+            return out, len(lrs)
+        index, lrs = index[:1], lrs[:1]
+    if compiled is not None:
+        state.use_lr(lrs[0])
+        out = compiled(X[index[0]], y[index[0]])
+        return StepNumbers(out.loss.reshape(1), None if out.correct is None else out.correct.reshape(1)), 1
+    return _eager_stretch(state, index, lrs), len(lrs)
+
+
+def _eager_stretch(state: _LoopState, index: torch.Tensor, lrs: list[float]) -> StepNumbers:
+    """Eager updates on the batches ``index`` (K, B), none of them read back: the losses and the
+    outputs stay tensors, and the correct counts are taken from all the outputs at once."""
+    X, y = state.dataset.train
+    model, optimizer, mean_loss_fn = state.model, state.optimizer, state.mean_loss_fn
+    losses, outputs = [], []
+    for k, lr in enumerate(lrs):
+        state.use_lr(lr)
+        xb, yb = X[index[k]], y[index[k]]
+        output = model(xb)
+        loss = mean_loss_fn(output, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+        outputs.append(output.detach())
+    if state.dataset.n_classes is None:
+        return StepNumbers(torch.stack(losses), None)
+    return StepNumbers(torch.stack(losses), correct_counts(torch.stack(outputs), y[index]))
 
 
 def _after_step(state: _LoopState) -> bool:
@@ -556,17 +587,19 @@ def _after_step(state: _LoopState) -> bool:
     return not (rec.wants_attention and not rec.settle())
 
 
-def _chunk_length(state: _LoopState, step: int, batches: list[torch.Tensor], at: int) -> int:
-    """How many of the next steps run as one compiled graph: the stretch until something looks at the
-    run (`batchlab.looks.Looks.stretch`: an evaluation, a measured step, a callback's step, the
-    read-back window), within the epoch's batches of the size in force, as many as the compiled
-    step takes in one graph (`CompiledStep.chunk_length`); 1: this step alone."""
+def _stretch_length(state: _LoopState, step: int, batches: list[torch.Tensor], at: int) -> int:
+    """How many of the next updates make one stretch: until something looks at the run
+    (`batchlab.looks.Looks.stretch`: an evaluation, a measured step, a callback's step, the read-back
+    window), within the epoch's batches of the size in force; as many as the compiled step takes in
+    one graph (`CompiledStep.chunk_length`), or, eagerly, as many as `EAGER_OUTPUTS` kept outputs allow."""
     rec = state.recorder
     b = rec.clock.batch_size
     limit = min(rec.clock.total_steps - step, len(batches) - at)
+    if state.compiled is None and state.dataset.n_classes is not None:
+        limit = min(limit, max(1, EAGER_OUTPUTS // (b * state.dataset.n_classes)))
     count = rec.looks.stretch(step, limit)
     for k in range(count):  # the batches of one size: a schedule's change or a short last batch ends it
         if batches[at + k].numel() != b:
             count = k
             break
-    return state.compiled.chunk_length(count)
+    return max(1, state.compiled.chunk_length(count) if state.compiled is not None else count)

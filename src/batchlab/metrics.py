@@ -59,6 +59,11 @@ def correct_count(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (output.argmax(dim=1) == y).sum()
 
 
+def correct_counts(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`correct_count` of K batches at once: outputs (K, B, classes), labels (K, B); (K,) counts."""
+    return (outputs.argmax(dim=2) == y).sum(dim=1)
+
+
 @dataclass
 class RunningMean:
     """Keras' epoch aggregate: totals of loss·B, correct samples and samples since the epoch began."""

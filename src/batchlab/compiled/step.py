@@ -423,7 +423,7 @@ class CompiledStep:
         ``chunked``: the shapes are (K, B, ...) of the several-steps graph."""
         if not chunked:
             return all(compiled_already(self._key(*batch)) for batch in batches)
-        return all(compiled_already(("steps", *self._key(*batch)))  # the unrolled graph, or the loop at B
+        return all(compiled_already(("steps", *self._key(x, x_dtype, y, y_dtype)))  # unrolled, or the loop at B
                    or compiled_already(("scan", *self._key(x[1:], x_dtype, y[1:], y_dtype)))
                    for x, x_dtype, y, y_dtype in batches)
 
