@@ -13,9 +13,9 @@ trained by:
 - ``keras``: Keras 3 on its torch backend, ``model.fit(X, y, batch_size=B, epochs=1, verbose=0)``;
 - ``plain+compile``: ``plain`` with the step compiled (`batchlab.compiled.CompiledStep`: forward,
   backward, update and the batch numbers as one graph); compile time reported separately;
-- ``batchlab+compile``: ``bl.fit`` with ``compile="on"`` (on the CPU four steps per graph where
-  nothing looks between them, every table recorded); compile time (first epoch minus a compiled
-  epoch) reported separately;
+- ``batchlab+compile``: ``bl.fit`` with ``compile="on"`` (on the CPU each stretch between two looks
+  at the run is one graph, a loop over its batches; every table recorded); compile time (first
+  epoch minus a compiled epoch) reported separately;
 - ``jax``: the same MLP and SGD in JAX, ``jit`` of a ``lax.scan`` over the epoch's steps (the
   anchor; needs ``pip install jax``, extra ``[bench]``); compile time reported separately.
 
