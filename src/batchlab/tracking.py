@@ -71,9 +71,10 @@ from .probes.estimators import NoiseState, advance, unmeasured
 from .record import Recorder, Run
 
 GRADIENT_PROBES = ("grad_norm", "noise_scale", "noise_scale_exact")
-# Updates kept as tensors before their numbers are read back in one go. Reading each step's loss and
-# correct count as it comes would wait for the device every step; reading every 64 steps costs one
-# wait per 64, and a diverged loop still learns of it (``should_stop``) within 64 steps.
+# Updates kept as tensors before their numbers are read back in one go: the tracker's read-back window
+# (`batchlab.looks.Looks.window`). Reading each step's loss and correct count as it comes would wait
+# for the device every step; reading every 64 steps costs one wait per 64, and a diverged loop still
+# learns of it (``should_stop``) within 64 steps.
 READ_BACK_EVERY = 64
 
 
@@ -220,7 +221,7 @@ class Tracker:
         clock = Clock(n_train=n_train or 0, batch_size=0, steps_per_epoch=0, total_steps=0, epochs=0)
         self.recorder = Recorder(clock, model=model, classification=True, callbacks=self.callbacks, config=config,
                                  dataset=dataset or "user data", probe_names=[p.name for p in self.probe_specs],
-                                 probe_every=probe_every, eval_every=eval_every, save=None,
+                                 probe_every=probe_every, eval_every=eval_every, window=READ_BACK_EVERY, save=None,
                                  save_refusal="bl.track writes no checkpoints; save your model and optimizer yourself")
         self.dataset = _TrackedData(dataset or "user data", n_train)
         self.noise: MicroBatchNoise | None = None
@@ -241,10 +242,6 @@ class Tracker:
         self._early_updates = 0  # optimizer steps before the first run.step
         self._gradient_probes: list[str] = []  # probes that read p.grad (set at `_start`)
         self._reads_gradients = False  # whether run.step still checks that backward came first
-        # When the unread updates must be recorded at once: every step where a per-step callback wants
-        # the row or the ranks reduce each step together; at multiples of eval_every when evaluating.
-        self._read_each_step = self.ranks is not None or bool(self.recorder.per_step)
-        self._eval_every = self.recorder.eval_every if self.eval_data else None
         self._mark = 0.0
         self.defer_completion = False  # framework callbacks: the step completes at `batch_end`, not at the update
 
@@ -354,8 +351,8 @@ class Tracker:
         """A callback asked to stop, or the loss diverged: break out of your loop.
 
         The steps' numbers are read back every `READ_BACK_EVERY` steps (and at every evaluation,
-        epoch end, and step when a callback wants each step), so a divergence shows here within
-        that many steps; the steps after it are not recorded.
+        epoch end, and step a live callback sees: `batchlab.looks`), so a divergence shows here
+        within that many steps; the steps after it are not recorded.
         """
         return not self.recorder.going
 
@@ -534,10 +531,25 @@ class Tracker:
             pending.values.update(self.recorder.probes.take())
         self._unread.append(pending)
         self._updates += 1
-        if (self._read_each_step or len(self._unread) >= READ_BACK_EVERY
-                or (self._eval_every is not None and self._updates % self._eval_every == 0)):
+        if self._looked_at():
             self._read_back()
         self._mark = time.perf_counter()
+
+    def _looked_at(self) -> bool:
+        """Whether the unread updates must be recorded now, the last of them just completed: the ranks
+        reduce every step together; otherwise where the run's looks (`batchlab.looks`) say something
+        looks at it: a step a live callback sees, an evaluation of ``eval_data`` due, the read-back
+        window full."""
+        rec, unread = self.recorder, len(self._unread)
+        looks = rec.looks
+        if self.ranks is not None or unread >= looks.window:
+            return True
+        clock = rec.clock  # the recorded updates'; the unread ones follow them in this epoch
+        if looks.sees(clock.step + unread):
+            return True
+        if not self.eval_data or looks.eval_every is None:  # nothing to evaluate: no clock to build
+            return False
+        return looks.evaluates(replace(clock, step=clock.step + unread, step_in_epoch=clock.step_in_epoch + unread))
 
     def _read_back(self) -> None:
         """Read the unread updates' numbers (one wait for the device) and hand their rows to the core,
