@@ -31,11 +31,18 @@ def model_fn(dataset):
     return lambda seed: build_model("mlp", dataset, seed=seed, hidden=[8]).double()
 
 
-class StopAt(Callback):
-    """A live callback that sees step ``step`` only (declared) and stops its run there."""
+class SeesAt(Callback):
+    """A live callback that sees step ``step`` only (declared) and asks for nothing."""
 
     def __init__(self, step: int):
         self.step, self.step_end_steps = step, (step,)
+
+    def on_step_end(self, event):
+        return None
+
+
+class StopAt(SeesAt):
+    """A live callback that sees step ``step`` only (declared) and stops its run there."""
 
     def on_step_end(self, event):
         return Stop(f"stopped at step {self.step}") if event.clock.step == self.step else None
@@ -97,3 +104,68 @@ def test_replicas_read_back_where_their_looks_say(blobs, monkeypatch):
     for column in ("batch_loss", "running_loss", "grad_norm"):
         assert np.allclose(runs[0].steps[column], single.steps[column], rtol=1e-10), column
     assert runs[0].evals["step"].tolist() == single.evals["step"].tolist()
+
+
+class ReadsCounted:
+    """Wraps `Tracker._read_back` to keep the step after each read-back that recorded something."""
+
+    def __init__(self, monkeypatch):
+        from batchlab.tracking import Tracker
+
+        self.reads: list[int] = []
+        read_back = Tracker._read_back
+
+        def counted(tracker):
+            unread = len(tracker._unread)
+            if unread and tracker.recorder.going:
+                self.reads.append(tracker.recorder.clock.step + unread)
+            read_back(tracker)
+
+        monkeypatch.setattr(Tracker, "_read_back", counted)
+
+
+def tracked_epochs(blobs, callbacks, epochs=2, batch=20, **options):
+    """A plain loop over blobs' 500 samples in batches of 20 (25 per epoch), measured by bl.track."""
+    model = model_fn(blobs)(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    X, y = blobs.train
+    with bl.track(model, optimizer, callbacks=callbacks, **options) as run:
+        for _ in range(epochs):
+            for start in range(0, len(X), batch):
+                out = model(X[start:start + batch])
+                loss = F.cross_entropy(out, y[start:start + batch])
+                optimizer.zero_grad()
+                loss.backward()
+                run.step(loss, outputs=out, targets=y[start:start + batch])
+                optimizer.step()
+            run.end_epoch()
+    return run
+
+
+def test_track_reads_back_where_its_looks_say(blobs, monkeypatch):
+    """bl.track with eval_data every 7 steps, a live callback at step 30, a display, and a window of
+    10: read-backs at exactly those looks and epochs' ends, the display handed every row."""
+    from batchlab import tracking
+
+    monkeypatch.setattr(tracking, "READ_BACK_EVERY", 10)
+    counted = ReadsCounted(monkeypatch)
+    display = CountsRows()
+    run = tracked_epochs(blobs, [display, SeesAt(30)], eval_every=7, eval_data=blobs.val, loss_fn=F.cross_entropy)
+    assert run.status == "finished" and len(run.steps) == 50
+    assert counted.reads == expected_reads(50, 25, 7, 10, seen={30})
+    assert display.steps == list(range(1, 51))
+    # the evaluations where fit makes them: every 7 steps within an epoch, and at each epoch's end
+    assert run.evals["step"].tolist() == [0, 7, 14, 21, 25, 28, 35, 42, 49, 50]
+
+
+def test_track_stops_at_a_live_callbacks_declared_step(blobs, monkeypatch):
+    """A callback declaring step 13 stops the tracked run there, though no window ends at 13; a
+    display alone never makes the tracker read back before its window."""
+    counted = ReadsCounted(monkeypatch)
+    run = tracked_epochs(blobs, [CountsRows(), StopAt(13)], epochs=1)
+    assert run.status == "stopped" and run.steps["step"].tolist() == list(range(1, 14))
+    assert counted.reads[0] == 13
+    counted.reads.clear()
+    display = CountsRows()
+    run = tracked_epochs(blobs, [display], epochs=1, batch=2)  # 250 steps: windows of 64, then the end
+    assert counted.reads == [64, 128, 192, 250] and display.steps == list(range(1, 251))
