@@ -240,7 +240,8 @@ def test_an_eager_run_reads_its_numbers_once_per_stretch(monkeypatch):
     monkeypatch.setattr(loop, "_eager_stretch", counted)
     data = dataset()
     data = Dataset("tiny", (data.train[0][:96], data.train[1][:96]), data.val, data.test, n_classes=3)
-    run = bl.fit(model(), data, bl.TrainConfig(batch_size=16, epochs=2, eval_every=5, seed=7, **CONFIGS["sgd"]),
+    run = bl.fit(model(), data, bl.TrainConfig(batch_size=16, epochs=2, eval_every=5, seed=7, compile="off",
+                                               **CONFIGS["sgd"]),
                  progress=False)
     # 6 batches an epoch: steps 1-5 (an evaluation after 5), 6 (the epoch's end), 7-10 (after 10), 11-12.
     assert lengths == [5, 1, 4, 2]

@@ -38,8 +38,10 @@ from .metrics import (
 from .optim import build_optimizer, scaled_lr, set_lr
 from .record import Recorder, Run, StepNumbers, step_table, summarize_evals
 
-# Eagerly, a stretch keeps its outputs until its numbers are read: at most this many values (16 MB in float32).
+# What a stretch may hold at once (`_stretch_length`): eagerly, its outputs until its numbers are read
+# (16 MB in float32); compiled, its batches' inputs gathered for the one graph (64 MB in float32).
 EAGER_OUTPUTS = 1 << 22
+GATHERED_INPUTS = 1 << 24
 
 __all__ = ["Run", "check_model", "fit", "has_batch_norm", "plan_batch_norm", "plan_run", "resolve_device", "step_table",
            "summarize_evals", "train_step"]
@@ -591,11 +593,14 @@ def _stretch_length(state: _LoopState, step: int, batches: list[torch.Tensor], a
     """How many of the next updates make one stretch: until something looks at the run
     (`batchlab.looks.Looks.stretch`: an evaluation, a measured step, a callback's step, the read-back
     window), within the epoch's batches of the size in force; as many as the compiled step takes in
-    one graph (`CompiledStep.chunk_length`), or, eagerly, as many as `EAGER_OUTPUTS` kept outputs allow."""
+    one graph (`CompiledStep.chunk_length`) within `GATHERED_INPUTS`, or, eagerly, as many as
+    `EAGER_OUTPUTS` kept outputs allow."""
     rec = state.recorder
     b = rec.clock.batch_size
     limit = min(rec.clock.total_steps - step, len(batches) - at)
-    if state.compiled is None and state.dataset.n_classes is not None:
+    if state.compiled is not None:
+        limit = min(limit, max(1, GATHERED_INPUTS // (b * state.dataset.train[0][0].numel())))
+    elif state.dataset.n_classes is not None:
         limit = min(limit, max(1, EAGER_OUTPUTS // (b * state.dataset.n_classes)))
     count = rec.looks.stretch(step, limit)
     for k in range(count):  # the batches of one size: a schedule's change or a short last batch ends it
