@@ -25,7 +25,7 @@ BAR = "━"  # rich draws its progress bars with this character
 
 
 def run_in_terminal(args: list[str], cwd: Path, *, interrupt_when: str | None = None,
-                    timeout: float = 120.0) -> tuple[int, str]:  # fmt: skip
+                    timeout: float = 120.0, env: dict[str, str] | None = None) -> tuple[int, str]:  # fmt: skip
     """Run ``batchlab ARGS`` in a pseudo-terminal; return its exit status and everything it drew.
 
     Args:
@@ -33,8 +33,10 @@ def run_in_terminal(args: list[str], cwd: Path, *, interrupt_when: str | None = 
         cwd: the working directory.
         interrupt_when: send SIGINT (Ctrl-C) once this text has appeared on the terminal.
         timeout: seconds before the test gives up and kills the command.
+        env: variables to set for the command besides these (``CI`` is unset unless given here).
     """
-    env = {k: v for k, v in os.environ.items() if k != "CI"}  # progress displays hide under CI
+    extra, env = env or {}, {k: v for k, v in os.environ.items() if k != "CI"}  # progress displays hide under CI
+    env.update(**extra)
     env.update(PYTHONPATH=SRC + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", TERM="xterm",
                COLUMNS="120", LINES="40")  # fmt: skip
     pid, fd = pty.fork()
@@ -84,6 +86,14 @@ def test_fit_then_report_in_a_terminal(tmp_path):
     status, screen = run_in_terminal(["report", "1", "--store", "s.db"], tmp_path)
     assert status == 0 and "report written to" in screen, screen
     assert (tmp_path / "s-run-1.html").exists()
+
+
+def test_a_terminal_under_ci_draws_no_progress(tmp_path):
+    """Under CI (whose logs keep every redraw) a command draws no progress even on a terminal, as the
+    library decides it (`batchlab.callbacks.progress_wanted`), and still says what it did."""
+    status, screen = run_in_terminal(["fit", *TINY, "--epochs", "2", "--store", "s.db"], tmp_path, env={"CI": "1"})
+    assert status == 0, screen
+    assert not re.search(r"epoch \d+/2 ", screen) and "finished: run 1" in screen  # no bar's "epoch i/epochs"
 
 
 def test_explain_in_a_terminal(tmp_path):

@@ -3,15 +3,14 @@ measured along one run."""
 
 from __future__ import annotations
 
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .app import (check_out_folder, check_store_folder, cli, out_option, print_json, print_rich, say, shown,
-                  store_path, whole)  # fmt: skip
+from .app import (check_out_folder, check_store_folder, cli, out_option, print_json, print_rich, say,
+                  show_progress, shown, store_path, whole)  # fmt: skip
 from .experiments import _int_list
 from .train import given, prepare_run, run_options, spec_from_options, train_options
 
@@ -42,7 +41,7 @@ def _advise_command(**options: Any) -> None:
     say(f"{dataset.name}: {clock.describe()}; local critical batch size at {_when(options['every'])}", quiet, as_json)
     rec = recorder(store, name=spec.name, kind="advise", spec=spec.model_dump(mode="json", exclude={"train"}))
     run = fit(model, dataset, spec.train, probes=spec.probes, callbacks=[measure, rec],
-              progress=not quiet and sys.stderr.isatty())
+              progress=show_progress(quiet))
     say(f"{run.status}: run {rec.run_id} stored in {store}" + (f" ({run.message})" if run.message else ""),
         quiet, as_json)
     advice = advise_batch_size(run.evals, clock.batch_size, scaled_lr(spec.train, clock.batch_size),

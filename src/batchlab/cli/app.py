@@ -197,6 +197,14 @@ def print_json(value: Any) -> None:
     print(dumps(value, indent=2))
 
 
+def show_progress(quiet: bool = False) -> bool:
+    """Whether a command draws progress: as the library decides it (`batchlab.callbacks.progress_wanted`:
+    stderr is a terminal, not under CI), and never under --quiet."""
+    from ..callbacks import progress_wanted
+
+    return not quiet and progress_wanted()
+
+
 def say(message: str, quiet: bool = False, as_json: bool = False) -> None:
     """Human-readable output: stdout normally, stderr when stdout carries JSON, nothing with --quiet.
 

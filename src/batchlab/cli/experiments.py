@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import click
 
 from ..errors import BatchlabError
 from .app import (MAX_INT, allow_import_option, cell, check_out_folder, check_store_folder, cli, json_option, out_option, print_json,
-                  print_rich, say, shown, store_option, store_path, threads_option, whole)  # fmt: skip
+                  print_rich, say, show_progress, shown, store_option, store_path, threads_option, whole)  # fmt: skip
 from .train import check_import_allowed, train_options
 
 
@@ -130,7 +129,7 @@ def gradnorm(dataset: str, model: str, allow_import: bool, at: str, batch_sizes:
                        spec={"dataset": dataset, "model": model})  # fmt: skip
         try:
             result = gradnorm_experiment(make_model(), data, config, at_epochs=points, batch_sizes=sizes, trials=trials,
-                                         seed=seed, callbacks=[rec] if max(points) > 0 else [], progress=sys.stderr.isatty())  # fmt: skip
+                                         seed=seed, callbacks=[rec] if max(points) > 0 else [], progress=show_progress())  # fmt: skip
         except BaseException:
             run_store.finish_group(group, "interrupted")
             raise
@@ -201,7 +200,7 @@ def distance(dataset: str, model: str, allow_import: bool, batch_sizes: str, lrs
 
         try:
             result = distance_experiment(make_model, data, config, batch_sizes=sizes, lrs=rates,
-                                         callbacks_for=callbacks_for, progress=sys.stderr.isatty())  # fmt: skip
+                                         callbacks_for=callbacks_for, progress=show_progress())  # fmt: skip
         except BaseException:
             run_store.finish_group(group, "interrupted")
             raise

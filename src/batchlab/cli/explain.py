@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from .app import (
     print_json,
     print_rich,
     say,
+    show_progress,
     shown,  # fmt: skip
     store_path,
     whole,
@@ -134,7 +134,7 @@ def _explain_train(options: dict[str, Any], store: Path, metric: str):
     rec = recorder(store, name=spec.name, kind="explain", spec=spec.model_dump(mode="json", exclude={"train"}))
     start = {"model": copy.deepcopy(model), "dataset": dataset, "variants": counterfactual_variants(config)}
     run = fit(model, dataset, config, probes=spec.probes, callbacks=[*explain_callbacks(dataset, config, window), rec],
-              progress=not quiet and sys.stderr.isatty())
+              progress=show_progress(quiet))
     say(f"{run.status}: run {rec.run_id} stored in {store}" + (f" ({run.message})" if run.message else ""),
          quiet, as_json)
     return run, rec.run_id, f"{spec.dataset.name}, {spec.model}, B={clock.batch_size}", start

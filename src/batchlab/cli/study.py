@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from .app import (MAX_INT, FiniteFloat, allow_import_option, check_out_folder, check_store_folder, cli, json_option,
-                  out_option, print_json, whole, print_rich, quiet_option, say, shown, store_option, store_path, threads_option)  # fmt: skip
+                  out_option, print_json, whole, print_rich, quiet_option, say, show_progress, shown, store_option, store_path, threads_option)  # fmt: skip
 from .train import IMPORT_SOURCE, field_option, given, train_options
 
 
@@ -243,7 +242,7 @@ def _study_command(**options: Any) -> None:
     store = store_path(options["store"])
     check_store_folder(store)
     check_out_folder(options["out"])
-    display = _StudyDisplay() if not quiet and sys.stderr.isatty() else None
+    display = _StudyDisplay() if show_progress(quiet) else None
     try:
         study = run_study(config, store=store, executor=executor, vectorized=options["replicas"],
                           prune=options["prune"], on_progress=display, allow_import=options["allow_import"])

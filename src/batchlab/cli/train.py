@@ -14,7 +14,7 @@ import click
 from click.core import ParameterSource
 
 from .app import (FiniteFloat, allow_import_option, cell, check_out_folder, check_store_folder, cli, json_option,
-                  print_json, print_rich, quiet_option, say, shown, store_option, store_path, threads_option,
+                  print_json, print_rich, quiet_option, say, show_progress, shown, store_option, store_path, threads_option,
                   whole)  # fmt: skip
 
 
@@ -271,7 +271,7 @@ def _fit_command(**options: Any) -> None:
     try:
         run = (distributed.fit if ranks is not None else fit)(
             model, dataset, train, probes=spec.probes, callbacks=callbacks,
-            progress=not quiet and sys.stderr.isatty())
+            progress=show_progress(quiet))
     except (BatchlabError, KeyboardInterrupt) as error:
         if ranks is not None and not ranks.is_main:  # rank 0 says it, once for all ranks
             raise SystemExit(130 if isinstance(error, KeyboardInterrupt) else 2) from None
