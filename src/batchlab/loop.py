@@ -263,7 +263,7 @@ def fit(
         state.recorder = Recorder(
             clock, model=model, classification=dataset.n_classes is not None, callbacks=callbacks, config=config,
             dataset=dataset.name, probes=probe_set, probe_every=config.probe_every,
-            eval_every=None if config.eval_every == "epoch" else config.eval_every, save=state.checkpoint,
+            eval_every=config.eval_every, save=state.checkpoint,
             optimizer=state.optimizer, data=dataset,
         )
         if resume_from is not None:

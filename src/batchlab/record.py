@@ -203,7 +203,7 @@ class Recorder:
         probes: a `batchlab.probes.ProbeSet` (or None); its values join the step rows of measured steps.
         probe_names: the probes' names when the driver measures them itself (the replicas).
         probe_every: measure the probes every this many steps.
-        eval_every: evaluate every this many steps within an epoch (``None``: at epoch ends only).
+        eval_every: evaluate every this many steps within an epoch (``None``, 0 or ``"epoch"``: at epoch ends only).
         save: writes a checkpoint for a `Save` request; ``None`` refuses `Save` with a `ConfigError`.
         save_refusal: the reason given when ``save`` is None.
         optimizer, data: the driver's optimizer and `Dataset`, handed to callbacks in `RunStart`
@@ -222,7 +222,7 @@ class Recorder:
         probes: Any = None,
         probe_names: Sequence[str] = (),
         probe_every: int = 1,
-        eval_every: int | None = None,
+        eval_every: int | str | None = None,
         save: Callable[[Path], None] | None = None,
         save_refusal: str = "this run cannot write checkpoints",
         optimizer: Any = None,
@@ -238,7 +238,8 @@ class Recorder:
             id(c): None if c.step_end_steps is None else frozenset(c.step_end_steps) for c in self.per_step}
         self._probes, self.probe_every = probes, probe_every
         self.probe_names = tuple(probes.names) if probes is not None else tuple(probe_names)
-        self.eval_every = eval_every or None  # one meaning of "no step-wise evaluation": None
+        # One meaning of "no step-wise evaluation": None (a config's "epoch", an integration's 0 or None).
+        self.eval_every = None if eval_every in (None, 0, "epoch") else int(eval_every)
         self.window = window
         self.looks = self._plan_looks()
         self.save, self.save_refusal = save, save_refusal
@@ -284,11 +285,6 @@ class Recorder:
         measured = bool(self.probe_names) or (self.probes is not None and bool(self.probes.names))
         return Looks(eval_every=self.eval_every, probe_every=self.probe_every if measured else None, steps=steps,
                      window=self.window)
-
-    @property
-    def sync_steps(self) -> frozenset[int] | None:
-        """The steps at which the live per-step callbacks need `on_step_end` (None: every step)."""
-        return None if self.looks.steps is None else frozenset(self.looks.steps)
 
     def dispatch(self, method: str, event) -> None:
         """Call every callback for an event (per-step ones only for ``on_step_end``, at the steps

@@ -203,7 +203,7 @@ def _make_replica(index: int, config: TrainConfig, model: nn.Module, callbacks, 
     recorder = Recorder(
         clock, model=model, classification=classification, callbacks=callbacks, config=config, dataset=dataset,
         probe_names=tuple(probes), probe_every=config.probe_every,
-        eval_every=None if config.eval_every == "epoch" else config.eval_every, save=None, save_refusal=SAVE_REFUSAL,
+        eval_every=config.eval_every, save=None, save_refusal=SAVE_REFUSAL,
     )
     return _Replica(
         index=index, config=config, model=model, recorder=recorder,
