@@ -246,3 +246,16 @@ def test_an_eager_run_reads_its_numbers_once_per_stretch(monkeypatch):
     # 6 batches an epoch: steps 1-5 (an evaluation after 5), 6 (the epoch's end), 7-10 (after 10), 11-12.
     assert lengths == [5, 1, 4, 2]
     assert run.evals["step"].tolist() == [0, 5, 6, 10, 12]
+
+
+@pytest.mark.parametrize("schedule_options", [dict(), dict(warmup_steps=5), dict(schedule="cosine"),
+                                              dict(schedule="step", gamma=0.5, step_epochs=1)])
+def test_a_stretchs_learning_rates_are_each_steps(schedule_options):
+    from batchlab import schedule
+
+    config = bl.TrainConfig(batch_size=8, epochs=3, lr=0.1, **schedule_options)
+    clock = Clock(n_train=80, batch_size=8, steps_per_epoch=10, total_steps=30, epochs=3)
+    for step, count in [(0, 10), (3, 4), (5, 5), (12, 8), (29, 1)]:
+        done = step // 10
+        assert schedule.stretch_lrs(config, clock, step, count, 8, done, 0.1) == [
+            schedule.step_lr(config, clock, step + k, 8, done, 0.1) for k in range(count)]

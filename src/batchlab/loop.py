@@ -521,7 +521,8 @@ def _run_epoch(state: _LoopState, order: torch.Tensor, batches: list[torch.Tenso
             count = 1
         else:
             count = _stretch_length(state, step, batches, at)
-            lrs = [state.lr_of(step + k, rec.clock.batch_size, done) for k in range(count)]
+            lrs = schedule.stretch_lrs(state.config, rec.clock, step, count, rec.clock.batch_size, done,
+                                       state.base_lr)
             out, count = _stretch(state, order[start:start + count * b].view(count, b), lrs)
             losses = out.loss.tolist()
             corrects = out.correct.tolist() if classification else [None] * count

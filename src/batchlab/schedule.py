@@ -27,7 +27,7 @@ from .adaptive import adaptive_lr
 from .config import Adaptive, TrainConfig, format_schedule, is_schedule
 from .errors import ConfigError
 from .events import Changes, Clock, batch_at
-from .optim import lr_at, scaled_lr
+from .optim import lr_at, scaled_lr, warmup_steps
 
 
 def require_one_batch_size(batch_size: Any, where: str) -> None:
@@ -147,6 +147,16 @@ def step_lr(config: TrainConfig, clock: Clock, step: int, batch_size: int, epoch
         return lr_at(step, config, base_lr, clock.steps_per_epoch, clock.total_steps)
     base = adaptive_lr(config, batch_size) if isinstance(config.batch_size, Adaptive) else scaled_lr(config, batch_size)
     return lr_at(step, config, base, clock.steps_per_epoch, clock.total_steps, epochs_done)
+
+
+def stretch_lrs(config: TrainConfig, clock: Clock, step: int, count: int, batch_size: int, epochs_done: int,
+                base_lr: float) -> list[float]:
+    """The learning rates of ``count`` updates from ``step`` on, within one epoch at one batch size:
+    `step_lr` of each, or, where the schedule is constant past its warm-up, its one value repeated
+    (what a stretch of many updates would otherwise compute once per update)."""
+    if config.schedule == "constant" and step >= warmup_steps(config, clock.steps_per_epoch):
+        return [step_lr(config, clock, step, batch_size, epochs_done, base_lr)] * count
+    return [step_lr(config, clock, step + k, batch_size, epochs_done, base_lr) for k in range(count)]
 
 
 def plan_steps(changes: Changes, n_train: int, drop_last: bool, epochs: int | None,
