@@ -31,6 +31,11 @@ PROBES = {"sgd": ["noise_scale", "grad_norm", "dist_from_init"], "adam": ["grad_
 CONFIGS["scheduled"] = dict(optimizer="sgd", lr=0.05, momentum=0.9, epochs=3, eval_every=7, seed=6,
                             lr_scaling="linear", reference_batch_size=24)
 BATCH_SIZES = {"scheduled": ((0, PER_RANK_BATCH), (600, 20))}
+# An lr so large that the loss grows ~1e23-fold a step and becomes NaN at step 16, the second update
+# of the stretch of steps 15-20 (evaluations at 14 and 21): the rows stop there on every rank.
+CONFIGS["diverges"] = dict(optimizer="sgd", lr=1e12, epochs=1, eval_every=7, seed=8)
+PROBES["diverges"] = []
+DIVERGES_AT = 16
 
 
 def per_rank_batch(name: str):
@@ -141,30 +146,39 @@ class SeesEveryStep(Callback):
 def looks(out: Path) -> None:
     """Where the ranks agree on rank 0's requests, counted in every rank (`distributed._agree` calls):
     a callback declaring one step stops both ranks there; a display (with the progress bar) adds no
-    agreement; a live every-step callback one per step."""
+    agreement; a live every-step callback one per step. Every all-reduce is counted too, by the shape
+    of what it sums: the step numbers go as (K, 2), K steps' loss sums and correct counts (an
+    evaluation's totals as (splits, 3))."""
     ds = dataset()
     config = bl.TrainConfig(batch_size=PER_RANK_BATCH, **LOOKS_CONFIG)
     rank0 = dist.get_rank() == 0
     agree, agreed = distributed._agree, []
+    all_reduce, reduced = dist.all_reduce, []
 
     def counted(state):
         agreed.append(state.recorder.clock.step)
         return agree(state)
 
-    distributed._agree = counted
+    def counted_reduce(tensor, *args, **kwargs):
+        reduced.append(list(tensor.shape))
+        return all_reduce(tensor, *args, **kwargs)
+
+    distributed._agree, dist.all_reduce = counted, counted_reduce
     results = {}
     try:
         for name, kind, progress in (("stop", StopsAt, False), ("rows", CountsRows, True),
                                      ("every", SeesEveryStep, False)):
             agreed.clear()
+            reduced.clear()
             callbacks = [kind(STOP_AT) if kind is StopsAt else kind()] if rank0 else []
             run = distributed.fit(model(ds, config.seed), ds, config, callbacks=callbacks, progress=progress,
                                   timeout=60)
-            results[name] = {"agreed": list(agreed), "status": run.status, "message": run.message,
-                             "steps": run.steps["step"].tolist(), "evals": run.evals["step"].tolist(),
+            results[name] = {"agreed": list(agreed), "reduced": list(reduced), "status": run.status,
+                             "message": run.message, "steps": run.steps["step"].tolist(),
+                             "evals": run.evals["step"].tolist(),
                              "rows": callbacks[0].rows if callbacks and kind is CountsRows else None}
     finally:
-        distributed._agree = agree
+        distributed._agree, dist.all_reduce = agree, all_reduce
     (out / f"looks-rank{dist.get_rank()}.json").write_text(json.dumps(results))
 
 

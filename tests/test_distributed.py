@@ -127,6 +127,14 @@ def test_step_table_equals_single_process_at_global_batch(launched, name):
             assert np.array_equal(np.isnan(expected), np.isnan(got)), column
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-8, equal_nan=True, err_msg=column)
     n_train = references[name].clock.n_train
+    if name == "diverges":  # inside a stretch (steps 15-20): its rows stop there on both ranks, as in one process
+        assert references[name].status == "diverged" and list(reference["step"]) == list(range(1, worker.DIVERGES_AT + 1))
+        assert math.isnan(reference["batch_loss"].iloc[-1]) and worker.DIVERGES_AT % 7 not in (0, 6)
+        with RunStore(out / "runs.db") as store:
+            runs = store.list_runs()
+            stored = store.load_run(int(runs[runs["name"] == name]["id"].iloc[0]))
+        assert (stored.status, stored.message) == (references[name].status, references[name].message)
+        return
     if name == "scheduled":  # the global batch 24, then 40 from 600 samples on, with the epochs' short batches
         assert {24, 40} < set(reference["batch_size"]) and len(set(reference["lr"])) == 2
         return
@@ -200,6 +208,32 @@ def test_a_rank0_display_adds_no_agreement_between_evaluations(launched):
         assert rows["rows"] == (total if rank == 0 else None)
         epoch_ends = range(steps_per_epoch, total + 1, steps_per_epoch)
         assert every["agreed"] == sorted([0, *range(1, total + 1), *epoch_ends])
+
+
+def _step_reductions(shapes: list[list[int]]) -> list[int]:
+    """The steps each all-reduce of step numbers summed, from the shapes the worker counted: (K, 2)
+    is K steps' (loss sum, correct count), (2,) one step's; (splits, 3) is an evaluation's."""
+    return [shape[0] if len(shape) == 2 else 1 for shape in shapes if shape[-1] == 2]
+
+
+def test_a_rank_reduces_its_step_numbers_once_per_stretch_between_looks(launched):
+    """With eval_every=7 and nothing else looking (a display only), each rank all-reduces the step
+    numbers once per stretch: the updates up to each evaluation, and, as in `bl.fit`, the epoch's last
+    full batch and its short last batch apart. That is 8 all-reduces for 42 steps instead of 42; a
+    callback declaring step 10 ends a stretch there, and one that sees every step makes one per step."""
+    out, _, _, output = launched
+    steps_per_epoch = math.ceil(500 / (worker.PER_RANK_BATCH * WORLD))  # 21: 20 batches of 24, one of 20
+    epochs = worker.LOOKS_CONFIG["epochs"]
+    total = steps_per_epoch * epochs
+    epoch_ends = set(range(steps_per_epoch, total + 1, steps_per_epoch))
+    ends = sorted({*range(7, total + 1, 7), *epoch_ends, *(end - 1 for end in epoch_ends)})  # 7 14 20 21 28 35 41 42
+    stretches = [b - a for a, b in zip([0, *ends], ends)]
+    for results in _looks(out):
+        rows = _step_reductions(results["rows"]["reduced"])
+        assert rows == stretches == [7, 7, 6, 1, 7, 7, 6, 1], output[-2000:]
+        assert sum(rows) == total and len(rows) <= math.ceil(total / 7) + epochs
+        assert _step_reductions(results["stop"]["reduced"]) == [7, worker.STOP_AT - 7]
+        assert _step_reductions(results["every"]["reduced"]) == [1] * total
 
 
 def test_rank0_alone_records_with_provenance(launched):

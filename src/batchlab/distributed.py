@@ -10,9 +10,11 @@ each global batch; the global batch is what a single process at batch B×N would
 - ``DistributedDataParallel`` all-reduces the gradients (gloo on the CPU, NCCL on GPUs); each rank's
   loss is its summed per-sample loss × N/B, so DDP's average is the gradient of the global batch's
   mean loss, exactly as one process computes it;
-- the step's loss and correct count are summed over ranks (one all-reduce), evaluations are sharded
-  over the ranks and summed, so ``batch_*``, ``running_*``, ``train_*`` and ``val_*`` describe the
-  global batch and the whole splits: the step table equals the single-process one;
+- the steps' losses and correct counts are summed over ranks, one all-reduce per stretch of updates
+  between two looks at the run (`batchlab.looks`, as `batchlab.loop.fit` reads its numbers once per
+  stretch), evaluations are sharded over the ranks and summed, so ``batch_*``, ``running_*``,
+  ``train_*`` and ``val_*`` describe the global batch and the whole splits: the step table equals the
+  single-process one;
 - ``noise_scale`` comes from the ranks' local vs the all-reduced gradient norms
   (`batchlab.probes.RankNoiseScale`), no extra backward pass;
 - callbacks (the store's recorder, the progress bar) run on rank 0 only; their stop requests are
@@ -40,7 +42,7 @@ import socket
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -297,7 +299,10 @@ class _DistributedState:
     splits: dict
     rank_gradients: RankGradients
     recorder: Recorder = None  # type: ignore[assignment]
-    rank0_looks: Looks = Looks()  # where rank 0's live callbacks see the run: every rank agrees there
+    # Where rank 0 looks at the run (its evaluations, probes, live callbacks' steps): every rank's
+    # stretches end there, and the ranks agree there on rank 0's requests.
+    looks: Looks = Looks()
+    current_lr: float | None = None  # the lr the optimizer holds; None: not set yet
 
     @classmethod
     def start(cls, model, dataset, config, clock, ranks) -> "_DistributedState":
@@ -313,6 +318,12 @@ class _DistributedState:
                    optimizer=build_optimizer(model.parameters(), config, base_lr),
                    generator=torch.Generator().manual_seed(config.seed), base_lr=base_lr,
                    splits=evaluation_splits(dataset, config.eval_train), rank_gradients=rank_gradients)
+
+    def use_lr(self, lr: float) -> None:
+        """The next update's learning rate, into the optimizer when it changed."""
+        if lr != self.current_lr:
+            set_lr(self.optimizer, lr)
+            self.current_lr = lr
 
     def epoch_batches(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The next epoch's global order (the same on every rank: one seed) and its global batches."""
@@ -360,7 +371,8 @@ class _DistributedState:
 
 
 def _train(state: _DistributedState) -> Run:
-    state.rank0_looks = Looks(steps=_rank0_look_steps(state))
+    # The plan is shared (eval_every, probe_every, the window); the callbacks' steps are rank 0's alone.
+    state.looks = replace(state.recorder.looks, steps=_rank0_look_steps(state))
     return drive(state)[0]
 
 
@@ -382,54 +394,111 @@ def _rank0_look_steps(state: _DistributedState) -> tuple[int, ...] | None:
 
 
 def _run_epoch(state: _DistributedState, batches: list[torch.Tensor]) -> None:
-    """One epoch: each rank's part of every global batch (``batches``, index tensors), DDP's all-reduce,
-    the global numbers to the core."""
-    rec, config, optimizer, ranks = state.recorder, state.config, state.optimizer, state.ranks
-    X, y = state.dataset.train
+    """One epoch, a stretch at a time, as `batchlab.loop.fit` trains one: the updates until rank 0
+    looks at the run (`_stretch_length`) keep each step's loss sum and correct count as tensors, and
+    one all-reduce at the stretch's end gives every rank the same global numbers for the core. A step
+    the probes measure is a stretch of its own. Every rank computes the same stretches (one plan,
+    rank 0's look steps), so their collectives match.
+
+    Args:
+        batches: the epoch's global batches (index tensors); each rank takes its part of each.
+    """
+    rec = state.recorder
     classification = state.dataset.n_classes is not None
-    probes = rec.probes
-    clock = rec.clock
-    current_lr = None
-    done = clock.epoch - 1  # epochs completed before this one
-    for index in batches:
-        if rec.clock.step >= clock.total_steps:
-            break
+    done = rec.clock.epoch - 1  # epochs completed before this one
+    at = 0  # the next batch of the epoch
+    while at < len(batches) and rec.clock.step < rec.clock.total_steps:
         started = time.perf_counter()
-        lr = schedule.step_lr(config, clock, rec.clock.step, rec.clock.batch_size, done, state.base_lr)
-        if lr != current_lr:
-            set_lr(optimizer, lr)
-            current_lr = lr
-        measuring = rec.measuring()
-        local = rank_part(index, ranks)  # (b_r,)
-        global_size = index.numel()
-        output = state.ddp(X[local])  # (b_r, K)
-        losses = state.loss_fn(output, y[local])  # (b_r,)
-        # DDP averages over N ranks: N/B · Σ_i ℓ_i per rank makes the average the global batch's mean-loss gradient.
-        loss = losses.sum() * (ranks.world_size / global_size)
-        if measuring:
-            state.rank_gradients.arm(local.numel(), global_size)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if measuring and probes is not None:
-            probes.after_backward()
-        optimizer.step()
-        if measuring and probes is not None:
-            probes.after_update()
-        correct = correct_count(output.detach(), y[local]).double() if classification else losses.new_zeros(())
-        totals = torch.stack([losses.detach().double().sum(), correct])  # this rank's loss sum and correct count
-        dist.all_reduce(totals)
-        loss_sum, batch_correct = totals.tolist()
-        rec.record_step(global_size, lr, loss_sum / global_size, int(batch_correct) if classification else None,
-                        time.perf_counter() - started, probes.collect() if measuring and probes is not None else None)
-        if rec.status == "diverged":  # the same global loss on every rank: all stop here
+        step, measuring = rec.clock.step, rec.measuring()
+        count = 1 if measuring else _stretch_length(state, batches, at)
+        stretch = batches[at:at + count]
+        lrs = [schedule.step_lr(state.config, rec.clock, step + k, rec.clock.batch_size, done, state.base_lr)
+               for k in range(count)]
+        totals = _stretch(state, stretch, lrs, measuring)  # (loss sum, correct) per update, global
+        seconds = (time.perf_counter() - started) / count
+        probe_values = rec.probes.collect() if measuring else None
+        _record(rec, [(index.numel(), lr, loss_sum / index.numel(), int(correct) if classification else None,
+                       seconds, probe_values) for index, lr, (loss_sum, correct) in zip(stretch, lrs, totals)])
+        at += count
+        if not _after_stretch(state):
             return
-        evaluated = rec.evaluation_due()
-        if evaluated:
-            state.evaluate()
-        # Rank 0's requests can arise only where its live callbacks see the run, or at an evaluation:
-        # the ranks agree there alone (a progress bar, which only reads rows, adds no collective).
-        if (evaluated or state.rank0_looks.sees(rec.clock.step)) and not _agree(state):
-            return
+
+
+def _stretch_length(state: _DistributedState, batches: list[torch.Tensor], at: int) -> int:
+    """How many of the next updates make one stretch: until rank 0 looks at the run (its evaluations,
+    measured steps, live callbacks' steps and read-back window: `batchlab.looks.Looks.stretch` of
+    ``state.looks``), within the epoch's batches of the size in force (a schedule's change or a short
+    last batch ends it, as in `batchlab.loop.fit`, so that one B in force gives every update's lr)."""
+    clock = state.recorder.clock
+    limit = min(clock.total_steps - clock.step, len(batches) - at)
+    count = state.looks.stretch(clock.step, limit)
+    for k in range(count):
+        if batches[at + k].numel() != clock.batch_size:
+            return max(1, k)
+    return count
+
+
+def _stretch(state: _DistributedState, batches: list[torch.Tensor], lrs: list[float],
+             measuring: bool) -> list[list[float]]:  # fmt: skip
+    """This rank's updates on its parts of the global ``batches`` at the learning rates ``lrs``, none of
+    them read back until the stretch's one all-reduce of the steps' (loss sum, correct count).
+
+    Returns:
+        Per update, the global batch's loss sum and correct count (0 for regression).
+    """
+    local = torch.stack([_rank_step(state, index, lr, measuring) for index, lr in zip(batches, lrs)])  # (K, 2)
+    dist.all_reduce(local)
+    return local.tolist()
+
+
+def _rank_step(state: _DistributedState, index: torch.Tensor, lr: float, measuring: bool) -> torch.Tensor:
+    """One update on this rank's part of the global batch ``index``, DDP all-reducing the gradients;
+    the probes look on where ``measuring``. Returns this rank's (loss sum, correct count), (2,) float64,
+    not synchronised."""
+    X, y = state.dataset.train
+    probes = state.recorder.probes if measuring else None
+    state.use_lr(lr)
+    local = rank_part(index, state.ranks)  # (b_r,)
+    output = state.ddp(X[local])  # (b_r, K)
+    losses = state.loss_fn(output, y[local])  # (b_r,)
+    # DDP averages over N ranks: N/B · Σ_i ℓ_i per rank makes the average the global batch's mean-loss gradient.
+    loss = losses.sum() * (state.ranks.world_size / index.numel())
+    if measuring:
+        state.rank_gradients.arm(local.numel(), index.numel())
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if probes is not None:
+        probes.after_backward()
+    state.optimizer.step()
+    if probes is not None:
+        probes.after_update()
+    loss_sum = losses.detach().double().sum()
+    if state.dataset.n_classes is None:
+        return torch.stack([loss_sum, loss_sum.new_zeros(())])
+    return torch.stack([loss_sum, correct_count(output.detach(), y[local]).double()])
+
+
+def _record(rec: Recorder, rows: list[tuple]) -> None:
+    """A stretch's rows into the core, all of them unless the run diverges (the same global loss on
+    every rank: all stop at the same row). A request of rank 0's callbacks within the stretch waits for
+    the next agreement: every rank must count the same steps, and only rank 0 has callbacks."""
+    while rows and rec.status == "finished":
+        rows = rows[len(rec.record_steps(rows)):]
+
+
+def _after_stretch(state: _DistributedState) -> bool:
+    """After a stretch's rows: evaluate where due, and agree on rank 0's requests where it looks
+    (an evaluation, a step its live callbacks see; a progress bar, which only reads rows, adds no
+    collective). False: the epoch ends here, on every rank."""
+    rec = state.recorder
+    if rec.status == "diverged":
+        return False
+    evaluated = rec.evaluation_due()
+    if evaluated:
+        state.evaluate()
+    if evaluated or state.looks.sees(rec.clock.step):
+        return _agree(state)
+    return True
 
 
 def _agree(state: _DistributedState) -> bool:
