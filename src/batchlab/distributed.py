@@ -230,7 +230,7 @@ def fit(
             state.recorder = recorder = Recorder(
                 clock, model=model, classification=dataset.n_classes is not None, callbacks=callbacks,
                 config=global_config, dataset=dataset.name, probes=probe_set, probe_every=config.probe_every,
-                eval_every=None if config.eval_every == "epoch" else config.eval_every, save=None,
+                eval_every=config.eval_every, save=None,
                 save_refusal="data-parallel runs write no checkpoints yet")
             return _train(state)
         except BaseException as error:
