@@ -24,7 +24,7 @@ from batchlab.compiled import choose
 from batchlab.compiled.step import train_scan
 from batchlab.compiled.updates import optimizer_as_chain
 from batchlab.data import Dataset
-from batchlab.events import Callback, Clock
+from batchlab.events import Callback, Clock, Stop
 from batchlab.looks import Looks
 
 # --- the plan --------------------------------------------------------------------------------------
@@ -259,3 +259,22 @@ def test_a_stretchs_learning_rates_are_each_steps(schedule_options):
         done = step // 10
         assert schedule.stretch_lrs(config, clock, step, count, 8, done, 0.1) == [
             schedule.step_lr(config, clock, step + k, 8, done, 0.1) for k in range(count)]
+
+
+def test_a_row_readers_stop_is_acted_on_after_the_stretch_it_came_in():
+    """Every update of a stretch was made, so every one gets its row; a request that a row-reading
+    callback makes within the stretch is acted on at its end."""
+
+    class StopAtFour(Callback):
+        step_end_live = False
+
+        def on_step_end(self, event):
+            return Stop("four") if event.clock.step == 4 else None
+
+    data = dataset()
+    data = Dataset("tiny", (data.train[0][:96], data.train[1][:96]), data.val, data.test, n_classes=3)
+    run = bl.fit(model(), data, bl.TrainConfig(batch_size=16, epochs=2, eval_every=5, seed=7, compile="off",
+                                               **CONFIGS["sgd"]), callbacks=[StopAtFour()], progress=False)
+    assert run.status == "stopped" and run.message == "four"
+    assert run.steps["step"].tolist() == [1, 2, 3, 4, 5]  # the stretch to the evaluation after step 5
+    assert run.evals["step"].tolist() == [0, 5]

@@ -481,9 +481,8 @@ def _rank_step(state: _DistributedState, index: torch.Tensor, lr: float, measuri
 def _record(rec: Recorder, rows: list[tuple]) -> None:
     """A stretch's rows into the core, all of them unless the run diverges (the same global loss on
     every rank: all stop at the same row). A request of rank 0's callbacks within the stretch waits for
-    the next agreement: every rank must count the same steps, and only rank 0 has callbacks."""
-    while rows and rec.status == "finished":
-        rows = rows[len(rec.record_steps(rows)):]
+    the next agreement (`Recorder.record_steps`): every rank counts the same steps."""
+    rec.record_steps(rows)
 
 
 def _after_stretch(state: _DistributedState) -> bool:

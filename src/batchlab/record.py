@@ -421,9 +421,11 @@ class Recorder:
             steps: ``(batch_size, lr, batch_loss, batch_correct, seconds, probe_values)`` per update.
 
         Returns:
-            The rows recorded. Recording stops after a row whose loss is not finite (the run is then
-            diverged) or after which callbacks asked for something (`settle` before going on):
-            ``wants_attention`` is then set, and the remaining updates are not recorded.
+            The rows recorded: all of them, unless a row's loss is not finite (the run is then
+            diverged, and the updates after it are not recorded). ``wants_attention`` then says
+            whether `settle` must be called: the callbacks asked for something, or the run diverged.
+            Every update given was made, so a request within them (a callback that reads rows only,
+            `Callback.step_end_live`, may make one at any row) is acted on after the last.
         """
         clock, running, classification = self.clock, self.running, self.classification
         step, in_epoch, seen, epoch = clock.step, clock.step_in_epoch, clock.samples_seen, clock.epoch
@@ -449,7 +451,7 @@ class Recorder:
                 self.dispatch("on_step_end", StepEnd(self.clock, row, self.model))
             if not math.isfinite(batch_loss):
                 self.status, self.message = "diverged", divergence_message(batch_loss, step, clock.epoch, lr)
-            if self.requests or self.status != "finished":
+            if self.status != "finished":
                 break
         self.clock = self._advanced(clock, step, in_epoch, seen)
         self.wants_attention = bool(self.requests) or self.status != "finished"
