@@ -247,6 +247,9 @@ benchmark("loop_compiled", "python benchmarks/overhead.py --repeats 5 --skip ker
 benchmark("compile_replicas", "python benchmarks/overhead.py --repeats 3 --batch-sizes 32 "
                               "--skip keras,lightning,plain+log,batchlab,jax --replicas 64")  # fmt: skip
 
+# docs/loop.md: the driver's workloads on the revision before the one driver loop and on this one
+benchmark("paired_driver", "python benchmarks/paired.py --before e35e451 --repeats 5")
+
 PROBES_OVERHEAD = "python benchmarks/probes_overhead.py --repeats 15"
 TRACK_OVERHEAD = "python benchmarks/track.py --repeats 30 --parts"
 TRACK_INSTRUCTIONS = "python benchmarks/track.py --instructions"
