@@ -278,3 +278,31 @@ def test_a_row_readers_stop_is_acted_on_after_the_stretch_it_came_in():
     assert run.status == "stopped" and run.message == "four"
     assert run.steps["step"].tolist() == [1, 2, 3, 4, 5]  # the stretch to the evaluation after step 5
     assert run.evals["step"].tolist() == [0, 5]
+
+
+def test_only_a_pure_model_trains_its_stretches_as_one_loop():
+    """`scannable`: buffers (batch norm) or random numbers in any form (a Dropout module, or
+    F.dropout in a forward) keep a model out of the loop; the RNG is where it was after the check."""
+    from batchlab.compiled.step import scannable
+
+    class FunctionalDropout(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return torch.nn.functional.dropout(self.linear(x), 0.5, self.training)
+
+    x = torch.randn(5, 4)
+    names = lambda m: tuple(n for n, _ in m.named_parameters())  # noqa: E731
+    pure = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    batch_norm = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    dropout = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 3))
+    functional = FunctionalDropout()
+    state = torch.get_rng_state()
+    assert scannable(pure, names(pure), x) is None
+    assert "buffers" in scannable(batch_norm, names(batch_norm), x)
+    assert "random" in scannable(dropout, names(dropout), x)
+    assert "random" in scannable(functional, names(functional), x)
+    assert "not one of the model's parameters" in scannable(pure, None, x)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -164,7 +164,9 @@ def scannable(model: torch.nn.Module, names: tuple[str, ...] | None, xb: torch.T
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class RandomOps(TorchDispatchMode):
-        found: list[str] = []
+        def __init__(self):
+            super().__init__()
+            self.found: list[str] = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if torch.Tag.nondeterministic_seeded in func.tags:
