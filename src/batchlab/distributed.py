@@ -412,8 +412,7 @@ def _run_epoch(state: _DistributedState, batches: list[torch.Tensor]) -> None:
         step, measuring = rec.clock.step, rec.measuring()
         count = 1 if measuring else _stretch_length(state, batches, at)
         stretch = batches[at:at + count]
-        lrs = [schedule.step_lr(state.config, rec.clock, step + k, rec.clock.batch_size, done, state.base_lr)
-               for k in range(count)]
+        lrs = schedule.stretch_lrs(state.config, rec.clock, step, count, rec.clock.batch_size, done, state.base_lr)
         totals = _stretch(state, stretch, lrs, measuring)  # (loss sum, correct) per update, global
         seconds = (time.perf_counter() - started) / count
         probe_values = rec.probes.collect() if measuring else None
@@ -431,11 +430,7 @@ def _stretch_length(state: _DistributedState, batches: list[torch.Tensor], at: i
     last batch ends it, as in `batchlab.loop.fit`, so that one B in force gives every update's lr)."""
     clock = state.recorder.clock
     limit = min(clock.total_steps - clock.step, len(batches) - at)
-    count = state.looks.stretch(clock.step, limit)
-    for k in range(count):
-        if batches[at + k].numel() != clock.batch_size:
-            return max(1, k)
-    return count
+    return max(1, schedule.of_one_size(batches, at, state.looks.stretch(clock.step, limit), clock.batch_size))
 
 
 def _stretch(state: _DistributedState, batches: list[torch.Tensor], lrs: list[float],

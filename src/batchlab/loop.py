@@ -1,7 +1,8 @@
 """The one training loop.
 
 `fit` trains a model on an in-memory dataset by mini-batches: every epoch draws a fresh seeded
-permutation, batches are slices of it, and every update is one call of `train_step`. What the run
+permutation, batches are slices of it, and every eager update is one call of `train_update` (a
+compiled one, `batchlab.compiled`). What the run
 measures (step, evaluation and epoch rows, the running mean, probes, events, divergence) is kept
 by the measurement core, `batchlab.record.Recorder`; this module computes the steps and the
 evaluations and hands the numbers over. It knows nothing of stores, plots or the command line.
@@ -158,6 +159,17 @@ def train_step(model, optimizer, loss_fn, mean_loss_fn, xb, yb, classification: 
     (Keras computes its logged batch metrics the same way). ``probes`` (a `ProbeSet`) may look at
     the live graph, the gradients and the new weights at their three points.
     """
+    loss, output = train_update(model, optimizer, loss_fn, mean_loss_fn, xb, yb, probes)
+    return StepNumbers(loss, correct_count(output, yb) if classification else None)
+
+
+def train_update(model, optimizer, loss_fn, mean_loss_fn, xb, yb, probes=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward in train mode, backward, optimizer step; the probes (a `ProbeSet`) at their three points.
+
+    Returns:
+        The batch's mean loss () and the model's outputs (B, ...), detached, from the forward pass
+        before the update, not synchronised.
+    """
     output = model(xb)  # (B, K)
     if probes is not None and probes.wants_losses:
         losses = loss_fn(output, yb)  # (B,) with their graph, for probes that split the batch
@@ -172,8 +184,7 @@ def train_step(model, optimizer, loss_fn, mean_loss_fn, xb, yb, classification: 
     optimizer.step()
     if probes is not None:
         probes.after_update()
-    correct = correct_count(output.detach(), yb) if classification else None
-    return StepNumbers(loss.detach(), correct)
+    return loss.detach(), output.detach()
 
 
 @contextmanager
@@ -548,8 +559,7 @@ def _stretch(state: _LoopState, index: torch.Tensor, lrs: list[float]) -> tuple[
         out = compiled.steps(*schedule.gather_batches(X, y, index), torch.tensor(lrs, dtype=torch.float64,
                                                                                  device=X.device))
         if out is not None:
-            set_lr(state.optimizer, lrs[-1])  # the optimizer's own lr follows (checkpoints, probes' steps)
-            state.current_lr = None
+            state.use_lr(lrs[-1])  # the optimizer's own lr follows (checkpoints, probes' steps)
             return out, len(lrs)
         index, lrs = index[:1], lrs[:1]
     if compiled is not None:
@@ -563,25 +573,20 @@ def _eager_stretch(state: _LoopState, index: torch.Tensor, lrs: list[float]) -> 
     """Eager updates on the batches ``index`` (K, B), none of them read back: the losses and the
     outputs stay tensors, and the correct counts are taken from all the outputs at once."""
     X, y = state.dataset.train
-    model, optimizer, mean_loss_fn = state.model, state.optimizer, state.mean_loss_fn
     losses, outputs = [], []
     for k, lr in enumerate(lrs):
         state.use_lr(lr)
-        xb, yb = X[index[k]], y[index[k]]
-        output = model(xb)
-        loss = mean_loss_fn(output, yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.detach())
-        outputs.append(output.detach())
+        loss, output = train_update(state.model, state.optimizer, state.loss_fn, state.mean_loss_fn, X[index[k]],
+                              y[index[k]])
+        losses.append(loss)
+        outputs.append(output)
     if state.dataset.n_classes is None:
         return StepNumbers(torch.stack(losses), None)
     return StepNumbers(torch.stack(losses), correct_counts(torch.stack(outputs), y[index]))
 
 
 def _after_step(state: _LoopState) -> bool:
-    """After a step's (or a chunk's) rows: evaluate where due, act on requests. False: the epoch ends here."""
+    """After a step's (or a stretch's) rows: evaluate where due, act on requests. False: the epoch ends here."""
     rec = state.recorder
     if rec.status == "diverged":
         return False
@@ -603,9 +608,5 @@ def _stretch_length(state: _LoopState, step: int, batches: list[torch.Tensor], a
         limit = min(limit, max(1, GATHERED_INPUTS // (b * state.dataset.train[0][0].numel())))
     elif state.dataset.n_classes is not None:
         limit = min(limit, max(1, EAGER_OUTPUTS // (b * state.dataset.n_classes)))
-    count = rec.looks.stretch(step, limit)
-    for k in range(count):  # the batches of one size: a schedule's change or a short last batch ends it
-        if batches[at + k].numel() != b:
-            count = k
-            break
+    count = schedule.of_one_size(batches, at, rec.looks.stretch(step, limit), b)
     return max(1, state.compiled.chunk_length(count) if state.compiled is not None else count)

@@ -149,6 +149,16 @@ def step_lr(config: TrainConfig, clock: Clock, step: int, batch_size: int, epoch
     return lr_at(step, config, base, clock.steps_per_epoch, clock.total_steps, epochs_done)
 
 
+def of_one_size(batches: list[torch.Tensor], at: int, count: int, batch_size: int) -> int:
+    """How many of the ``count`` batches from ``at`` on hold ``batch_size`` samples before the first
+    that does not (a schedule's change, an epoch's short last batch): the updates a stretch can make
+    at the one batch size whose lr they take."""
+    for k in range(count):
+        if batches[at + k].numel() != batch_size:
+            return k
+    return count
+
+
 def stretch_lrs(config: TrainConfig, clock: Clock, step: int, count: int, batch_size: int, epochs_done: int,
                 base_lr: float) -> list[float]:
     """The learning rates of ``count`` updates from ``step`` on, within one epoch at one batch size:
