@@ -303,8 +303,8 @@ class CompiledStep:
         self.fallback_reason: str | None = None
         named = {id(p): name for name, p in model.named_parameters()}
         self.names = tuple(named[id(p)] for p in self.params) if all(id(p) in named for p in self.params) else None
-        self.scan_reason: str | None = "not decided yet"  # None: `train_scan`; decided at the first chunk
-        self._scan_decided = False
+        self.scan_reason: str | None = None  # why `train_scan` cannot run this model; None: it can
+        self._scan_decided = False  # `scannable` asked, at the first several-step call
         # Several steps per graph on the CPU; on a GPU CUDA graphs already remove the launch overhead.
         self.chunk_reason: str | None = None if self.device.type == "cpu" else "CUDA graphs"
 
@@ -343,7 +343,7 @@ class CompiledStep:
         step alone."""
         if not self.chunked or count < 2:
             return 1
-        if self.scan_reason is None or not self._scan_decided:
+        if self.scan_reason is None:  # the loop, or not yet known: `steps` decides at this call
             return count
         return CHUNK if count >= CHUNK else 1
 
