@@ -569,13 +569,12 @@ class Tracker:
         if steps[0][3] is None and rec.classification and not rec.steps:
             self._classification = False  # no accuracy given: a loss-only run
             rec.mark_regression()
-        while steps and rec.going:
-            steps = steps[len(rec.record_steps(steps)):]
-            # An evaluation falls due only at the last of them: the read-back comes at that step.
-            if not steps and self.eval_data and rec.evaluation_due():
-                self._evaluate_data()
-            if rec.wants_attention:
-                rec.settle()
+        rec.record_steps(steps)  # every one, unless the run diverges among them
+        # An evaluation falls due only at the last of them: the read-back comes at that step.
+        if self.eval_data and rec.evaluation_due():
+            self._evaluate_data()
+        if rec.wants_attention:
+            rec.settle()
 
     def _settle_steps(self) -> None:
         """Complete the update waiting for the optimizer, if any, and record every unread one."""
