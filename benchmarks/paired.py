@@ -107,13 +107,22 @@ def work():
 }
 
 
+def fail(message: str) -> None:
+    """One line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def source_of(revision: str, folder: Path) -> Path:
     """``src/`` of a revision (``WORKTREE``: the files as they are) written under ``folder``."""
     if revision == "WORKTREE":
         return ROOT / "src"
     target = folder / revision.replace("/", "_")
     target.mkdir()
-    archive = subprocess.run(["git", "archive", revision, "src"], cwd=ROOT, check=True, capture_output=True).stdout
+    archive = subprocess.run(["git", "archive", revision, "src"], cwd=ROOT, capture_output=True)
+    if archive.returncode != 0:
+        fail(f"cannot read src/ of revision {revision!r}: {archive.stderr.decode().strip().splitlines()[-1]}")
+    archive = archive.stdout
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
     return target / "src"
 
@@ -126,7 +135,7 @@ def time_once(source: Path, workload: str) -> float:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=tempfile.gettempdir())
     if out.returncode != 0:
-        sys.exit(f"error: {workload!r} failed on {source}: {out.stderr.strip().splitlines()[-1]}")
+        fail(f"{workload!r} failed on {source}: {out.stderr.strip().splitlines()[-1]}")
     return float(out.stdout.strip().splitlines()[-1])
 
 
